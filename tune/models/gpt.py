@@ -1,0 +1,288 @@
+"""The native GPT: one readable decoder-only transformer covering GPT-1, GPT-2 and a modern layout.
+
+Switches (all in GPTConfig):
+  position        learned absolute table (GPT-1/2) | rope (rotary, Llama convention)
+  norm            layernorm (with bias) | rmsnorm
+  norm_placement  post: x = norm(x + f(x)), no final norm (GPT-1)
+                  pre:  x = x + f(norm(x)), plus a final norm (GPT-2, Llama)
+  mlp             gelu (tanh approximation, as GPT-1/2) | swiglu
+  n_kv_head       fewer key/value heads than query heads (grouped-query attention)
+  tie_embeddings  output projection shares the token embedding matrix
+
+models/export.py maps the three supported combinations to OpenAIGPT, GPT-2 and Llama checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tune.errors import ConfigError
+
+_CHOICES = {
+    "position": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_placement": ("pre", "post"),
+    "mlp": ("gelu", "swiglu"),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: same as n_head
+    mlp_hidden: int | None = None  # None: 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu)
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"
+    mlp: str = "gelu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.position=rope needs an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256)
+_GPT1 = dict(position="learned", norm="layernorm", norm_placement="post", mlp="gelu", bias=True)
+_GPT2 = dict(position="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True)
+_MODERN = dict(position="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False)
+
+PRESETS: dict[str, dict] = {
+    # GPT-1 (Radford et al. 2018): 12 x 768, 512 context, 40,478-token BPE vocabulary, dropout 0.1.
+    "gpt1": dict(_GPT1, n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478, dropout=0.1),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "modern": dict(_MODERN, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=2048, vocab_size=32000),
+    "tiny-gpt1": dict(_GPT1, **_TINY),
+    "tiny-gpt2": dict(_GPT2, **_TINY),
+    "tiny-modern": dict(_MODERN, **_TINY, n_kv_head=2),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> GPTConfig:
+    """The preset's config with `overrides` (None values ignored) applied on top."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    valid = {f.name for f in fields(GPTConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return GPTConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 statistics, as Llama does, so exported and native logits agree under bf16 too
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim) in the rotate-half layout that HF Llama uses."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_out = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_out, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.rope = config.position == "rope"
+
+    def forward(self, x, rope=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # swiglu: one matrix computes [gate; up] side by side
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden * (2 if self.swiglu else 1), bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.norm1, self.attn = make_norm(config), CausalSelfAttention(config)
+        self.norm2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rope=None):
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x), rope)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x, rope))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config) if config.norm_placement == "pre" else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.position == "rope":
+            cos, sin = rope_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd), before the output projection."""
+        T = input_ids.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=input_ids.device))
+        x = self.drop(x)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.position == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.norm_f(x) if self.norm_f is not None else x
+
+    def forward(self, input_ids: torch.Tensor, **_ignored) -> torch.Tensor:
+        """Logits (B, T, vocab_size). Extra keyword arguments (e.g. attention_mask) are ignored:
+        pretraining batches are full, unpadded windows."""
+        return self.lm_head(self.hidden_states(input_ids))
+
+    def output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None):
+        """Sample continuations; yields one (B, 1) tensor of new token ids per step."""
+        from tune.generate import sample_next_token
+
+        for _ in range(max_new_tokens):
+            context = input_ids[:, -self.config.block_size:]
+            logits = self(context)[:, -1, :]
+            next_id = sample_next_token(logits, temperature, top_k, top_p)
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+            yield next_id
+            if eos_token_id is not None and bool((next_id == eos_token_id).all()):
+                return
+
+
+def describe(config: GPTConfig, model: GPT) -> str:
+    """One line for logs: the architecture and its parameter count."""
+    return (
+        f"GPT {config.n_layer}L/{config.n_head}H/{config.n_embd}d ctx={config.block_size} vocab={config.vocab_size} "
+        f"{config.position}/{config.norm}-{config.norm_placement}/{config.mlp}: "
+        f"{model.num_parameters() / 1e6:.2f}M parameters"
+    )
+
+
+def with_vocab(config: GPTConfig, vocab_size: int) -> GPTConfig:
+    return replace(config, vocab_size=vocab_size)
