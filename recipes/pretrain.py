@@ -1,0 +1,182 @@
+"""Pretrain a native GPT on a text corpus, sample from it, and export a standard HF checkpoint.
+
+    tune run pretrain --config shakespeare_char_cpu [key=value ...]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tune.engine import TrainConfig
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny-gpt2"  # gpt1 | gpt2-124m | modern | tiny-gpt1 | tiny-gpt2 | tiny-modern
+    init_from: str | None = None  # an HF GPT-2 / OpenAIGPT / Llama directory to continue pretraining
+    block_size: int | None = None  # the keys below override the preset when set
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    n_embd: int | None = None
+    mlp_hidden: int | None = None
+    dropout: float | None = None
+    tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+
+
+@dataclass
+class TextDataSection:
+    corpus: str | list[str] = "builtin:demo"  # .txt file(s), a directory of them, or builtin:demo
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int | None = None  # bpe only: target vocabulary size (GPT-1: 40,000 merges)
+    tokenizer_path: str | None = None  # reuse an existing HF tokenizer directory instead of training one
+    val_fraction: float = 0.1
+    cache_dir: str = ".cache/text"
+
+
+@dataclass
+class SampleSection:
+    prompt: str = "\n"
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+
+
+@dataclass
+class PretrainConfig:
+    recipe: Literal["pretrain"] = "pretrain"
+    output_dir: str = "runs/pretrain"
+    seed: int = 1337
+    overwrite: bool = False  # allow starting afresh in an output_dir that holds checkpoints
+    export: bool = True  # write an HF checkpoint + tokenizer to output_dir/hf at the end
+    model: ModelSection = field(default_factory=ModelSection)
+    data: TextDataSection = field(default_factory=TextDataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+
+CONFIG_CLASS = PretrainConfig
+
+
+def corpus_paths(data: TextDataSection) -> list[str] | str:
+    """Resolve builtin:demo to a generated file; other entries are passed through."""
+    from data_prep.demo import write_demo_corpus
+
+    items = data.corpus if isinstance(data.corpus, list) else [data.corpus]
+    resolved = [str(write_demo_corpus(Path(data.cache_dir) / "builtin")) if c == "builtin:demo" else c for c in items]
+    return resolved if isinstance(data.corpus, list) else resolved[0]
+
+
+def load_init_checkpoint(cfg: PretrainConfig):
+    """The native model imported from model.init_from, with block_size and dropout checked/applied."""
+    from tune.errors import ConfigError
+    from tune.models.export import import_hf
+
+    m = cfg.model
+    model = import_hf(m.init_from)
+    shape_keys = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta")
+                  if getattr(m, k) is not None]
+    if shape_keys:
+        raise ConfigError(f"model.{shape_keys[0]} cannot change the shape of init_from={m.init_from}; remove it")
+    if m.block_size is not None and model.config.position == "learned" and m.block_size > model.config.block_size:
+        raise ConfigError(f"model.block_size={m.block_size} is larger than the position table "
+                          f"({model.config.block_size}) of init_from={m.init_from}; use block_size <= "
+                          f"{model.config.block_size}")
+    if m.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = m.dropout
+        model.config.dropout = m.dropout
+        for block in model.blocks:
+            block.attn.dropout = m.dropout
+    return model
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int | None = None):
+    """The preset with the config's overrides (validated; raises ConfigError on a bad combination)."""
+    from tune.models.gpt import config_from_preset
+
+    m = cfg.model
+    return config_from_preset(m.preset, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+                              n_kv_head=m.n_kv_head, n_embd=m.n_embd, mlp_hidden=m.mlp_hidden, dropout=m.dropout,
+                              tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, vocab_size=vocab_size)
+
+
+def run(cfg: PretrainConfig):
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    from data_prep.text import prepare_text_corpus
+    from tune.data import TokenWindows
+    from tune.engine import Engine, make_accelerator
+    from tune.errors import ConfigError
+    from tune.models.export import export_hf
+    from tune.models.gpt import GPT, describe
+    from tune.recipe_utils import prepare_output_dir, sample_text
+
+    validate(cfg)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
+    set_seed(cfg.seed)
+
+    if cfg.model.init_from:
+        model = load_init_checkpoint(cfg)
+        block_size = cfg.model.block_size or model.config.block_size
+    else:
+        block_size = model_config(cfg).block_size  # validates preset and overrides before any data work
+    with accelerator.main_process_first():
+        data = prepare_text_corpus(corpus_paths(cfg.data), cfg.data.cache_dir, tokenizer=cfg.data.tokenizer,
+                                   vocab_size=cfg.data.vocab_size, val_fraction=cfg.data.val_fraction,
+                                   min_tokens=block_size + 1, tokenizer_path=cfg.data.tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
+        f"({cfg.data.tokenizer}), cache {data.out_dir}")
+    if cfg.model.init_from:
+        if model.config.vocab_size < data.vocab_size:
+            raise ConfigError(f"init_from={cfg.model.init_from} has vocab_size {model.config.vocab_size} but the "
+                              f"tokenizer has {data.vocab_size} tokens; set data.tokenizer_path={cfg.model.init_from}")
+    else:
+        model = GPT(model_config(cfg, data.vocab_size))
+    say(describe(model.config, model))
+
+    source = TokenWindows(data.train_tokens(), data.val_tokens(), block_size, cfg.train.micro_batch_size,
+                          cfg.train.grad_accum_steps, cfg.seed)
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say).fit()
+
+    if accelerator.is_main_process:
+        model.eval()
+        samples = sample_text(model, tokenizer, cfg.sample, accelerator.device)
+        (run_dir / "samples.txt").write_text("\n\n---\n\n".join(samples), encoding="utf-8")
+        if cfg.export:
+            out = export_hf(model.cpu(), run_dir / "hf", tokenizer)
+            say(f"exported HF checkpoint to {out} (AutoModelForCausalLM.from_pretrained loads it)")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Cheap checks run by `tune validate` and before any heavy work."""
+    from tune.errors import ConfigError
+
+    if cfg.model.init_from is None:
+        model_config(cfg)
+    elif not (Path(cfg.model.init_from) / "config.json").is_file():
+        raise ConfigError(f"model.init_from={cfg.model.init_from} is not an HF model directory (no config.json)")
+    items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]
+    for item in items:
+        if item != "builtin:demo" and not Path(item).exists():
+            raise ConfigError(f"data.corpus: {item} does not exist (paths are relative to where you run tune)")
+    if cfg.data.tokenizer_path and not Path(cfg.data.tokenizer_path).is_dir():
+        raise ConfigError(f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory")
+    if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size is None and not cfg.data.tokenizer_path:
+        raise ConfigError("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")

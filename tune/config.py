@@ -1,0 +1,184 @@
+"""YAML configs mapped onto nested dataclasses, with `key=value` overrides and strict validation.
+
+Every recipe declares its config as a dataclass (fields may be dataclasses themselves). Loading
+rejects unknown keys (suggesting the closest valid one), checks types, and reports the file and the
+dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tune.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config given as a path, or as the name of a file in recipes/configs (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(str(name_or_path), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; built-in configs: {', '.join(names)}"
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in config{hint}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.setdefault(k, {}), dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check `value` against annotation `tp`, converting the harmless cases (int->float, list->tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where}: {value!r} does not match any of {[_type_name(o) for o in options]}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return build_dataclass(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls, data: dict, where: str = ""):
+    """Instantiate dataclass `cls` from a mapping, validating every key and value."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
+                f"; valid keys here: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    missing = [name for name, f in known.items() if name not in kwargs and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join((where + '.' if where else '') + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def load_config(cls, name_or_path: str | None = None, overrides: list[str] | None = None, data: dict | None = None):
+    """Load a recipe config: YAML file (or dict) + overrides -> validated dataclass instance."""
+    source = "<dict>"
+    if data is None:
+        path = resolve_config_path(name_or_path)
+        source = str(path)
+        data = read_yaml(path)
+    data = apply_overrides(dict(data), overrides or [])
+    try:
+        return build_dataclass(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")

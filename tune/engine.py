@@ -1,0 +1,421 @@
+"""The one training loop every recipe uses.
+
+A recipe hands the engine a model, a BatchSource and (optionally) a loss function; the engine owns
+everything else: Accelerate setup, mixed precision, gradient accumulation with per-token
+normalisation, clipping, AdamW + warmup/cosine, torch.compile, periodic evaluation, checkpoints with
+exact resume, progress bar, metrics.jsonl + TensorBoard, and report.png.
+
+Data is addressed by step: `source.step_batches(step, rank, world)` returns the micro-batches one rank
+trains on at that optimizer step. Sources are pure functions of (seed, step), so resuming needs only
+the step number, and a run on N processes sees the same global batch as a run on one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Protocol
+
+import torch
+import torch.nn as nn
+
+from tune.errors import ConfigError, TuneError
+from tune.losses import causal_lm_loss
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1  # applied to matrices only (never biases, norms; embeddings see below)
+    decay_embeddings: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    eval_every: int = 250  # 0 disables periodic evaluation (the final one still runs)
+    eval_batches: int = 20
+    stop_at_val_loss: float | None = None  # end the run once validation loss is at or below this
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
+    compile: bool = False
+    resume: bool = False
+    gradient_checkpointing: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+class BatchSource(Protocol):
+    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        """Micro-batches (dicts of tensors with input_ids and targets) for optimizer step `step` (1-based)."""
+
+    def val_batches(self, rank: int, world: int, limit: int) -> Iterable[dict]:
+        """A fixed set of validation batches."""
+
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingModule(nn.Module):
+    """Model + loss in one forward, so DDP/FSDP/compile see the whole computation."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict):
+        return self.loss_fn(self.model, batch)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of cfg.lr after `n` scheduler steps: linear warmup, then cosine/linear decay to min_lr."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(n: int) -> float:
+        step = n + 1  # the multiplier used for optimizer step `step`
+        if step <= cfg.warmup_steps:
+            return step / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+    """AdamW groups: decay on trainable matrices; none on biases, norm gains or (by default) embeddings."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.ndim >= 2 and (decay_embeddings or id(p) not in embedding_ids)
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (a tied matrix appears once); frozen weights are not checkpointed."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Checkpointer:
+    """checkpoints/step_NNNNNNN/ directories, written to a temp dir and renamed into place;
+    `latest` names the newest complete one."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        return path if (path / "state.json").is_file() else None
+
+    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+        from safetensors.torch import save_file
+
+        final = self.dir / f"step_{state['step']:07d}"
+        tmp = self.dir / f".tmp-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rank = accelerator.process_index
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        if accelerator.is_main_process:
+            save_file(trainable_state(model), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer_tmp = self.dir / ".latest.tmp"
+            pointer_tmp.write_text(final.name)
+            os.replace(pointer_tmp, self.dir / "latest")
+            self._rotate(final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _rotate(self, newest: Path):
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for old in done[:-self.keep]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
+        from safetensors.torch import load_file
+
+        weights = load_file(path / "model.safetensors")
+        expected = set(trainable_state(model))
+        if set(weights) != expected:
+            raise TuneError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
+                            f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
+                            "was it written by a different config?")
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng_rank{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), None))
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return json.loads((path / "state.json").read_text())
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.is_file():  # drop what a crashed run logged past the checkpoint
+            rows = [r for r in self.rows() if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif not resume_step:
+            self.path.write_text("")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:
+            self.tb = None
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def log(self, row: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class FitResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    run_dir: Path
+    history: list[dict]
+
+
+class Engine:
+    """Trains `model` on `source` into `run_dir`. One instance per run."""
+
+    def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn = causal_lm_loss,
+                 accelerator=None, log: Callable[[str], None] = print):
+        self.cfg, self.run_dir, self.model, self.source = cfg, Path(run_dir), model, source
+        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+        self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
+        self.module = TrainingModule(model, loss_fn)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+            fused=self.accelerator.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, module) -> float:
+        """Mean per-token validation loss over the source's fixed validation batches (all ranks)."""
+        acc = self.accelerator
+        module.eval()
+        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        n_tokens = torch.zeros((), device=acc.device, dtype=torch.float64)
+        for batch in self.source.val_batches(acc.process_index, acc.num_processes, self.cfg.eval_batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                s, n = module(batch)
+            loss_sum += s.double()
+            n_tokens += n.double()
+        module.train()
+        loss_sum, n_tokens = acc.reduce(loss_sum, "sum"), acc.reduce(n_tokens, "sum")
+        return (loss_sum / n_tokens.clamp(min=1)).item()
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg, acc = self.cfg, self.accelerator
+        start_time = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module, optimizer = acc.prepare(self.module, self.optimizer)
+        if cfg.compile:
+            module = torch.compile(module)
+
+        step, elapsed_before = 0, 0.0
+        latest = self.checkpointer.latest() if cfg.resume else None
+        if cfg.resume and latest is None:
+            self.log_line(f"resume=true but no complete checkpoint in {self.checkpointer.dir}; starting from step 0")
+        if latest is not None:
+            state = Checkpointer.load(latest, acc, self.model, self.optimizer, self.scheduler)
+            step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            self.log_line(f"resumed from {latest} at step {step}")
+        metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step)
+        history = [r for r in metrics.rows()] if step else []
+
+        progress = None
+        if cfg.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        module.train()
+        last_loss = last_val = None
+        window_tokens, window_start = 0, time.time()
+        total_tokens = history[-1].get("tokens", 0) if history else 0
+        try:
+            while step < cfg.max_steps:
+                loss, tokens, grad_norm = self._train_step(module, optimizer, step + 1)
+                step += 1
+                window_tokens += tokens
+                total_tokens += tokens * acc.num_processes
+                last_loss = loss
+                if not math.isfinite(loss):
+                    raise TuneError(f"loss became {loss} at step {step}; the last good checkpoint is kept in "
+                                    f"{self.checkpointer.dir} (try a lower train.lr or train.grad_clip)")
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.time()
+                    tok_s = window_tokens * acc.num_processes / max(now - window_start, 1e-9)
+                    row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "tokens": total_tokens, "tokens_per_s": tok_s,
+                           "elapsed_s": elapsed_before + now - start_time}
+                    metrics.log(row)
+                    history.append(row)
+                    window_tokens, window_start = 0, time.time()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                is_last = step == cfg.max_steps
+                if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+                    last_val = self.evaluate(module)
+                    row = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
+                           "elapsed_s": elapsed_before + time.time() - start_time}
+                    metrics.log(row)
+                    history.append(row)
+                    self.log_line(f"step {step}: val_loss {last_val:.4f} (ppl {row['val_ppl']:.2f})")
+                    if cfg.stop_at_val_loss is not None and last_val <= cfg.stop_at_val_loss and not is_last:
+                        self.log_line(f"val_loss {last_val:.4f} <= stop_at_val_loss {cfg.stop_at_val_loss}: stopping")
+                        is_last = True
+                if (cfg.save_every and step % cfg.save_every == 0) or is_last:
+                    self._save(step, elapsed_before + time.time() - start_time)
+                if progress is not None:
+                    progress.update(1)
+                if is_last:
+                    break
+        except KeyboardInterrupt:
+            self.log_line(f"interrupted at step {step}: saving a checkpoint")
+            self._save(step, elapsed_before + time.time() - start_time)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            metrics.close()
+        if acc.is_main_process:
+            from tune.report import write_report
+
+            write_report(metrics.rows(), self.run_dir / "report.png")
+        return FitResult(step, last_loss, last_val, self.run_dir, history)
+
+    def _save(self, step: int, elapsed: float):
+        if step == 0:
+            return
+        self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler,
+                               {"step": step, "elapsed_s": elapsed, "world_size": self.accelerator.num_processes})
+
+    def _train_step(self, module, optimizer, step: int) -> tuple[float, int, float]:
+        cfg, acc = self.cfg, self.accelerator
+        batches = self.source.step_batches(step, acc.process_index, acc.num_processes)
+        batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        # Per-token normalisation over the whole step (all micro-batches, all ranks): every target
+        # token weighs the same however the tokens fall across micro-batches.
+        local_targets = sum(int((b["targets"] != -100).sum()) for b in batches)
+        global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum").item()
+        loss_total = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(module) if not sync else _nullcontext()
+            with ctx, acc.autocast():
+                loss_sum, _ = module(batch)
+                # DDP averages gradients over ranks, so scale back up by the world size
+                loss = loss_sum * acc.num_processes / max(global_targets, 1.0)
+            acc.backward(loss)
+            loss_total += loss_sum.detach().float()
+        grad_norm = 0.0
+        if cfg.grad_clip > 0:
+            grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip))
+        optimizer.step()
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_avg = acc.reduce(loss_total, "sum").item() / max(global_targets, 1.0)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        return loss_avg, tokens, grad_norm
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
