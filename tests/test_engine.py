@@ -1,0 +1,150 @@
+"""The shared engine: schedule, optimizer groups, per-token normalisation, checkpoints and exact resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tune.data import TokenWindows
+from tune.engine import Engine, TrainConfig, lr_lambda, param_groups
+from tune.losses import causal_lm_loss
+from tune.models.gpt import GPT, config_from_preset
+
+
+def test_warmup_cosine_schedule_against_hand_values():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1)  # step 1 of 10 warmup steps
+    assert f(9) == pytest.approx(1.0)  # end of warmup
+    assert f(59) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway: 0.55
+    assert f(109) == pytest.approx(0.1)  # floor at the last step
+    assert lr_lambda(TrainConfig(max_steps=10, warmup_steps=0, lr_schedule="linear", lr=1.0, min_lr=0.0))(4) == \
+        pytest.approx(0.5)
+
+
+def test_weight_decay_only_on_matrices_not_embeddings():
+    model = GPT(config_from_preset("tiny-gpt2", tie_embeddings=False))
+    decay, no_decay = param_groups(model, 0.1, decay_embeddings=False)
+    decay_ids = {id(p) for p in decay["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decay_ids} == {n for n, p in model.named_parameters()
+                                             if p.ndim == 2 and "emb" not in n}
+    assert all(p.ndim == 1 for p in no_decay["params"] if "emb" not in names[id(p)])
+    with_emb, _ = param_groups(model, 0.1, decay_embeddings=True)
+    assert len(with_emb["params"]) == len(decay["params"]) + 2
+
+
+class ListSource:
+    """Fixed micro-batches per step, for exact comparisons."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def step_batches(self, step, rank, world):
+        return self.steps[step - 1]
+
+    def val_batches(self, rank, world, limit):
+        return self.steps[0][:limit]
+
+
+def _masked_batch(ids, n_targets):
+    targets = ids.clone()
+    targets[:, : ids.shape[1] - n_targets] = -100
+    return {"input_ids": ids, "targets": targets}
+
+
+def test_accumulation_normalises_per_token(tmp_path):
+    """Two micro-batches with 3 and 30 target tokens give the same update as one batch holding both."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 32))
+    a, b = _masked_batch(ids[:1], 3), _masked_batch(ids[1:], 30)
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    updated = []
+    for batches, accum in (([a, b], 2), ([both], 1)):
+        torch.manual_seed(1)
+        model = GPT(config_from_preset("tiny-gpt2"))
+        cfg = TrainConfig(max_steps=1, micro_batch_size=1, grad_accum_steps=accum, warmup_steps=0, lr=1e-2,
+                          grad_clip=0.0, progress=False, eval_batches=1)
+        Engine(cfg, tmp_path / f"run{accum}", model, ListSource([batches]), log=lambda s: None).fit()
+        updated.append(model.state_dict())
+    for k in updated[0]:
+        assert torch.allclose(updated[0][k], updated[1][k], atol=1e-6), k
+
+
+def test_loss_equals_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny-gpt2"))
+    batch = _masked_batch(torch.randint(0, 256, (2, 16)), 5)
+    loss_sum, n = causal_lm_loss(model, batch)
+    logits = model(batch["input_ids"])
+    expected = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100, reduction="sum")
+    assert n == 10 and torch.allclose(loss_sum, expected, atol=1e-4)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingWindows(TokenWindows):
+    """Dies when asked for the batches of step `crash_at`, like a killed process."""
+
+    crash_at = None
+
+    def step_batches(self, step, rank, world):
+        if step == self.crash_at:
+            raise Crash(step)
+        return super().step_batches(step, rank, world)
+
+
+def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 5000).astype(np.uint16)
+    torch.manual_seed(3)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, dropout=0.1))
+    source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
+    source.crash_at = crash_at
+    cfg = TrainConfig(max_steps=max_steps, micro_batch_size=4, grad_accum_steps=2, warmup_steps=3, lr=3e-3,
+                      eval_every=4, eval_batches=2, log_every=1, save_every=save_every, resume=resume, progress=False)
+    return Engine(cfg, tmp_path / name, model, source, log=lambda s: None).fit(), model
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full, full_model = _run(tmp_path, "full", 10)
+    with pytest.raises(Crash):  # checkpoints at steps 3 and 6, dies inside step 8
+        _run(tmp_path, "split", 10, save_every=3, crash_at=8)
+    resumed, resumed_model = _run(tmp_path, "split", 10, resume=True)
+    losses = lambda rows: [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert losses(resumed.history) == losses(full.history)
+    vals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert vals(resumed.history) == vals(full.history)
+    for k, v in full_model.state_dict().items():
+        assert torch.equal(v, resumed_model.state_dict()[k]), k
+
+
+def test_run_directory_contents(tmp_path):
+    result, _ = _run(tmp_path, "run", 4, save_every=2)
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000004"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
+    assert {p.name for p in (ckpts / "step_0000004").iterdir()} == \
+        {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"}
+    assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["step"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert (run / "report.png").stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    assert not list(ckpts.glob(".tmp*"))
+
+
+def test_checkpoint_rotation_keeps_n(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 3000).astype(np.uint16)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16))
+    source = TokenWindows(tokens[:2000], tokens[2000:], 16, 2, 1, seed=0)
+    cfg = TrainConfig(max_steps=5, micro_batch_size=2, save_every=1, keep_checkpoints=2, eval_every=0, progress=False)
+    Engine(cfg, tmp_path, model, source, log=lambda s: None).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000005"]
