@@ -46,6 +46,8 @@ def config_summary(path: Path) -> tuple[str, str]:
 
 def load_recipe_config(config: str, overrides: list[str], recipe: str | None = None):
     """Resolve a config (file or built-in name), pick its recipe and build the validated config object."""
+    if recipe:
+        load_recipe(recipe)
     path = resolve_config_path(config)
     declared = read_yaml(path).get("recipe")
     name = recipe or declared
