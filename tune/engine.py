@@ -273,7 +273,7 @@ class Engine:
         self.module = TrainingModule(model, loss_fn)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-            fused=self.accelerator.device.type == "cuda")
+            fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
 

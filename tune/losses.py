@@ -29,6 +29,14 @@ def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     """Sum of cross-entropy over target positions, projecting at most `chunk_size` positions at a time
     so full-vocabulary fp32 logits never exist for the whole batch. Returns (loss_sum, n_targets)."""
     mask = targets != IGNORE_INDEX
+    if torch.compiler.is_compiling():  # boolean selection has a data-dependent shape: project every position
+        h, t = hidden.flatten(0, -2), targets.flatten()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, t.numel(), chunk_size):
+            logits = head(h[start:start + chunk_size]).float()
+            total = total + F.cross_entropy(logits, t[start:start + chunk_size], reduction="sum",
+                                            ignore_index=IGNORE_INDEX)
+        return total, mask.sum()
     h, t = hidden[mask], targets[mask]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, t.numel(), chunk_size):
