@@ -25,6 +25,7 @@ class ModelSection:
     n_embd: int | None = None
     mlp_hidden: int | None = None
     dropout: float | None = None
+    activation: str | None = None  # gelu_tanh (GPT-1/2) | gelu (exact; faster on CPU, exports to GPT-2)
     tie_embeddings: bool | None = None
     rope_theta: float | None = None
 
@@ -81,7 +82,8 @@ def load_init_checkpoint(cfg: PretrainConfig):
 
     m = cfg.model
     model = import_hf(m.init_from)
-    shape_keys = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta")
+    shape_keys = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta",
+                              "activation")
                   if getattr(m, k) is not None]
     if shape_keys:
         raise ConfigError(f"model.{shape_keys[0]} cannot change the shape of init_from={m.init_from}; remove it")
@@ -106,7 +108,7 @@ def model_config(cfg: PretrainConfig, vocab_size: int | None = None):
     m = cfg.model
     return config_from_preset(m.preset, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
                               n_kv_head=m.n_kv_head, n_embd=m.n_embd, mlp_hidden=m.mlp_hidden, dropout=m.dropout,
-                              tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, vocab_size=vocab_size)
+                              activation=m.activation, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, vocab_size=vocab_size)
 
 
 def run(cfg: PretrainConfig):

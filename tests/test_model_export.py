@@ -79,3 +79,17 @@ def test_sequence_longer_than_position_table():
     m = GPT(config_from_preset("tiny-gpt2", block_size=16))
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_exact_gelu_exports_to_gpt2(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny-gpt2", activation="gelu")).eval()
+    export_hf(model, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.activation_function == "gelu"
+    x = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-5)
+    assert import_hf(tmp_path).config.activation == "gelu"
+    with pytest.raises(ConfigError):
+        hf_layout(config_from_preset("tiny-gpt1", activation="gelu"))

@@ -25,14 +25,14 @@ def hf_layout(config: GPTConfig) -> str:
     if gpt_like and config.n_kv_head == config.n_head:
         if config.norm_placement == "pre":
             return "gpt2"
-        if config.mlp_hidden == 4 * config.n_embd and config.tie_embeddings:
+        if config.mlp_hidden == 4 * config.n_embd and config.tie_embeddings and config.activation == "gelu_tanh":
             return "openai-gpt"
     llama_like = config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
     if llama_like and config.norm_placement == "pre" and not config.bias:
         return "llama"
     raise ConfigError(
         "this model combination has no standard HF layout: use learned/layernorm/gelu/bias (post-LN -> OpenAIGPT with "
-        "tied embeddings and mlp_hidden=4*n_embd, pre-LN -> GPT-2) or rope/rmsnorm/swiglu/pre-norm without bias (Llama); "
+        "tied embeddings, gelu_tanh and mlp_hidden=4*n_embd, pre-LN -> GPT-2) or rope/rmsnorm/swiglu/pre-norm without bias (Llama); "
         f"got {config}"
     )
 
@@ -51,7 +51,8 @@ def hf_config(config: GPTConfig, bos_token_id=None, eos_token_id=None, pad_token
     if layout == "gpt2":
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                           n_layer=config.n_layer, n_head=config.n_head, n_inner=config.mlp_hidden,
-                          activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
+                          activation_function="gelu_new" if config.activation == "gelu_tanh" else "gelu",
+                          layer_norm_epsilon=config.norm_eps,
                           tie_word_embeddings=config.tie_embeddings, **drop, **ids)
     # Llama has no embedding/residual dropout; only attention dropout carries over.
     return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_hidden,
@@ -66,15 +67,16 @@ def native_config_from_hf(hf) -> GPTConfig:
     """Read a transformers config of one of the three layouts back into a GPTConfig."""
     kind = hf.model_type
     if kind in ("gpt2", "openai-gpt"):
-        if kind == "gpt2" and hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ConfigError(f"GPT-2 checkpoint uses activation {hf.activation_function!r}; only tanh-GELU imports")
+        act = hf.activation_function if kind == "gpt2" else "gelu_new"
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"GPT-2 checkpoint uses activation {act!r}; only GELU (tanh or exact) imports")
         if kind == "openai-gpt" and hf.afn != "gelu":
             raise ConfigError(f"OpenAIGPT checkpoint uses afn {hf.afn!r}; only 'gelu' imports")
         return GPTConfig(
             vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
             n_embd=hf.n_embd, mlp_hidden=getattr(hf, "n_inner", None) or 4 * hf.n_embd, position="learned",
             norm="layernorm", norm_eps=hf.layer_norm_epsilon, norm_placement="pre" if kind == "gpt2" else "post",
-            mlp="gelu", bias=True, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+            mlp="gelu", activation="gelu" if act == "gelu" else "gelu_tanh", bias=True, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
             dropout=hf.resid_pdrop,
         )
     if kind == "llama":

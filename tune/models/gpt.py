@@ -5,7 +5,7 @@ Switches (all in GPTConfig):
   norm            layernorm (with bias) | rmsnorm
   norm_placement  post: x = norm(x + f(x)), no final norm (GPT-1)
                   pre:  x = x + f(norm(x)), plus a final norm (GPT-2, Llama)
-  mlp             gelu (tanh approximation, as GPT-1/2) | swiglu
+  mlp             gelu | swiglu;  activation: gelu_tanh (GPT-1/2) | gelu (exact erf)
   n_kv_head       fewer key/value heads than query heads (grouped-query attention)
   tie_embeddings  output projection shares the token embedding matrix
 
@@ -28,6 +28,7 @@ _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "norm_placement": ("pre", "post"),
     "mlp": ("gelu", "swiglu"),
+    "activation": ("gelu_tanh", "gelu"),
 }
 
 
@@ -46,6 +47,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     norm_placement: str = "pre"
     mlp: str = "gelu"
+    activation: str = "gelu_tanh"  # of the GELU MLP: tanh approximation (GPT-1/2) or exact erf (faster on CPU)
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
@@ -173,6 +175,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         # swiglu: one matrix computes [gate; up] side by side
         self.fc = nn.Linear(config.n_embd, config.mlp_hidden * (2 if self.swiglu else 1), bias=config.bias)
         self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
@@ -184,7 +187,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approximate)
         return self.drop(self.proj(h))
 
 
