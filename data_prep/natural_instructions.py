@@ -1,0 +1,530 @@
+"""Super-NaturalInstructions tasks -> Tk-Instruct prompts -> tokenized, prompt-masked examples (cached).
+
+    tasks = load_tasks("../shared/data/natural_instructions/dev_tasks.txt")
+    splits = split_instances(tasks, NISplitConfig(train_tasks=None, eval_tasks=None))
+    train, report = build_dataset(splits["train"], tokenizer, PromptConfig(), TokenizeConfig(), ".cache/ni")
+
+A task file is one JSON object with ``Definition`` (list of strings; the first is used, as in
+Tk-Instruct), optional ``Positive Examples`` / ``Negative Examples`` (``input``, ``output``,
+``explanation``) and ``Instances`` (``id``, ``input``, ``output``: a list of reference answers).
+Tokenized examples carry ``targets`` aligned with ``input_ids`` (see tune/losses.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+from tune.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+PathLike = Union[str, os.PathLike]
+_PROMPT_KEYS = ("Definition", "Positive Examples", "Negative Examples", "Instances")
+
+
+# -- task files ---------------------------------------------------------------------------------
+@dataclass
+class NIExample:
+    input: str
+    output: str
+    explanation: str = ""
+
+
+@dataclass
+class NIInstance:
+    id: str
+    input: str
+    outputs: list[str]
+
+
+@dataclass
+class NITask:
+    name: str
+    path: Path
+    definition: str
+    positive_examples: list[NIExample]
+    negative_examples: list[NIExample]
+    instances: list[NIInstance]
+    metadata: dict = field(default_factory=dict)  # every other top-level field (Categories, Input_language, ...)
+
+
+def _read_json(path: Path):
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read task file ({e.strerror}); check the path") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the file as UTF-8") from None
+    try:
+        return json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from None
+
+
+def _examples(path: Path, obj: dict, key: str) -> list[NIExample]:
+    items = obj.get(key, [])
+    if not isinstance(items, list):
+        raise DataError(f"{path}: field '{key}' must be a list of objects with 'input' and 'output', got {type(items).__name__}")
+    out = []
+    for i, ex in enumerate(items):
+        where = f"{path}: field '{key}'[{i}]"
+        if not isinstance(ex, dict):
+            raise DataError(f"{where} must be an object with 'input' and 'output', got {type(ex).__name__}")
+        inp, output, expl = ex.get("input"), ex.get("output"), ex.get("explanation", "")
+        if isinstance(output, list) and output and all(isinstance(o, str) for o in output):
+            output = output[0]
+        for name, value in (("input", inp), ("output", output)):
+            if not isinstance(value, str):
+                problem = "is missing" if value is None else f"must be a string, got {type(value).__name__}"
+                raise DataError(f"{where}: '{name}' {problem}; give every example an 'input' and an 'output' string")
+        out.append(NIExample(inp, output, expl if isinstance(expl, str) else ""))
+    return out
+
+
+def _instances(path: Path, obj: dict) -> list[NIInstance]:
+    items = obj["Instances"]
+    if not isinstance(items, list):
+        raise DataError(f"{path}: field 'Instances' must be a list of objects, got {type(items).__name__}")
+    out = []
+    for i, inst in enumerate(items):
+        if not isinstance(inst, dict):
+            raise DataError(f"{path}: field 'Instances'[{i}] must be an object with 'id', 'input', 'output', "
+                            f"got {type(inst).__name__}")
+        iid = inst.get("id", f"{path.stem}-{i}")
+        where = f"{path}: field 'Instances'[{i}] (id {iid})"
+        if not isinstance(inst.get("input"), str):
+            raise DataError(f"{where}: 'input' must be a string; fix the instance")
+        outputs = inst.get("output")
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+            raise DataError(f"{where}: 'output' must be a list of strings; fix the instance")
+        outputs = [o for o in outputs if o.strip()]
+        if not outputs:
+            raise DataError(f"{where}: 'output' has no non-empty reference answer; add one or remove the instance")
+        out.append(NIInstance(str(iid), inst["input"], outputs))
+    return out
+
+
+def load_task(path: PathLike) -> NITask:
+    """Parse and validate one task file; DataError (naming the file and field) on bad input."""
+    path = Path(path)
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: top level must be a JSON object with 'Definition' and 'Instances', got {type(obj).__name__}")
+    for key in ("Definition", "Instances"):
+        if key not in obj:
+            raise DataError(f"{path}: field '{key}' is missing; every task file needs 'Definition' and 'Instances'")
+    definition = obj["Definition"]
+    if isinstance(definition, str):
+        definition = [definition]
+    if not isinstance(definition, list) or not definition or not all(isinstance(d, str) for d in definition):
+        raise DataError(f"{path}: field 'Definition' must be a string or a non-empty list of strings; fix the task header")
+    return NITask(
+        name=path.stem,
+        path=path,
+        definition=definition[0].strip(),
+        positive_examples=_examples(path, obj, "Positive Examples"),
+        negative_examples=_examples(path, obj, "Negative Examples"),
+        instances=_instances(path, obj),
+        metadata={k: v for k, v in obj.items() if k not in _PROMPT_KEYS},
+    )
+
+
+def read_split_file(path: PathLike) -> list[tuple[int, str]]:
+    """(line number, task name) of a split file: one name per line, '#' comments and blank lines ignored."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read split file ({e.strerror}); check the path") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}); re-encode the split file as UTF-8") from None
+    names = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        name = line.split("#", 1)[0].strip()
+        if name:
+            names.append((lineno, name[:-5] if name.endswith(".json") else name))
+    return names
+
+
+def _resolve_name(name: str, tasks_dir: Path, where: str) -> Path:
+    path = tasks_dir / f"{name}.json"
+    if path.is_file():
+        return path
+    known = sorted(p.stem for p in tasks_dir.glob("*.json")) if tasks_dir.is_dir() else []
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.0)
+    hint = f"did you mean '{close[0]}'?" if close else f"{tasks_dir} has no task files; pass tasks_dir"
+    raise DataError(f"{where}: unknown task '{name}' (no {path}); {hint}")
+
+
+def _task_paths(source, tasks_dir: PathLike | None) -> list[Path]:
+    if isinstance(source, (str, os.PathLike)):
+        src = Path(source)
+        if src.is_dir():
+            return sorted(src.glob("*.json"))
+        if src.is_file() and src.suffix == ".json":
+            return [src]
+        if src.is_file():  # split file
+            base = Path(tasks_dir) if tasks_dir is not None else src.parent / "tasks"
+            return [_resolve_name(name, base, f"{src} line {n}") for n, name in read_split_file(src)]
+        if tasks_dir is not None and not src.suffix:
+            return [_resolve_name(str(source), Path(tasks_dir), f"tasks_dir {tasks_dir}")]
+        raise DataError(f"{src}: task source does not exist; pass a directory of task .json files, a split .txt file "
+                        "or .json paths")
+    paths = []
+    for item in source:
+        item_path = Path(item)
+        if item_path.is_dir() or (item_path.is_file() and item_path.suffix != ".json"):  # a directory or split file
+            paths += _task_paths(item_path, tasks_dir)
+        elif item_path.is_file() or item_path.suffix == ".json":
+            paths.append(item_path)
+        elif tasks_dir is not None:
+            paths.append(_resolve_name(str(item), Path(tasks_dir), f"tasks_dir {tasks_dir}"))
+        else:
+            raise DataError(f"{item}: task file does not exist; pass .json paths, or task names together with tasks_dir")
+    return paths
+
+
+def load_tasks(source, tasks_dir: PathLike | None = None) -> list[NITask]:
+    """Load tasks from a directory of .json files, a list of .json paths (or task names with tasks_dir), or a
+    split file (.txt) whose names resolve in ``tasks_dir`` (default: ``<split file dir>/tasks``)."""
+    paths = _task_paths(source, tasks_dir)
+    if not paths:
+        raise DataError(f"{source}: no task .json files found; check the path or the split file")
+    tasks, seen = [], {}
+    for path in paths:
+        task = load_task(path)
+        if task.name in seen:
+            raise DataError(f"{source}: task '{task.name}' is listed twice ({seen[task.name]} and {path}); "
+                            "remove the duplicate")
+        seen[task.name] = path
+        tasks.append(task)
+    return tasks
+
+
+# -- prompts ------------------------------------------------------------------------------------
+@dataclass
+class PromptConfig:
+    num_pos: int = 2
+    num_neg: int = 0
+    add_explanation: bool = False
+    add_definition: bool = True
+    template: str | None = None  # custom: a Python format string with {definition}, {examples}, {input}
+
+    def __post_init__(self):
+        for name in ("num_pos", "num_neg"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"prompt.{name} must be >= 0, got {getattr(self, name)}")
+        if self.template is not None:
+            try:
+                fields = {f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None}
+            except ValueError as e:
+                raise ConfigError(f"prompt.template is not a valid format string ({e}); "
+                                  "escape literal braces as {{ }}") from None
+            unknown = fields - {"definition", "examples", "input"}
+            if unknown or "input" not in fields:
+                raise ConfigError(f"prompt.template must use {{input}} and only {{definition}}, {{examples}}, {{input}}; "
+                                  f"got fields {sorted(fields)}")
+
+
+def _example_block(label: str, i: int, ex: NIExample, explain: bool) -> str:
+    s = f"{label} Example {i} -\nInput: {ex.input.strip()}\nOutput: {ex.output.strip()}\n"
+    if explain and ex.explanation.strip():
+        s += f"Explanation: {ex.explanation.strip()}\n"
+    return s + "\n"
+
+
+def encode_prompt(task: NITask, instance_input: str, cfg: PromptConfig, num_pos: int | None = None,
+                  definition: str | None = None, num_neg: int | None = None) -> str:
+    """The Tk-Instruct prompt; the target follows directly after its final "Output: ".
+
+    num_pos / num_neg / definition override the config and the task (truncation uses them).
+    """
+    num_pos = cfg.num_pos if num_pos is None else num_pos
+    num_neg = cfg.num_neg if num_neg is None else num_neg
+    definition = (task.definition if definition is None else definition).strip() if cfg.add_definition else ""
+    examples = "".join(_example_block("Positive", i, ex, cfg.add_explanation)
+                       for i, ex in enumerate(task.positive_examples[:num_pos], 1))
+    examples += "".join(_example_block("Negative", i, ex, cfg.add_explanation)
+                        for i, ex in enumerate(task.negative_examples[:num_neg], 1))
+    if cfg.template is not None:
+        return cfg.template.format(definition=definition, examples=examples, input=instance_input.strip())
+    head = f"Definition: {definition}\n\n" if definition else ""
+    return f"{head}{examples}Now complete the following example -\nInput: {instance_input.strip()}\nOutput: "
+
+
+# -- splits -------------------------------------------------------------------------------------
+@dataclass
+class NISplitConfig:
+    train_tasks: str | list[str] | None = None  # split file / dir / list of files or task names; None: all but eval
+    eval_tasks: str | list[str] | None = None  # held-out tasks: never trained on
+    tasks_dir: str | None = None  # for load_tasks; here names are matched against the tasks passed in
+    max_train_instances_per_task: int | None = None
+    max_eval_instances_per_task: int = 100  # SNI's cap
+    heldout_instances_per_task: int = 10  # held-out instances of each TRAINING task, never trained on
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_train_instances_per_task", "max_eval_instances_per_task", "heldout_instances_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {value}")
+
+
+def _task_names(spec, key: str) -> list[str] | None:
+    """Task names named by a split file, a directory, or a list of files / names."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.is_dir():
+            return [p.stem for p in sorted(path.glob("*.json"))]
+        if path.is_file() and path.suffix != ".json":
+            return [name for _, name in read_split_file(path)]
+        if not path.is_file() and (path.suffix == ".json" or os.sep in str(spec)):
+            raise ConfigError(f"data.{key}: {spec} does not exist; pass a split file, a directory or a list of task names")
+        spec = [spec]
+    return [Path(s).stem if str(s).endswith(".json") else str(s) for s in spec]
+
+
+def _rng(seed: int, name: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big"))
+
+
+def split_instances(tasks: Sequence[NITask], cfg: NISplitConfig) -> dict[str, list[tuple[NITask, NIInstance]]]:
+    """{"train", "heldout_instances", "heldout_tasks"}: lists of (task, instance).
+
+    Training tasks: a shuffle seeded by (seed, task name); the first ``heldout_instances_per_task`` are held out,
+    the next ``max_train_instances_per_task`` are trained on. Eval tasks: their first
+    ``max_eval_instances_per_task`` instances in file order (as SNI), never trained on.
+    """
+    by_name = {t.name: t for t in tasks}
+    train_names = _task_names(cfg.train_tasks, "train_tasks")
+    eval_names = _task_names(cfg.eval_tasks, "eval_tasks") or []
+    both = sorted(set(eval_names) & set(train_names or []))
+    if both:
+        raise ConfigError(f"data.train_tasks and data.eval_tasks both name {both[0]}"
+                          f"{f' (+{len(both) - 1} more)' if len(both) > 1 else ''}; a held-out task must not be trained on")
+    if train_names is None:
+        train_names = [t.name for t in tasks if t.name not in set(eval_names)]
+    train_names, eval_names = list(dict.fromkeys(train_names)), list(dict.fromkeys(eval_names))  # no duplicates
+    for key, names in (("train_tasks", train_names), ("eval_tasks", eval_names)):
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ConfigError(f"data.{key} names task '{missing[0]}' which was not loaded; load it or remove it from data.{key}")
+
+    out = {"train": [], "heldout_instances": [], "heldout_tasks": []}
+    for name in train_names:
+        task = by_name[name]
+        order = list(task.instances)
+        _rng(cfg.seed, name).shuffle(order)
+        held = order[:cfg.heldout_instances_per_task]
+        rest = order[cfg.heldout_instances_per_task:]
+        if cfg.max_train_instances_per_task is not None:
+            rest = rest[:cfg.max_train_instances_per_task]
+        out["heldout_instances"] += [(task, inst) for inst in held]
+        out["train"] += [(task, inst) for inst in rest]
+    for name in eval_names:
+        task = by_name[name]
+        out["heldout_tasks"] += [(task, inst) for inst in task.instances[:cfg.max_eval_instances_per_task]]
+    return out
+
+
+# -- tokenization -------------------------------------------------------------------------------
+@dataclass
+class TokenizeConfig:
+    max_length: int = 1024
+    mask_prompt: bool = True  # train only on the output tokens (and eos)
+    add_eos: bool = True
+    train_on: str = "first"  # which outputs become training targets: "first" | "all" (one example each)
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.train_on not in ("first", "all"):
+            raise ConfigError(f"data.train_on must be 'first' or 'all', got {self.train_on!r}")
+
+
+@dataclass
+class TruncationReport:
+    total: int = 0  # examples considered
+    examples_dropped_demos: int = 0  # kept examples that lost at least one demonstration to fit max_length
+    definition_truncated: int = 0  # kept examples whose definition was cut
+    dropped: int = 0  # instance + target alone do not fit: not trained on
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        s = (f"{self.total - self.dropped}/{self.total} examples kept; {self.examples_dropped_demos} lost demonstrations "
+             f"and {self.definition_truncated} a truncated definition to fit max_length; {self.dropped} dropped "
+             "(instance + target too long)")
+        if self.dropped_ids:
+            s += f": {', '.join(self.dropped_ids[:3])}{' ...' if len(self.dropped_ids) > 3 else ''}"
+        return s
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, with bos first for tokenizers that want one (Llama-style)."""
+    ids = _encode(tokenizer, text)
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def _fit_prompt(task, inst, cfg, tokenizer, budget) -> tuple[list[int] | None, bool, bool]:
+    """Prompt ids within ``budget`` tokens, dropping demos (negatives first, the last one first), then cutting the
+    definition from its end. Returns (ids or None if even the bare instance does not fit, demos lost, definition cut)."""
+    n_pos, n_neg = min(cfg.num_pos, len(task.positive_examples)), min(cfg.num_neg, len(task.negative_examples))
+    ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, n_pos, num_neg=n_neg))
+    if len(ids) <= budget:
+        return ids, False, False
+    lost_demos = n_pos + n_neg > 0
+    while n_pos + n_neg > 0:
+        n_neg, n_pos = (n_neg - 1, n_pos) if n_neg else (n_neg, n_pos - 1)
+        ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, n_pos, num_neg=n_neg))
+        if len(ids) <= budget:
+            return ids, lost_demos, False
+    if not (cfg.add_definition and task.definition):
+        return None, lost_demos, False
+    def_ids = _encode(tokenizer, task.definition)
+    keep = len(def_ids) - (len(ids) - budget)
+    while keep > 0:
+        definition = tokenizer.decode(def_ids[:keep])
+        ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, 0, definition=definition, num_neg=0))
+        if len(ids) <= budget:
+            return ids, lost_demos, True
+        keep -= max(1, len(ids) - budget)
+    ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, 0, definition="", num_neg=0))
+    return (ids if len(ids) <= budget else None), lost_demos, True
+
+
+def tokenize_examples(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig) -> tuple[list[dict], TruncationReport]:
+    """Prompt + target (+ eos) token ids with aligned ``targets``: targets[t] = ids[t+1] where ids[t+1] is an output
+    token or eos (everywhere but the last position when mask_prompt=False), -100 elsewhere. Examples longer than
+    max_length lose demonstrations, then definition tokens; one whose instance + target still do not fit is dropped."""
+    eos = [tokenizer.eos_token_id] if tok_cfg.add_eos else []
+    if tok_cfg.add_eos and tokenizer.eos_token_id is None:
+        raise ConfigError("data.add_eos=true but the tokenizer has no eos_token; "
+                          "set one in tokenizer_config.json or add_eos=false")
+    report, examples = TruncationReport(), []
+    for task, inst in pairs:
+        outputs = inst.outputs if tok_cfg.train_on == "all" else inst.outputs[:1]
+        for k, output in enumerate(outputs):
+            ex_id = inst.id if k == 0 else f"{inst.id}#{k}"
+            report.total += 1
+            target_ids = _encode(tokenizer, output) + eos
+            prompt, lost_demos, cut_definition = _fit_prompt(task, inst, prompt_cfg, tokenizer,
+                                                             tok_cfg.max_length - len(target_ids))
+            if prompt is None:
+                report.dropped += 1
+                report.dropped_ids.append(ex_id)
+                continue
+            report.examples_dropped_demos += lost_demos
+            report.definition_truncated += cut_definition
+            ids = prompt + target_ids
+            first = len(prompt) if tok_cfg.mask_prompt else 1  # first position of ids that is a target
+            targets = [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX]
+            examples.append({"input_ids": ids, "targets": targets, "task": task.name, "id": ex_id, "prompt_len": len(prompt)})
+    return examples, report
+
+
+# -- cached dataset -----------------------------------------------------------------------------
+def tokenizer_digest(tokenizer) -> str:
+    """Hash of everything about the tokenizer that changes token ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.eos_token_id, tokenizer.bos_token_id,
+                         bool(getattr(tokenizer, "add_bos_token", False))]).encode())
+    return h.hexdigest()
+
+
+def _cache_key(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([FORMAT_VERSION, asdict(prompt_cfg), asdict(tok_cfg), tokenizer_digest(tokenizer)]).encode())
+    task_hashes: dict[int, bytes] = {}
+    for task, inst in pairs:
+        if id(task) not in task_hashes:  # everything of the task that enters a prompt
+            content = [task.name, task.definition, [asdict(e) for e in task.positive_examples],
+                       [asdict(e) for e in task.negative_examples]]
+            task_hashes[id(task)] = hashlib.sha256(json.dumps(content).encode()).digest()
+        h.update(task_hashes[id(task)])
+        h.update(json.dumps([inst.id, inst.input, inst.outputs]).encode())
+    return h.hexdigest()
+
+
+def _features():
+    from datasets import Features, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # datasets < 4
+        from datasets import Sequence as List
+    return Features({"input_ids": List(Value("int32")), "targets": List(Value("int32")), "task": Value("string"),
+                     "id": Value("string"), "prompt_len": Value("int32")})
+
+
+def _load_cached(path: Path):
+    from datasets import load_from_disk
+
+    try:
+        report = TruncationReport(**json.loads((path / "report.json").read_text(encoding="utf-8")))
+        return load_from_disk(str(path / "dataset")), report
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig, cache_dir: PathLike):
+    """tokenize_examples as a ``datasets.Dataset``, cached under ``cache_dir/<sha256 key>/`` (dataset + report.json).
+
+    The key covers the pairs (task prompt content, instance ids, inputs, outputs), both configs and the tokenizer,
+    so a second call with the same inputs loads from disk without tokenizing.
+    """
+    from datasets import Dataset
+
+    pairs = list(pairs)
+    final = Path(cache_dir) / _cache_key(pairs, tokenizer, prompt_cfg, tok_cfg)
+    cached = _load_cached(final)
+    if cached is not None:
+        return cached
+    examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg)
+    features = _features()
+    dataset = Dataset.from_dict({k: [ex[k] for ex in examples] for k in features}, features=features)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        # an empty dataset saved as 0 shards would not load back
+        dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
+        (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
+        if final.exists() and _load_cached(final) is None:
+            shutil.rmtree(final)  # incomplete leftover
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if _load_cached(final) is None:  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    loaded = _load_cached(final)
+    if loaded is None:
+        raise DataError(f"{final}: cache entry was written but cannot be read back; delete it and run again")
+    return loaded
