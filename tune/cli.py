@@ -105,6 +105,64 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
+    import torch
+
+    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, load_model, load_tokenizer, prompt_ids,
+                                 prompt_token_limit, special_ids, truncate_left)
+
+    if (args.prompt is None) == (args.task is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    task = instance = None
+    if args.task is not None:
+        from data_prep.natural_instructions import PromptConfig, load_task
+
+        if not Path(args.task).is_file():
+            raise ConfigError(f"--task {args.task}: no such task JSON file")
+        task = load_task(args.task)
+        if not 0 <= args.instance < len(task.instances):
+            raise ConfigError(f"--instance {args.instance}: {args.task} has {len(task.instances)} instances; "
+                              f"use 0..{len(task.instances) - 1}")
+        instance = task.instances[args.instance]
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, args.adapter, args.dtype)
+    check_vocab(model, tokenizer, args.tokenizer or args.model)
+    limit = prompt_token_limit(model, args.max_new_tokens)
+    prompt = args.prompt
+    if task is not None:  # as `tune run evaluate` builds it: demonstrations dropped until it fits the context
+        prompt, dropped = fit_prompt(tokenizer, task, instance.input, PromptConfig(), limit)
+        if dropped:
+            print(f"note: demonstrations dropped to fit the model's context ({limit} prompt tokens)", file=sys.stderr)
+    pad_id, eos_ids = special_ids(model, tokenizer)
+    ids = truncate_left(prompt_ids(tokenizer, prompt), limit, tokenizer)  # long prompts keep their end
+    device = next(model.parameters()).device
+    enc = {"input_ids": torch.tensor([ids], device=device),
+           "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+    sample = args.temperature > 0
+    torch.manual_seed(args.seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(args.seed)
+    print(prompt, end="", flush=True)
+    streamer = PrintStreamer(tokenizer)
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample, num_beams=1,
+                       temperature=args.temperature if sample else None, top_k=args.top_k if sample else None,
+                       top_p=args.top_p if sample else None, pad_token_id=pad_id, eos_token_id=eos_ids or None,
+                       streamer=streamer)
+    print(flush=True)
+    if task is not None:
+        print(f"--- {task.name}, instance {args.instance} (id {instance.id}); reference output"
+              f"{'s' if len(instance.outputs) != 1 else ''}: " + " | ".join(instance.outputs), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tune", description="Pretrain, fine-tune and distill GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes on this machine (started with torch.distributed.run; works on CPU and GPUs)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 model.dropout=0.1")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("generate", help="stream text from an HF causal LM (+ adapter) for a prompt or a task instance")
+    p.add_argument("--model", required=True, help="an HF causal-LM directory")
+    p.add_argument("--adapter", help="a peft adapter directory trained on --model")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--task", help="a Natural-Instructions task JSON: continue the Tk-Instruct prompt of an instance")
+    p.add_argument("--instance", type=int, default=0, help="which instance of --task (default 0)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

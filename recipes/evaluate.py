@@ -1,0 +1,174 @@
+"""Evaluate a causal LM (optionally + a peft adapter) on Natural-Instructions tasks by generation.
+
+    tune run evaluate --config eval_ni [key=value ...]
+    tune run evaluate --config eval_ni_fewshot model=runs/shakespeare_bpe_cpu/hf prompt.num_pos=0
+
+Prompts are Tk-Instruct encodings of each instance (`data_prep.natural_instructions.encode_prompt`);
+the model continues them greedily and every continuation is scored with ROUGE-L and exact match
+against the instance's references, next to two baselines (copy the first demonstration's output,
+copy the input). The table and `output_dir/eval_results.json` give per-task scores and two overall
+means: over instances (as Super-NaturalInstructions reports) and over tasks.
+
+Prompt settings give the usual comparisons of a base model before and after tuning:
+
+    instruction + k demonstrations (Tk-Instruct)   add_definition=true  num_pos=k   (default k=2)
+    instruction only, zero-shot                     add_definition=true  num_pos=0
+    GPT-3-style k-shot, no instruction              add_definition=false num_pos=k  (one-shot: k=1)
+
+A base model that was never tuned to stop tends to go on with another "Input: ... Output: ..." block;
+`generation.stop_at_newline=true` cuts each prediction at its first line break.
+`data.exclude_train_of=RUN_DIR` (a finetune run) drops the instances that run trained on, so
+evaluating its training tasks measures held-out instances only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class EvalDataSection:
+    tasks: str | list[str] = "../shared/data/natural_instructions/dev_tasks.txt"  # split file, dir or task files
+    tasks_dir: str | None = None  # where names in a split file resolve (default: <split file dir>/tasks)
+    max_instances_per_task: int = 100  # the first N instances of each task (after exclude_train_of)
+    exclude_train_of: str | None = None  # a finetune run dir: skip the instances it trained on
+
+
+@dataclass
+class EvalPromptSection:
+    num_pos: int = 2  # positive demonstrations in the prompt
+    num_neg: int = 0  # negative demonstrations
+    add_explanation: bool = False  # include the demonstrations' explanations
+    add_definition: bool = True  # include the task definition (false + num_pos=k: GPT-3-style k-shot)
+    template: str | None = None  # custom format string with {definition}, {examples}, {input}
+
+
+@dataclass
+class GenerationSection:
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    max_prompt_tokens: int | None = None  # longer prompts lose tokens from the left (default: context - max_new_tokens)
+    stop_at_newline: bool = False  # cut predictions at their first line break (base models, k-shot prompts)
+
+
+@dataclass
+class EvaluateConfig:
+    model: str  # an HF causal-LM directory (save_pretrained output)
+    recipe: Literal["evaluate"] = "evaluate"
+    adapter: str | None = None  # a peft adapter directory trained on `model` (e.g. runs/lora_ni/adapter)
+    tokenizer: str | None = None  # default: the model directory
+    output_dir: str = "runs/eval"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    prompt: EvalPromptSection = field(default_factory=EvalPromptSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+
+
+CONFIG_CLASS = EvaluateConfig
+
+
+def validate(cfg: EvaluateConfig) -> None:
+    """Cheap checks (no weights loaded): directories, the model's config, sizes."""
+    from tune.errors import ConfigError
+    from tune.evaluation import check_adapter_dir, check_model_dir
+
+    check_model_dir(cfg.model, "model")
+    if cfg.adapter:
+        check_adapter_dir(cfg.adapter, "adapter")
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
+        raise ConfigError(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
+    items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
+    if not items:
+        raise ConfigError("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
+    for item in items:
+        if not Path(item).exists() and cfg.data.tasks_dir is None:
+            raise ConfigError(f"data.tasks: {item} does not exist (paths are relative to where you run tune)")
+    if cfg.data.tasks_dir is not None and not Path(cfg.data.tasks_dir).is_dir():
+        raise ConfigError(f"data.tasks_dir={cfg.data.tasks_dir} is not a directory")
+    if cfg.data.exclude_train_of is not None and not (Path(cfg.data.exclude_train_of) / "config.yaml").is_file():
+        raise ConfigError(f"data.exclude_train_of={cfg.data.exclude_train_of} is not a finetune run directory "
+                          "(no config.yaml)")
+    for key, value, least in (("data.max_instances_per_task", cfg.data.max_instances_per_task, 1),
+                              ("prompt.num_pos", cfg.prompt.num_pos, 0), ("prompt.num_neg", cfg.prompt.num_neg, 0),
+                              ("generation.batch_size", cfg.generation.batch_size, 1),
+                              ("generation.max_new_tokens", cfg.generation.max_new_tokens, 1)):
+        if value < least:
+            raise ConfigError(f"{key} must be >= {least}, got {value}")
+    if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
+        raise ConfigError(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
+    out = Path(cfg.output_dir).resolve()
+    for key, item in (("model", cfg.model), ("adapter", cfg.adapter), ("tokenizer", cfg.tokenizer)):
+        if item and Path(item).resolve() == out:
+            raise ConfigError(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+
+
+def trained_instances(run_dir) -> set[tuple[str, str]]:
+    """(task name, instance id) of every instance a finetune run trained on, from its saved config."""
+    import importlib
+
+    from tune.config import load_config, read_yaml
+    from tune.errors import ConfigError
+
+    path = Path(run_dir) / "config.yaml"
+    recipe = read_yaml(path).get("recipe")
+    if recipe != "finetune":
+        raise ConfigError(f"data.exclude_train_of={run_dir}: {path} is a {recipe!r} config, not a finetune run")
+    finetune = importlib.import_module("recipes.finetune")
+    run_cfg = load_config(finetune.CONFIG_CLASS, str(path))
+    return {(task.name, instance.id) for task, instance in finetune.load_splits(run_cfg)["train"]}
+
+
+def select_pairs(tasks, max_per_task: int, exclude: set[tuple[str, str]] = frozenset()) -> list:
+    """The first `max_per_task` instances of each task that are not in `exclude`, as (task, instance) pairs."""
+    pairs = []
+    for task in tasks:
+        kept = [inst for inst in task.instances if (task.name, inst.id) not in exclude][:max_per_task]
+        pairs.extend((task, inst) for inst in kept)
+    return pairs
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    from data_prep.natural_instructions import PromptConfig, load_tasks
+    from tune.config import save_config
+    from tune.errors import DataError
+    from tune.evaluation import check_vocab, evaluate_tasks, format_table, load_model, load_tokenizer, write_json_atomic
+
+    validate(cfg)
+    tasks = load_tasks(cfg.data.tasks, cfg.data.tasks_dir)
+    exclude = trained_instances(cfg.data.exclude_train_of) if cfg.data.exclude_train_of else set()
+    pairs = select_pairs(tasks, cfg.data.max_instances_per_task, exclude)
+    if not pairs:
+        raise DataError(f"data.tasks={cfg.data.tasks}: no instances left to evaluate"
+                        + (f" after excluding those run {cfg.data.exclude_train_of} trained on" if exclude else ""))
+    skipped = sum(1 for task in tasks for inst in task.instances if (task.name, inst.id) in exclude)
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_model(cfg.model, cfg.adapter, cfg.dtype)
+    check_vocab(model, tokenizer, tokenizer_dir)
+    device = next(model.parameters()).device
+    print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
+          + f" on {len(pairs)} instances of {len({t.name for t, _ in pairs})} tasks ({device})"
+          + (f"; {skipped} instances skipped as trained on by {cfg.data.exclude_train_of}" if exclude else ""),
+          flush=True)
+
+    p = cfg.prompt
+    prompt_cfg = PromptConfig(num_pos=p.num_pos, num_neg=p.num_neg, add_explanation=p.add_explanation,
+                              add_definition=p.add_definition, template=p.template)
+    g = cfg.generation
+    results = evaluate_tasks(model, tokenizer, pairs, prompt_cfg, batch_size=g.batch_size,
+                             max_new_tokens=g.max_new_tokens, device=device, max_prompt_tokens=g.max_prompt_tokens,
+                             stop_at_newline=g.stop_at_newline, log=lambda m: print(m, flush=True))
+    results = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": tokenizer_dir, "tasks_source": cfg.data.tasks,
+               "excluded_trained_instances": skipped, **results}
+    print(format_table(results))
+    if results["n_prompts_fewer_demos"] or results["n_prompts_truncated"]:
+        print(f"note: to fit the context, {results['n_prompts_fewer_demos']} prompts lost demonstrations and "
+              f"{results['n_prompts_truncated']} were cut from the left")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    path = write_json_atomic(out / "eval_results.json", results)
+    print(f"wrote {path}")
+    return results

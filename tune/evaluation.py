@@ -1,0 +1,467 @@
+"""Generation-based evaluation on Natural-Instructions tasks: ROUGE-L and exact match, with baselines.
+
+Used by `recipes/evaluate.py` (any local HF causal LM, optionally with a peft adapter), by the
+fine-tune recipe at the end of training, and by `tune generate`.
+
+    preds = generate_predictions(model, tokenizer, prompts, batch_size=8, max_new_tokens=64)
+    results = evaluate_tasks(model, tokenizer, pairs, PromptConfig())   # pairs: [(NITask, NIInstance)]
+    print(format_table(results))
+
+Scoring follows Super-NaturalInstructions: per instance, the best ROUGE-L F-measure (x100) and exact
+match (x100) over its references (`tune/metrics`). Results hold two overall means: over instances
+(every instance of every task weighs the same; the number SNI reports) and over tasks (every task
+weighs the same). Two baselines are scored on the same instances: "copy demo" predicts the output of
+the task's first positive example, and "copy input" predicts the instance's input.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+
+from tune.errors import ConfigError, DataError
+from tune.generate import TextStreamer
+
+METRIC_KEYS = ("rougeL", "exact_match", "copy_demo_rougeL", "copy_demo_exact_match",
+               "copy_input_rougeL", "copy_input_exact_match")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def check_model_dir(path, field: str = "model") -> Path:
+    """A ConfigError if `path` does not exist; a DataError unless it is an HF causal-LM directory."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"{field}={path} is not a Hugging Face model directory (no config.json); point it at a "
+                        "directory written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise DataError(f"{path}/config.json: not a valid transformers config ({_first_line(e)})") from None
+    causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    architectures = list(getattr(config, "architectures", None) or [])
+    base_class = MODEL_MAPPING_NAMES.get(config.model_type)
+    causal_names = set(causal_classes if isinstance(causal_classes, (list, tuple)) else [causal_classes])
+    if (causal_classes is None or getattr(config, "is_encoder_decoder", False)
+            or (architectures and not any(a in causal_names or a == base_class for a in architectures))):
+        kind = f"architectures {architectures}" if architectures else f"model_type {config.model_type!r}"
+        raise DataError(f"{field}={path}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
+                        "load it); point it at a decoder-only LM such as GPT-2 or Llama")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
+    return path
+
+
+def check_adapter_dir(path, field: str = "adapter") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    if not (path / "adapter_config.json").is_file():
+        raise DataError(f"{field}={path} is not a peft adapter directory (no adapter_config.json); point it at the "
+                        "adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+    return path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
+    """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    check_model_dir(model_dir)
+    if adapter:
+        check_adapter_dir(adapter)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"model={model_dir}: AutoModelForCausalLM cannot load it ({_first_line(e)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
+            raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
+                            "was it trained on this base model?") from None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval()
+
+
+def load_tokenizer(path, field: str = "tokenizer"):
+    """An HF tokenizer usable for left-padded batched generation.
+
+    Without a pad token it pads with its eos token (harmless for generation: padding is masked out and
+    sits left of the prompt); without either it cannot pad, a DataError naming the directory.
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(path).exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{field}={path}: cannot load a tokenizer ({_first_line(e)})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DataError(f"{field}={path}: the tokenizer has neither a pad nor an eos token, so prompts cannot be "
+                            "batched; set pad_token or eos_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(model, tokenizer, tokenizer_dir) -> None:
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise DataError(f"tokenizer={tokenizer_dir} has {len(tokenizer)} tokens but the model embeds only "
+                        f"{n_embeddings}; use the tokenizer the model was trained with")
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length (learned position table / trained context), if it declares one."""
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+def prompt_token_limit(model, max_new_tokens: int, max_prompt_tokens: int | None = None) -> int | None:
+    """The most prompt tokens to keep: `max_prompt_tokens`, and for a model with a fixed context no more
+    than context - max_new_tokens (None: no limit)."""
+    limit = context_length(model)
+    if limit is not None:
+        room = limit - max_new_tokens
+        if room < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                              f"{limit}-token context; use max_new_tokens < {limit}")
+        max_prompt_tokens = room if max_prompt_tokens is None else min(max_prompt_tokens, room)
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    return max_prompt_tokens
+
+
+def special_ids(model, tokenizer) -> tuple[int, list[int]]:
+    """(pad id, eos ids) for generate(): the tokenizer's eos plus any the model's generation config adds;
+    pad falls back to the (first) eos."""
+    eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for extra in model_eos if isinstance(model_eos, list) else [model_eos]:
+        if extra is not None and extra not in eos_ids:
+            eos_ids.append(extra)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    if pad_id is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an eos token; "
+                        "set pad_token in its tokenizer_config.json")
+    return pad_id, eos_ids
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt as the fine-tune recipe builds them (data_prep.natural_instructions): the text
+    without special tokens, with the bos token first for tokenizers that add one (Llama-style); a prompt
+    with no tokens at all starts from the bos (or eos) token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise DataError("an empty prompt needs a bos or eos token to start from; the tokenizer has neither")
+        ids = [start]
+    return ids
+
+
+def truncate_left(ids: list[int], limit: int | None, tokenizer=None) -> list[int]:
+    """The last `limit` ids (keeping a leading bos token in place)."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and ids[0] == bos and getattr(tokenizer, "add_bos_token", False) and limit > 1:
+        return [bos] + ids[len(ids) - limit + 1:]
+    return ids[len(ids) - limit:]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the LEFT so every row's last token is its prompt's last token."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq):] = 1
+    return input_ids, attention_mask
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+class _StopAtNewline:
+    """Stopping criterion: a row is done once its generated text (leading whitespace aside) holds a newline."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, stop_at_newline, max_prompt_tokens,
+              log=None) -> tuple[list[str], int]:
+    from transformers import StoppingCriteriaList
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ConfigError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    max_prompt_tokens = prompt_token_limit(model, max_new_tokens, max_prompt_tokens)
+    pad_id, eos_ids = special_ids(model, tokenizer)
+
+    was_training = model.training
+    predictions: list[str | None] = [None] * len(prompts)
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    n_truncated = sum(len(ids) > max_prompt_tokens for ids in encoded) if max_prompt_tokens else 0
+    encoded = [truncate_left(ids, max_prompt_tokens, tokenizer) for ids in encoded]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    try:
+        model.eval()
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            input_ids, attention_mask = left_pad([encoded[i] for i in index], pad_id)
+            prompt_length = input_ids.shape[1]
+            stopping = StoppingCriteriaList([_StopAtNewline(tokenizer, prompt_length)]) if stop_at_newline else None
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                     temperature=None, top_k=None, top_p=None,
+                                     pad_token_id=pad_id, eos_token_id=eos_ids or None, output_scores=False,
+                                     output_logits=False, return_dict_in_generate=False,
+                                     stopping_criteria=stopping)
+            texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
+            for i, text in zip(index, texts):
+                text = text.strip()
+                predictions[i] = text.split("\n", 1)[0].strip() if stop_at_newline else text
+            done = min(start + batch_size, len(order))
+            if log and (done == len(order) or done * 10 // len(order) > start * 10 // len(order)):
+                log(f"generated {done}/{len(order)}")  # about every 10%
+    finally:
+        model.train(was_training)
+    return predictions, n_truncated
+
+
+def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
+                         device=None, stop_at_newline: bool = False, max_prompt_tokens: int | None = None,
+                         log=None) -> list[str]:
+    """Greedy continuations of `prompts`, batched with left padding; only the new text, stripped.
+
+    Works for HF causal LMs and peft-wrapped ones. Prompts longer than `max_prompt_tokens` (and, for a
+    model with a fixed context, longer than context - max_new_tokens) lose tokens from the LEFT, so the
+    instance input and "Output:" survive. `stop_at_newline` ends each continuation at its first line
+    break (after leading whitespace): for base models that would go on with the next few-shot example.
+    Prompts are tokenized as the fine-tune recipe tokenizes them (`prompt_ids`) and padded here, so the
+    tokenizer is never modified (a tokenizer without a pad token pads with its eos token); the model's
+    train/eval mode is restored afterwards.
+    """
+    return _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, stop_at_newline,
+                     max_prompt_tokens, log)[0]
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def score(predictions: list[str], references: list[list[str]]) -> dict[str, list[float]]:
+    """Per-instance ROUGE-L and exact match (x100) through the shipped `evaluate` modules."""
+    from tune.metrics import load_metric
+
+    if not predictions:
+        return {"rougeL": [], "exact_match": []}
+    references = [list(r) for r in references]
+    return {"rougeL": load_metric("rouge_l").compute(predictions=predictions, references=references)["scores"],
+            "exact_match": load_metric("exact_match").compute(predictions=predictions, references=references)["scores"]}
+
+
+def fit_prompt(tokenizer, task, instance_input: str, prompt_cfg, limit: int | None) -> tuple[str, bool]:
+    """The instance's prompt, with demonstrations dropped (negatives first, then the last positive) until it
+    fits `limit` tokens, as the fine-tune recipe fits its training prompts. Returns (prompt, demos dropped).
+    A prompt still too long is cut from the left later, by generate_predictions."""
+    from data_prep.natural_instructions import encode_prompt
+
+    n_pos = min(prompt_cfg.num_pos, len(task.positive_examples))
+    n_neg = min(prompt_cfg.num_neg, len(task.negative_examples))
+    text = encode_prompt(task, instance_input, prompt_cfg, num_pos=n_pos, num_neg=n_neg)
+    dropped = False
+    while limit is not None and n_pos + n_neg > 0 and len(prompt_ids(tokenizer, text)) > limit:
+        n_neg, n_pos = (n_neg - 1, n_pos) if n_neg else (n_neg, n_pos - 1)
+        text = encode_prompt(task, instance_input, prompt_cfg, num_pos=n_pos, num_neg=n_neg)
+        dropped = True
+    return text, dropped
+
+
+def evaluate_tasks(model, tokenizer, pairs, prompt_cfg=None, batch_size: int = 8, max_new_tokens: int = 64,
+                   device=None, max_prompt_tokens: int | None = None, stop_at_newline: bool = False,
+                   log=None) -> dict:
+    """Generate for every (NITask, NIInstance) pair and score it; a JSON-able dict of results.
+
+    Prompts that do not fit the model's context (or `max_prompt_tokens`) first lose demonstrations
+    (`fit_prompt`), then tokens from the left.
+
+    {"n_tasks", "n_instances", "n_prompts_fewer_demos", "n_prompts_truncated", "generation_s",
+     "prompt": {...}, "generation": {...},
+     "tasks": {name: {"n", "rougeL", "exact_match", "copy_demo_rougeL", ...}},
+     "overall": {"mean_over_instances": {...}, "mean_over_tasks": {...}},
+     "predictions": [{"task", "id", "prediction", "references"}]}
+    """
+    from data_prep.natural_instructions import PromptConfig
+
+    prompt_cfg = prompt_cfg if prompt_cfg is not None else PromptConfig()
+    pairs = list(pairs)
+    limit = prompt_token_limit(model, max_new_tokens, max_prompt_tokens)
+    prompts, n_fewer_demos = [], 0
+    for task, instance in pairs:
+        text, dropped = fit_prompt(tokenizer, task, instance.input, prompt_cfg, limit)
+        prompts.append(text)
+        n_fewer_demos += dropped
+    start = time.perf_counter()
+    predictions, n_truncated = _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device,
+                                         stop_at_newline, max_prompt_tokens, log)
+    elapsed = time.perf_counter() - start
+    references = [list(instance.outputs) for _, instance in pairs]
+    copy_demo = [task.positive_examples[0].output if task.positive_examples else "" for task, _ in pairs]
+    copy_input = [instance.input for _, instance in pairs]
+    per_instance = {}
+    for prefix, preds in (("", predictions), ("copy_demo_", copy_demo), ("copy_input_", copy_input)):
+        for key, values in score(preds, references).items():
+            per_instance[prefix + key] = values
+
+    tasks: dict[str, dict] = {}
+    for i, (task, _) in enumerate(pairs):
+        tasks.setdefault(task.name, {"n": 0, **{k: [] for k in METRIC_KEYS}})
+        tasks[task.name]["n"] += 1
+        for key in METRIC_KEYS:
+            tasks[task.name][key].append(per_instance[key][i])
+    for row in tasks.values():
+        for key in METRIC_KEYS:
+            row[key] = _mean(row[key])
+    return {
+        "n_tasks": len(tasks),
+        "n_instances": len(pairs),
+        "n_prompts_fewer_demos": n_fewer_demos,
+        "n_prompts_truncated": n_truncated,
+        "generation_s": round(elapsed, 3),
+        "prompt": asdict(prompt_cfg) if is_dataclass(prompt_cfg) else dict(vars(prompt_cfg)),
+        "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                       "max_prompt_tokens": max_prompt_tokens, "stop_at_newline": stop_at_newline, "greedy": True},
+        "tasks": tasks,
+        "overall": {
+            "mean_over_instances": {k: _mean(per_instance[k]) for k in METRIC_KEYS},
+            "mean_over_tasks": {k: _mean(row[k] for row in tasks.values()) for k in METRIC_KEYS},
+        },
+        "predictions": [{"task": task.name, "id": instance.id, "prediction": pred, "references": refs}
+                        for (task, instance), pred, refs in zip(pairs, predictions, references)],
+    }
+
+
+def format_table(results: dict) -> str:
+    """Per-task rows (task, n, ROUGE-L, EM, copy-demo ROUGE-L, copy-input ROUGE-L) and both overall means."""
+    header = ("task", "n", "ROUGE-L", "EM", "copy-demo R-L", "copy-input R-L")
+    rows = [(name, str(row["n"]), *(f"{row[k]:.2f}" for k in ("rougeL", "exact_match", "copy_demo_rougeL",
+                                                               "copy_input_rougeL")))
+            for name, row in results["tasks"].items()]
+    overall = [
+        ("all: mean over instances (as SNI)", str(results["n_instances"]), results["overall"]["mean_over_instances"]),
+        ("all: mean over tasks", str(results["n_tasks"]), results["overall"]["mean_over_tasks"]),
+    ]
+    totals = [(label, n, *(f"{o[k]:.2f}" for k in ("rougeL", "exact_match", "copy_demo_rougeL", "copy_input_rougeL")))
+              for label, n, o in overall]
+    widths = [max(len(r[c]) for r in [header, *rows, *totals]) for c in range(len(header))]
+
+    def line(r):
+        return "  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *map(line, rows), rule, *map(line, totals)])
+
+
+def write_json_atomic(path, data) -> Path:
+    """Write JSON to `path` through a temporary file renamed into place (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+class PrintStreamer:
+    """HF `generate(streamer=...)` protocol (`put(tensor)`, `end()`) printing text as it is generated.
+
+    Built on `tune.generate.TextStreamer`, so a character split over several byte-level tokens is
+    printed once complete, never as U+FFFD. The first `put` (the prompt) is skipped. `text` holds
+    everything printed.
+    """
+
+    def __init__(self, tokenizer, print_fn=print, skip_prompt: bool = True):
+        self.stream = TextStreamer(tokenizer)
+        self.print_fn = print_fn
+        self.skip_prompt = skip_prompt
+        self.pieces: list[str] = []
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+            self.print_fn(piece, end="", flush=True)
+
+    def put(self, value) -> None:
+        if self.skip_prompt:
+            self.skip_prompt = False
+            return
+        if isinstance(value, torch.Tensor):
+            if value.dim() > 1:
+                if value.shape[0] > 1:
+                    raise ValueError("PrintStreamer streams one sequence; generate with batch size 1")
+                value = value[0]
+            value = value.tolist()
+        self._emit(self.stream.put(value if isinstance(value, list) else [value]))
+
+    def end(self) -> None:
+        self._emit(self.stream.end())
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
