@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 import os
 
@@ -5,9 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+NI_TASKS = SHARED_DATA / "natural_instructions" / "tasks"
 
 
 @pytest.fixture
@@ -24,3 +27,44 @@ def shakespeare_slice(shared_data, tmp_path) -> Path:
     path = tmp_path / "shakespeare_slice.txt"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def train_byte_bpe(texts, vocab_size=512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+@pytest.fixture(scope="session")
+def ni_texts():
+    texts = []
+    for path in sorted(NI_TASKS.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        texts.append(data["Definition"][0])
+        texts += [s for ex in data["Positive Examples"] for s in (ex["input"], ex["output"])]
+        texts += [s for inst in data["Instances"][:20] for s in (inst["input"], *inst["output"])]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, ni_texts) -> Path:
+    """HF dir: random 2-layer GPT-2 (context 256, so long prompts must be fitted) + byte-level BPE tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts), eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=0.3,  # large enough that greedy continuations vary with the prompt
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out

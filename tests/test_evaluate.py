@@ -13,8 +13,8 @@ import torch
 from tune.cli import main
 from tune.errors import ConfigError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # as tests/conftest.py
-NI_TASKS = SHARED_DATA / "natural_instructions" / "tasks"
+from conftest import NI_TASKS
+
 TASKS = ["task073_commonsenseqa_answer_generation", "task1355_sent_comp_summarization", "task363_sst2_polarity_classification"]
 MAX_NEW = 8
 
@@ -23,47 +23,6 @@ pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not p
 
 def task_file(name: str) -> Path:
     return NI_TASKS / f"{name}.json"
-
-
-def train_byte_bpe(texts, vocab_size=512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return tok
-
-
-@pytest.fixture(scope="module")
-def ni_texts():
-    texts = []
-    for path in sorted(NI_TASKS.glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        texts.append(data["Definition"][0])
-        texts += [s for ex in data["Positive Examples"] for s in (ex["input"], ex["output"])]
-        texts += [s for inst in data["Instances"][:20] for s in (inst["input"], *inst["output"])]
-    return texts
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory, ni_texts) -> Path:
-    """HF dir: random 2-layer GPT-2 (context 256, so long prompts must be fitted) + byte-level BPE tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts), eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", pad_token="<|pad|>")
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        initializer_range=0.3,  # large enough that greedy continuations vary with the prompt
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -409,8 +409,13 @@ class Engine:
         self.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_avg = acc.reduce(loss_total, "sum").item() / max(global_targets, 1.0)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
-        return loss_avg, tokens, grad_norm
+        return loss_avg, sum(_input_tokens(b) for b in batches), grad_norm
+
+
+def _input_tokens(batch: dict) -> int:
+    """Tokens fed to the model, right-padding excluded (a 2D attention mask); packed rows count in full."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
 
 
 class _nullcontext:

@@ -57,3 +57,4 @@ def sample_text(model, tokenizer, sample_cfg, device, stream=print) -> list[str]
             stream(pieces[-1])
         samples.append(sample_cfg.prompt + "".join(pieces))
     return samples
+

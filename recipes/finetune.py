@@ -1,0 +1,210 @@
+"""Fine-tune any local HF causal LM on Natural-Instructions tasks: full, LoRA or QLoRA.
+
+    tune run finetune --config lora_ni [key=value ...]
+
+Steps: tokenizer -> NI tasks split into train / held-out instances / held-out tasks -> prompts
+tokenized (prompt masked) and packed -> base model (+ LoRA, + 4-bit) -> the shared engine ->
+adapter (or full model), optional merged checkpoint, generation-based evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tune.adapters import LoraSection, QuantSection
+from tune.engine import TrainConfig
+
+
+@dataclass
+class PromptSection:
+    num_pos: int = 2  # Tk-Instruct default: definition + 2 positive examples, then the instance
+    num_neg: int = 0
+    add_explanation: bool = False
+    add_definition: bool = True
+    template: str | None = None  # custom format string with {definition}, {examples}, {input}
+
+
+@dataclass
+class NIDataSection:
+    train_tasks: str | list[str] = "../shared/data/natural_instructions/tasks"  # dir, split file or list of files
+    eval_tasks: str | list[str] | None = None  # held-out tasks, never trained on
+    tasks_dir: str | None = None  # where names in split files resolve (default: <split file dir>/tasks)
+    max_train_instances_per_task: int | None = None
+    heldout_instances_per_task: int = 10  # per training task: val loss and evaluation, never trained on
+    max_eval_instances_per_task: int = 100
+    prompt: PromptSection = field(default_factory=PromptSection)
+    max_length: int = 1024
+    mask_prompt: bool = True  # loss only on the output tokens (and eos)
+    packing: bool = True  # several examples per row, no attention across them
+    cache_dir: str = ".cache/ni"
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    enabled: bool = True  # generation-based ROUGE-L / exact match on held-out instances and tasks at the end
+    batch_size: int = 8
+    max_new_tokens: int = 32
+    max_instances_per_task: int = 20
+
+
+@dataclass
+class FinetuneConfig:
+    recipe: Literal["finetune"] = "finetune"
+    method: Literal["full", "lora", "qlora"] = "lora"
+    base_model: str = "runs/shakespeare_bpe_cpu/hf"  # any local HF causal-LM directory
+    tokenizer: str | None = None  # default: the base model's directory
+    pad_token: str | None = None  # for tokenizers without one, e.g. "<|endoftext|>" (GPT-2) — padding is masked
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # weights of the base (full: the trained weights)
+    output_dir: str = "runs/finetune"
+    seed: int = 1337
+    overwrite: bool = False
+    merge: bool = False  # also write a merged full checkpoint (lora / qlora)
+    lora: LoraSection = field(default_factory=LoraSection)
+    qlora: QuantSection = field(default_factory=QuantSection)
+    data: NIDataSection = field(default_factory=NIDataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+CONFIG_CLASS = FinetuneConfig
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    """Cheap checks before any heavy work: paths exist, the base is a causal LM, sizes are sane."""
+    from tune.hf import check_model_dir
+    from tune.errors import ConfigError
+
+    check_model_dir(cfg.base_model, "base_model")
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
+        raise ConfigError(f"tokenizer={cfg.tokenizer} is not a directory")
+    for key in ("train_tasks", "eval_tasks"):
+        value = getattr(cfg.data, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not Path(item).exists() and cfg.data.tasks_dir is None:
+                raise ConfigError(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
+    if cfg.data.max_length < 16:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for a prompt; use >= 128")
+    context = base_context_length(cfg.base_model)
+    if context is not None and cfg.data.max_length > context:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the context of base_model="
+                          f"{cfg.base_model} ({context} positions); set data.max_length <= {context}")
+    if cfg.method == "full" and cfg.merge:
+        raise ConfigError("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
+
+
+def base_context_length(path) -> int | None:
+    """The position-table size of a base with learned positions (GPT-2, OpenAIGPT); None for RoPE models."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    value = getattr(config, "n_positions", None)
+    return value if isinstance(value, int) else None
+
+
+def load_splits(cfg: FinetuneConfig):
+    from data_prep.natural_instructions import NISplitConfig, load_tasks, split_instances
+
+    d = cfg.data
+    tasks = load_tasks(d.train_tasks, d.tasks_dir)
+    held_out = load_tasks(d.eval_tasks, d.tasks_dir) if d.eval_tasks else []
+    return split_instances(tasks + held_out, NISplitConfig(
+        train_tasks=[t.name for t in tasks], eval_tasks=[t.name for t in held_out],
+        max_train_instances_per_task=d.max_train_instances_per_task,
+        max_eval_instances_per_task=d.max_eval_instances_per_task,
+        heldout_instances_per_task=d.heldout_instances_per_task, seed=d.seed))
+
+
+def run(cfg: FinetuneConfig):
+    from accelerate.utils import set_seed
+
+    from data_prep.natural_instructions import PromptConfig, TokenizeConfig, build_dataset
+    from data_prep.packing import NIBatches
+    from tune.adapters import add_lora, load_base_model, merge_adapter
+    from tune.engine import Engine, make_accelerator
+    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.recipe_utils import prepare_output_dir
+
+    validate(cfg)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    # Everything that can reject the input runs before the output directory is touched.
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
+                               pad_token=cfg.pad_token, pad_with_eos=False)
+    splits = load_splits(cfg)
+    run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.base_model, cfg.tokenizer])
+    set_seed(cfg.seed)
+
+    d = cfg.data
+    prompt_cfg = PromptConfig(num_pos=d.prompt.num_pos, num_neg=d.prompt.num_neg, add_explanation=d.prompt.add_explanation,
+                              add_definition=d.prompt.add_definition, template=d.prompt.template)
+    tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
+    with accelerator.main_process_first():
+        train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
+        val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
+    say(f"train: {report}")
+    say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
+        f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
+
+    weights_dtype = resolve_dtype(cfg.dtype)
+    model = load_base_model(cfg.base_model, cfg.method, weights_dtype, cfg.qlora, cfg.train.gradient_checkpointing)
+    if cfg.method in ("lora", "qlora"):
+        model = add_lora(model, cfg.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                       seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say).fit()
+
+    if accelerator.is_main_process:
+        model.eval()
+        if cfg.method == "full":
+            out = run_dir / "model"
+            model.save_pretrained(out, safe_serialization=True)
+        else:
+            out = run_dir / "adapter"
+            model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        say(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {out}")
+        if cfg.merge:
+            merged = merge_adapter(cfg.base_model, out, run_dir / "merged", dtype=weights_dtype,
+                                   quant=cfg.qlora if cfg.method == "qlora" else None, tokenizer=tokenizer)
+            say(f"merged checkpoint: {merged}")
+        if cfg.eval.enabled:
+            evaluate_run(cfg, model, tokenizer, splits, prompt_cfg, run_dir, say)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def evaluate_run(cfg: FinetuneConfig, model, tokenizer, splits, prompt_cfg, run_dir: Path, say) -> dict:
+    """ROUGE-L / exact match on held-out instances and held-out tasks, saved to eval_results.json."""
+    import json
+
+    from tune.evaluation import evaluate_tasks, format_table
+
+    results = {}
+    for name in ("heldout_instances", "heldout_tasks"):
+        pairs = _cap_per_task(splits[name], cfg.eval.max_instances_per_task)
+        if not pairs:
+            continue
+        results[name] = evaluate_tasks(model, tokenizer, pairs, prompt_cfg, batch_size=cfg.eval.batch_size,
+                                       max_new_tokens=cfg.eval.max_new_tokens)
+        say(f"\n{name.replace('_', ' ')}:\n{format_table(results[name])}")
+    tmp = run_dir / "eval_results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(run_dir / "eval_results.json")
+    return results
+
+
+def _cap_per_task(pairs, cap: int):
+    counts: dict[str, int] = {}
+    kept = []
+    for task, instance in pairs:
+        if counts.get(task.name, 0) < cap:
+            counts[task.name] = counts.get(task.name, 0) + 1
+            kept.append((task, instance))
+    return kept

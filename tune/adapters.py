@@ -1,0 +1,137 @@
+"""Loading a base causal LM for full / LoRA / QLoRA training, and saving or merging what was trained.
+
+LoRA comes from peft and 4-bit quantization from bitsandbytes; this module only decides the settings
+and does the one thing they leave to us: merging a QLoRA adapter into the *dequantized* base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tune.errors import ConfigError
+from tune.hf import DTYPES, check_model_dir, resolve_dtype
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # every linear layer but the output head
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class QuantSection:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    quant_storage: Literal["uint8", "bf16", "fp32", "fp16"] = "uint8"  # FSDP needs it equal to the param dtype
+
+
+def bnb_config(quant: QuantSection):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype), bnb_4bit_quant_storage=DTYPES[quant.quant_storage])
+
+
+def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection | None = None,
+                    gradient_checkpointing: bool = False, attn_implementation: str = "sdpa"):
+    """The HF model to train. full: trainable weights in `dtype`; lora: frozen base in `dtype`;
+    qlora: frozen 4-bit base prepared for k-bit training.
+
+    SDPA attention by default: packed batches carry a 4D block-diagonal bool mask, which SDPA applies
+    as given (data_prep/packing.py).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path, "base_model")
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
+                                                     dtype=resolve_dtype(quant.compute_dtype), device_map=device_map,
+                                                     attn_implementation=attn_implementation)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            model.enable_input_require_grads()
+    return model
+
+
+def add_lora(model, lora: LoraSection):
+    """Wrap `model` with trainable LoRA adapters (base weights frozen)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and warns
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
+
+
+def dequantized_weights(model) -> dict[str, torch.Tensor]:
+    """Module name -> the dequantized weight (Linear layout, out x in) of every 4-bit layer of `model`."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            out[name] = dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
+    return out
+
+
+def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.float32,
+                  quant: QuantSection | None = None, tokenizer=None) -> Path:
+    """Merge a LoRA adapter into its base and save a full HF checkpoint.
+
+    For QLoRA (`quant` given) the adapter was trained on the 4-bit weights, so it is merged into those
+    weights dequantized (not into the original full-precision ones, and never re-quantized): the
+    merged model computes what the adapter model computed.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if quant is not None:
+        quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),
+                                                         dtype=resolve_dtype(quant.compute_dtype))
+        modules = dict(base.named_modules())
+        for name, weight in dequantized_weights(quantized).items():
+            target = modules[name]
+            target.weight.data = (weight.t() if isinstance(target, Conv1D) else weight).contiguous()
+        del quantized
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.to(dtype)
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / "merge_info.json").write_text(json.dumps(
+        {"base_model": str(base_path), "adapter": str(adapter_dir), "dequantized_4bit_base": quant is not None,
+         "dtype": str(dtype).replace("torch.", "")}, indent=2))
+    return out_dir

@@ -1,0 +1,148 @@
+"""Loading Hugging Face models, adapters and tokenizers from local directories, with clear errors.
+
+Every recipe and `tune generate` load through here, so a wrong path, a directory that is not a causal
+LM, or a tokenizer that cannot pad fails the same way: one line naming the key, the path and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tune.errors import ConfigError, DataError
+
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def check_model_dir(path, field: str = "model") -> Path:
+    """A ConfigError if `path` does not exist; a DataError unless it is an HF causal-LM directory."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                           MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES)
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"{field}={path} is not a Hugging Face model directory (no config.json); point it at a "
+                        "directory written by save_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise DataError(f"{path}/config.json: not a valid transformers config ({_first_line(e)})") from None
+    causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    architectures = list(getattr(config, "architectures", None) or [])
+    base_class = MODEL_MAPPING_NAMES.get(config.model_type)
+    causal_names = set(causal_classes if isinstance(causal_classes, (list, tuple)) else [causal_classes])
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if (causal_classes is None or getattr(config, "is_encoder_decoder", False) or encoder
+            or (architectures and not any(a in causal_names or a == base_class for a in architectures))):
+        kind = f"architectures {architectures}" if architectures else f"model_type {config.model_type!r}"
+        raise DataError(f"{field}={path}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
+                        "load it); point it at a decoder-only LM such as GPT-2 or Llama")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
+    return path
+
+
+def check_adapter_dir(path, field: str = "adapter") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    if not (path / "adapter_config.json").is_file():
+        raise DataError(f"{field}={path} is not a peft adapter directory (no adapter_config.json); point it at the "
+                        "adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+    return path
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "uint8": torch.uint8}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
+    """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    check_model_dir(model_dir)
+    if adapter:
+        check_adapter_dir(adapter)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"model={model_dir}: AutoModelForCausalLM cannot load it ({_first_line(e)})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
+            raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
+                            "was it trained on this base model?") from None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device).eval()
+
+
+def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None, pad_with_eos: bool = True):
+    """An HF tokenizer that can pad.
+
+    `pad_token` (an existing token) is set as the pad token. Otherwise a tokenizer without one pads with
+    its eos token when `pad_with_eos` (generation: padding is masked and sits left of the prompt);
+    training asks for an explicit choice instead, a DataError naming the directory and the fix.
+    """
+    from transformers import AutoTokenizer
+
+    if not Path(path).exists():
+        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{field}={path}: cannot load a tokenizer ({_first_line(e)})") from None
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise DataError(f"{field}={path}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
+                            f"existing token such as the eos token {tokenizer.eos_token!r}")
+        tokenizer.pad_token = pad_token
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise DataError(f"{field}={path}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
+                            "batched; set pad_token or eos_token in its tokenizer_config.json")
+        if not pad_with_eos:
+            raise DataError(f"{field}={path}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
+                            "in the config to pad with its eos token (padding is masked out of the loss)")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(model, tokenizer, tokenizer_dir) -> None:
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise DataError(f"tokenizer={tokenizer_dir} has {len(tokenizer)} tokens but the model embeds only "
+                        f"{n_embeddings}; use the tokenizer the model was trained with")
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length (learned position table / trained context), if it declares one."""
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
