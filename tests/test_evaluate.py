@@ -13,7 +13,7 @@ import torch
 from tune.cli import main
 from tune.errors import ConfigError
 
-from conftest import NI_TASKS
+from conftest import NI_TASKS, SHARED_DATA, train_byte_bpe
 
 TASKS = ["task073_commonsenseqa_answer_generation", "task1355_sent_comp_summarization", "task363_sst2_polarity_classification"]
 MAX_NEW = 8
