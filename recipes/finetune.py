@@ -117,10 +117,32 @@ def load_splits(cfg: FinetuneConfig):
         heldout_instances_per_task=d.heldout_instances_per_task, seed=d.seed))
 
 
+def prompt_config(d: NIDataSection):
+    from data_prep.natural_instructions import PromptConfig
+
+    p = d.prompt
+    return PromptConfig(num_pos=p.num_pos, num_neg=p.num_neg, add_explanation=p.add_explanation,
+                        add_definition=p.add_definition, template=p.template)
+
+
+def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
+    """Tokenized (cached) training and held-out-instance datasets, and the prompt config they were built with."""
+    from data_prep.natural_instructions import TokenizeConfig, build_dataset
+
+    prompt_cfg = prompt_config(d)
+    tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
+    with accelerator.main_process_first():
+        train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
+        val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
+    say(f"train: {report}")
+    say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
+        f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
+    return train_set, val_set, prompt_cfg
+
+
 def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
-    from data_prep.natural_instructions import PromptConfig, TokenizeConfig, build_dataset
     from data_prep.packing import NIBatches
     from tune.adapters import add_lora, load_base_model, merge_adapter
     from tune.engine import Engine, make_accelerator
@@ -137,16 +159,7 @@ def run(cfg: FinetuneConfig):
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.base_model, cfg.tokenizer])
     set_seed(cfg.seed)
 
-    d = cfg.data
-    prompt_cfg = PromptConfig(num_pos=d.prompt.num_pos, num_neg=d.prompt.num_neg, add_explanation=d.prompt.add_explanation,
-                              add_definition=d.prompt.add_definition, template=d.prompt.template)
-    tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
-    with accelerator.main_process_first():
-        train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
-        val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
-    say(f"train: {report}")
-    say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
-        f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
+    train_set, val_set, prompt_cfg = build_ni_datasets(cfg.data, splits, tokenizer, accelerator, say)
 
     weights_dtype = resolve_dtype(cfg.dtype)
     model = load_base_model(cfg.base_model, cfg.method, weights_dtype, cfg.qlora, cfg.train.gradient_checkpointing)
@@ -156,6 +169,7 @@ def run(cfg: FinetuneConfig):
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
+    d = cfg.data
     source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say).fit()

@@ -35,24 +35,6 @@ def make_base(out: Path, ni_texts, preset: str) -> Path:
     return export_hf(model, out, tokenizer)
 
 
-@pytest.fixture(scope="module")
-def gpt2_base(tmp_path_factory, ni_texts) -> Path:
-    """A tiny GPT-2 pretrained by our pretrain recipe on NI text (BPE 512, ctx 256), as its HF export."""
-    from recipes.pretrain import PretrainConfig, run
-
-    tmp = tmp_path_factory.mktemp("gpt2_base")
-    corpus = tmp / "ni.txt"
-    corpus.write_text("\n\n".join(ni_texts), encoding="utf-8")
-    cfg = load_config(PretrainConfig, data={
-        "output_dir": str(tmp / "run"), "model": {"preset": "tiny-gpt2", "block_size": 256},
-        "data": {"corpus": str(corpus), "tokenizer": "bpe", "vocab_size": 512, "cache_dir": str(tmp / "cache")},
-        "train": {"max_steps": 120, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 10, "eval_every": 0,
-                  "eval_batches": 2, "progress": False, "log_every": 20},
-        "sample": {"max_new_tokens": 8}})
-    run(cfg)
-    return tmp / "run" / "hf"
-
-
 def finetune_config(tmp_path: Path, base: Path, method: str, **overrides):
     from recipes.finetune import FinetuneConfig
 

@@ -79,7 +79,9 @@ class BatchSource(Protocol):
         """A fixed set of validation batches."""
 
 
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+# loss_fn(model, batch) -> (summed loss, number of target tokens[, {name: summed extra metric}]); the engine
+# divides sums by the step's target count, and logs extras (e.g. the KL and CE parts of a distillation loss)
+LossFn = Callable[[nn.Module, dict], tuple]
 
 
 class TrainingModule(nn.Module):
@@ -279,21 +281,23 @@ class Engine:
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, module) -> float:
-        """Mean per-token validation loss over the source's fixed validation batches (all ranks)."""
+    def evaluate(self, module) -> tuple[float, dict[str, float]]:
+        """Mean per-token validation loss (and extras) over the source's fixed validation batches (all ranks)."""
         acc = self.accelerator
         module.eval()
-        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}
         n_tokens = torch.zeros((), device=acc.device, dtype=torch.float64)
         for batch in self.source.val_batches(acc.process_index, acc.num_processes, self.cfg.eval_batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
-                s, n = module(batch)
-            loss_sum += s.double()
-            n_tokens += n.double()
+                out = module(batch)
+            for name, value in _named_sums(out).items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
+            n_tokens += out[1].double()
         module.train()
-        loss_sum, n_tokens = acc.reduce(loss_sum, "sum"), acc.reduce(n_tokens, "sum")
-        return (loss_sum / n_tokens.clamp(min=1)).item()
+        n_tokens = acc.reduce(n_tokens, "sum").clamp(min=1)
+        means = {name: (acc.reduce(value, "sum") / n_tokens).item() for name, value in sums.items()}
+        return means.pop("loss"), means
 
     # -- training -------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -328,7 +332,7 @@ class Engine:
         total_tokens = history[-1].get("tokens", 0) if history else 0
         try:
             while step < cfg.max_steps:
-                loss, tokens, grad_norm = self._train_step(module, optimizer, step + 1)
+                loss, tokens, grad_norm, extras = self._train_step(module, optimizer, step + 1)
                 step += 1
                 window_tokens += tokens
                 total_tokens += tokens * acc.num_processes
@@ -339,7 +343,7 @@ class Engine:
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.time()
                     tok_s = window_tokens * acc.num_processes / max(now - window_start, 1e-9)
-                    row = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                    row = {"step": step, "loss": loss, **extras, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                            "tokens": total_tokens, "tokens_per_s": tok_s,
                            "elapsed_s": elapsed_before + now - start_time}
                     metrics.log(row)
@@ -349,8 +353,9 @@ class Engine:
                         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 is_last = step == cfg.max_steps
                 if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-                    last_val = self.evaluate(module)
+                    last_val, val_extras = self.evaluate(module)
                     row = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
+                           **{f"val_{k}": v for k, v in val_extras.items()},
                            "elapsed_s": elapsed_before + time.time() - start_time}
                     metrics.log(row)
                     history.append(row)
@@ -384,7 +389,7 @@ class Engine:
         self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler,
                                {"step": step, "elapsed_s": elapsed, "world_size": self.accelerator.num_processes})
 
-    def _train_step(self, module, optimizer, step: int) -> tuple[float, int, float]:
+    def _train_step(self, module, optimizer, step: int) -> tuple[float, int, float, dict[str, float]]:
         cfg, acc = self.cfg, self.accelerator
         batches = self.source.step_batches(step, acc.process_index, acc.num_processes)
         batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in batches]
@@ -392,24 +397,30 @@ class Engine:
         # token weighs the same however the tokens fall across micro-batches.
         local_targets = sum(int((b["targets"] != -100).sum()) for b in batches)
         global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum").item()
-        loss_total = torch.zeros((), device=acc.device)
+        sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = acc.no_sync(module) if not sync else _nullcontext()
             with ctx, acc.autocast():
-                loss_sum, _ = module(batch)
+                out = module(batch)
                 # DDP averages gradients over ranks, so scale back up by the world size
-                loss = loss_sum * acc.num_processes / max(global_targets, 1.0)
+                loss = out[0] * acc.num_processes / max(global_targets, 1.0)
             acc.backward(loss)
-            loss_total += loss_sum.detach().float()
+            for name, value in _named_sums(out).items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
         grad_norm = 0.0
         if cfg.grad_clip > 0:
             grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip))
         optimizer.step()
         self.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_avg = acc.reduce(loss_total, "sum").item() / max(global_targets, 1.0)
-        return loss_avg, sum(_input_tokens(b) for b in batches), grad_norm
+        means = {name: acc.reduce(value, "sum").item() / max(global_targets, 1.0) for name, value in sums.items()}
+        return means.pop("loss"), sum(_input_tokens(b) for b in batches), grad_norm, means
+
+
+def _named_sums(out) -> dict[str, torch.Tensor]:
+    """The summed loss and any extra sums a loss function returned, by name."""
+    return {"loss": out[0], **(out[2] if len(out) > 2 else {})}
 
 
 def _input_tokens(batch: dict) -> int:

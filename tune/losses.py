@@ -3,6 +3,8 @@ model should predict at position t, or -100 where nothing is trained (prompt, pa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,3 +51,81 @@ def causal_lm_loss(model: nn.Module, batch: dict):
     """Summed next-token cross-entropy and the number of target tokens."""
     hidden, head = hidden_and_head(model, batch)
     return chunked_ce_sum(hidden, head, batch["targets"])
+
+
+# -- knowledge distillation ------------------------------------------------------------------------
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward_kl",
+               beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between two distributions given as log-probs over the same support (N, S).
+
+    forward_kl  KL(p_teacher || p_student)  mode-covering; Hinton et al.'s distillation loss
+    reverse_kl  KL(p_student || p_teacher)  mode-seeking
+    jsd         beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),  m = beta p_teacher + (1 - beta) p_student
+                (the generalized JSD of GKD; beta = 0.5 is the symmetric Jensen-Shannon divergence)
+    """
+    if kind == "forward_kl":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    if kind == "reverse_kl":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        mixture = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), 0)
+        kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
+        kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
+        return beta * kl_t + (1 - beta) * kl_s
+    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
+            kind: str, beta: float, teacher_ids: torch.Tensor | None = None,
+            vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of divergences, sum of cross-entropies) over N target positions, in fp32.
+
+    student_logits (N, V_s). `teacher` is either the teacher's logits (N, V_t), compared on the first
+    `vocab_size` ids (the shared tokenizer's; default min(V_s, V_t)), or, with `teacher_ids` (N, k), the teacher's cached top-k
+    log-probs at temperature 1: both distributions are then renormalised over those k ids (exact when k
+    covers the vocabulary). Temperature scales the logits of both models before the divergence only.
+    """
+    student_logits = student_logits.float()
+    ce = F.cross_entropy(student_logits, targets, reduction="sum")
+    if teacher_ids is None:
+        shared = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
+        s = F.log_softmax(student_logits[:, :shared] / temperature, -1)
+        t = F.log_softmax(teacher[:, :shared].float() / temperature, -1)
+    else:  # log p_T(T) over the support = log_softmax(log p_T(1) / T): the teacher's normaliser cancels
+        s = F.log_softmax(student_logits.gather(-1, teacher_ids.long()) / temperature, -1)
+        t = F.log_softmax(teacher.float() / temperature, -1)
+    return divergence(s, t, kind, beta).sum(), ce
+
+
+def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, kind: str, beta: float,
+                    teacher_hidden=None, teacher_head=None, cached=None, vocab_size: int | None = None,
+                    chunk_size: int = 4096):
+    """kd_sums over the target positions of a batch, projecting at most `chunk_size` positions of each model
+    at a time, so neither model's full-vocabulary logits exist for the whole batch.
+
+    The teacher is live (`teacher_hidden` (B, T, D) + `teacher_head`, computed without grad) or `cached`:
+    (log-probs (N, k), ids (N, k)) for the N target positions in row-major order.
+    Returns (kd_sum, ce_sum, n_targets).
+    """
+    mask = targets != IGNORE_INDEX
+    h, t = student_hidden[mask], targets[mask]
+    th = teacher_hidden[mask] if teacher_hidden is not None else None
+    kd = student_hidden.new_zeros((), dtype=torch.float32)
+    ce = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, t.numel(), chunk_size):
+        end = start + chunk_size
+        logits = student_head(h[start:end])
+        if cached is not None:
+            k_sum, c_sum = kd_sums(logits, cached[0][start:end], t[start:end], temperature, kind, beta,
+                                   teacher_ids=cached[1][start:end])
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher_head(th[start:end])
+            k_sum, c_sum = kd_sums(logits, teacher_logits, t[start:end], temperature, kind, beta, vocab_size=vocab_size)
+        kd, ce = kd + k_sum, ce + c_sum
+    return kd, ce, mask.sum()

@@ -1,0 +1,304 @@
+"""Distill a large causal LM (the teacher) into a smaller one (the student): L = α·T²·KD + (1 − α)·CE.
+
+    tune run distill --config distill_ni [key=value ...]
+
+Steps: teacher tokenizer -> data (Natural-Instructions prompts, prompt masked, or a text corpus) ->
+frozen teacher (or its offline top-k cache) -> student (an HF directory, full / LoRA / QLoRA, or a fresh
+native preset) -> the shared engine with the KD loss -> student saved -> optional comparison on held-out
+instances against the teacher and the same student trained with CE only on the same data and steps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from recipes.finetune import NIDataSection
+from tune.adapters import LoraSection, QuantSection
+from tune.engine import TrainConfig
+
+
+@dataclass
+class TeacherSection:
+    model: str = "runs/full_ni/model"  # any local HF causal-LM directory; its tokenizer is the shared one
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    quant: Literal["none", "8bit", "4bit"] = "none"  # load the frozen teacher through bitsandbytes to save memory
+    cache: bool = False  # run the teacher once, store its top-k log-probs on disk, distill from there (NI data)
+    cache_dir: str = ".cache/teacher"
+    cache_top_k: int = 64  # 0: the whole vocabulary (then distilling from the cache equals the live teacher)
+
+
+@dataclass
+class StudentSection:
+    model: str | None = None  # an HF directory (our export or yours); or leave null and build `preset` fresh
+    preset: str | None = "tiny-gpt2"  # a native preset, sized by the overrides below, with the teacher's vocabulary
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    method: Literal["full", "lora", "qlora"] = "full"  # lora / qlora need student.model
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
+class KDSection:
+    alpha: float = 0.5  # weight of the distillation term; 0 is plain CE training, 1 is pure distillation
+    temperature: float = 1.0  # softens both distributions; the KD term is scaled by T² (Hinton et al., 2015)
+    #                           so its gradients keep the CE term's scale whatever T is
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # KL(teacher‖student), KL(student‖teacher), JSD
+    jsd_beta: float = 0.5  # jsd only: m = β·p_teacher + (1 − β)·p_student
+    chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
+
+
+@dataclass
+class DistillDataSection(NIDataSection):
+    kind: Literal["ni", "text"] = "ni"  # Natural-Instructions tasks (the fields above) or a plain text corpus
+    corpus: str | None = None  # text: .txt file(s) or a directory, tokenized with the teacher's tokenizer
+    block_size: int = 256  # text: window length
+    val_fraction: float = 0.1  # text
+
+
+@dataclass
+class CompareSection:
+    ce_only: bool = True  # also train the same student with CE only (α = 0) on the same data and steps
+    max_instances_per_task: int = 10  # held-out instances per task for ROUGE-L
+    max_new_tokens: int = 24
+    batch_size: int = 8
+
+
+@dataclass
+class DistillConfig:
+    recipe: Literal["distill"] = "distill"
+    output_dir: str = "runs/distill"
+    seed: int = 1337
+    overwrite: bool = False
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    kd: KDSection = field(default_factory=KDSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    qlora: QuantSection = field(default_factory=QuantSection)
+    data: DistillDataSection = field(default_factory=DistillDataSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareSection = field(default_factory=CompareSection)
+
+
+CONFIG_CLASS = DistillConfig
+
+
+def validate(cfg: DistillConfig) -> None:
+    """Cheap checks before any heavy work."""
+    from tune.errors import ConfigError
+    from tune.hf import check_model_dir
+
+    check_model_dir(cfg.teacher.model, "teacher.model")
+    s, kd = cfg.student, cfg.kd
+    if (s.model is None) == (s.preset is None):
+        raise ConfigError("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
+    if s.model is not None:
+        check_model_dir(s.model, "student.model")
+    elif s.method != "full":
+        raise ConfigError(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains fully")
+    if not 0 <= kd.alpha <= 1:
+        raise ConfigError(f"kd.alpha must be in [0, 1], got {kd.alpha}")
+    if not kd.temperature > 0:
+        raise ConfigError(f"kd.temperature must be > 0, got {kd.temperature}")
+    if not 0 < kd.jsd_beta < 1:
+        raise ConfigError(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
+    if cfg.teacher.cache_top_k < 0:
+        raise ConfigError(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
+    if cfg.data.kind == "text":
+        if not cfg.data.corpus or not Path(cfg.data.corpus).exists():
+            raise ConfigError(f"data.kind=text needs data.corpus (a .txt file or directory); got {cfg.data.corpus}")
+        if cfg.teacher.cache:
+            raise ConfigError("teacher.cache=true needs data.kind=ni: random text windows have no fixed context "
+                              "to cache the teacher on")
+    out = Path(cfg.output_dir).resolve()
+    for key, item in (("teacher.model", cfg.teacher.model), ("student.model", s.model)):
+        if item and Path(item).resolve() == out:
+            raise ConfigError(f"output_dir={cfg.output_dir} is also {key}; choose a separate output_dir")
+
+
+def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
+    """A fresh native GPT of the configured size, or the HF student (+ LoRA). Deterministic under the global seed."""
+    from tune.adapters import add_lora, load_base_model
+    from tune.hf import resolve_dtype
+    from tune.models.gpt import GPT, config_from_preset
+
+    s = cfg.student
+    if s.model is None:
+        return GPT(config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                                      block_size=s.block_size or block_size, vocab_size=vocab_size))
+    model = load_base_model(s.model, s.method, resolve_dtype(s.dtype), cfg.qlora, cfg.train.gradient_checkpointing)
+    return add_lora(model, cfg.lora) if s.method in ("lora", "qlora") else model
+
+
+def save_student(cfg: DistillConfig, model, tokenizer, out: Path) -> Path:
+    from tune.models.export import export_hf
+
+    if cfg.student.model is None:
+        return export_hf(model.cpu(), out, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run(cfg: DistillConfig):
+    from accelerate.utils import set_seed
+
+    from data_prep.packing import NIBatches
+    from recipes.finetune import build_ni_datasets, load_splits
+    from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
+                              load_teacher, load_teacher_cache)
+    from tune.engine import Engine, make_accelerator
+    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.losses import causal_lm_loss
+    from tune.recipe_utils import prepare_output_dir
+
+    validate(cfg)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    t, s, d = cfg.teacher, cfg.student, cfg.data
+    tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has no pad token: padding is masked
+    teacher_vocab = _embedding_rows(t.model)
+    if s.model is not None:  # before any training step: the two models must share the tokenizer
+        vocab_size = check_vocabularies(tokenizer, load_tokenizer(s.model, "student.model"), teacher_vocab,
+                                        _embedding_rows(s.model), t.model, s.model)
+    else:
+        vocab_size = check_vocabularies(tokenizer, tokenizer, teacher_vocab, len(tokenizer), t.model, "(new)")
+    splits = load_splits(cfg) if d.kind == "ni" else None
+    run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
+    set_seed(cfg.seed)
+
+    if d.kind == "ni":
+        train_set, val_set, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
+        train_examples, val_examples = list(train_set), list(val_set)
+        batch_args = (train_examples, val_examples, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
+        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+        plain_source = NIBatches(*batch_args, **batch_kwargs)
+        block_size = d.max_length
+    else:
+        plain_source, block_size = _text_source(cfg, accelerator), d.block_size
+
+    teacher = None
+    source = plain_source
+    if t.cache:
+        top_k = t.cache_top_k or vocab_size
+        key = cache_key(t.model, top_k, {"train": train_examples, "val": val_examples})
+        if not (Path(t.cache_dir) / key / "meta.json").is_file():
+            teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+        with accelerator.main_process_first():
+            cache = build_teacher_cache(t.model, teacher, {"train": train_examples, "val": val_examples}, t.cache_dir,
+                                        top_k, vocab_size, tokenizer.pad_token_id, log=say)
+        teacher = None  # distill from disk: the teacher is not kept in memory
+        source = CachedTeacherBatches(*batch_args, **batch_kwargs,
+                                      train_cache=load_teacher_cache(cache, "train", len(train_examples)),
+                                      val_cache=load_teacher_cache(cache, "val", len(val_examples)))
+    else:
+        teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+
+    student = make_student(cfg, vocab_size, block_size)
+    say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
+        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
+        + (" (from its top-k cache)" if t.cache else ""))
+    kd = cfg.kd
+    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, kd.jsd_beta, vocab_size, kd.chunk_size)
+    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say).fit()
+    if accelerator.is_main_process:
+        student.eval()
+        say(f"saved the student to {save_student(cfg, student, tokenizer, run_dir / 'student')}")
+
+    if cfg.compare.ce_only:
+        set_seed(cfg.seed)  # the same initial student
+        ce_student = make_student(cfg, vocab_size, block_size)
+        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, loss_fn=causal_lm_loss,
+                           accelerator=accelerator, log=say).fit()
+        if accelerator.is_main_process:
+            ce_student.eval()
+            save_student(cfg, ce_student, tokenizer, run_dir / "ce_only" / "student")
+            if teacher is None:
+                teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+            rows = compare(cfg, {"teacher": teacher, "KD student": student, "CE-only student": ce_student},
+                           plain_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
+                           accelerator.device)
+            rows["KD student"]["train_steps"] = result.step
+            rows["CE-only student"]["train_steps"] = ce_result.step
+            (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+            say(format_comparison(rows))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _embedding_rows(model_dir) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).vocab_size
+
+
+def _text_source(cfg: DistillConfig, accelerator):
+    from data_prep.text import prepare_text_corpus
+    from tune.data import TokenWindows
+
+    d = cfg.data
+    with accelerator.main_process_first():
+        data = prepare_text_corpus(d.corpus, d.cache_dir, tokenizer_path=cfg.teacher.model, val_fraction=d.val_fraction,
+                                   min_tokens=d.block_size + 1)
+    return TokenWindows(data.train_tokens(), data.val_tokens(), d.block_size, cfg.train.micro_batch_size,
+                        cfg.train.grad_accum_steps, cfg.seed)
+
+
+def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_cfg, vocab_size: int, device) -> dict:
+    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match."""
+    import torch
+
+    from recipes.finetune import _cap_per_task
+    from tune.distill import kd_loss_fn
+    from tune.evaluation import evaluate_tasks
+
+    measure = kd_loss_fn(models["teacher"], 1.0, 1.0, "forward_kl", 0.5, vocab_size, cfg.kd.chunk_size)
+    rows = {}
+    for name, model in models.items():
+        if not getattr(model, "is_quantized", False):  # bitsandbytes models stay where they were loaded
+            model.to(device)
+        model.eval()
+        kd = ce = n = 0.0
+        with torch.no_grad():
+            for batch in source.val_batches(0, 1, cfg.train.eval_batches):
+                _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
+                kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
+        rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
+        if splits is not None:
+            hf = _as_hf(model, tokenizer)
+            pairs = _cap_per_task(splits["heldout_instances"], cfg.compare.max_instances_per_task)
+            res = evaluate_tasks(hf, tokenizer, pairs, prompt_cfg, batch_size=cfg.compare.batch_size,
+                                 max_new_tokens=cfg.compare.max_new_tokens, device=device)
+            rows[name].update({"rougeL": res["overall"]["mean_over_instances"]["rougeL"],
+                               "exact_match": res["overall"]["mean_over_instances"]["exact_match"],
+                               "n_instances": res["n_instances"]})
+    return rows
+
+
+def _as_hf(model, tokenizer):
+    """HF generate() needs an HF model: a native student is exported to memory first."""
+    if not hasattr(model, "output_embeddings"):
+        return model
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from tune.models.export import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model.cpu(), tmp, tokenizer)
+        return AutoModelForCausalLM.from_pretrained(tmp).eval()
+
+
+def format_comparison(rows: dict) -> str:
+    keys = [("val_loss", "val loss"), ("kl_to_teacher", "KL(teacher‖model)"), ("rougeL", "ROUGE-L"),
+            ("exact_match", "EM")]
+    keys = [(k, label) for k, label in keys if any(k in r for r in rows.values())]
+    lines = [f"{'model':<16}" + "".join(f"{label:>20}" for _, label in keys)]
+    for name, row in rows.items():
+        lines.append(f"{name:<16}" + "".join(f"{row[k]:>20.4f}" if k in row else f"{'-':>20}" for k, _ in keys))
+    return "\n".join(["held-out comparison (same data and steps for both students):", *lines])

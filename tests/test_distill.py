@@ -1,0 +1,200 @@
+"""Distillation: the KD losses against hand-computed references, and recipes/distill.py end to end on CPU."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import NI_TASKS
+from tune.config import load_config
+from tune.errors import DataError
+from tune.losses import chunked_kd_sums, divergence, kd_sums
+
+TASKS = ["task363_sst2_polarity_classification", "task073_commonsenseqa_answer_generation"]
+
+
+# -- losses ------------------------------------------------------------------------------------------
+def softmax(xs, temperature):
+    exps = [math.exp(x / temperature) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def test_forward_kl_with_temperature_matches_hand_computation():
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([1, 2])
+    T = 2.0
+    expected_kl = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p, q = softmax(t_row, T), softmax(s_row, T)
+        expected_kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    expected_ce = sum(-math.log(softmax(row, 1.0)[y]) for row, y in zip(student.tolist(), targets.tolist()))
+    kd, ce = kd_sums(student, teacher, targets, T, "forward_kl", 0.5)
+    assert kd.item() == pytest.approx(expected_kl, rel=1e-6)
+    assert ce.item() == pytest.approx(expected_ce, rel=1e-6)
+
+    # reverse KL and JSD(beta) by hand for the first row
+    p, q = softmax(teacher[0].tolist(), T), softmax(student[0].tolist(), T)
+    s_logp, t_logp = F.log_softmax(student[:1] / T, -1), F.log_softmax(teacher[:1] / T, -1)
+    reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
+    assert divergence(s_logp, t_logp, "reverse_kl").item() == pytest.approx(reverse, rel=1e-6)
+    beta = 0.3
+    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+    jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
+        qi * math.log(qi / mi) for qi, mi in zip(q, m))
+    assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergence_is_zero_when_the_student_is_the_teacher(kind):
+    logits = torch.randn(7, 50)
+    kd, _ = kd_sums(logits, logits.clone(), torch.zeros(7, dtype=torch.long), 1.7, kind, 0.5)
+    assert abs(kd.item()) < 1e-5
+
+
+def test_chunked_equals_unchunked_and_skips_masked_positions():
+    torch.manual_seed(0)
+    student_head, teacher_head = nn.Linear(16, 40, bias=False), nn.Linear(24, 44, bias=False)  # padded teacher vocab
+    hidden, teacher_hidden = torch.randn(3, 10, 16, requires_grad=True), torch.randn(3, 10, 24)
+    targets = torch.randint(0, 40, (3, 10))
+    targets[:, :4] = -100
+    args = dict(temperature=2.0, kind="forward_kl", beta=0.5, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                vocab_size=40)
+    kd1, ce1, n1 = chunked_kd_sums(hidden, student_head, targets, chunk_size=1000, **args)
+    kd2, ce2, n2 = chunked_kd_sums(hidden, student_head, targets, chunk_size=5, **args)
+    assert n1 == n2 == 18
+    torch.testing.assert_close(kd1, kd2)
+    torch.testing.assert_close(ce1, ce2)
+    mask = targets != -100
+    ref_kd, ref_ce = kd_sums(student_head(hidden[mask]), teacher_head(teacher_hidden[mask]), targets[mask], 2.0,
+                             "forward_kl", 0.5, vocab_size=40)
+    torch.testing.assert_close(kd1, ref_kd)
+    torch.testing.assert_close(ce1, ref_ce)
+    g1 = torch.autograd.grad(kd1 + ce1, hidden)[0]
+    g2 = torch.autograd.grad(kd2 + ce2, hidden)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_cached_top_k_over_the_whole_vocabulary_equals_the_live_teacher():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(6, 30), torch.randn(6, 30)
+    targets = torch.randint(0, 30, (6,))
+    logp, ids = F.log_softmax(teacher, -1).topk(30, dim=-1)
+    live = kd_sums(student, teacher, targets, 1.5, "forward_kl", 0.5)
+    cached = kd_sums(student, logp, targets, 1.5, "forward_kl", 0.5, teacher_ids=ids)
+    torch.testing.assert_close(live[0], cached[0])
+    torch.testing.assert_close(live[1], cached[1])
+
+
+# -- recipe ------------------------------------------------------------------------------------------
+pytest_ni = pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not present (see README: Data)")
+
+
+def distill_config(tmp_path: Path, teacher: Path, name: str, **overrides):
+    from recipes.distill import DistillConfig
+
+    data = {
+        "output_dir": str(tmp_path / name), "teacher": {"model": str(teacher), "cache_dir": str(tmp_path / "tcache")},
+        "student": {"preset": "tiny-gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "kd": {"alpha": 0.5, "temperature": 2.0},
+        "data": {"train_tasks": [str(NI_TASKS / f"{t}.json") for t in TASKS], "max_train_instances_per_task": 24,
+                 "heldout_instances_per_task": 4, "max_length": 256, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 3e-3, "min_lr": 1e-4,
+                  "warmup_steps": 2, "eval_every": 4, "eval_batches": 4, "log_every": 1, "progress": False},
+        "compare": {"ce_only": False, "max_instances_per_task": 2, "max_new_tokens": 4},
+    }
+    return load_config(DistillConfig, data=data, overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+def history(run_dir: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+@pytest_ni
+def test_kl_to_the_teacher_falls_and_the_comparison_is_written(tmp_path, gpt2_base, capsys):
+    from recipes.distill import run
+    from transformers import AutoModelForCausalLM
+
+    result = run(distill_config(tmp_path, gpt2_base, "kd", **{"compare.ce_only": "true", "train.max_steps": 24}))
+    kl = history(result.run_dir, "val_kd")
+    assert len(kl) == 6 and kl[-1] < 0.75 * kl[0], kl  # KL at T=2, per token
+    assert history(result.run_dir, "kd") and history(result.run_dir, "ce")
+    rows = json.loads((result.run_dir / "comparison.json").read_text())
+    assert set(rows) == {"teacher", "KD student", "CE-only student"}
+    assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
+    assert rows["KD student"]["kl_to_teacher"] < rows["CE-only student"]["kl_to_teacher"]
+    assert all("rougeL" in r for r in rows.values())
+    assert "held-out comparison" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(result.run_dir / "student")  # a standard HF checkpoint
+
+
+@pytest_ni
+def test_alpha_zero_reproduces_plain_ce_finetuning_exactly(tmp_path, gpt2_base):
+    from recipes.distill import run as distill
+    from recipes.finetune import FinetuneConfig
+    from recipes.finetune import run as finetune
+
+    kd = distill(distill_config(tmp_path, gpt2_base, "kd", **{"kd.alpha": 0.0, "student.model": str(gpt2_base),
+                                                              "student.preset": "null"}))
+    cfg = load_config(FinetuneConfig, data={
+        "method": "full", "base_model": str(gpt2_base), "output_dir": str(tmp_path / "ft"),
+        "data": {"train_tasks": [str(NI_TASKS / f"{t}.json") for t in TASKS], "max_train_instances_per_task": 24,
+                 "heldout_instances_per_task": 4, "max_length": 256, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 3e-3, "min_lr": 1e-4,
+                  "warmup_steps": 2, "eval_every": 4, "eval_batches": 4, "log_every": 1, "progress": False},
+        "eval": {"enabled": False}})
+    ce = finetune(cfg)
+    assert history(kd.run_dir, "loss") == history(ce.run_dir, "loss")
+    assert history(kd.run_dir, "val_loss") == history(ce.run_dir, "val_loss")
+
+
+@pytest_ni
+def test_distilling_from_the_cache_equals_the_live_teacher(tmp_path, gpt2_base, capsys):
+    from recipes.distill import run
+
+    live = run(distill_config(tmp_path, gpt2_base, "live", **{"train.max_steps": 6}))
+    cached = run(distill_config(tmp_path, gpt2_base, "cached", **{"train.max_steps": 6, "teacher.cache": "true",
+                                                                  "teacher.cache_top_k": 0}))
+    assert history(cached.run_dir, "loss") == pytest.approx(history(live.run_dir, "loss"), rel=1e-5)
+    assert history(cached.run_dir, "val_kd") == pytest.approx(history(live.run_dir, "val_kd"), rel=1e-5)
+    again = run(distill_config(tmp_path, gpt2_base, "again", **{"train.max_steps": 2, "teacher.cache": "true",
+                                                                "teacher.cache_top_k": 0}))
+    assert "teacher cache: reusing" in capsys.readouterr().out
+    assert again.step == 2
+    top8 = run(distill_config(tmp_path, gpt2_base, "top8", **{"train.max_steps": 2, "teacher.cache": "true",
+                                                              "teacher.cache_top_k": 8}))
+    assert len(list((tmp_path / "tcache").iterdir())) == 2  # one entry per k
+    assert top8.step == 2
+
+
+@pytest_ni
+def test_padded_teacher_vocabulary_aligns_and_another_tokenizer_is_refused(tmp_path, gpt2_base, ni_texts):
+    import shutil
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import train_byte_bpe
+    from recipes.distill import run
+
+    padded = tmp_path / "padded_teacher"
+    model = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    model.resize_token_embeddings(model.config.vocab_size + 24)  # e.g. padded to a multiple of 64
+    model.save_pretrained(padded)
+    for f in gpt2_base.glob("tokenizer*"):
+        shutil.copy(f, padded / f.name)
+    result = run(distill_config(tmp_path, padded, "padded", **{"student.model": str(gpt2_base),
+                                                              "student.preset": "null", "train.max_steps": 2}))
+    assert result.step == 2
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(gpt2_base, other)
+    PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts[::-1], vocab_size=512), eos_token="<|endoftext|>",
+                            pad_token="<|pad|>").save_pretrained(other)
+    with pytest.raises(DataError, match="different tokenizers"):
+        run(distill_config(tmp_path, gpt2_base, "other", **{"student.model": str(other), "student.preset": "null"}))
+    assert not (tmp_path / "other").exists()  # refused before anything was written

@@ -1,0 +1,195 @@
+"""Knowledge distillation pieces: the frozen teacher, the tokenizer/vocabulary check, the offline top-k
+teacher cache and the α·T²·KD + (1 − α)·CE loss (tune/losses.py computes the divergences).
+
+Teacher cache: the teacher runs once over every tokenized example and stores, for each target position,
+its k most likely next tokens and their log-probs (temperature 1) as safetensors:
+
+    <cache_dir>/<key>/train.safetensors, val.safetensors   logprobs (N, k), ids (N, k) int32, offsets (n+1,) int64
+    <cache_dir>/<key>/meta.json                             teacher, k, example counts
+
+Example i owns rows offsets[i]:offsets[i+1], its target positions in order. The key hashes the teacher
+directory's config and weights' sizes/mtimes, k, and the token ids of every example, so a changed teacher or
+dataset never reuses a stale cache; the directory appears only once complete (written aside, then renamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from data_prep.packing import NIBatches, collate_padded
+from tune.errors import ConfigError, DataError, TuneError
+from tune.losses import chunked_kd_sums, hidden_and_head
+
+
+# -- teacher --------------------------------------------------------------------------------------
+def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
+    """The teacher as a frozen HF causal LM in eval mode: in `dtype`, or 8-bit / 4-bit (nf4) via bitsandbytes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tune.hf import check_model_dir
+
+    check_model_dir(path, "teacher.model")
+    kwargs = {"dtype": dtype}
+    if quant == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quant == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    elif quant != "none":
+        raise ConfigError(f"teacher.quant must be none, 8bit or 4bit, got {quant!r}")
+    if quant != "none" and torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    teacher.eval().requires_grad_(False)
+    if quant == "none" and device is not None:
+        teacher.to(device)
+    return teacher
+
+
+def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int,
+                       teacher_dir, student_dir) -> int:
+    """The number of token ids the two models are compared on, or a DataError before any training step.
+
+    Distillation matches next-token distributions id by id, so both models must share one tokenizer.
+    Their embedding tables may be padded to different sizes (e.g. 50257 vs 50304): they are aligned on
+    the tokenizer's ids, which both tables must cover.
+    """
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])
+        raise DataError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers ({len(t_vocab)} vs "
+                        f"{len(s_vocab)} tokens, first difference {differing[0]!r}); distillation compares the two "
+                        "models token id by token id, so the student must use the teacher's tokenizer (set "
+                        "student.tokenizer to the teacher directory when building the student)")
+    n = len(teacher_tokenizer)
+    for name, size, where in (("teacher", teacher_vocab, teacher_dir), ("student", student_vocab, student_dir)):
+        if size < n:
+            raise DataError(f"{name} {where} embeds {size} tokens but the shared tokenizer has {n}; "
+                            "it was not trained with this tokenizer")
+    return n
+
+
+def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta: float, vocab_size: int,
+               chunk_size: int = 4096):
+    """Engine loss: α·T²·D(teacher ‖ student) + (1 − α)·CE, summed over target tokens, with the KD and CE parts
+    logged. The teacher is live (`teacher` a model) or cached (`teacher` None: the batch carries its top-k)."""
+    scale = alpha * temperature ** 2
+
+    def loss_fn(model, batch):
+        hidden, head = hidden_and_head(model, batch)
+        if "teacher_logprobs" in batch:
+            kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
+                                        cached=(batch["teacher_logprobs"], batch["teacher_ids"]), chunk_size=chunk_size)
+        else:
+            if teacher is None:
+                raise TuneError("the batch has no cached teacher log-probs and no teacher was loaded")
+            with torch.no_grad():
+                teacher_hidden, teacher_head = hidden_and_head(teacher, batch)
+            kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
+                                        teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                                        vocab_size=vocab_size, chunk_size=chunk_size)
+        return scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()}
+
+    return loss_fn
+
+
+# -- offline cache --------------------------------------------------------------------------------
+def _teacher_fingerprint(teacher_dir) -> list:
+    files = sorted(Path(teacher_dir).glob("*.safetensors")) + sorted(Path(teacher_dir).glob("*.bin"))
+    config = (Path(teacher_dir) / "config.json").read_text(encoding="utf-8")
+    return [config, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
+def cache_key(teacher_dir, top_k: int, splits: dict[str, Sequence[dict]]) -> str:
+    h = hashlib.sha256(json.dumps([1, _teacher_fingerprint(teacher_dir), top_k]).encode())
+    for name in sorted(splits):
+        h.update(name.encode())
+        for ex in splits[name]:
+            h.update(json.dumps([list(ex["input_ids"]), list(ex["targets"])]).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def teacher_topk(teacher, examples: Sequence[dict], top_k: int, vocab_size: int, pad_id: int, batch_size: int = 8,
+                 device=None) -> dict[str, torch.Tensor]:
+    """Top-k log-probs (temperature 1, over the shared vocabulary) of the teacher at every target position."""
+    device = device or next(teacher.parameters()).device
+    logprobs, ids, offsets = [], [], [0]
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        batch = {k: v.to(device) for k, v in collate_padded(chunk, pad_id).items()}
+        hidden, head = hidden_and_head(teacher, batch)
+        for row, ex in enumerate(chunk):
+            mask = batch["targets"][row] != -100
+            logits = head(hidden[row][mask]).float()[:, :vocab_size]
+            values, indices = torch.log_softmax(logits, -1).topk(min(top_k, vocab_size), dim=-1)
+            logprobs.append(values.cpu())
+            ids.append(indices.to(torch.int32).cpu())
+            offsets.append(offsets[-1] + int(mask.sum()))
+    k = min(top_k, vocab_size)
+    return {"logprobs": torch.cat(logprobs) if logprobs else torch.zeros(0, k),
+            "ids": torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int32),
+            "offsets": torch.tensor(offsets, dtype=torch.int64)}
+
+
+def build_teacher_cache(teacher_dir, teacher, splits: dict[str, Sequence[dict]], cache_dir, top_k: int,
+                        vocab_size: int, pad_id: int, log=print) -> Path:
+    """Run the teacher once over every split and store its top-k; reuse a complete cache with the same key."""
+    from safetensors.torch import save_file
+
+    final = Path(cache_dir) / cache_key(teacher_dir, top_k, splits)
+    if (final / "meta.json").is_file():
+        log(f"teacher cache: reusing {final}")
+        return final
+    if teacher is None:
+        raise ConfigError(f"no complete teacher cache at {final} and no teacher to build it")
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, examples in splits.items():
+            log(f"teacher cache: running the teacher over {len(examples)} {name} examples (top-{top_k})")
+            save_file(teacher_topk(teacher, examples, top_k, vocab_size, pad_id), str(tmp / f"{name}.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"teacher": str(teacher_dir), "top_k": top_k, "vocab_size": vocab_size,
+                                                   "examples": {n: len(e) for n, e in splits.items()}}, indent=2))
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_teacher_cache(path, name: str, n_examples: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    data = load_file(str(Path(path) / f"{name}.safetensors"))
+    if len(data["offsets"]) != n_examples + 1:
+        raise DataError(f"{path}/{name}.safetensors holds {len(data['offsets']) - 1} examples, the data has "
+                        f"{n_examples}; delete the cache directory and run again")
+    return data
+
+
+class CachedTeacherBatches(NIBatches):
+    """NIBatches whose batches also carry the cached teacher top-k for their target positions (row-major order)."""
+
+    def __init__(self, *args, train_cache: dict, val_cache: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.caches = {id(self.train): train_cache, id(self.val): val_cache}
+
+    def _collate(self, examples: list[dict], units: list[list[int]]) -> dict:
+        batch = super()._collate(examples, units)
+        cache = self.caches[id(examples)]
+        order = [i for unit in units for i in unit]  # packing lays a unit's examples out in this order
+        rows = torch.cat([torch.arange(int(cache["offsets"][i]), int(cache["offsets"][i + 1])) for i in order])
+        if rows.numel() != int((batch["targets"] != -100).sum()):
+            raise DataError("teacher cache does not match the tokenized data (target counts differ); "
+                            "delete the cache directory and run again")
+        batch["teacher_logprobs"], batch["teacher_ids"] = cache["logprobs"][rows], cache["ids"][rows]
+        return batch
+
