@@ -1,0 +1,138 @@
+"""Distillation throughput and peak memory against training the student alone, in one run.
+
+Both sides train the same student (a native GPT) with the shared Engine on the same random-token
+batches (every position a target), each in a fresh process:
+
+  student alone   causal_lm_loss (CE)
+  distillation    α·T²·KL(teacher ‖ student) + (1 − α)·CE with a live frozen teacher (HF model, bf16 on GPU)
+
+The ratio distillation / student-alone is what a teacher forward pass costs (target ≥ 0.6×, see
+../shared/BENCHMARKS.md). Tokens/s counts student tokens.
+
+    python -m bench.bench_distill --size cpu        # teacher 6 x 256, student 2 x 128, seq 256 (2-core CPU: ~2 min)
+    python -m bench.bench_distill --size 1.1b-124m  # GPU: Llama 1.1B teacher -> GPT-2 124M student, seq 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import (PeakMemory, banner, fmt, intervals, isolated, preload_libraries, print_banner, print_table,
+                          step_stats, write_json)
+
+SIZES = {
+    "cpu": {"teacher": dict(kind="gpt2", n_layer=6, n_head=8, n_embd=256), "student": dict(preset="tiny-gpt2",
+            n_layer=2, n_head=4, n_embd=128), "vocab": 4096, "seq": 256, "batch": 8, "steps": 25, "warmup": 5},
+    "1.1b-124m": {"teacher": dict(kind="llama", n_layer=22, n_embd=2048, mlp=5632, n_head=32, n_kv_head=4),
+                  "student": dict(preset="gpt2-124m"), "vocab": 32000, "seq": 1024, "batch": 8, "steps": 40,
+                  "warmup": 10},
+}
+
+
+class RandomBatches:
+    """Fixed random-token batches, every position a target; timestamps each step's request."""
+
+    def __init__(self, vocab: int, seq: int, batch: int, steps: int):
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, vocab, (steps + 2, batch, seq + 1), generator=g)
+        self.stamps: list[float] = []
+
+    def _batch(self, i):
+        x = self.data[i]
+        return {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
+
+    def step_batches(self, step, rank, world):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return [self._batch(step - 1)]
+
+    def val_batches(self, rank, world, limit):
+        yield self._batch(len(self.data) - 1)
+
+
+def build_teacher(spec: dict, vocab: int, seq: int, out: Path):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if spec["kind"] == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=seq, n_layer=spec["n_layer"], n_head=spec["n_head"],
+                            n_embd=spec["n_embd"], bos_token_id=0, eos_token_id=0)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=spec["n_embd"], intermediate_size=spec["mlp"],
+                             num_hidden_layers=spec["n_layer"], num_attention_heads=spec["n_head"],
+                             num_key_value_heads=spec["n_kv_head"], max_position_embeddings=seq,
+                             bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+def train(size: dict, teacher_dir: str | None) -> dict:
+    """One side, in a fresh process: Engine + native student, with or without the live teacher."""
+    from tune.distill import kd_loss_fn, load_teacher
+    from tune.engine import Engine, TrainConfig
+    from tune.hf import resolve_dtype
+    from tune.losses import causal_lm_loss
+    from tune.models.gpt import GPT, config_from_preset
+
+    preload_libraries()
+    cuda = torch.cuda.is_available()
+    source = RandomBatches(size["vocab"], size["seq"], size["batch"], size["steps"])
+    cfg = TrainConfig(max_steps=size["steps"], micro_batch_size=size["batch"], lr=1e-3, warmup_steps=0, eval_every=0,
+                      eval_batches=1, log_every=10, mixed_precision="auto", progress=False)
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+        torch.manual_seed(0)
+        s = size["student"]
+        student = GPT(config_from_preset(s["preset"], vocab_size=size["vocab"], block_size=size["seq"],
+                                         **{k: v for k, v in s.items() if k != "preset"}))
+        loss_fn = causal_lm_loss
+        if teacher_dir:
+            device = torch.device("cuda" if cuda else "cpu")
+            teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
+            loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
+        Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None).fit()
+    return {"step_times": intervals(source.stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--json", help="write all numbers to this JSON file")
+    args = p.parse_args(argv)
+    size = dict(SIZES[args.size])
+    if args.steps:
+        size["steps"] = args.steps
+    print("Distillation vs the student alone")
+    print_banner(banner(), {"size": args.size, "teacher": size["teacher"], "student": size["student"],
+                            "tokens/step": f"{size['batch']} x {size['seq']}", "steps": size["steps"]})
+    tokens_per_step = size["batch"] * size["seq"]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_dir = str(build_teacher(size["teacher"], size["vocab"], size["seq"], Path(tmp) / "teacher"))
+        for name, teacher in (("student alone", None), ("distillation", teacher_dir)):
+            print(f"running {name} ...", flush=True)
+            r = isolated(train, size, teacher)
+            r.update(step_stats(r["step_times"], size["warmup"], tokens_per_step))
+            results[name] = r
+    alone, kd = results["student alone"], results["distillation"]
+    ratio = {"tokens_per_s": kd["tokens_per_s"] / alone["tokens_per_s"],
+             "peak_bytes": kd["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
+    rows = [[name, fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"), fmt(r["peak_bytes"] / 2**20, ",.0f")]
+            for name, r in results.items()]
+    rows.append(["distillation / alone", f"{ratio['tokens_per_s']:.2f}x", "", fmt(ratio["peak_bytes"], ".2f") + "x"])
+    print()
+    print_table(["workload", "student tokens/s", "step ms (median)", "peak MiB"], rows,
+                title=f"median over {alone['steady_steps']} steady steps; target: distillation >= 0.6x")
+    print(f"  peak memory: {alone['memory_method']}")
+    if args.json:
+        write_json(args.json, {"size": args.size, "settings": size, "results": results, "ratio": ratio})
+
+
+if __name__ == "__main__":
+    main()
