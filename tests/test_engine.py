@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 
@@ -148,3 +149,87 @@ def test_checkpoint_rotation_keeps_n(tmp_path):
     cfg = TrainConfig(max_steps=5, micro_batch_size=2, save_every=1, keep_checkpoints=2, eval_every=0, progress=False)
     Engine(cfg, tmp_path, model, source, log=lambda s: None).fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000005"]
+
+
+class _Payload:
+    """Unpickling this would create a marker file (stand-in for arbitrary code in a planted pickle)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path):
+    import pickle
+
+    from tune.errors import TuneError
+
+    _run(tmp_path, "run", 4, save_every=2)
+    latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "pwned"
+    with open(latest / "optimizer.pt", "wb") as f:
+        pickle.dump({"state": _Payload(marker)}, f)
+    with pytest.raises(TuneError, match="optimizer.pt: refusing to load"):
+        _run(tmp_path, "run", 6, resume=True)
+    assert not marker.exists()
+
+
+class PoisonedWindows(TokenWindows):
+    """Marks the batches of step `poison_at`; `poisoned_loss` turns their loss into NaN."""
+
+    poison_at = None
+
+    def step_batches(self, step, rank, world):
+        batches = super().step_batches(step, rank, world)
+        if step == self.poison_at:
+            batches = [{**b, "poison": torch.ones(())} for b in batches]
+        return batches
+
+
+def poisoned_loss(model, batch):
+    loss_sum, n = causal_lm_loss(model, batch)
+    return (loss_sum * float("nan"), n) if "poison" in batch else (loss_sum, n)
+
+
+def _poisoned_run(tmp_path, skip: bool):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 5000).astype(np.uint16)
+    torch.manual_seed(3)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16))
+    source = PoisonedWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
+    source.poison_at = 3
+    cfg = TrainConfig(max_steps=5, micro_batch_size=4, grad_accum_steps=2, warmup_steps=1, eval_every=0,
+                      eval_batches=1, log_every=1, save_every=2, skip_nonfinite_steps=skip, progress=False)
+    logs = []
+    engine = Engine(cfg, tmp_path / "run", model, source, loss_fn=poisoned_loss, log=logs.append)
+    return engine, model, logs
+
+
+def test_nan_loss_stops_before_the_update_naming_the_step(tmp_path):
+    from tune.errors import TuneError
+
+    engine, model, _ = _poisoned_run(tmp_path, skip=False)
+    snapshot = {}
+
+    original = engine._train_step
+
+    def remember(module, optimizer, step):
+        if step == 3:
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+        return original(module, optimizer, step)
+
+    engine._train_step = remember
+    with pytest.raises(TuneError, match="loss nan at step 3; the weights were not updated"):
+        engine.fit()
+    assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())  # no NaN update
+    assert engine.checkpointer.latest().name == "step_0000002"  # the last good checkpoint is kept
+
+
+def test_skip_nonfinite_steps_skips_the_bad_batch_and_finishes(tmp_path):
+    engine, model, logs = _poisoned_run(tmp_path, skip=True)
+    result = engine.fit()
+    assert result.step == 5 and engine.skipped_steps == 1
+    assert any("step 3: loss nan; batch skipped" in line for line in logs)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

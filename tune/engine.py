@@ -53,6 +53,7 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     gradient_checkpointing: bool = False
+    skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
     progress: bool = True
 
     def __post_init__(self):
@@ -194,16 +195,28 @@ class Checkpointer:
                             f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
                             "was it written by a different config?")
         model.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+        scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
         rng_file = path / f"rng_rank{accelerator.process_index}.pt"
         if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
+            rng = _load_plain(rng_file)
             torch.set_rng_state(rng["torch"])
             random.setstate((3, tuple(rng["python"]), None))
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((path / "state.json").read_text())
+
+
+def _load_plain(path: Path):
+    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TuneError(f"{path}: refusing to load it: it is not plain tensor data ({str(e).splitlines()[0][:160]}); "
+                        "checkpoint files are only read with torch.load(weights_only=True), so delete this "
+                        "checkpoint or restore it from a trusted copy") from None
 
 
 class MetricsLog:
@@ -278,6 +291,7 @@ class Engine:
             fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
+        self.skipped_steps = 0
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,9 +351,6 @@ class Engine:
                 window_tokens += tokens
                 total_tokens += tokens * acc.num_processes
                 last_loss = loss
-                if not math.isfinite(loss):
-                    raise TuneError(f"loss became {loss} at step {step}; the last good checkpoint is kept in "
-                                    f"{self.checkpointer.dir} (try a lower train.lr or train.grad_clip)")
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.time()
                     tok_s = window_tokens * acc.num_processes / max(now - window_start, 1e-9)
@@ -408,14 +419,23 @@ class Engine:
             acc.backward(loss)
             for name, value in _named_sums(out).items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
-        grad_norm = 0.0
-        if cfg.grad_clip > 0:
-            grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip))
-        optimizer.step()
-        self.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # the norm is always measured (an infinite max_norm clips nothing) so bad gradients are caught before the update
+        grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
         means = {name: acc.reduce(value, "sum").item() / max(global_targets, 1.0) for name, value in sums.items()}
-        return means.pop("loss"), sum(_input_tokens(b) for b in batches), grad_norm, means
+        loss_avg = means.pop("loss")
+        if not (math.isfinite(loss_avg) and math.isfinite(grad_norm)):
+            what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
+            if not cfg.skip_nonfinite_steps:
+                raise TuneError(f"{what} at step {step}; the weights were not updated and the last good checkpoint is "
+                                f"kept in {self.checkpointer.dir} (try a lower train.lr or train.grad_clip, or "
+                                "train.skip_nonfinite_steps=true to skip such batches)")
+            self.skipped_steps += 1
+            self.log_line(f"step {step}: {what}; batch skipped (no update), {self.skipped_steps} skipped so far")
+        else:
+            optimizer.step()
+        self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
+        optimizer.zero_grad(set_to_none=True)
+        return loss_avg, sum(_input_tokens(b) for b in batches), grad_norm, means
 
 
 def _named_sums(out) -> dict[str, torch.Tensor]:
