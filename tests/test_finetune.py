@@ -240,3 +240,12 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, gpt2_base, cas
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], errors
     assert not (tmp_path / "lora").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, gpt2_base):
+    from recipes.finetune import run
+
+    plain = run(finetune_config(tmp_path / "a", gpt2_base, "lora", **{"train.max_steps": 3}))
+    checkpointed = run(finetune_config(tmp_path / "b", gpt2_base, "lora", **{"train.max_steps": 3,
+                                                                            "train.gradient_checkpointing": "true"}))
+    assert train_losses(checkpointed.run_dir) == pytest.approx(train_losses(plain.run_dir), rel=1e-5)
