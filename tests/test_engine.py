@@ -233,3 +233,17 @@ def test_skip_nonfinite_steps_skips_the_bad_batch_and_finishes(tmp_path):
     assert result.step == 5 and engine.skipped_steps == 1
     assert any("step 3: loss nan; batch skipped" in line for line in logs)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_out_of_memory_says_what_to_try(tmp_path):
+    from tune.errors import TuneError
+
+    engine, _, _ = _poisoned_run(tmp_path, skip=False)
+
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    engine.module.loss_fn = oom
+    with pytest.raises(TuneError, match=r"out of memory at step 1 .*train.micro_batch_size=2 train.grad_accum_steps=4"
+                                        r".*gradient_checkpointing=true"):
+        engine.fit()

@@ -384,6 +384,8 @@ class Engine:
             self.log_line(f"interrupted at step {step}: saving a checkpoint")
             self._save(step, elapsed_before + time.time() - start_time)
             raise
+        except torch.OutOfMemoryError:
+            raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
             if progress is not None:
                 progress.close()
@@ -436,6 +438,19 @@ class Engine:
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
         return loss_avg, sum(_input_tokens(b) for b in batches), grad_norm, means
+
+
+def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
+    """What to try, for this run's settings, when the device runs out of memory."""
+    tips = []
+    if cfg.micro_batch_size > 1:
+        tips.append(f"train.micro_batch_size={max(1, cfg.micro_batch_size // 2)} "
+                    f"train.grad_accum_steps={cfg.grad_accum_steps * 2} (same global batch)")
+    if not cfg.gradient_checkpointing:
+        tips.append("train.gradient_checkpointing=true")
+    tips += ["method=qlora (fine-tuning) or a 4-bit teacher (teacher.quant=4bit)", "a shorter data.max_length / block_size"]
+    return (f"out of memory at step {step} with train.micro_batch_size={cfg.micro_batch_size}; the last checkpoint is "
+            "kept (train.resume=true continues from it). Try: " + "; ".join(tips))
 
 
 def _named_sums(out) -> dict[str, torch.Tensor]:
