@@ -96,6 +96,8 @@ def _instances(path: Path, obj: dict) -> list[NIInstance]:
     items = obj["Instances"]
     if not isinstance(items, list):
         raise DataError(f"{path}: field 'Instances' must be a list of objects, got {type(items).__name__}")
+    if not items:
+        raise DataError(f"{path}: field 'Instances' is empty; a task needs at least one instance")
     out = []
     for i, inst in enumerate(items):
         if not isinstance(inst, dict):
@@ -131,6 +133,8 @@ def load_task(path: PathLike) -> NITask:
         definition = [definition]
     if not isinstance(definition, list) or not definition or not all(isinstance(d, str) for d in definition):
         raise DataError(f"{path}: field 'Definition' must be a string or a non-empty list of strings; fix the task header")
+    if not definition[0].strip():
+        raise DataError(f"{path}: field 'Definition' is empty; write the task's instruction there")
     return NITask(
         name=path.stem,
         path=path,
