@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 import os
 
@@ -87,3 +89,43 @@ def gpt2_base(tmp_path_factory, ni_texts) -> Path:
         "sample": {"max_new_tokens": 8}})
     run(cfg)
     return tmp / "run" / "hf"
+
+
+# -- tiny subprocess runs of every recipe (crash/resume and multi-process tests) -----------------------
+TRAIN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=3", "train.eval_batches=2", "train.log_every=1",
+         "train.progress=false", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def recipe_configs(tmp_path_factory, gpt2_base) -> dict[str, tuple[str, list[str]]]:
+    """recipe -> (config name, overrides): tiny runs of each recipe on real data."""
+    tmp = tmp_path_factory.mktemp("crash_data")
+    corpus = tmp / "shakespeare.txt"
+    corpus.write_text((SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:60_000])
+    ni = [f"data.train_tasks=[{NI_TASKS / 'task363_sst2_polarity_classification.json'}]",
+          "data.max_train_instances_per_task=24", "data.heldout_instances_per_task=4", "data.max_length=256",
+          f"data.cache_dir={tmp / 'ni_cache'}"]
+    return {
+        "pretrain": ("demo", [f"data.corpus={corpus}", "data.tokenizer=char", f"data.cache_dir={tmp / 'text_cache'}",
+                              "model.preset=tiny-gpt2", "model.block_size=32", "sample.max_new_tokens=4",
+                              "export=false"]),
+        "finetune": ("lora_ni", [f"base_model={gpt2_base}", "lora.r=4", "eval.enabled=false", *ni]),
+        "distill": ("distill_ni", [f"teacher.model={gpt2_base}", "student.n_layer=1", "student.n_embd=32",
+                                   "student.n_head=2", "compare.ce_only=false", *ni]),
+    }
+
+
+def tune_run(recipe, config, overrides, output_dir, kill_at=None, nproc=1):
+    """`tune run` in a subprocess (one torch thread per process), with the tiny TRAIN settings."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TUNE_KILL_AT", None)
+    if kill_at:
+        env["TUNE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "tune.cli", "run", recipe, "--config", config, "--nproc", str(nproc),
+                           *TRAIN, *overrides, f"output_dir={output_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir: Path) -> tuple[list, list]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return ([(r["step"], r["loss"]) for r in rows if "loss" in r],
+            [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,9 +147,28 @@ class Checkpointer:
         return path if (path / "state.json").is_file() else None
 
     def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+        """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`."""
+        final = self.dir / f"step_{state['step']:07d}"
+        # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
+        # between the rename and the pointer update): training is deterministic, so it holds this very
+        # state; keep it rather than delete what `latest` may name.
+        if not (final / "state.json").is_file():
+            self._write(accelerator, model, optimizer, scheduler, state, final)
+        if accelerator.is_main_process:
+            pointer_tmp = self.dir / ".latest.tmp"
+            with open(pointer_tmp, "w") as fh:
+                fh.write(final.name)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(pointer_tmp, self.dir / "latest")
+            _fsync_dir(self.dir)
+            self._rotate(final)
+        accelerator.wait_for_everyone()
+        return final
+
+    def _write(self, accelerator, model, optimizer, scheduler, state: dict, final: Path):
         from safetensors.torch import save_file
 
-        final = self.dir / f"step_{state['step']:07d}"
         tmp = self.dir / f".tmp-{final.name}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -161,6 +181,7 @@ class Checkpointer:
         torch.save(rng, tmp / f"rng_rank{rank}.pt")
         if accelerator.is_main_process:
             save_file(trainable_state(model), tmp / "model.safetensors")
+            fault_point("checkpoint", state["step"])
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -169,14 +190,9 @@ class Checkpointer:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete leftover (no state.json)
             os.replace(tmp, final)
-            pointer_tmp = self.dir / ".latest.tmp"
-            pointer_tmp.write_text(final.name)
-            os.replace(pointer_tmp, self.dir / "latest")
-            self._rotate(final)
-        accelerator.wait_for_everyone()
-        return final
+            fault_point("pointer", state["step"])
 
     def _rotate(self, newest: Path):
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
@@ -243,7 +259,13 @@ class MetricsLog:
     def rows(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a killed process
+                continue
+        return rows
 
     def log(self, row: dict):
         if not self.enabled:
@@ -292,6 +314,7 @@ class Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         self.skipped_steps = 0
+        self._eval_step = 0
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,10 +330,17 @@ class Engine:
                 out = module(batch)
             for name, value in _named_sums(out).items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
+            fault_point("eval", self._eval_step)
             n_tokens += out[1].double()
         module.train()
         n_tokens = acc.reduce(n_tokens, "sum").clamp(min=1)
-        means = {name: (acc.reduce(value, "sum") / n_tokens).item() for name, value in sums.items()}
+        names = {"loss", *sums}
+        if acc.num_processes > 1:  # a rank may have had no validation batch: agree on the names to reduce
+            from accelerate.utils import gather_object
+
+            names = set().union(*gather_object([sorted(names)]))
+        zero = torch.zeros((), device=acc.device, dtype=torch.float64)
+        means = {name: (acc.reduce(sums.get(name, zero), "sum") / n_tokens).item() for name in sorted(names)}
         return means.pop("loss"), means
 
     # -- training -------------------------------------------------------------------------------
@@ -364,6 +394,7 @@ class Engine:
                         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                 is_last = step == cfg.max_steps
                 if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+                    self._eval_step = step
                     last_val, val_extras = self.evaluate(module)
                     row = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
                            **{f"val_{k}": v for k, v in val_extras.items()},
@@ -419,6 +450,7 @@ class Engine:
                 # DDP averages gradients over ranks, so scale back up by the world size
                 loss = out[0] * acc.num_processes / max(global_targets, 1.0)
             acc.backward(loss)
+            fault_point("step", step)
             for name, value in _named_sums(out).items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
         # the norm is always measured (an infinite max_norm clips nothing) so bad gradients are caught before the update
@@ -451,6 +483,21 @@ def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
     tips += ["method=qlora (fine-tuning) or a 4-bit teacher (teacher.quant=4bit)", "a shorter data.max_length / block_size"]
     return (f"out of memory at step {step} with train.micro_batch_size={cfg.micro_batch_size}; the last checkpoint is "
             "kept (train.resume=true continues from it). Try: " + "; ".join(tips))
+
+
+def fault_point(name: str, step: int):
+    """Crash-safety test hook: with TUNE_KILL_AT=name:step in the environment, the process SIGKILLs itself
+    here (names: step, eval, checkpoint, pointer). Does nothing otherwise."""
+    if os.environ.get("TUNE_KILL_AT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _named_sums(out) -> dict[str, torch.Tensor]:

@@ -1,0 +1,47 @@
+"""Crash safety: training processes killed with SIGKILL at many points, then resumed, for pretrain, LoRA
+fine-tune and distill. Every resumed run must reproduce the uninterrupted run's losses step for step.
+
+Kill points are set through TUNE_KILL_AT=name:step (tune.engine.fault_point): `step` (inside a step,
+after a backward), `eval` (inside the validation pass), `checkpoint` (mid-write: weights written,
+optimizer not yet) and `pointer` (checkpoint renamed into place, `latest` not yet moved). Runs save
+every 2 steps and evaluate every 3, over 8 steps. The default run tries one kill point per recipe;
+`pytest -m slow` tries them all (KILL_POINTS below: 24 in all).
+"""
+
+import signal
+
+import pytest
+
+from conftest import NI_TASKS, losses, tune_run
+
+pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
+
+ALL_POINTS = ["step:3", "step:5", "eval:3", "eval:6", "checkpoint:2", "checkpoint:4", "pointer:4", "step:8"]
+DEFAULT_POINTS = {"pretrain": "checkpoint:4", "finetune": "step:5", "distill": "eval:6"}
+KILL_POINTS = [pytest.param(recipe, point, marks=[] if DEFAULT_POINTS[recipe] == point else [pytest.mark.slow])
+               for recipe in ("pretrain", "finetune", "distill") for point in ALL_POINTS]
+_references: dict[str, tuple] = {}
+
+
+def reference(recipe, configs, tmp_path_factory):
+    """The uninterrupted run's losses, once per recipe."""
+    if recipe not in _references:
+        out = tmp_path_factory.mktemp(f"ref_{recipe}") / "run"
+        done = tune_run(recipe, *configs[recipe], out)
+        assert done.returncode == 0, done.stderr[-2000:]
+        _references[recipe] = losses(out)
+    return _references[recipe]
+
+
+@pytest.mark.parametrize("recipe,point", KILL_POINTS)
+def test_killed_run_resumes_to_the_same_losses(recipe, point, recipe_configs, tmp_path, tmp_path_factory):
+    configs = recipe_configs
+    expected = reference(recipe, configs, tmp_path_factory)
+    out = tmp_path / "run"
+    killed = tune_run(recipe, *configs[recipe], out, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-2000:]}"
+    config, overrides = configs[recipe]
+    resumed = tune_run(recipe, config, [*overrides, "train.resume=true"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == expected
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
