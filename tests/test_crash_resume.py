@@ -45,3 +45,19 @@ def test_killed_run_resumes_to_the_same_losses(recipe, point, recipe_configs, tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(out) == expected
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(recipe_configs, tmp_path, tmp_path_factory, monkeypatch):
+    expected = reference("finetune", recipe_configs, tmp_path_factory)
+    config, overrides = recipe_configs["finetune"]
+    out = tmp_path / "run"
+    monkeypatch.setenv("TUNE_KILL_SIGNAL", "INT")
+    interrupted = tune_run("finetune", config, overrides, out, kill_at="step:6")  # Ctrl-C inside step 6
+    monkeypatch.delenv("TUNE_KILL_SIGNAL")
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert "interrupted at step 5: saving a checkpoint" in interrupted.stdout + interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    resumed = tune_run("finetune", config, [*overrides, "train.resume=true"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == expected

@@ -146,14 +146,14 @@ class Checkpointer:
         path = self.dir / pointer.read_text().strip()
         return path if (path / "state.json").is_file() else None
 
-    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict) -> Path:
+    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict, rng: dict | None = None) -> Path:
         """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`."""
         final = self.dir / f"step_{state['step']:07d}"
         # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
         # between the rename and the pointer update): training is deterministic, so it holds this very
         # state; keep it rather than delete what `latest` may name.
         if not (final / "state.json").is_file():
-            self._write(accelerator, model, optimizer, scheduler, state, final)
+            self._write(accelerator, model, optimizer, scheduler, state, final, rng)
         if accelerator.is_main_process:
             pointer_tmp = self.dir / ".latest.tmp"
             with open(pointer_tmp, "w") as fh:
@@ -166,7 +166,7 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         return final
 
-    def _write(self, accelerator, model, optimizer, scheduler, state: dict, final: Path):
+    def _write(self, accelerator, model, optimizer, scheduler, state: dict, final: Path, rng: dict | None):
         from safetensors.torch import save_file
 
         tmp = self.dir / f".tmp-{final.name}"
@@ -175,10 +175,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         rank = accelerator.process_index
-        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{rank}.pt")
         if accelerator.is_main_process:
             save_file(trainable_state(model), tmp / "model.safetensors")
             fault_point("checkpoint", state["step"])
@@ -374,10 +371,13 @@ class Engine:
         last_loss = last_val = None
         window_tokens, window_start = 0, time.time()
         total_tokens = history[-1].get("tokens", 0) if history else 0
+        step_start_rng = None
         try:
             while step < cfg.max_steps:
+                step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
                 loss, tokens, grad_norm, extras = self._train_step(module, optimizer, step + 1)
                 step += 1
+                step_start_rng = None  # the step completed: the current RNG state is the one to save
                 window_tokens += tokens
                 total_tokens += tokens * acc.num_processes
                 last_loss = loss
@@ -413,7 +413,7 @@ class Engine:
                     break
         except KeyboardInterrupt:
             self.log_line(f"interrupted at step {step}: saving a checkpoint")
-            self._save(step, elapsed_before + time.time() - start_time)
+            self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
             raise
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
@@ -427,11 +427,11 @@ class Engine:
             write_report(metrics.rows(), self.run_dir / "report.png")
         return FitResult(step, last_loss, last_val, self.run_dir, history)
 
-    def _save(self, step: int, elapsed: float):
+    def _save(self, step: int, elapsed: float, rng: dict | None = None):
         if step == 0:
             return
         self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler,
-                               {"step": step, "elapsed_s": elapsed, "world_size": self.accelerator.num_processes})
+                               {"step": step, "elapsed_s": elapsed, "world_size": self.accelerator.num_processes}, rng)
 
     def _train_step(self, module, optimizer, step: int) -> tuple[float, int, float, dict[str, float]]:
         cfg, acc = self.cfg, self.accelerator
@@ -485,11 +485,20 @@ def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
             "kept (train.resume=true continues from it). Try: " + "; ".join(tips))
 
 
+def rng_state() -> dict:
+    """This process's RNG states (dropout masks come from them), as checkpoints store them."""
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
 def fault_point(name: str, step: int):
     """Crash-safety test hook: with TUNE_KILL_AT=name:step in the environment, the process SIGKILLs itself
-    here (names: step, eval, checkpoint, pointer). Does nothing otherwise."""
+    here (names: step, eval, checkpoint, pointer); TUNE_KILL_SIGNAL=INT sends Ctrl-C's signal instead.
+    Does nothing otherwise."""
     if os.environ.get("TUNE_KILL_AT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if os.environ.get("TUNE_KILL_SIGNAL") == "INT" else signal.SIGKILL)
 
 
 def _fsync_dir(path: Path):
