@@ -42,7 +42,7 @@ def test_pretrain_shakespeare_val_loss_falls_and_exports(tmp_path, shakespeare_s
     # continued pretraining from the export
     cont = _cfg(tmp_path, shakespeare_slice, f"output_dir={tmp_path / 'cont'}", f"model.init_from={run_dir / 'hf'}",
                 f"data.tokenizer_path={run_dir / 'hf'}", "model.n_layer=null", "model.n_embd=null",
-                "model.n_head=null", "train.max_steps=20", "train.eval_every=0")
+                "model.n_head=null", "model.n_kv_head=null", "train.max_steps=20", "train.eval_every=0")
     again = run(cont)
     first_val = [r["val_loss"] for r in again.history if "val_loss" in r][0]
     assert first_val < vals[0]  # starts from the trained weights, not from scratch
@@ -94,7 +94,7 @@ def test_block_size_larger_than_position_table(tmp_path, shakespeare_slice):
     export_hf(GPT(config_from_preset("tiny-gpt2", block_size=32, vocab_size=100)), tmp_path / "small_hf")
     with pytest.raises(ConfigError, match="block_size=64 is larger than the position table \\(32\\)"):
         run(_cfg(tmp_path, shakespeare_slice, f"model.init_from={tmp_path / 'small_hf'}", "model.block_size=64",
-                 "model.n_layer=null", "model.n_embd=null", "model.n_head=null"))
+                 "model.n_layer=null", "model.n_embd=null", "model.n_head=null", "model.n_kv_head=null"))
 
 
 def test_errors_are_one_line(tmp_path):
