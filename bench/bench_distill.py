@@ -3,8 +3,10 @@
 Both sides train the same student (a native GPT) with the shared Engine on the same random-token
 batches (every position a target), each in a fresh process:
 
-  student alone   causal_lm_loss (CE)
-  distillation    α·T²·KL(teacher ‖ student) + (1 − α)·CE with a live frozen teacher (HF model, bf16 on GPU)
+  student alone          causal_lm_loss (CE)
+  distillation, live     α·T²·KL(teacher ‖ student) + (1 − α)·CE with a live frozen teacher (HF model, bf16 on GPU)
+  distillation, cached   the same loss against the teacher's top-64 log-probs, computed once beforehand
+                         (teacher.cache=true; the one-time teacher pass is timed separately)
 
 The ratio distillation / student-alone is what a teacher forward pass costs (target ≥ 0.6×, see
 ../shared/BENCHMARKS.md). Tokens/s counts student tokens.
@@ -72,8 +74,47 @@ def build_teacher(spec: dict, vocab: int, seq: int, out: Path):
     return out
 
 
-def train(size: dict, teacher_dir: str | None) -> dict:
-    """One side, in a fresh process: Engine + native student, with or without the live teacher."""
+class CachedBatches:
+    """The same batches, carrying the teacher's cached top-k for every position (tune.distill.CachedTeacherBatches)."""
+
+    def __init__(self, source: RandomBatches, cache: dict):
+        self.source, self.cache = source, cache
+        self.stamps = source.stamps
+
+    def _attach(self, batch, index):
+        n = batch["targets"].numel()
+        rows = slice(index * n, (index + 1) * n)
+        return {**batch, "teacher_logprobs": self.cache["logprobs"][rows], "teacher_ids": self.cache["ids"][rows]}
+
+    def step_batches(self, step, rank, world):
+        return [self._attach(b, step - 1) for b in self.source.step_batches(step, rank, world)]
+
+    def val_batches(self, rank, world, limit):
+        for b in self.source.val_batches(rank, world, limit):
+            yield self._attach(b, len(self.source.data) - 1)
+
+
+def teacher_cache(size: dict, teacher_dir: str, out: str, top_k: int = 64) -> float:
+    """Write the teacher's top-k log-probs for every batch position to `out` (safetensors, as
+    tune.distill.build_teacher_cache stores them); returns the seconds the teacher pass took."""
+    from safetensors.torch import save_file
+
+    from tune.distill import load_teacher, teacher_topk
+    from tune.hf import resolve_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
+    source = RandomBatches(size["vocab"], size["seq"], size["batch"], size["steps"])
+    examples = [{"input_ids": x[:-1].tolist(), "targets": x[1:].tolist()} for batch in source.data for x in batch]
+    start = time.perf_counter()
+    cache = teacher_topk(teacher, examples, top_k, size["vocab"], pad_id=0, batch_size=size["batch"], device=device)
+    seconds = time.perf_counter() - start
+    save_file({"logprobs": cache["logprobs"], "ids": cache["ids"]}, out)
+    return seconds
+
+
+def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) -> dict:
+    """One side, in a fresh process: Engine + native student, alone, with the live teacher, or from the cache."""
     from tune.distill import kd_loss_fn, load_teacher
     from tune.engine import Engine, TrainConfig
     from tune.hf import resolve_dtype
@@ -91,7 +132,12 @@ def train(size: dict, teacher_dir: str | None) -> dict:
         student = GPT(config_from_preset(s["preset"], vocab_size=size["vocab"], block_size=size["seq"],
                                          **{k: v for k, v in s.items() if k != "preset"}))
         loss_fn = causal_lm_loss
-        if teacher_dir:
+        if cache_file is not None:
+            from safetensors.torch import load_file
+
+            source = CachedBatches(source, load_file(cache_file))
+            loss_fn = kd_loss_fn(None, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
+        elif teacher_dir:
             device = torch.device("cuda" if cuda else "cpu")
             teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
             loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
@@ -115,23 +161,34 @@ def main(argv=None):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = str(build_teacher(size["teacher"], size["vocab"], size["seq"], Path(tmp) / "teacher"))
-        for name, teacher in (("student alone", None), ("distillation", teacher_dir)):
+        print("building the teacher cache (top-64) ...", flush=True)
+        cache_file = str(Path(tmp) / "teacher_top64.safetensors")
+        cache_seconds = isolated(teacher_cache, size, teacher_dir, cache_file)
+        for name, teacher, cached in (("student alone", None, None), ("distillation, live", teacher_dir, None),
+                                      ("distillation, cached", None, cache_file)):
             print(f"running {name} ...", flush=True)
-            r = isolated(train, size, teacher)
+            r = isolated(train, size, teacher, cached)
             r.update(step_stats(r["step_times"], size["warmup"], tokens_per_step))
             results[name] = r
-    alone, kd = results["student alone"], results["distillation"]
-    ratio = {"tokens_per_s": kd["tokens_per_s"] / alone["tokens_per_s"],
-             "peak_bytes": kd["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
-    rows = [[name, fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"), fmt(r["peak_bytes"] / 2**20, ",.0f")]
-            for name, r in results.items()]
-    rows.append(["distillation / alone", f"{ratio['tokens_per_s']:.2f}x", "", fmt(ratio["peak_bytes"], ".2f") + "x"])
+    alone = results["student alone"]
+    ratio = {name: {"tokens_per_s": r["tokens_per_s"] / alone["tokens_per_s"],
+                    "peak_bytes": r["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
+             for name, r in results.items() if name != "student alone"}
+    rows = []
+    for name, r in results.items():
+        q = ratio.get(name)
+        rows.append([name, fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"),
+                     fmt(r["peak_bytes"] / 2**20, ",.0f"), f"{q['tokens_per_s']:.2f}x" if q else "",
+                     fmt(q and q["peak_bytes"], ".2f") + "x" if q else ""])
     print()
-    print_table(["workload", "student tokens/s", "step ms (median)", "peak MiB"], rows,
-                title=f"median over {alone['steady_steps']} steady steps; target: distillation >= 0.6x")
+    print_table(["workload", "student tokens/s", "step ms (median)", "peak MiB", "tok/s vs alone", "mem vs alone"],
+                rows, title=f"median over {alone['steady_steps']} steady steps; target: distillation >= 0.6x")
+    print(f"  teacher cache: one pass over {size['steps'] + 2} batches took {cache_seconds:.1f} s "
+          f"({(size['steps'] + 2) * tokens_per_step / cache_seconds:,.0f} tokens/s), not included above")
     print(f"  peak memory: {alone['memory_method']}")
     if args.json:
-        write_json(args.json, {"size": args.size, "settings": size, "results": results, "ratio": ratio})
+        write_json(args.json, {"size": args.size, "settings": size, "results": results, "ratio": ratio,
+                               "cache_seconds": cache_seconds})
 
 
 if __name__ == "__main__":
