@@ -249,3 +249,24 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, gpt2_base):
     checkpointed = run(finetune_config(tmp_path / "b", gpt2_base, "lora", **{"train.max_steps": 3,
                                                                             "train.gradient_checkpointing": "true"}))
     assert train_losses(checkpointed.run_dir) == pytest.approx(train_losses(plain.run_dir), rel=1e-5)
+
+
+def test_users_qwen2_checkpoint_whose_tokenizer_has_no_pad_token(tmp_path, gpt2_base):
+    """A user's own HF directory (here a tiny Qwen2 layout) with a GPT-2-style tokenizer: pad_token=<eos>."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from recipes.finetune import run
+
+    user = tmp_path / "my_qwen2"
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(user)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id)).save_pretrained(user)
+    result = run(finetune_config(tmp_path, user, "lora", pad_token="<|endoftext|>", **{"train.max_steps": 4}))
+    assert result.step == 4
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(user), result.run_dir / "adapter")
+    assert adapted.base_model.model.config.model_type == "qwen2"
