@@ -201,7 +201,8 @@ def test_padded_teacher_vocabulary_aligns_and_another_tokenizer_is_refused(tmp_p
 
 
 @pytest_ni
-def test_text_corpus_with_a_4bit_teacher_into_a_lora_student(tmp_path, gpt2_base, ni_texts):
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_text_corpus_with_a_quantized_teacher_into_a_lora_student(tmp_path, gpt2_base, ni_texts, quant):
     from peft import PeftModel
     from recipes.distill import run
     from transformers import AutoModelForCausalLM
@@ -209,7 +210,7 @@ def test_text_corpus_with_a_4bit_teacher_into_a_lora_student(tmp_path, gpt2_base
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(ni_texts[:400]), encoding="utf-8")
     result = run(distill_config(tmp_path, gpt2_base, "text", **{
-        "teacher.quant": "4bit", "student.model": str(gpt2_base), "student.preset": "null", "student.method": "lora",
+        "teacher.quant": quant, "student.model": str(gpt2_base), "student.preset": "null", "student.method": "lora",
         "data.kind": "text", "data.corpus": str(corpus), "data.block_size": 64, "train.max_steps": 4,
         "train.eval_every": 2}))
     assert result.step == 4 and len(history(result.run_dir, "val_kd")) == 2
