@@ -204,8 +204,13 @@ def run(cfg: DistillConfig):
         + (" (from its top-k cache)" if t.cache else ""))
     kd = cfg.kd
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, kd.jsd_beta, vocab_size, kd.chunk_size)
-    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say).fit()
+    def rebuild():
+        return make_student(cfg, vocab_size, block_size)
+
+    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=rebuild).fit()
     if accelerator.is_main_process:
+        student = result.model  # unsharded (the same module unless FSDP trained it)
         student.eval()
         say(f"saved the student to {save_student(cfg, student, tokenizer, run_dir / 'student')}")
 
@@ -213,8 +218,9 @@ def run(cfg: DistillConfig):
         set_seed(cfg.seed)  # the same initial student
         ce_student = make_student(cfg, vocab_size, block_size)
         ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, loss_fn=causal_lm_loss,
-                           accelerator=accelerator, log=say).fit()
+                           accelerator=accelerator, log=say, rebuild=rebuild).fit()
         if accelerator.is_main_process:
+            ce_student = ce_result.model
             ce_student.eval()
             save_student(cfg, ce_student, tokenizer, run_dir / "ce_only" / "student")
             if teacher is None:

@@ -162,9 +162,12 @@ def run(cfg: FinetuneConfig):
     train_set, val_set, prompt_cfg = build_ni_datasets(cfg.data, splits, tokenizer, accelerator, say)
 
     weights_dtype = resolve_dtype(cfg.dtype)
-    model = load_base_model(cfg.base_model, cfg.method, weights_dtype, cfg.qlora, cfg.train.gradient_checkpointing)
-    if cfg.method in ("lora", "qlora"):
-        model = add_lora(model, cfg.lora)
+
+    def build_model():
+        base = load_base_model(cfg.base_model, cfg.method, weights_dtype, cfg.qlora, cfg.train.gradient_checkpointing)
+        return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
+
+    model = build_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -172,9 +175,10 @@ def run(cfg: FinetuneConfig):
     d = cfg.data
     source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
-    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say).fit()
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=build_model).fit()
 
     if accelerator.is_main_process:
+        model = result.model  # unsharded (the same module unless FSDP trained it)
         model.eval()
         if cfg.method == "full":
             out = run_dir / "model"

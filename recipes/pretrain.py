@@ -145,15 +145,18 @@ def run(cfg: PretrainConfig):
         if model.config.vocab_size < data.vocab_size:
             raise ConfigError(f"init_from={cfg.model.init_from} has vocab_size {model.config.vocab_size} but the "
                               f"tokenizer has {data.vocab_size} tokens; set data.tokenizer_path={cfg.model.init_from}")
+        rebuild = lambda: load_init_checkpoint(cfg)  # noqa: E731
     else:
-        model = GPT(model_config(cfg, data.vocab_size))
+        rebuild = lambda: GPT(model_config(cfg, data.vocab_size))  # noqa: E731
+        model = rebuild()
     say(describe(model.config, model))
 
     source = TokenWindows(data.train_tokens(), data.val_tokens(), block_size, cfg.train.micro_batch_size,
                           cfg.train.grad_accum_steps, cfg.seed)
-    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say).fit()
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=rebuild).fit()
 
     if accelerator.is_main_process:
+        model = result.model  # unsharded (the same module unless FSDP trained it)
         model.eval()
         samples = sample_text(model, tokenizer, cfg.sample, accelerator.device)
         (run_dir / "samples.txt").write_text("\n\n---\n\n".join(samples), encoding="utf-8")

@@ -115,14 +115,20 @@ def recipe_configs(tmp_path_factory, gpt2_base) -> dict[str, tuple[str, list[str
     }
 
 
-def tune_run(recipe, config, overrides, output_dir, kill_at=None, nproc=1):
-    """`tune run` in a subprocess (one torch thread per process), with the tiny TRAIN settings."""
+def tune_run(recipe, config, overrides, output_dir, kill_at=None, nproc=1, fsdp=False):
+    """`tune run` in a subprocess (one torch thread per process), with the tiny TRAIN settings.
+    fsdp=True: 2 processes under Accelerate's FSDP2 with recipes/accelerate/fsdp.yaml (tests/fsdp_cpu.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("TUNE_KILL_AT", None)
     if kill_at:
         env["TUNE_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "tune.cli", "run", recipe, "--config", config, "--nproc", str(nproc),
-                           *TRAIN, *overrides, f"output_dir={output_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    args = ["run", recipe, "--config", config, *TRAIN, *overrides, f"output_dir={output_dir}"]
+    if fsdp:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests" / "fsdp_cpu.py")]
+    else:
+        command = [sys.executable, "-m", "tune.cli"]
+        args += ["--nproc", str(nproc)]
+    return subprocess.run([*command, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def losses(run_dir: Path) -> tuple[list, list]:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from tune.errors import ConfigError
-from tune.hf import DTYPES, check_model_dir, resolve_dtype
+from tune.hf import DTYPES, check_model_dir, enable_activation_checkpointing, resolve_dtype
 
 
 @dataclass
@@ -70,7 +70,7 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if method == "lora":
             model.enable_input_require_grads()
     return model

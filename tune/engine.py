@@ -5,6 +5,9 @@ everything else: Accelerate setup, mixed precision, gradient accumulation with p
 normalisation, clipping, AdamW + warmup/cosine, torch.compile, periodic evaluation, checkpoints with
 exact resume, progress bar, metrics.jsonl + TensorBoard, and report.png.
 
+Under FSDP (Accelerate's FSDP2) checkpoints still hold whole tensors: they are gathered to rank 0 on
+save and re-sharded on load, so a checkpoint resumes under any process count or sharding.
+
 Data is addressed by step: `source.step_batches(step, rank, world)` returns the micro-batches one rank
 trains on at that optimizer step. Sources are pure functions of (seed, step), so resuming needs only
 the step number, and a run on N processes sees the same global batch as a run on one.
@@ -92,9 +95,17 @@ class TrainingModule(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
+        # the layer classes FSDP's transformer-based auto-wrap shards one by one (HF models, peft or not, and ours)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._no_split_modules = list(getattr(inner, "_no_split_modules", None) or [])
 
     def forward(self, batch: dict):
         return self.loss_fn(self.model, batch)
+
+    def tie_weights(self):
+        """Re-tie the model's shared weights (Accelerate calls this after FSDP's meta-device loading)."""
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -126,9 +137,36 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 holds this model's parameters as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters (a tied matrix appears once)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (a tied matrix appears once); frozen weights are not checkpointed."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable parameters by name, whole and on the CPU; frozen weights are not checkpointed.
+
+    Under FSDP the shards are all-gathered: a collective every rank must call, and only rank 0 gets the
+    tensors (the others get an empty dict)."""
+    if not is_sharded(model):
+        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
+    return {n: full[n].contiguous() for n in trainable_names(model) if n in full}
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 class Checkpointer:
@@ -176,10 +214,17 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         rank = accelerator.process_index
         torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{rank}.pt")
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        weights = optimizer_state = None
+        if accelerator.is_main_process or is_sharded(model):  # under FSDP these are collectives: every rank calls
+            weights = trainable_state(model)
+            # keyed by parameter name, whole tensors: the same file whatever the sharding or process count
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
         if accelerator.is_main_process:
-            save_file(trainable_state(model), tmp / "model.safetensors")
+            save_file(weights, tmp / "model.safetensors")
             fault_point("checkpoint", state["step"])
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
         accelerator.wait_for_everyone()
@@ -200,15 +245,17 @@ class Checkpointer:
     @staticmethod
     def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
         from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         weights = load_file(path / "model.safetensors")
-        expected = set(trainable_state(model))
+        expected = set(trainable_names(model))
         if set(weights) != expected:
             raise TuneError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
                             f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
                             "was it written by a different config?")
-        model.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+        # every rank reads the whole tensors; under FSDP each keeps its own shard of them
+        set_model_state_dict(model, weights, options=_full_options(strict=False))
+        set_optimizer_state_dict(model, optimizer, _load_plain(path / "optimizer.pt"), options=_full_options())
         scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
         rng_file = path / f"rng_rank{accelerator.process_index}.pt"
         if rng_file.is_file():
@@ -294,14 +341,17 @@ class FitResult:
     val_loss: float | None
     run_dir: Path
     history: list[dict]
+    model: nn.Module | None = None  # the trained model, unsharded (under FSDP: on rank 0 only, None elsewhere)
 
 
 class Engine:
     """Trains `model` on `source` into `run_dir`. One instance per run."""
 
     def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn = causal_lm_loss,
-                 accelerator=None, log: Callable[[str], None] = print):
-        self.cfg, self.run_dir, self.model, self.source = cfg, Path(run_dir), model, source
+                 accelerator=None, log: Callable[[str], None] = print, rebuild: Callable[[], nn.Module] | None = None):
+        """`rebuild()` makes a fresh, unsharded copy of the model (same structure and frozen weights): under
+        FSDP, the trained model handed back in FitResult.model is that copy with the trained weights."""
+        self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
@@ -321,10 +371,17 @@ class Engine:
         module.eval()
         sums: dict[str, torch.Tensor] = {}
         n_tokens = torch.zeros((), device=acc.device, dtype=torch.float64)
-        for batch in self.source.val_batches(acc.process_index, acc.num_processes, self.cfg.eval_batches):
+        batches = list(self.source.val_batches(acc.process_index, acc.num_processes, self.cfg.eval_batches))
+        n_forward = len(batches)
+        if is_sharded(self.model):  # every FSDP forward is a collective: all ranks must run as many
+            n_forward = int(acc.gather(torch.tensor([n_forward], device=acc.device)).max())
+        for i in range(n_forward):
+            batch = batches[i] if i < len(batches) else self.source.step_batches(1, acc.process_index, acc.num_processes)[0]
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.autocast():
                 out = module(batch)
+            if i >= len(batches):
+                continue  # a filler forward that keeps this rank in step with the others; not counted
             for name, value in _named_sums(out).items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
             fault_point("eval", self._eval_step)
@@ -345,9 +402,14 @@ class Engine:
         cfg, acc = self.cfg, self.accelerator
         start_time = time.time()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_distributed_setup()
         if cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from tune.hf import enable_activation_checkpointing
+
+            enable_activation_checkpointing(self.model)
         module, optimizer = acc.prepare(self.module, self.optimizer)
+        if is_sharded(self.model):
+            self.log_line(f"FSDP: parameters sharded over {acc.num_processes} processes")
         if cfg.compile:
             module = torch.compile(module)
 
@@ -425,7 +487,35 @@ class Engine:
             from tune.report import write_report
 
             write_report(metrics.rows(), self.run_dir / "report.png")
-        return FitResult(step, last_loss, last_val, self.run_dir, history)
+        return FitResult(step, last_loss, last_val, self.run_dir, history, self._unsharded_model())
+
+    def _check_distributed_setup(self):
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type != DistributedType.FSDP:
+            return
+        if acc.state.fsdp_plugin.fsdp_version != 2:
+            raise ConfigError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config "
+                              "(recipes/accelerate/fsdp.yaml)")
+        if self.rebuild is None:
+            raise ConfigError("this recipe cannot run under FSDP (it gives the engine no way to rebuild the model "
+                              "unsharded at the end); use DDP (recipes/accelerate/ddp.yaml)")
+
+    def _unsharded_model(self) -> nn.Module | None:
+        """The trained model as a plain module: the model itself, or under FSDP (on rank 0) a rebuilt copy
+        carrying the gathered trained weights."""
+        if not is_sharded(self.model):
+            return self.model
+        weights = trainable_state(self.model)  # a collective: every rank takes part
+        if not self.accelerator.is_main_process:
+            return None
+        plain = self.rebuild()
+        missing = set(trainable_names(plain)) - set(weights)
+        if missing:
+            raise TuneError(f"rebuilding the model after FSDP training: no trained weights for {sorted(missing)[:3]}")
+        plain.load_state_dict(weights, strict=False)
+        return plain
 
     def _save(self, step: int, elapsed: float, rng: dict | None = None):
         if step == 0:

@@ -207,6 +207,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    _no_split_modules = ["Block"]  # what FSDP's transformer-based auto-wrap shards as a unit (as in HF models)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -216,8 +218,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = make_norm(config) if config.norm_placement == "pre" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.tie_weights()
         if config.position == "rope":
             cos, sin = rope_tables(config, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -226,6 +227,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self):
+        """Share the output matrix with the token embedding (HF's name: Accelerate calls it after moving
+        a model to and from the meta device, which unties shared parameters)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
 
     @staticmethod
     def _init_weights(module):
