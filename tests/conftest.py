@@ -135,3 +135,19 @@ def losses(run_dir: Path) -> tuple[list, list]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return ([(r["step"], r["loss"]) for r in rows if "loss" in r],
             [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r])
+
+
+def assert_losses_close(a, b, rel=1e-4):
+    """Same steps, and values equal to `rel` (see test_multiprocess.py for why 1e-4 across process counts)."""
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=rel)
+
+
+def rewind_to_step_4(run_dir: Path):
+    """Make the step-4 checkpoint of an 8-step run (saved every 2) the latest, as if the run had stopped there."""
+    import shutil
+
+    checkpoints = run_dir / "checkpoints"
+    for later in ("step_0000006", "step_0000008"):
+        shutil.rmtree(checkpoints / later)
+    (checkpoints / "latest").write_text("step_0000004")

@@ -9,12 +9,10 @@ gradients in another order than a single process accumulates them). Checkpoints 
 so they move between an FSDP run and a single process both ways.
 """
 
-import shutil
-
 import pytest
 import torch
 
-from conftest import NI_TASKS, losses, tune_run
+from conftest import NI_TASKS, assert_losses_close, losses, rewind_to_step_4, tune_run
 
 needs_data = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
 
@@ -29,11 +27,6 @@ def run(recipe, recipe_configs, out, fsdp, extra=()):
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("FSDP: parameters sharded over 2 processes" in done.stdout) == fsdp
     return losses(out)
-
-
-def assert_close(a, b):
-    assert [s for s, _ in a] == [s for s, _ in b]
-    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
 
 
 def assert_same_weights(dir_a, dir_b, name):
@@ -51,8 +44,8 @@ def test_fsdp_pretrain_matches_one_process_and_exports_whole_weights(recipe_conf
     one = run("pretrain", recipe_configs, tmp_path / "one", False, ["export=true"])
     two = run("pretrain", recipe_configs, tmp_path / "fsdp", True, ["export=true"])
     assert len(one[0]) == 8 and len(one[1]) == 3
-    assert_close(one[0], two[0])
-    assert_close(one[1], two[1])
+    assert_losses_close(one[0], two[0])
+    assert_losses_close(one[1], two[1])
     assert_same_weights(tmp_path / "one" / "checkpoints" / "step_0000008", tmp_path / "fsdp" / "checkpoints" / "step_0000008",
                         "model.safetensors")
     assert_same_weights(tmp_path / "one" / "hf", tmp_path / "fsdp" / "hf", "model.safetensors")
@@ -65,17 +58,10 @@ def test_fsdp_pretrain_matches_one_process_and_exports_whole_weights(recipe_conf
 def test_fsdp_matches_one_process(recipe, recipe_configs, tmp_path):
     one = run(recipe, recipe_configs, tmp_path / "one", False)
     two = run(recipe, recipe_configs, tmp_path / "fsdp", True)
-    assert_close(one[0], two[0])
-    assert_close(one[1], two[1])
+    assert_losses_close(one[0], two[0])
+    assert_losses_close(one[1], two[1])
     artifact = {"finetune": ("adapter", "adapter_model.safetensors"), "distill": ("student", "model.safetensors")}[recipe]
     assert_same_weights(tmp_path / "one" / artifact[0], tmp_path / "fsdp" / artifact[0], artifact[1])
-
-
-def rewind_to_step_4(run_dir):
-    checkpoints = run_dir / "checkpoints"
-    for later in ("step_0000006", "step_0000008"):
-        shutil.rmtree(checkpoints / later)
-    (checkpoints / "latest").write_text("step_0000004")
 
 
 @needs_data
@@ -86,9 +72,9 @@ def test_lora_checkpoints_move_between_fsdp_and_one_process(recipe_configs, tmp_
     rewind_to_step_4(tmp_path / "one")
     fsdp_then_one = run("finetune", recipe_configs, tmp_path / "fsdp", False, ["train.resume=true"])
     one_then_fsdp = run("finetune", recipe_configs, tmp_path / "one", True, ["train.resume=true"])
-    assert_close(fsdp_then_one[0], fsdp[0])
-    assert_close(one_then_fsdp[0], one[0])
-    assert_close(fsdp_then_one[1], one[1])
+    assert_losses_close(fsdp_then_one[0], fsdp[0])
+    assert_losses_close(one_then_fsdp[0], one[0])
+    assert_losses_close(fsdp_then_one[1], one[1])
     assert_same_weights(tmp_path / "fsdp" / "adapter", tmp_path / "one" / "adapter", "adapter_model.safetensors")
 
 

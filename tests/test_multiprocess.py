@@ -9,11 +9,9 @@ summation order differs from sequential accumulation, and Adam's division by sqr
 dropout are equivalent in distribution but not equal.
 """
 
-import shutil
-
 import pytest
 
-from conftest import NI_TASKS, losses, tune_run
+from conftest import NI_TASKS, assert_losses_close, losses, rewind_to_step_4, tune_run
 
 pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
 
@@ -29,26 +27,13 @@ def run(recipe, recipe_configs, out, nproc, extra=()):
     return losses(out)
 
 
-def assert_close(a, b):
-    assert [s for s, _ in a] == [s for s, _ in b]
-    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
-
-
 @pytest.mark.parametrize("recipe", ["pretrain", "finetune", "distill"])
 def test_two_processes_match_one_with_the_same_global_batch(recipe, recipe_configs, tmp_path):
     one = run(recipe, recipe_configs, tmp_path / "one", 1)
     two = run(recipe, recipe_configs, tmp_path / "two", 2)
     assert len(one[0]) == 8 and len(one[1]) == 3
-    assert_close(one[0], two[0])
-    assert_close(one[1], two[1])
-
-
-def rewind_to_step_4(run_dir):
-    """Make the step-4 checkpoint the latest (as if the run had stopped there)."""
-    checkpoints = run_dir / "checkpoints"
-    for later in ("step_0000006", "step_0000008"):
-        shutil.rmtree(checkpoints / later)
-    (checkpoints / "latest").write_text("step_0000004")
+    assert_losses_close(one[0], two[0])
+    assert_losses_close(one[1], two[1])
 
 
 def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path):
@@ -58,6 +43,6 @@ def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path
     rewind_to_step_4(tmp_path / "one")
     two_then_one = run("finetune", recipe_configs, tmp_path / "two", 1, ["train.resume=true"])
     one_then_two = run("finetune", recipe_configs, tmp_path / "one", 2, ["train.resume=true"])
-    assert_close(two_then_one[0], two[0])
-    assert_close(one_then_two[0], one[0])
-    assert_close(two_then_one[1], one[1])
+    assert_losses_close(two_then_one[0], two[0])
+    assert_losses_close(one_then_two[0], one[0])
+    assert_losses_close(two_then_one[1], one[1])
