@@ -144,17 +144,16 @@ def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
     from data_prep.packing import NIBatches
-    from tune.adapters import add_lora, load_base_model, merge_adapter
+    from tune.adapters import merge_adapter
     from tune.engine import Engine, make_accelerator
-    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
-                               pad_token=cfg.pad_token, pad_with_eos=False)
+    tokenizer = run_tokenizer(cfg)
     splits = load_splits(cfg)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.base_model, cfg.tokenizer])
     set_seed(cfg.seed)
@@ -162,12 +161,7 @@ def run(cfg: FinetuneConfig):
     train_set, val_set, prompt_cfg = build_ni_datasets(cfg.data, splits, tokenizer, accelerator, say)
 
     weights_dtype = resolve_dtype(cfg.dtype)
-
-    def build_model():
-        base = load_base_model(cfg.base_model, cfg.method, weights_dtype, cfg.qlora, cfg.train.gradient_checkpointing)
-        return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
-
-    model = build_model()
+    model = build_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -175,18 +169,13 @@ def run(cfg: FinetuneConfig):
     d = cfg.data
     source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
-    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=build_model).fit()
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
+                    rebuild=lambda: build_model(cfg)).fit()
 
     if accelerator.is_main_process:
         model = result.model  # unsharded (the same module unless FSDP trained it)
         model.eval()
-        if cfg.method == "full":
-            out = run_dir / "model"
-            model.save_pretrained(out, safe_serialization=True)
-        else:
-            out = run_dir / "adapter"
-            model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        out = save_trained(cfg, model, tokenizer, run_dir / ("model" if cfg.method == "full" else "adapter"))
         say(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {out}")
         if cfg.merge:
             merged = merge_adapter(cfg.base_model, out, run_dir / "merged", dtype=weights_dtype,
@@ -196,6 +185,43 @@ def run(cfg: FinetuneConfig):
             evaluate_run(cfg, model, tokenizer, splits, prompt_cfg, run_dir, say)
     accelerator.wait_for_everyone()
     return result
+
+
+def run_tokenizer(cfg: FinetuneConfig):
+    """The tokenizer of the run (cfg.tokenizer, else the base model's), with its pad token checked."""
+    from tune.hf import load_tokenizer
+
+    return load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
+                          pad_token=cfg.pad_token, pad_with_eos=False)
+
+
+def build_model(cfg: FinetuneConfig):
+    """The base model as configured (full, or wrapped with LoRA / QLoRA adapters)."""
+    from tune.adapters import add_lora, load_base_model
+    from tune.hf import resolve_dtype
+
+    base = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora, cfg.train.gradient_checkpointing)
+    return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
+
+
+def save_trained(cfg: FinetuneConfig, model, tokenizer, out: Path) -> Path:
+    """The full model (method=full) or the PEFT adapter directory, with the tokenizer."""
+    if cfg.method == "full":
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_checkpoint(cfg: FinetuneConfig, run_dir: Path, checkpoint: Path, out: Path) -> Path:
+    """One checkpoint of a fine-tuning run as the run saves its end: adapter directory or full model."""
+    from tune.engine import read_checkpoint_weights
+
+    tokenizer = run_tokenizer(cfg)
+    model = build_model(cfg)
+    model.load_state_dict(read_checkpoint_weights(checkpoint, model), strict=False)
+    return save_trained(cfg, model.eval(), tokenizer, out)
 
 
 def evaluate_run(cfg: FinetuneConfig, model, tokenizer, splits, prompt_cfg, run_dir: Path, say) -> dict:

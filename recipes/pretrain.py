@@ -139,6 +139,8 @@ def run(cfg: PretrainConfig):
                                    vocab_size=cfg.data.vocab_size, val_fraction=cfg.data.val_fraction,
                                    min_tokens=block_size + 1, tokenizer_path=cfg.data.tokenizer_path)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
+        tokenizer.save_pretrained(run_dir / "tokenizer")
     say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
         f"({cfg.data.tokenizer}), cache {data.out_dir}")
     if cfg.model.init_from:
@@ -165,6 +167,30 @@ def run(cfg: PretrainConfig):
             say(f"exported HF checkpoint to {out} (AutoModelForCausalLM.from_pretrained loads it)")
     accelerator.wait_for_everyone()
     return result
+
+
+def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out: Path) -> Path:
+    """One checkpoint of a pretraining run as an HF checkpoint, as the end of the run exports it."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from tune.engine import read_checkpoint_weights
+    from tune.errors import ConfigError
+    from tune.models.export import export_hf
+    from tune.models.gpt import GPT
+
+    if not (run_dir / "tokenizer").is_dir():
+        raise ConfigError(f"{run_dir}/tokenizer is missing (runs before `tune export` existed did not keep it); "
+                          "copy the tokenizer directory from the data cache there")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    if cfg.model.init_from:
+        model = load_init_checkpoint(cfg)
+    else:
+        with safe_open(checkpoint / "model.safetensors", "pt") as f:
+            vocab_size = f.get_slice("tok_emb.weight").get_shape()[0]
+        model = GPT(model_config(cfg, vocab_size))
+    model.load_state_dict(read_checkpoint_weights(checkpoint, model), strict=False)
+    return export_hf(model.eval(), out, tokenizer)
 
 
 def validate(cfg: PretrainConfig) -> None:

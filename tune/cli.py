@@ -1,9 +1,11 @@
-"""The `tune` command: ls | cp | validate | run.
+"""The `tune` command: ls | cp | validate | run | export | generate.
 
     tune ls                                    recipes and their configs (scanned from recipes/configs/)
     tune cp CONFIG DEST                        copy a built-in config to edit
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
     tune run RECIPE --config CONFIG [key=value ...] [--nproc N]
+    tune export RUN_DIR [--step N] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
+    tune generate --model DIR [--adapter DIR] --prompt TEXT | --task FILE
 """
 
 from __future__ import annotations
@@ -105,6 +107,44 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write one checkpoint of a run as what the run writes at its end: an HF checkpoint (pretrain, native
+    distilled student), a PEFT adapter or full model (finetune, HF student)."""
+    from tune.engine import find_checkpoint
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml; give the output_dir of a `tune run`")
+    name = read_yaml(config_file).get("recipe")
+    if name is None:
+        raise ConfigError(f"{config_file}: no 'recipe' key; it was not written by `tune run`")
+    module = load_recipe(str(name))
+    if not hasattr(module, "export_checkpoint"):
+        raise ConfigError(f"{config_file}: {name} runs train no model, there is nothing to export")
+    cfg = load_config(module.CONFIG_CLASS, str(config_file), [])
+    checkpoint = find_checkpoint(run_dir, args.step)
+    out = Path(args.out) if args.out else run_dir / "exports" / checkpoint.name
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
+    tmp = out.with_name(f".tmp-{out.name}")  # written aside, renamed into place when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        module.export_checkpoint(cfg, run_dir, checkpoint, tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileNotFoundError) and not checkpoint.exists():
+            raise TuneError(f"{checkpoint} was removed while being exported (rotated by the run still training?); "
+                            "export a newer step") from None
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"exported {checkpoint} to {out}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
     import torch
@@ -183,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes on this machine (started with torch.distributed.run; works on CPU and GPUs)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 model.dropout=0.1")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("export", help="write a run's checkpoint as its final artifact (HF model, adapter, student)")
+    p.add_argument("run_dir", help="the output_dir of a tune run")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--out", default=None, help="where to write it (default: RUN_DIR/exports/step_NNNNNNN)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("generate", help="stream text from an HF causal LM (+ adapter) for a prompt or a task instance")
     p.add_argument("--model", required=True, help="an HF causal-LM directory")
     p.add_argument("--adapter", help="a peft adapter directory trained on --model")

@@ -244,15 +244,9 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        weights = load_file(path / "model.safetensors")
-        expected = set(trainable_names(model))
-        if set(weights) != expected:
-            raise TuneError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
-                            f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
-                            "was it written by a different config?")
+        weights = read_checkpoint_weights(path, model)
         # every rank reads the whole tensors; under FSDP each keeps its own shard of them
         set_model_state_dict(model, weights, options=_full_options(strict=False))
         set_optimizer_state_dict(model, optimizer, _load_plain(path / "optimizer.pt"), options=_full_options())
@@ -265,6 +259,35 @@ class Checkpointer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((path / "state.json").read_text())
+
+
+def read_checkpoint_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A checkpoint's trained tensors, checked to be exactly the model's trainable parameters."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "model.safetensors")
+    expected = set(trainable_names(model))
+    if set(weights) != expected:
+        raise TuneError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
+                        f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
+                        "was it written by a different config?")
+    return weights
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """The run's latest complete checkpoint, or the one of `step`."""
+    checkpoints = Checkpointer(run_dir, keep=1)
+    complete = sorted(p.name for p in checkpoints.dir.glob("step_*") if (p / "state.json").is_file())
+    if step is None:
+        latest = checkpoints.latest()
+        if latest is None:
+            raise ConfigError(f"{checkpoints.dir}: no complete checkpoint (set train.save_every, or let the run finish)")
+        return latest
+    path = checkpoints.dir / f"step_{step:07d}"
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"{checkpoints.dir}: no complete checkpoint of step {step}; there are: "
+                          f"{', '.join(complete) or 'none'} (train.keep_checkpoints sets how many are kept)")
+    return path
 
 
 def _load_plain(path: Path):
