@@ -51,30 +51,25 @@ def test_export_of_the_last_pretrain_checkpoint_is_the_runs_own_export(recipe_co
     assert not list((run / "exports").glob(".tmp-*"))
 
 
-def test_export_of_a_lora_checkpoint_is_the_runs_adapter(recipe_configs, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    config, overrides = recipe_configs["finetune"]
+@pytest.mark.parametrize("recipe, artifact", [("finetune", "adapter/adapter_model.safetensors"),
+                                              pytest.param("distill", "student/model.safetensors", marks=pytest.mark.slow)])
+def test_export_of_the_last_checkpoint_is_the_runs_artifact(recipe, artifact, recipe_configs, tmp_path):
+    """A LoRA adapter (finetune) and a fresh native student (distill)."""
+    config, overrides = recipe_configs[recipe]
     run = tmp_path / "run"
-    done = tune_run("finetune", config, overrides, run)
+    done = tune_run(recipe, config, overrides, run)
     assert done.returncode == 0, done.stderr[-2000:]
-    last = tune_export(run, "--out", tmp_path / "adapter")
+    last = tune_export(run, "--out", tmp_path / "export")
     assert last.returncode == 0, last.stderr[-2000:]
-    assert same_tensors(run / "adapter" / "adapter_model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors")
-    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter")
-    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    folder, name = artifact.split("/")
+    assert same_tensors(run / folder / name, tmp_path / "export" / name)
+    if recipe == "finetune":  # the adapter loads onto its base with peft
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-
-def test_export_of_a_distilled_native_student_is_the_runs_student(recipe_configs, tmp_path):
-    config, overrides = recipe_configs["distill"]
-    run = tmp_path / "run"
-    done = tune_run("distill", config, overrides, run)
-    assert done.returncode == 0, done.stderr[-2000:]
-    last = tune_export(run, "--out", tmp_path / "student")
-    assert last.returncode == 0, last.stderr[-2000:]
-    assert same_tensors(run / "student" / "model.safetensors", tmp_path / "student" / "model.safetensors")
+        base = json.loads((run / folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "export")
+        assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
 def test_export_needs_a_run_directory(tmp_path):
