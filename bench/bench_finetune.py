@@ -57,36 +57,22 @@ METHODS = ("full", "lora", "qlora")
 LR = {"full": 5e-4, "lora": 2e-3, "qlora": 2e-3}  # as recipes/configs/*_ni.yaml
 BETAS, GRAD_CLIP, SEED = (0.9, 0.999), 1.0, 1234
 LORA, QUANT = LoraSection(r=16, alpha=32, dropout=0.05, target_modules="all-linear"), QuantSection()
-EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
 # -- setup: tokenizer, examples, checkpoint ---------------------------------------------------------------
-def train_byte_bpe(texts, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return tok
-
-
 def prepare(shape: dict, workdir: Path) -> dict:
     """Tokenizer + prompt-masked examples + a random-init checkpoint in workdir/model."""
-    from transformers import PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     from data_prep.natural_instructions import (NISplitConfig, PromptConfig, TokenizeConfig, encode_prompt,
                                                 load_tasks, split_instances, tokenize_examples)
+    from data_prep.text import train_bpe_tokenizer
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
     splits = split_instances(load_tasks(NI_TASKS), NISplitConfig(seed=0))
     prompt_cfg = PromptConfig()  # Tk-Instruct: definition + 2 positive examples
     texts = [encode_prompt(task, inst.input, prompt_cfg) + inst.outputs[0] for task, inst in splits["train"]]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(texts, shape["vocab"]), eos_token=EOS,
-                                        bos_token=EOS, pad_token=PAD)
+    tokenizer = train_bpe_tokenizer(texts, shape["vocab"])
     assert len(tokenizer) <= shape["vocab"], (len(tokenizer), shape["vocab"])
     tok_cfg = TokenizeConfig(max_length=shape["context"], mask_prompt=True)
     train, report = tokenize_examples(splits["train"], tokenizer, prompt_cfg, tok_cfg)

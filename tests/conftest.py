@@ -15,7 +15,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 NI_TASKS = SHARED_DATA / "natural_instructions" / "tasks"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present (see README: getting the data)")
@@ -29,18 +29,6 @@ def shakespeare_slice(shared_data, tmp_path) -> Path:
     path = tmp_path / "shakespeare_slice.txt"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def train_byte_bpe(texts, vocab_size=512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return tok
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +45,12 @@ def ni_texts():
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, ni_texts) -> Path:
     """HF dir: random 2-layer GPT-2 (context 256, so long prompts must be fitted) + byte-level BPE tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data_prep.text import train_bpe_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_lm")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts), eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer = train_bpe_tokenizer(ni_texts, 512)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,

@@ -176,9 +176,9 @@ def test_distilling_from_the_cache_equals_the_live_teacher(tmp_path, gpt2_base, 
 def test_padded_teacher_vocabulary_aligns_and_another_tokenizer_is_refused(tmp_path, gpt2_base, ni_texts):
     import shutil
 
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    from conftest import train_byte_bpe
+    from data_prep.text import train_bpe_tokenizer
     from recipes.distill import run
 
     padded = tmp_path / "padded_teacher"
@@ -193,8 +193,7 @@ def test_padded_teacher_vocabulary_aligns_and_another_tokenizer_is_refused(tmp_p
 
     other = tmp_path / "other_tokenizer"
     shutil.copytree(gpt2_base, other)
-    PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts[::-1], vocab_size=512), eos_token="<|endoftext|>",
-                            pad_token="<|pad|>").save_pretrained(other)
+    train_bpe_tokenizer(ni_texts[:40], 300).save_pretrained(other)  # another tokenizer, trained on other text
     with pytest.raises(DataError, match="different tokenizers"):
         run(distill_config(tmp_path, gpt2_base, "other", **{"student.model": str(other), "student.preset": "null"}))
     assert not (tmp_path / "other").exists()  # refused before anything was written

@@ -13,7 +13,7 @@ import torch
 from tune.cli import main
 from tune.errors import ConfigError
 
-from conftest import NI_TASKS, SHARED_DATA, train_byte_bpe
+from conftest import NI_TASKS, SHARED_DATA
 
 TASKS = ["task073_commonsenseqa_answer_generation", "task1355_sent_comp_summarization", "task363_sst2_polarity_classification"]
 MAX_NEW = 8
@@ -162,11 +162,10 @@ def test_cli_generate_samples_reproducibly_from_a_prompt(tiny_lm, capsys):
 
 
 def test_streamer_prints_japanese_whole_characters_only(ni_texts):
-    from transformers import PreTrainedTokenizerFast
-
+    from data_prep.text import train_bpe_tokenizer
     from tune.evaluation import PrintStreamer
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts, 300), eos_token="<|endoftext|>")
+    tokenizer = train_bpe_tokenizer(ni_texts, 300)
     text = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text)  # characters are split over several byte tokens

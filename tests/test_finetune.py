@@ -13,7 +13,6 @@ import torch
 from conftest import NI_TASKS
 from tune.cli import main
 from tune.config import load_config
-from tune.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not present (see README: Data)")
 
@@ -22,14 +21,11 @@ TASKS = ["task363_sst2_polarity_classification", "task073_commonsenseqa_answer_g
 
 
 def make_base(out: Path, ni_texts, preset: str) -> Path:
-    from transformers import PreTrainedTokenizerFast
-
-    from conftest import train_byte_bpe
+    from data_prep.text import train_bpe_tokenizer
     from tune.models.export import export_hf
     from tune.models.gpt import GPT, config_from_preset
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_byte_bpe(ni_texts), eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer = train_bpe_tokenizer(ni_texts, 512)
     torch.manual_seed(0)
     model = GPT(config_from_preset(preset, vocab_size=len(tokenizer), block_size=256))
     return export_hf(model, out, tokenizer)

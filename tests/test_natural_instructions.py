@@ -5,31 +5,24 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 import data_prep.natural_instructions as ni
 from data_prep.natural_instructions import (NISplitConfig, PromptConfig, TokenizeConfig, build_dataset,
                                             encode_prompt, load_task, load_tasks, split_instances, tokenize_examples)
+from conftest import NI_TASKS
+from data_prep.text import EOS_TOKEN as EOS, train_bpe_tokenizer
 from tune.errors import ConfigError, DataError
 
-NI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural_instructions"
-EOS, PAD = "<|endoftext|>", "<|pad|>"
+NI_DIR = NI_TASKS.parent
 
 
-def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Small byte-level BPE trained on NI definitions and inputs."""
+def make_tokenizer(vocab_size: int):
+    """Small byte-level BPE trained on NI definitions, inputs and outputs."""
     texts = []
     for path in sorted((NI_DIR / "tasks").glob("*.json")):
         obj = json.loads(path.read_text(encoding="utf-8"))
         texts += obj["Definition"] + [i["input"] for i in obj["Instances"][:30]] + [i["output"][0] for i in obj["Instances"][:30]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[EOS, PAD], show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False)
+    return train_bpe_tokenizer(texts, vocab_size)
 
 
 @pytest.fixture(scope="session")

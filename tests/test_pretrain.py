@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.pretrain import PretrainConfig, run

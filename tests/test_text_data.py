@@ -10,27 +10,20 @@ from transformers import AutoTokenizer
 
 import data_prep.text as text_mod
 from data_prep.text import TextData, prepare_text_corpus, read_corpus, train_bpe_tokenizer, train_char_tokenizer
+from conftest import SHARED_DATA
 from tune.errors import DataError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
-SOSEKI = DATA / "soseki" / "wagahai_wa_neko_de_aru.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+SOSEKI = SHARED_DATA / "soseki" / "wagahai_wa_neko_de_aru.txt"
 
 
 @pytest.fixture(scope="module")
-def data_dir():
-    if not DATA.is_dir():
-        pytest.skip(f"shared data not found at {DATA}")
-    return DATA
-
-
-@pytest.fixture(scope="module")
-def shakespeare(data_dir):
+def shakespeare(shared_data):
     return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def soseki(data_dir):
+def soseki(shared_data):
     return SOSEKI.read_text(encoding="utf-8")
 
 
