@@ -17,13 +17,13 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
 
 from tune.errors import ConfigError, DataError
+from tune.files import directory_written_aside
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
@@ -512,22 +512,11 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg)
     features = _features()
     dataset = Dataset.from_dict({k: [ex[k] for ex in examples] for k in features}, features=features)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
+    with directory_written_aside(final, lambda path: _load_cached(path) is not None) as tmp:
         # an empty dataset saved as 0 shards would not load back
         dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
         (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
-        if final.exists() and _load_cached(final) is None:
-            shutil.rmtree(final)  # incomplete leftover
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if _load_cached(final) is None:  # not a concurrent build that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     loaded = _load_cached(final)
     if loaded is None:
         raise DataError(f"{final}: cache entry was written but cannot be read back; delete it and run again")

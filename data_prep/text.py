@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence, Union
@@ -26,6 +25,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tune.errors import DataError
+from tune.files import directory_written_aside
 
 FORMAT_VERSION = 1
 TOKENIZER_KINDS = ("char", "bpe")
@@ -364,22 +364,9 @@ def prepare_text_corpus(
 
 
 def _write_atomically(out_dir: Path, tok: PreTrainedTokenizerBase, ids: np.ndarray, n_train: int, meta: dict) -> None:
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # a stale or incomplete out_dir is replaced; one a concurrent run completed first is kept
+    with directory_written_aside(out_dir, lambda path: _load_cached(path, meta["key"]) is not None) as tmp:
         tok.save_pretrained(str(tmp))
         ids[:n_train].tofile(tmp / TRAIN_FILE)
         ids[n_train:].tofile(tmp / VAL_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        if out_dir.exists() and _load_cached(out_dir, meta["key"]) is None:
-            shutil.rmtree(out_dir)  # stale or incomplete
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if _load_cached(out_dir, meta["key"]) is None:  # not a concurrent run that finished first
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)

@@ -146,16 +146,12 @@ def save_student(cfg: DistillConfig, model, tokenizer, out: Path) -> Path:
 
 def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: Path) -> Path:
     """One checkpoint of the distilled student, saved as the end of the run saves it."""
-    from safetensors import safe_open
-
-    from tune.engine import read_checkpoint_weights
+    from tune.engine import checkpoint_tensor_shape, read_checkpoint_weights
     from tune.hf import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
-    vocab_size = 0  # only a fresh native student takes its size from here
-    if cfg.student.model is None:
-        with safe_open(checkpoint / "model.safetensors", "pt") as f:
-            vocab_size = f.get_slice("tok_emb.weight").get_shape()[0]
+    # only a fresh native student takes its vocabulary size from here
+    vocab_size = checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0] if cfg.student.model is None else 0
     block_size = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
     student = make_student(cfg, vocab_size, block_size)
     student.load_state_dict(read_checkpoint_weights(checkpoint, student), strict=False)

@@ -171,10 +171,9 @@ def run(cfg: PretrainConfig):
 
 def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out: Path) -> Path:
     """One checkpoint of a pretraining run as an HF checkpoint, as the end of the run exports it."""
-    from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from tune.engine import read_checkpoint_weights
+    from tune.engine import checkpoint_tensor_shape, read_checkpoint_weights
     from tune.errors import ConfigError
     from tune.models.export import export_hf
     from tune.models.gpt import GPT
@@ -186,9 +185,7 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
     if cfg.model.init_from:
         model = load_init_checkpoint(cfg)
     else:
-        with safe_open(checkpoint / "model.safetensors", "pt") as f:
-            vocab_size = f.get_slice("tok_emb.weight").get_shape()[0]
-        model = GPT(model_config(cfg, vocab_size))
+        model = GPT(model_config(cfg, checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0]))
     model.load_state_dict(read_checkpoint_weights(checkpoint, model), strict=False)
     return export_hf(model.eval(), out, tokenizer)
 

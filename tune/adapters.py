@@ -7,7 +7,7 @@ and does the one thing they leave to us: merging a QLoRA adapter into the *dequa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 

@@ -111,6 +111,7 @@ def cmd_export(args) -> int:
     """Write one checkpoint of a run as what the run writes at its end: an HF checkpoint (pretrain, native
     distilled student), a PEFT adapter or full model (finetune, HF student)."""
     from tune.engine import find_checkpoint
+    from tune.files import directory_written_aside
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"
@@ -127,20 +128,14 @@ def cmd_export(args) -> int:
     out = Path(args.out) if args.out else run_dir / "exports" / checkpoint.name
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
-    tmp = out.with_name(f".tmp-{out.name}")  # written aside, renamed into place when complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        module.export_checkpoint(cfg, run_dir, checkpoint, tmp)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, FileNotFoundError) and not checkpoint.exists():
-            raise TuneError(f"{checkpoint} was removed while being exported (rotated by the run still training?); "
-                            "export a newer step") from None
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        with directory_written_aside(out) as tmp:
+            module.export_checkpoint(cfg, run_dir, checkpoint, tmp)
+    except FileNotFoundError:
+        if checkpoint.exists():
+            raise
+        raise TuneError(f"{checkpoint} was removed while being exported (rotated by the run still training?); "
+                        "export a newer step") from None
     print(f"exported {checkpoint} to {out}")
     return 0
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +23,7 @@ import torch
 
 from data_prep.packing import NIBatches, collate_padded
 from tune.errors import ConfigError, DataError, TuneError
+from tune.files import directory_written_aside
 from tune.losses import chunked_kd_sums, hidden_and_head
 
 
@@ -150,18 +149,12 @@ def build_teacher_cache(teacher_dir, teacher, splits: dict[str, Sequence[dict]],
         return final
     if teacher is None:
         raise ConfigError(f"no complete teacher cache at {final} and no teacher to build it")
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with directory_written_aside(final, lambda path: (path / "meta.json").is_file()) as tmp:
         for name, examples in splits.items():
             log(f"teacher cache: running the teacher over {len(examples)} {name} examples (top-{top_k})")
             save_file(teacher_topk(teacher, examples, top_k, vocab_size, pad_id), str(tmp / f"{name}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"teacher": str(teacher_dir), "top_k": top_k, "vocab_size": vocab_size,
                                                    "examples": {n: len(e) for n, e in splits.items()}}, indent=2))
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -274,6 +274,14 @@ def read_checkpoint_weights(path: Path, model: nn.Module) -> dict[str, torch.Ten
     return weights
 
 
+def checkpoint_tensor_shape(path: Path, name: str) -> list[int]:
+    """The shape of one tensor of a checkpoint, read from its header (e.g. a native model's vocabulary size)."""
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return list(f.get_slice(name).get_shape())
+
+
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     """The run's latest complete checkpoint, or the one of `step`."""
     checkpoints = Checkpointer(run_dir, keep=1)
