@@ -66,6 +66,7 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
                                                      dtype=resolve_dtype(quant.compute_dtype), device_map=device_map,
                                                      attn_implementation=attn_implementation)
+        keep_4bit_training_kernel(model)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -74,6 +75,24 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
         if method == "lora":
             model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_training_kernel(model) -> int:
+    """Keep every 4-bit layer of a model being trained on bitsandbytes' fp32 dequantize-then-matmul path.
+
+    bitsandbytes >= 0.49, on CPUs with AVX512-BF16, repacks a `Linear4bit`'s weights in place the first time
+    it runs in eval mode without gradients (our validation passes), and from then on computes it with a bf16
+    inference kernel: logits move by ~1e-2 against the dequantized weights the adapter trains on, and the
+    next training step fails ("a view of a leaf Variable ... in-place operation"), as the packed kernel has no
+    backward. A frozen inference-only model (a 4-bit teacher) may keep the fast kernel. Returns the number of
+    layers switched (0 when bitsandbytes has no such switch).
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def add_lora(model, lora: LoraSection):
