@@ -92,3 +92,27 @@ def test_readme_demo_command_runs(tmp_path):
 def test_ci_runs_the_readme_test_command():
     command = readme_command("<!-- test-command -->")
     assert command in (REPO / ".ci" / "run").read_text()
+
+
+def test_constraints_pin_every_dependency_within_the_declared_ranges():
+    """constraints.txt (what CI and the README install) pins each dependency of pyproject.toml, test extra
+    included, to one version inside the range pyproject.toml declares; torch is pinned by the command."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    assert "torch" not in pins  # the install command pins torch (CPU or CUDA build)
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            assert requirement.specifier.contains("2.13.0"), requirement
+            continue
+        assert name in pins, f"constraints.txt does not pin {requirement.name}"
+        assert requirement.specifier.contains(pins[name]), f"{requirement.name}=={pins[name]} is outside {requirement}"
