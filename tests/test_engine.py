@@ -100,7 +100,7 @@ class CrashingWindows(TokenWindows):
         return super().step_batches(step, rank, world)
 
 
-def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None):
+def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None, **train):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, 5000).astype(np.uint16)
     torch.manual_seed(3)
@@ -108,7 +108,8 @@ def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None):
     source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
     source.crash_at = crash_at
     cfg = TrainConfig(max_steps=max_steps, micro_batch_size=4, grad_accum_steps=2, warmup_steps=3, lr=3e-3,
-                      eval_every=4, eval_batches=2, log_every=1, save_every=save_every, resume=resume, progress=False)
+                      eval_batches=2, save_every=save_every, resume=resume, progress=False,
+                      **{"eval_every": 4, "log_every": 1, **train})
     return Engine(cfg, tmp_path / name, model, source, log=lambda s: None).fit(), model
 
 
@@ -247,3 +248,52 @@ def test_out_of_memory_says_what_to_try(tmp_path):
     with pytest.raises(TuneError, match=r"out of memory at step 1 .*train.micro_batch_size=2 train.grad_accum_steps=4"
                                         r".*gradient_checkpointing=true"):
         engine.fit()
+
+
+# -- metrics rows: window means and counts that survive a resume ----------------------------------------
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_with_double(model, batch):
+    """causal_lm_loss plus an extra sum (twice the loss), as distillation logs its KD and CE parts."""
+    loss_sum, n = causal_lm_loss(model, batch)
+    return loss_sum, n, {"double": 2 * loss_sum.detach()}
+
+
+def test_log_row_is_the_token_weighted_mean_of_its_window(tmp_path):
+    torch.manual_seed(0)
+    n_targets = [3, 30, 7, 16, 1, 9, 12]  # per step: unequal, so a plain mean of step losses would differ
+    steps = [[_masked_batch(torch.randint(0, 256, (1, 32)), n)] for n in n_targets]
+    rows = {}
+    for log_every in (1, 3):
+        torch.manual_seed(1)
+        model = GPT(config_from_preset("tiny-gpt2"))
+        cfg = TrainConfig(max_steps=7, micro_batch_size=1, warmup_steps=0, lr=1e-2, eval_every=0, eval_batches=1,
+                          log_every=log_every, progress=False)
+        Engine(cfg, tmp_path / f"log{log_every}", model, ListSource(steps), loss_fn=loss_with_double,
+               log=lambda s: None).fit()
+        rows[log_every] = {r["step"]: r for r in _rows(tmp_path / f"log{log_every}") if "loss" in r}
+    per_step, windows = rows[1], rows[3]
+    assert sorted(windows) == [3, 6, 7]
+    for end, window in ((3, [1, 2, 3]), (6, [4, 5, 6]), (7, [7])):
+        n = sum(n_targets[s - 1] for s in window)
+        expected = sum(per_step[s]["loss"] * n_targets[s - 1] for s in window) / n
+        assert windows[end]["loss"] == pytest.approx(expected, rel=1e-9)
+        assert windows[end]["double"] == pytest.approx(2 * expected, rel=1e-9)
+        assert windows[end]["grad_norm"] == pytest.approx(np.mean([per_step[s]["grad_norm"] for s in window]), rel=1e-9)
+        assert windows[end]["tokens"] == per_step[end]["tokens"] == 32 * end
+    assert windows[3]["loss"] != pytest.approx(np.mean([per_step[s]["loss"] for s in (1, 2, 3)]), rel=1e-3)
+
+
+def test_resumed_tokens_and_window_means_equal_the_uninterrupted_run(tmp_path):
+    """Checkpoint at step 4, where the last metrics row is a validation row and a log window is half done."""
+    kw = dict(log_every=3, eval_every=2)
+    full, _ = _run(tmp_path, "full", 10, **kw)
+    with pytest.raises(Crash):
+        _run(tmp_path, "split", 10, save_every=4, crash_at=7, **kw)
+    assert [r.get("val_loss") is not None for r in _rows(tmp_path / "split") if r["step"] <= 4][-1]
+    _run(tmp_path, "split", 10, save_every=4, resume=True, **kw)
+    timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    assert timeless(_rows(tmp_path / "split")) == timeless(_rows(tmp_path / "full"))
+    assert [r["tokens"] for r in _rows(tmp_path / "split") if "tokens" in r] == [8 * 16 * s for s in (3, 6, 9, 10)]
