@@ -297,3 +297,136 @@ def test_resumed_tokens_and_window_means_equal_the_uninterrupted_run(tmp_path):
     timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
     assert timeless(_rows(tmp_path / "split")) == timeless(_rows(tmp_path / "full"))
     assert [r["tokens"] for r in _rows(tmp_path / "split") if "tokens" in r] == [8 * 16 * s for s in (3, 6, 9, 10)]
+
+
+# -- keep_best and report.png ---------------------------------------------------------------------------
+def _scripted_val_losses(monkeypatch, by_step: dict):
+    """Engine.evaluate returns by_step[step] (the step being evaluated) instead of measuring."""
+    monkeypatch.setattr(Engine, "evaluate", lambda self, module: (by_step[self._eval_step], {}))
+
+
+def test_keep_best_keeps_the_lowest_val_loss_through_rotation_and_resume(tmp_path, monkeypatch):
+    _scripted_val_losses(monkeypatch, {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.1, 5: 2.2})
+    ckpts = tmp_path / "run" / "checkpoints"
+    with pytest.raises(Crash):  # saves at 2 (best) and 3, dies in step 4
+        _run(tmp_path, "run", 5, save_every=3, crash_at=4, eval_every=1, keep_best=True, keep_checkpoints=1)
+    assert (ckpts / "best").read_text() == "step_0000002"
+    state = json.loads((ckpts / "step_0000003" / "state.json").read_text())
+    assert (state["best_val_loss"], state["best_step"]) == (2.0, 2)
+    # resumed from step 3: 2.1 at step 4 is not below the best so far (2.0, kept in state.json)
+    _run(tmp_path, "run", 5, save_every=3, resume=True, eval_every=1, keep_best=True, keep_checkpoints=1)
+    assert (ckpts / "best").read_text() == "step_0000002"
+    assert (ckpts / "latest").read_text() == "step_0000005"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000005"]  # rotation kept it
+
+
+def test_keep_best_saves_at_a_new_best_between_save_steps(tmp_path, monkeypatch):
+    _scripted_val_losses(monkeypatch, {2: 3.0, 4: 2.5, 6: 2.7, 8: 1.5, 9: 1.6})
+    _run(tmp_path, "run", 9, eval_every=2, keep_best=True, keep_checkpoints=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "best").read_text() == "step_0000008"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000008", "step_0000009"]
+    _run(tmp_path, "plain", 9, eval_every=2)
+    assert not (tmp_path / "plain" / "checkpoints" / "best").exists()
+
+
+class InterruptingWindows(TokenWindows):
+    def step_batches(self, step, rank, world):
+        if step == 3:
+            raise KeyboardInterrupt
+        return super().step_batches(step, rank, world)
+
+
+def test_report_is_written_at_each_evaluation_and_on_ctrl_c(tmp_path):
+    with pytest.raises(Crash):  # a crash after the evaluation of step 2: the report of steps 1-2 is there
+        _run(tmp_path, "crashed", 10, crash_at=3, eval_every=2)
+    assert (tmp_path / "crashed" / "report.png").stat().st_size > 1000
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 3000).astype(np.uint16)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16))
+    source = InterruptingWindows(tokens[:2000], tokens[2000:], 16, 2, 1, seed=0)
+    cfg = TrainConfig(max_steps=10, micro_batch_size=2, eval_every=0, log_every=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        Engine(cfg, tmp_path / "interrupted", model, source, log=lambda s: None).fit()
+    assert (tmp_path / "interrupted" / "report.png").stat().st_size > 1000
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+# -- through the pretrain recipe: resume checks, config.yaml, tune export --best -------------------------
+def _pretrain(tmp_path, *overrides):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    base = [f"output_dir={tmp_path / 'run'}", f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.max_steps=4",
+            "train.micro_batch_size=4", "train.warmup_steps=1", "train.save_every=2", "train.eval_every=2",
+            "train.eval_batches=1", "train.log_every=1", "train.progress=false", "train.mixed_precision=no",
+            "sample.max_new_tokens=2", "export=false"]
+    return run(load_config(PretrainConfig, "demo", base + list(overrides)))
+
+
+def test_resume_refuses_a_schedule_change_and_leaves_config_yaml_alone(tmp_path, capsys):
+    from tune.errors import ConfigError
+
+    _pretrain(tmp_path)
+    config_yaml = (tmp_path / "run" / "config.yaml").read_bytes()
+    state_file = tmp_path / "run" / "checkpoints" / "step_0000004" / "state.json"
+    for old_checkpoint in (False, True):
+        if old_checkpoint:  # written before state.json kept the schedule: the run's config.yaml says
+            state = json.loads(state_file.read_text())
+            del state["schedule"]
+            state_file.write_text(json.dumps(state))
+        with pytest.raises(ConfigError) as refused:
+            _pretrain(tmp_path, "train.resume=true", "train.max_steps=8", "train.lr=1e-3", "seed=1")
+        message = str(refused.value)
+        assert "\n" not in message
+        assert "train.max_steps 4 -> 8" in message and "train.lr 0.002 -> 0.001" in message
+        assert "seed 1337 -> 1" in message and "train.allow_schedule_change=true" in message
+        assert "min_lr" not in message and "global batch" not in message
+        assert (tmp_path / "run" / "config.yaml").read_bytes() == config_yaml
+    # the same global batch split differently is no change
+    capsys.readouterr()
+    _pretrain(tmp_path, "train.resume=true", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    assert "allow_schedule_change" not in capsys.readouterr().out
+
+    result = _pretrain(tmp_path, "train.resume=true", "train.max_steps=8", "train.lr=1e-3",
+                       "train.allow_schedule_change=true")
+    assert "the schedule changes from step 5: train.max_steps 4 -> 8, train.lr 0.002 -> 0.001" in capsys.readouterr().out
+    assert result.step == 8
+    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # a row's lr is the next step's
+    new = lr_lambda(TrainConfig(max_steps=8, lr=1e-3, min_lr=2e-4, warmup_steps=1))
+    assert lr[5] == pytest.approx(1e-3 * new(5)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
+    assert "max_steps: 8" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_run_that_fails_before_training_leaves_no_directory(tmp_path):
+    from tune.errors import DataError
+
+    with pytest.raises(DataError, match="corpus too small"):
+        _pretrain(tmp_path, "model.block_size=100000")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_best_writes_the_best_checkpoint(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from tune.cli import main
+
+    _scripted_val_losses(monkeypatch, {2: 2.0, 4: 2.5, 6: 3.0})
+    _pretrain(tmp_path, "train.max_steps=6", "train.save_every=0", "train.keep_best=true", "train.keep_checkpoints=1")
+    assert main(["export", str(tmp_path / "run"), "--best", "--out", str(tmp_path / "best")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--step", "2", "--out", str(tmp_path / "step2")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "last")]) == 0
+    best, step2, last = (load_file(tmp_path / d / "model.safetensors") for d in ("best", "step2", "last"))
+    assert all(torch.equal(best[k], step2[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+
+    _pretrain(tmp_path, "output_dir=" + str(tmp_path / "plain"), "train.max_steps=2")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "plain"), "--best"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no best checkpoint" in err and "train.keep_best=true" in err
