@@ -222,7 +222,7 @@ def run(cfg: DistillConfig):
         return make_student(cfg, vocab_size, block_size)
 
     result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild).fit()
+                    rebuild=rebuild, run_config=cfg).fit()
     if accelerator.is_main_process:
         student = result.model  # unsharded (the same module unless FSDP trained it)
         student.eval()

@@ -170,7 +170,7 @@ def run(cfg: FinetuneConfig):
     source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
-                    rebuild=lambda: build_model(cfg)).fit()
+                    rebuild=lambda: build_model(cfg), run_config=cfg).fit()
 
     if accelerator.is_main_process:
         model = result.model  # unsharded (the same module unless FSDP trained it)

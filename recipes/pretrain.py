@@ -139,8 +139,6 @@ def run(cfg: PretrainConfig):
                                    vocab_size=cfg.data.vocab_size, val_fraction=cfg.data.val_fraction,
                                    min_tokens=block_size + 1, tokenizer_path=cfg.data.tokenizer_path)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
-    if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
-        tokenizer.save_pretrained(run_dir / "tokenizer")
     say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
         f"({cfg.data.tokenizer}), cache {data.out_dir}")
     if cfg.model.init_from:
@@ -155,7 +153,10 @@ def run(cfg: PretrainConfig):
 
     source = TokenWindows(data.train_tokens(), data.val_tokens(), block_size, cfg.train.micro_batch_size,
                           cfg.train.grad_accum_steps, cfg.seed)
-    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=rebuild).fit()
+    if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=rebuild,
+                    run_config=cfg).fit()
 
     if accelerator.is_main_process:
         model = result.model  # unsharded (the same module unless FSDP trained it)

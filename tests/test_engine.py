@@ -100,7 +100,7 @@ class CrashingWindows(TokenWindows):
         return super().step_batches(step, rank, world)
 
 
-def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None):
+def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None, **train):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, 5000).astype(np.uint16)
     torch.manual_seed(3)
@@ -108,7 +108,8 @@ def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None):
     source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
     source.crash_at = crash_at
     cfg = TrainConfig(max_steps=max_steps, micro_batch_size=4, grad_accum_steps=2, warmup_steps=3, lr=3e-3,
-                      eval_every=4, eval_batches=2, log_every=1, save_every=save_every, resume=resume, progress=False)
+                      eval_batches=2, save_every=save_every, resume=resume, progress=False,
+                      **{"eval_every": 4, "log_every": 1, **train})
     return Engine(cfg, tmp_path / name, model, source, log=lambda s: None).fit(), model
 
 
@@ -172,7 +173,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path):
     with open(latest / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Payload(marker)}, f)
     with pytest.raises(TuneError, match="optimizer.pt: refusing to load"):
-        _run(tmp_path, "run", 6, resume=True)
+        _run(tmp_path, "run", 4, resume=True)
     assert not marker.exists()
 
 
@@ -247,3 +248,185 @@ def test_out_of_memory_says_what_to_try(tmp_path):
     with pytest.raises(TuneError, match=r"out of memory at step 1 .*train.micro_batch_size=2 train.grad_accum_steps=4"
                                         r".*gradient_checkpointing=true"):
         engine.fit()
+
+
+# -- metrics rows: window means and counts that survive a resume ----------------------------------------
+def _rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def loss_with_double(model, batch):
+    """causal_lm_loss plus an extra sum (twice the loss), as distillation logs its KD and CE parts."""
+    loss_sum, n = causal_lm_loss(model, batch)
+    return loss_sum, n, {"double": 2 * loss_sum.detach()}
+
+
+def test_log_row_is_the_token_weighted_mean_of_its_window(tmp_path):
+    torch.manual_seed(0)
+    n_targets = [3, 30, 7, 16, 1, 9, 12]  # per step: unequal, so a plain mean of step losses would differ
+    steps = [[_masked_batch(torch.randint(0, 256, (1, 32)), n)] for n in n_targets]
+    rows = {}
+    for log_every in (1, 3):
+        torch.manual_seed(1)
+        model = GPT(config_from_preset("tiny-gpt2"))
+        cfg = TrainConfig(max_steps=7, micro_batch_size=1, warmup_steps=0, lr=1e-2, eval_every=0, eval_batches=1,
+                          log_every=log_every, progress=False)
+        Engine(cfg, tmp_path / f"log{log_every}", model, ListSource(steps), loss_fn=loss_with_double,
+               log=lambda s: None).fit()
+        rows[log_every] = {r["step"]: r for r in _rows(tmp_path / f"log{log_every}") if "loss" in r}
+    per_step, windows = rows[1], rows[3]
+    assert sorted(windows) == [3, 6, 7]
+    for end, window in ((3, [1, 2, 3]), (6, [4, 5, 6]), (7, [7])):
+        n = sum(n_targets[s - 1] for s in window)
+        expected = sum(per_step[s]["loss"] * n_targets[s - 1] for s in window) / n
+        assert windows[end]["loss"] == pytest.approx(expected, rel=1e-9)
+        assert windows[end]["double"] == pytest.approx(2 * expected, rel=1e-9)
+        assert windows[end]["grad_norm"] == pytest.approx(np.mean([per_step[s]["grad_norm"] for s in window]), rel=1e-9)
+        assert windows[end]["tokens"] == per_step[end]["tokens"] == 32 * end
+    assert windows[3]["loss"] != pytest.approx(np.mean([per_step[s]["loss"] for s in (1, 2, 3)]), rel=1e-3)
+
+
+def test_resumed_tokens_and_window_means_equal_the_uninterrupted_run(tmp_path):
+    """Checkpoint at step 4, where the last metrics row is a validation row and a log window is half done."""
+    kw = dict(log_every=3, eval_every=2)
+    full, _ = _run(tmp_path, "full", 10, **kw)
+    with pytest.raises(Crash):
+        _run(tmp_path, "split", 10, save_every=4, crash_at=7, **kw)
+    assert [r.get("val_loss") is not None for r in _rows(tmp_path / "split") if r["step"] <= 4][-1]
+    _run(tmp_path, "split", 10, save_every=4, resume=True, **kw)
+    timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+    assert timeless(_rows(tmp_path / "split")) == timeless(_rows(tmp_path / "full"))
+    assert [r["tokens"] for r in _rows(tmp_path / "split") if "tokens" in r] == [8 * 16 * s for s in (3, 6, 9, 10)]
+
+
+# -- keep_best and report.png ---------------------------------------------------------------------------
+def _scripted_val_losses(monkeypatch, by_step: dict):
+    """Engine.evaluate returns by_step[step] (the step being evaluated) instead of measuring."""
+    monkeypatch.setattr(Engine, "evaluate", lambda self, module: (by_step[self._eval_step], {}))
+
+
+def test_keep_best_keeps_the_lowest_val_loss_through_rotation_and_resume(tmp_path, monkeypatch):
+    _scripted_val_losses(monkeypatch, {1: 3.0, 2: 2.0, 3: 2.5, 4: 2.1, 5: 2.2})
+    ckpts = tmp_path / "run" / "checkpoints"
+    with pytest.raises(Crash):  # saves at 2 (best) and 3, dies in step 4
+        _run(tmp_path, "run", 5, save_every=3, crash_at=4, eval_every=1, keep_best=True, keep_checkpoints=1)
+    assert (ckpts / "best").read_text() == "step_0000002"
+    state = json.loads((ckpts / "step_0000003" / "state.json").read_text())
+    assert (state["best_val_loss"], state["best_step"]) == (2.0, 2)
+    # resumed from step 3: 2.1 at step 4 is not below the best so far (2.0, kept in state.json)
+    _run(tmp_path, "run", 5, save_every=3, resume=True, eval_every=1, keep_best=True, keep_checkpoints=1)
+    assert (ckpts / "best").read_text() == "step_0000002"
+    assert (ckpts / "latest").read_text() == "step_0000005"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000005"]  # rotation kept it
+
+
+def test_keep_best_saves_at_a_new_best_between_save_steps(tmp_path, monkeypatch):
+    _scripted_val_losses(monkeypatch, {2: 3.0, 4: 2.5, 6: 2.7, 8: 1.5, 9: 1.6})
+    _run(tmp_path, "run", 9, eval_every=2, keep_best=True, keep_checkpoints=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "best").read_text() == "step_0000008"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000008", "step_0000009"]
+    _run(tmp_path, "plain", 9, eval_every=2)
+    assert not (tmp_path / "plain" / "checkpoints" / "best").exists()
+
+
+class InterruptingWindows(TokenWindows):
+    def step_batches(self, step, rank, world):
+        if step == 3:
+            raise KeyboardInterrupt
+        return super().step_batches(step, rank, world)
+
+
+def test_report_is_written_at_each_evaluation_and_on_ctrl_c(tmp_path):
+    with pytest.raises(Crash):  # a crash after the evaluation of step 2: the report of steps 1-2 is there
+        _run(tmp_path, "crashed", 10, crash_at=3, eval_every=2)
+    assert (tmp_path / "crashed" / "report.png").stat().st_size > 1000
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 3000).astype(np.uint16)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16))
+    source = InterruptingWindows(tokens[:2000], tokens[2000:], 16, 2, 1, seed=0)
+    cfg = TrainConfig(max_steps=10, micro_batch_size=2, eval_every=0, log_every=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        Engine(cfg, tmp_path / "interrupted", model, source, log=lambda s: None).fit()
+    assert (tmp_path / "interrupted" / "report.png").stat().st_size > 1000
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step_0000002"
+
+
+# -- through the pretrain recipe: resume checks, config.yaml, tune export --best -------------------------
+def _pretrain(tmp_path, *overrides):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    base = [f"output_dir={tmp_path / 'run'}", f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.max_steps=4",
+            "train.micro_batch_size=4", "train.warmup_steps=1", "train.save_every=2", "train.eval_every=2",
+            "train.eval_batches=1", "train.log_every=1", "train.progress=false", "train.mixed_precision=no",
+            "sample.max_new_tokens=2", "export=false"]
+    return run(load_config(PretrainConfig, "demo", base + list(overrides)))
+
+
+def test_resume_refuses_a_schedule_change_and_leaves_config_yaml_alone(tmp_path, capsys):
+    from tune.errors import ConfigError
+
+    _pretrain(tmp_path)
+    config_yaml = (tmp_path / "run" / "config.yaml").read_bytes()
+    state_file = tmp_path / "run" / "checkpoints" / "step_0000004" / "state.json"
+    for old_checkpoint in (False, True):
+        if old_checkpoint:  # written before state.json kept the schedule: the run's config.yaml says
+            state = json.loads(state_file.read_text())
+            del state["schedule"]
+            state_file.write_text(json.dumps(state))
+        with pytest.raises(ConfigError) as refused:
+            _pretrain(tmp_path, "train.resume=true", "train.max_steps=8", "train.lr=1e-3", "seed=1")
+        message = str(refused.value)
+        assert "\n" not in message
+        assert "train.max_steps 4 -> 8" in message and "train.lr 0.002 -> 0.001" in message
+        assert "seed 1337 -> 1" in message and "train.allow_schedule_change=true" in message
+        assert "min_lr" not in message and "global batch" not in message
+        assert (tmp_path / "run" / "config.yaml").read_bytes() == config_yaml
+    # the same global batch split differently is no change
+    capsys.readouterr()
+    _pretrain(tmp_path, "train.resume=true", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    assert "allow_schedule_change" not in capsys.readouterr().out
+
+    result = _pretrain(tmp_path, "train.resume=true", "train.max_steps=8", "train.lr=1e-3",
+                       "train.allow_schedule_change=true")
+    assert "the schedule changes from step 5: train.max_steps 4 -> 8, train.lr 0.002 -> 0.001" in capsys.readouterr().out
+    assert result.step == 8
+    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # a row's lr is the next step's
+    new = lr_lambda(TrainConfig(max_steps=8, lr=1e-3, min_lr=2e-4, warmup_steps=1))
+    assert lr[5] == pytest.approx(1e-3 * new(5)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
+    assert "max_steps: 8" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_a_run_that_fails_before_training_leaves_no_directory(tmp_path):
+    from tune.errors import DataError
+
+    with pytest.raises(DataError, match="corpus too small"):
+        _pretrain(tmp_path, "model.block_size=100000")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_best_writes_the_best_checkpoint(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from tune.cli import main
+
+    _scripted_val_losses(monkeypatch, {2: 2.0, 4: 2.5, 6: 3.0})
+    _pretrain(tmp_path, "train.max_steps=6", "train.save_every=0", "train.keep_best=true", "train.keep_checkpoints=1")
+    assert main(["export", str(tmp_path / "run"), "--best", "--out", str(tmp_path / "best")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--step", "2", "--out", str(tmp_path / "step2")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "last")]) == 0
+    best, step2, last = (load_file(tmp_path / d / "model.safetensors") for d in ("best", "step2", "last"))
+    assert all(torch.equal(best[k], step2[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+
+    _pretrain(tmp_path, "output_dir=" + str(tmp_path / "plain"), "train.max_steps=2")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "plain"), "--best"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no best checkpoint" in err and "train.keep_best=true" in err

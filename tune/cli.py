@@ -4,7 +4,7 @@
     tune cp CONFIG DEST                        copy a built-in config to edit
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
     tune run RECIPE --config CONFIG [key=value ...] [--nproc N]
-    tune export RUN_DIR [--step N] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
+    tune export RUN_DIR [--step N | --best] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
     tune generate --model DIR [--adapter DIR] --prompt TEXT | --task FILE
 """
 
@@ -124,7 +124,9 @@ def cmd_export(args) -> int:
     if not hasattr(module, "export_checkpoint"):
         raise ConfigError(f"{config_file}: {name} runs train no model, there is nothing to export")
     cfg = load_config(module.CONFIG_CLASS, str(config_file), [])
-    checkpoint = find_checkpoint(run_dir, args.step)
+    if args.best and args.step is not None:
+        raise ConfigError("give --step N or --best, not both")
+    checkpoint = find_checkpoint(run_dir, args.step, best=args.best)
     out = Path(args.out) if args.out else run_dir / "exports" / checkpoint.name
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's checkpoint as its final artifact (HF model, adapter, student)")
     p.add_argument("run_dir", help="the output_dir of a tune run")
     p.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    p.add_argument("--best", action="store_true",
+                   help="the checkpoint of the lowest validation loss (runs with train.keep_best=true)")
     p.add_argument("--out", default=None, help="where to write it (default: RUN_DIR/exports/step_NNNNNNN)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)

@@ -59,6 +59,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
     progress: bool = True
+    keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
+    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see SCHEDULE_KEYS)
 
     def __post_init__(self):
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
@@ -125,6 +127,59 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
+# What shapes the lr schedule and the data order; a resume must keep them unless train.allow_schedule_change
+SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule")
+_GLOBAL_BATCH = "global batch (train.micro_batch_size x train.grad_accum_steps x processes)"
+
+
+def schedule_settings(cfg: TrainConfig, world: int, seed: int | None = None) -> dict:
+    """The settings that shape a run's lr schedule and data order, as checkpoints record them in state.json:
+    the SCHEDULE_KEYS (as `train.KEY`), the global batch in sequences (batches are drawn per step) and the
+    seed (when known)."""
+    settings = {f"train.{k}": getattr(cfg, k) for k in SCHEDULE_KEYS}
+    settings[_GLOBAL_BATCH] = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    if seed is not None:
+        settings["seed"] = seed
+    return settings
+
+
+def trained_schedule(checkpoint: Path) -> dict | None:
+    """The schedule_settings a checkpoint was trained with: from its state.json, or for checkpoints written
+    before state.json kept them, from the run's config.yaml (None when neither says)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    if "schedule" in state:
+        return state["schedule"]
+    config_file = Path(checkpoint).parent.parent / "config.yaml"
+    if not config_file.is_file():
+        return None
+    from tune.config import read_yaml
+
+    data = read_yaml(config_file)
+    train, defaults = data.get("train") or {}, TrainConfig()
+    settings = {f"train.{k}": train.get(k, getattr(defaults, k)) for k in SCHEDULE_KEYS}
+    settings[_GLOBAL_BATCH] = (train.get("micro_batch_size", defaults.micro_batch_size)
+                               * train.get("grad_accum_steps", defaults.grad_accum_steps) * state.get("world_size", 1))
+    if "seed" in data:
+        settings["seed"] = data["seed"]
+    return settings
+
+
+def schedule_changes(checkpoint: Path, cfg: TrainConfig, world: int, seed: int | None = None) -> list[str]:
+    """What resuming `checkpoint` with `cfg` on `world` processes would change of its schedule, as
+    "KEY old -> new" strings (settings that either side does not know are not compared).
+
+    Raises ConfigError naming every change unless cfg.allow_schedule_change is set."""
+    old = trained_schedule(checkpoint)
+    if old is None:
+        return []
+    new = schedule_settings(cfg, world, seed)
+    changes = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
+    if changes and not cfg.allow_schedule_change:
+        raise ConfigError(f"resuming {checkpoint} would change the schedule it was trained with: {', '.join(changes)}; "
+                          "resume with its values, or set train.allow_schedule_change=true to continue with the new ones")
+    return changes
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
     """AdamW groups: decay on trainable matrices; none on biases, norm gains or (by default) embeddings."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -171,21 +226,30 @@ def _full_options(**kw):
 
 class Checkpointer:
     """checkpoints/step_NNNNNNN/ directories, written to a temp dir and renamed into place;
-    `latest` names the newest complete one."""
+    `latest` names the newest complete one, `best` (train.keep_best) the one of the lowest validation loss.
+    Rotation keeps the newest `keep` and the one `best` names."""
 
     def __init__(self, run_dir: Path, keep: int):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
 
     def latest(self) -> Path | None:
-        pointer = self.dir / "latest"
+        return self._pointed("latest")
+
+    def best(self) -> Path | None:
+        return self._pointed("best")
+
+    def _pointed(self, pointer_name: str) -> Path | None:
+        pointer = self.dir / pointer_name
         if not pointer.is_file():
             return None
         path = self.dir / pointer.read_text().strip()
         return path if (path / "state.json").is_file() else None
 
-    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict, rng: dict | None = None) -> Path:
-        """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`."""
+    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict, rng: dict | None = None,
+             best: bool = False) -> Path:
+        """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`
+        (and `best`, when `best`)."""
         final = self.dir / f"step_{state['step']:07d}"
         # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
         # between the rename and the pointer update): training is deterministic, so it holds this very
@@ -193,13 +257,9 @@ class Checkpointer:
         if not (final / "state.json").is_file():
             self._write(accelerator, model, optimizer, scheduler, state, final, rng)
         if accelerator.is_main_process:
-            pointer_tmp = self.dir / ".latest.tmp"
-            with open(pointer_tmp, "w") as fh:
-                fh.write(final.name)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(pointer_tmp, self.dir / "latest")
-            _fsync_dir(self.dir)
+            if best:
+                self._point("best", final)
+            self._point("latest", final)
             self._rotate(final)
         accelerator.wait_for_everyone()
         return final
@@ -236,10 +296,20 @@ class Checkpointer:
             os.replace(tmp, final)
             fault_point("pointer", state["step"])
 
+    def _point(self, pointer_name: str, target: Path):
+        pointer_tmp = self.dir / f".{pointer_name}.tmp"
+        with open(pointer_tmp, "w") as fh:
+            fh.write(target.name)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(pointer_tmp, self.dir / pointer_name)
+        _fsync_dir(self.dir)
+
     def _rotate(self, newest: Path):
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        best = self.dir / (self.dir / "best").read_text().strip() if (self.dir / "best").is_file() else None
         for old in done[:-self.keep]:
-            if old != newest:
+            if old != newest and old != best:
                 shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
@@ -282,10 +352,17 @@ def checkpoint_tensor_shape(path: Path, name: str) -> list[int]:
         return list(f.get_slice(name).get_shape())
 
 
-def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """The run's latest complete checkpoint, or the one of `step`."""
+def find_checkpoint(run_dir: Path, step: int | None = None, best: bool = False) -> Path:
+    """The run's latest complete checkpoint, the one of `step`, or (best=True) the one of its lowest validation
+    loss. Raises ConfigError naming what is there when there is no such checkpoint."""
     checkpoints = Checkpointer(run_dir, keep=1)
     complete = sorted(p.name for p in checkpoints.dir.glob("step_*") if (p / "state.json").is_file())
+    if best:
+        path = checkpoints.best()
+        if path is None:
+            raise ConfigError(f"{checkpoints.dir}: no best checkpoint (only runs with train.keep_best=true keep the "
+                              "checkpoint of their lowest validation loss); use --step N or the latest")
+        return path
     if step is None:
         latest = checkpoints.latest()
         if latest is None:
@@ -379,10 +456,15 @@ class Engine:
     """Trains `model` on `source` into `run_dir`. One instance per run."""
 
     def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn = causal_lm_loss,
-                 accelerator=None, log: Callable[[str], None] = print, rebuild: Callable[[], nn.Module] | None = None):
+                 accelerator=None, log: Callable[[str], None] = print, rebuild: Callable[[], nn.Module] | None = None,
+                 run_config=None):
         """`rebuild()` makes a fresh, unsharded copy of the model (same structure and frozen weights): under
-        FSDP, the trained model handed back in FitResult.model is that copy with the trained weights."""
+        FSDP, the trained model handed back in FitResult.model is that copy with the trained weights.
+        `run_config`: the recipe's whole config, saved as run_dir/config.yaml once training starts (after the
+        resume checks), so a run that fails before its first step leaves no config.yaml; its `seed` (if any)
+        is one of the schedule settings a resume must keep."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
+        self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
@@ -432,7 +514,6 @@ class Engine:
     def fit(self) -> FitResult:
         cfg, acc = self.cfg, self.accelerator
         start_time = time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._check_distributed_setup()
         if cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             from tune.hf import enable_activation_checkpointing
@@ -445,15 +526,31 @@ class Engine:
             module = torch.compile(module)
 
         step, elapsed_before = 0, 0.0
+        # what checkpoints carry besides the step: the running token count, the log window not yet logged, and
+        # the best validation loss so far, so a resumed run logs and keeps exactly what an uninterrupted one does
+        self.counters = {"tokens": 0, "log_window": _empty_window(), "best_val_loss": None, "best_step": None}
         latest = self.checkpointer.latest() if cfg.resume else None
         if cfg.resume and latest is None:
             self.log_line(f"resume=true but no complete checkpoint in {self.checkpointer.dir}; starting from step 0")
         if latest is not None:
+            changes = schedule_changes(latest, cfg, acc.num_processes, self.seed)  # raises unless allowed
             state = Checkpointer.load(latest, acc, self.model, self.optimizer, self.scheduler)
             step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+            self.counters.update({k: state[k] for k in self.counters if k in state})
             self.log_line(f"resumed from {latest} at step {step}")
+            if changes:
+                self._restart_schedule()
+                self.log_line(f"train.allow_schedule_change=true: the schedule changes from step {step + 1}: "
+                              + ", ".join(changes))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_config is not None and acc.is_main_process:
+            from tune.config import save_config
+
+            save_config(self.run_config, self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step)
         history = [r for r in metrics.rows()] if step else []
+        if latest is not None and "tokens" not in state:  # a checkpoint from before state.json kept the count
+            self.counters["tokens"] = next((r["tokens"] for r in reversed(history) if "tokens" in r), 0)
 
         progress = None
         if cfg.progress and acc.is_main_process:
@@ -462,30 +559,41 @@ class Engine:
             progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
         module.train()
         last_loss = last_val = None
-        window_tokens, window_start = 0, time.time()
-        total_tokens = history[-1].get("tokens", 0) if history else 0
+        speed_tokens, speed_start, bar = 0, time.time(), {}
         step_start_rng = None
+
+        def log_window():
+            nonlocal speed_tokens, speed_start, last_loss
+            window, now = self.counters["log_window"], time.time()
+            means = {k: v / max(window["targets"], 1.0) if window["steps"] else math.nan
+                     for k, v in window["sums"].items()}
+            last_loss = means.pop("loss", math.nan)
+            tok_s = speed_tokens * acc.num_processes / max(now - speed_start, 1e-9)
+            row = {"step": step, "loss": last_loss, **means, "lr": self.scheduler.get_last_lr()[0],
+                   "grad_norm": window["grad_norm"] / window["steps"] if window["steps"] else math.nan,
+                   "tokens": self.counters["tokens"], "tokens_per_s": tok_s,
+                   "elapsed_s": elapsed_before + now - start_time}
+            metrics.log(row)
+            history.append(row)
+            self.counters["log_window"] = _empty_window()
+            speed_tokens, speed_start = 0, time.time()
+            bar["tok_s"] = f"{tok_s:,.0f}"
+
         try:
             while step < cfg.max_steps:
                 step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
-                loss, tokens, grad_norm, extras = self._train_step(module, optimizer, step + 1)
-                step += 1
-                step_start_rng = None  # the step completed: the current RNG state is the one to save
-                window_tokens += tokens
-                total_tokens += tokens * acc.num_processes
-                last_loss = loss
+                sums, targets, tokens, grad_norm, skipped = self._train_step(module, optimizer, step + 1)
+                counters = {**self.counters, "tokens": self.counters["tokens"] + tokens * acc.num_processes,
+                            "log_window": _add_to_window(self.counters["log_window"], sums, targets, grad_norm, skipped)}
+                # one assignment: a Ctrl-C lands before it (the step is not counted) or after it (it is)
+                step, self.counters, step_start_rng = step + 1, counters, None
+                speed_tokens += tokens
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    now = time.time()
-                    tok_s = window_tokens * acc.num_processes / max(now - window_start, 1e-9)
-                    row = {"step": step, "loss": loss, **extras, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                           "tokens": total_tokens, "tokens_per_s": tok_s,
-                           "elapsed_s": elapsed_before + now - start_time}
-                    metrics.log(row)
-                    history.append(row)
-                    window_tokens, window_start = 0, time.time()
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                is_last = step == cfg.max_steps
+                    log_window()
+                if progress is not None:  # this step's loss; metrics.jsonl has the log_every window's mean
+                    bar["loss"] = f"{sums['loss'] / max(targets, 1.0):.4f}"
+                    progress.set_postfix(bar, refresh=False)
+                is_last, is_best = step == cfg.max_steps, False
                 if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
                     self._eval_step = step
                     last_val, val_extras = self.evaluate(module)
@@ -495,11 +603,18 @@ class Engine:
                     metrics.log(row)
                     history.append(row)
                     self.log_line(f"step {step}: val_loss {last_val:.4f} (ppl {row['val_ppl']:.2f})")
+                    best_so_far = self.counters["best_val_loss"]
+                    if cfg.keep_best and math.isfinite(last_val) and (best_so_far is None or last_val < best_so_far):
+                        is_best = True
+                        self.counters = {**self.counters, "best_val_loss": last_val, "best_step": step}
                     if cfg.stop_at_val_loss is not None and last_val <= cfg.stop_at_val_loss and not is_last:
                         self.log_line(f"val_loss {last_val:.4f} <= stop_at_val_loss {cfg.stop_at_val_loss}: stopping")
                         is_last = True
-                if (cfg.save_every and step % cfg.save_every == 0) or is_last:
-                    self._save(step, elapsed_before + time.time() - start_time)
+                        if self.counters["log_window"]["steps"]:
+                            log_window()
+                    self._write_report(history)
+                if (cfg.save_every and step % cfg.save_every == 0) or is_last or is_best:
+                    self._save(step, elapsed_before + time.time() - start_time, best=is_best)
                 if progress is not None:
                     progress.update(1)
                 if is_last:
@@ -507,6 +622,7 @@ class Engine:
         except KeyboardInterrupt:
             self.log_line(f"interrupted at step {step}: saving a checkpoint")
             self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
+            self._write_report(history)
             raise
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
@@ -514,11 +630,24 @@ class Engine:
             if progress is not None:
                 progress.close()
             metrics.close()
-        if acc.is_main_process:
+        self._write_report(history)
+        return FitResult(step, last_loss, last_val, self.run_dir, history, self._unsharded_model())
+
+    def _write_report(self, rows: list[dict]):
+        """report.png from the rows so far (main process only)."""
+        if self.accelerator.is_main_process:
             from tune.report import write_report
 
-            write_report(metrics.rows(), self.run_dir / "report.png")
-        return FitResult(step, last_loss, last_val, self.run_dir, history, self._unsharded_model())
+            write_report(rows, self.run_dir / "report.png")
+
+    def _restart_schedule(self):
+        """After loading a checkpoint whose schedule differs (train.allow_schedule_change): follow this config's
+        lr and schedule from the checkpoint's step on (the loaded scheduler state holds the old base lr)."""
+        factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = self.cfg.lr, self.cfg.lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _check_distributed_setup(self):
         from accelerate.utils import DistributedType
@@ -548,13 +677,18 @@ class Engine:
         plain.load_state_dict(weights, strict=False)
         return plain
 
-    def _save(self, step: int, elapsed: float, rng: dict | None = None):
+    def _save(self, step: int, elapsed: float, rng: dict | None = None, best: bool = False):
         if step == 0:
             return
-        self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler,
-                               {"step": step, "elapsed_s": elapsed, "world_size": self.accelerator.num_processes}, rng)
+        world = self.accelerator.num_processes
+        state = {"step": step, "elapsed_s": elapsed, "world_size": world,
+                 "schedule": schedule_settings(self.cfg, world, self.seed), **self.counters}
+        self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler, state, rng, best=best)
 
-    def _train_step(self, module, optimizer, step: int) -> tuple[float, int, float, dict[str, float]]:
+    def _train_step(self, module, optimizer, step: int) -> tuple[dict[str, float], float, int, float, bool]:
+        """One optimizer step. Returns the step's summed loss and extras over all ranks ({name: sum}, "loss"
+        included), its target-token count over all ranks, this rank's input tokens, the gradient norm, and
+        whether the update was skipped (a non-finite loss or gradient with train.skip_nonfinite_steps)."""
         cfg, acc = self.cfg, self.accelerator
         batches = self.source.step_batches(step, acc.process_index, acc.num_processes)
         batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in batches]
@@ -576,9 +710,10 @@ class Engine:
                 sums[name] = sums.get(name, 0) + value.detach().float()
         # the norm is always measured (an infinite max_norm clips nothing) so bad gradients are caught before the update
         grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        means = {name: acc.reduce(value, "sum").item() / max(global_targets, 1.0) for name, value in sums.items()}
-        loss_avg = means.pop("loss")
-        if not (math.isfinite(loss_avg) and math.isfinite(grad_norm)):
+        sums = {name: acc.reduce(value, "sum").item() for name, value in sums.items()}
+        loss_avg = sums["loss"] / max(global_targets, 1.0)
+        skipped = not (math.isfinite(loss_avg) and math.isfinite(grad_norm))
+        if skipped:
             what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
             if not cfg.skip_nonfinite_steps:
                 raise TuneError(f"{what} at step {step}; the weights were not updated and the last good checkpoint is "
@@ -590,7 +725,7 @@ class Engine:
             optimizer.step()
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
-        return loss_avg, sum(_input_tokens(b) for b in batches), grad_norm, means
+        return sums, global_targets, sum(_input_tokens(b) for b in batches), grad_norm, skipped
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
@@ -628,6 +763,22 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _empty_window() -> dict:
+    """The sums behind one metrics row: loss and extras summed over the window's steps (all ranks), their
+    target tokens, the summed gradient norm and the number of steps (updates skipped as non-finite excluded)."""
+    return {"sums": {}, "targets": 0.0, "grad_norm": 0.0, "steps": 0}
+
+
+def _add_to_window(window: dict, sums: dict[str, float], targets: float, grad_norm: float, skipped: bool) -> dict:
+    if skipped:
+        return window
+    total = dict(window["sums"])
+    for name, value in sums.items():
+        total[name] = total.get(name, 0.0) + value
+    return {"sums": total, "targets": window["targets"] + targets, "grad_norm": window["grad_norm"] + grad_norm,
+            "steps": window["steps"] + 1}
 
 
 def _named_sums(out) -> dict[str, torch.Tensor]:

@@ -7,16 +7,21 @@ from pathlib import Path
 
 import torch
 
-from tune.config import save_config
 from tune.errors import ConfigError
 
 
 def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
-    """Check output_dir against inputs and earlier runs, then save the resolved config into it.
+    """Check output_dir against inputs and earlier runs before any heavy work; returns it (not created yet).
 
     Refuses to start afresh over an earlier run's checkpoints unless train.resume or overwrite is set,
-    so nothing already saved is lost by a re-run.
+    so nothing already saved is lost by a re-run, and refuses a resume that would change the schedule the
+    checkpoint was trained with (engine.schedule_changes) unless train.allow_schedule_change is set.
+    config.yaml is not written here: the engine writes it (Engine(run_config=cfg)) when training starts, so a
+    refused resume leaves the earlier config.yaml as it was and a run that fails before its first step leaves
+    no directory holding only a config.
     """
+    from tune.engine import Checkpointer, schedule_changes
+
     run_dir = Path(cfg.output_dir)
     for item in inputs:
         if item and Path(item).resolve() == run_dir.resolve():
@@ -25,11 +30,11 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     if has_checkpoints and not cfg.train.resume and not getattr(cfg, "overwrite", False):
         raise ConfigError(f"output_dir={cfg.output_dir} holds checkpoints of an earlier run: set train.resume=true to "
                           "continue it, overwrite=true to start afresh, or choose another output_dir")
-    if accelerator.is_main_process:
-        if has_checkpoints and not cfg.train.resume:
-            shutil.rmtree(run_dir / "checkpoints")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    latest = Checkpointer(run_dir, keep=1).latest() if cfg.train.resume else None
+    if latest is not None:
+        schedule_changes(latest, cfg.train, accelerator.num_processes, getattr(cfg, "seed", None))
+    if accelerator.is_main_process and has_checkpoints and not cfg.train.resume:
+        shutil.rmtree(run_dir / "checkpoints")
     accelerator.wait_for_everyone()
     return run_dir
 
