@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path
-from tune.errors import ConfigError, TuneError
+from tune.errors import ConfigError, ConfigProblems, TuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -60,7 +60,10 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
     module = load_recipe(name)
     cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
     if hasattr(module, "validate"):
-        module.validate(cfg)
+        try:
+            module.validate(cfg)
+        except ConfigProblems as e:
+            raise ConfigProblems(e.problems, str(path)) from None
     return module, cfg
 
 

@@ -6,12 +6,13 @@ LM, or a tokenizer that cannot pad fails the same way: one line naming the key, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import torch
 
 from tune.errors import ConfigError, DataError
 
+# torch and transformers are imported inside the functions that need them: `tune validate` checks model
+# directories through the json helpers here and stays free of both (about 3 s of imports).
 
 
 def _first_line(e: Exception) -> str:
@@ -19,18 +20,60 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
+def read_model_config(path) -> dict:
+    """config.json of an HF model directory as a dict (json only, no transformers); a DataError if unreadable."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file}: not a valid transformers config ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{file}: not a valid transformers config (not a JSON object)")
+    return config
+
+
+def position_table_size(path) -> int | None:
+    """The size of the learned position table of the HF model in `path` (GPT-2 / OpenAIGPT `n_positions`),
+    read from its config.json; None for models without one.
+
+    Only learned tables are a hard limit: a longer input indexes past the table (IndexError in the
+    embedding). RoPE models (Llama) compute positions, so their `max_position_embeddings` is the trained
+    context, not a table; longer inputs run (with degrading quality), so it is not enforced here.
+    """
+    value = read_model_config(path).get("n_positions")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# causal-LM heads by class-name suffix (GPT2LMHeadModel, OpenAIGPTLMHeadModel, LlamaForCausalLM, ...): accepted
+# from config.json alone; any other architecture is judged by transformers' own model mappings
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def check_model_dir(path, field: str = "model") -> Path:
     """A ConfigError if `path` does not exist; a DataError unless it is an HF causal-LM directory."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                           MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES)
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise DataError(f"{field}={path} is not a Hugging Face model directory (no config.json); point it at a "
                         "directory written by save_pretrained")
+    config = read_model_config(path)
+    architectures = config.get("architectures") or []
+    causal_by_name = (isinstance(architectures, list) and architectures and "model_type" in config
+                      and not config.get("is_encoder_decoder")
+                      and all(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in architectures))
+    if not causal_by_name:
+        _check_causal_with_transformers(path, field)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
+    return path
+
+
+def _check_causal_with_transformers(path: Path, field: str) -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                           MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES)
+
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
@@ -45,9 +88,6 @@ def check_model_dir(path, field: str = "model") -> Path:
         kind = f"architectures {architectures}" if architectures else f"model_type {config.model_type!r}"
         raise DataError(f"{field}={path}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
                         "load it); point it at a decoder-only LM such as GPT-2 or Llama")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
-    return path
 
 
 def check_adapter_dir(path, field: str = "adapter") -> Path:
@@ -60,18 +100,21 @@ def check_adapter_dir(path, field: str = "adapter") -> Path:
     return path
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "uint8": torch.uint8}
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "uint8": "uint8"}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it, else fp32."""
+def resolve_dtype(name: str):
+    """The torch dtype of a config name (bf16, fp32, fp16, uint8); auto: bf16 on a GPU that supports it, else fp32."""
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+    return getattr(torch, _DTYPES[name])
 
 
 def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
     """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
