@@ -48,6 +48,32 @@ def test_validate_rejects_bad_values_with_one_line(override, message, capsys):
     assert message in err and err.count("\n") == 1, err
 
 
+def test_cp_into_a_missing_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["cp", "demo", "newdir/"]) == 0
+    assert (tmp_path / "newdir").is_dir()
+    assert (tmp_path / "newdir" / "demo.yaml").read_text() == (REPO / "recipes/configs/demo.yaml").read_text()
+    assert main(["cp", "demo", "copy.yaml"]) == 0 and (tmp_path / "copy.yaml").is_file()  # no slash: a file
+
+
+def test_cat_prints_the_resolved_config(tmp_path, capsys):
+    from tune.config import load_config, to_dict, yaml_load
+    from recipes.finetune import FinetuneConfig
+
+    # base_model need not exist: cat checks keys and values, not paths
+    overrides = ["train.lr=3e-4", "lora.r=4", f"base_model={tmp_path / 'later'}"]
+    assert main(["cat", "lora_ni", *overrides]) == 0
+    out = capsys.readouterr().out
+    expected = to_dict(load_config(FinetuneConfig, "lora_ni", overrides))
+    assert yaml_load(out) == expected
+    assert expected["train"]["lr"] == 3e-4 and expected["lora"]["r"] == 4
+    assert "keep_checkpoints: 2" in out  # a default the file does not set
+    (tmp_path / "cat.yaml").write_text(out)  # the printout is a config file that loads back to the same values
+    assert to_dict(load_config(FinetuneConfig, str(tmp_path / "cat.yaml"))) == expected
+    assert main(["cat", "demo", "train.lr=fast"]) == 2
+    assert "train.lr: expected a number" in capsys.readouterr().err
+
+
 def test_section_checks_name_their_key_once(capsys):
     for config, override, message in (("demo", "train.max_steps=0", "train.max_steps must be >= 1"),
                                       ("lora_ni", "lora.r=0", "lora.r must be >= 1"),

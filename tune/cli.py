@@ -1,7 +1,8 @@
-"""The `tune` command: ls | cp | validate | run | export | generate.
+"""The `tune` command: ls | cp | cat | validate | run | export | generate.
 
     tune ls                                    recipes and their configs (scanned from recipes/configs/)
-    tune cp CONFIG DEST                        copy a built-in config to edit
+    tune cp CONFIG DEST                        copy a built-in config to edit (DEST/ : into that directory)
+    tune cat CONFIG [key=value ...]            print the resolved config (defaults filled in, overrides applied)
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
     tune run RECIPE --config CONFIG [key=value ...] [--nproc N]
     tune export RUN_DIR [--step N] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
@@ -46,8 +47,9 @@ def config_summary(path: Path) -> tuple[str, str]:
     return recipe, description
 
 
-def load_recipe_config(config: str, overrides: list[str], recipe: str | None = None):
-    """Resolve a config (file or built-in name), pick its recipe and build the validated config object."""
+def load_recipe_config(config: str, overrides: list[str], recipe: str | None = None, check: bool = True):
+    """Resolve a config (file or built-in name), pick its recipe and build the validated config object
+    (check=False: keys, types and values only, without the recipe's `validate` of paths and models)."""
     if recipe:
         load_recipe(recipe)
     path = resolve_config_path(config)
@@ -59,7 +61,7 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
         raise ConfigError(f"{path} is a {declared!r} config, not {recipe!r}; run: tune run {declared} --config {config}")
     module = load_recipe(name)
     cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
-    if hasattr(module, "validate"):
+    if check and hasattr(module, "validate"):
         try:
             module.validate(cfg)
         except ConfigProblems as e:
@@ -83,6 +85,8 @@ def cmd_ls(args) -> int:
 def cmd_cp(args) -> int:
     src = resolve_config_path(args.config)
     dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)):  # a directory, created if missing (not a file named after it)
+        dest.mkdir(parents=True, exist_ok=True)
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not args.force:
@@ -90,6 +94,18 @@ def cmd_cp(args) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     print(f"copied {src.name} to {dest}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    """Print a config as the recipe sees it: every key, with defaults filled in and overrides applied (keys and
+    values are checked; paths are not, so a config for models not trained yet prints too)."""
+    import yaml
+
+    from tune.config import to_dict
+
+    _, cfg = load_recipe_config(args.config, args.overrides, check=False)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -210,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_cp)
+    p = sub.add_parser("cat", help="print a config resolved: defaults filled in, overrides applied, validated")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_cat)
     p = sub.add_parser("validate", help="check a config (keys, types, values) without running it")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
