@@ -161,6 +161,30 @@ def test_cli_generate_samples_reproducibly_from_a_prompt(tiny_lm, capsys):
     assert capsys.readouterr().out == first and first.startswith("Definition: say yes")
 
 
+def test_cli_generate_names_model_for_a_missing_path_or_a_run_directory(tmp_path, tiny_lm, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_lm, run / "hf")
+    (run / "config.yaml").write_text("recipe: pretrain\n")
+    lora_run = tmp_path / "runs" / "lora"
+    (lora_run / "adapter").mkdir(parents=True)
+    (lora_run / "config.yaml").write_text("recipe: finetune\nbase_model: runs/base/hf\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model, error in (
+            ("runs/nonexist", "error: --model runs/nonexist does not exist"),
+            ("runs/demo", "error: --model runs/demo is a run directory, not a model; use --model runs/demo/hf"),
+            ("runs/lora", "error: --model runs/lora is a run directory with an adapter; use --model runs/base/hf "
+                          "--adapter runs/lora/adapter"),
+            ("empty", "error: --model empty is not a Hugging Face model directory (no config.json)")):
+        assert main(["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(error) and err.count("\n") == 1, err
+    assert main(["generate", "--model", "runs/demo/hf", "--prompt", "x", "--max-new-tokens", "2"]) == 0
+
+
 def test_streamer_prints_japanese_whole_characters_only(ni_texts):
     from data_prep.text import train_bpe_tokenizer
     from tune.evaluation import PrintStreamer

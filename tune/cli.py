@@ -159,6 +159,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+RUN_ARTIFACTS = ("hf", "merged", "model", "student")  # what a run writes that `tune generate --model` loads
+
+
+def check_generate_model(model: str) -> None:
+    """One-line errors for the usual wrong --model: a missing path, or a run directory instead of its model."""
+    from tune.hf import check_model_dir
+
+    path = Path(model)
+    if not path.exists():
+        raise ConfigError(f"--model {model} does not exist (paths are relative to where you run tune)")
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        found = [name for name in RUN_ARTIFACTS if (path / name / "config.json").is_file()]
+        if found:
+            raise ConfigError(f"--model {model} is a run directory, not a model; use --model {path / found[0]}")
+        if (path / "adapter").is_dir():
+            base = read_yaml(path / "config.yaml").get("base_model", "BASE_MODEL")
+            raise ConfigError(f"--model {model} is a run directory with an adapter; use --model {base} "
+                              f"--adapter {path / 'adapter'}")
+    check_model_dir(model, "--model")
+
+
 def cmd_generate(args) -> int:
     """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
     import torch
@@ -185,7 +206,8 @@ def cmd_generate(args) -> int:
             raise ConfigError(f"--instance {args.instance}: {args.task} has {len(task.instances)} instances; "
                               f"use 0..{len(task.instances) - 1}")
         instance = task.instances[args.instance]
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_generate_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = load_model(args.model, args.adapter, args.dtype)
     check_vocab(model, tokenizer, args.tokenizer or args.model)
     limit = prompt_token_limit(model, args.max_new_tokens)

@@ -20,6 +20,11 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
+def _named(field: str, path) -> str:
+    """How messages name an input: `base_model=DIR` for a config key, `--model DIR` for a command-line option."""
+    return f"{field} {path}" if field.startswith("-") else f"{field}={path}"
+
+
 def read_model_config(path) -> dict:
     """config.json of an HF model directory as a dict (json only, no transformers); a DataError if unreadable."""
     file = Path(path) / "config.json"
@@ -53,9 +58,9 @@ def check_model_dir(path, field: str = "model") -> Path:
     """A ConfigError if `path` does not exist; a DataError unless it is an HF causal-LM directory."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise DataError(f"{field}={path} is not a Hugging Face model directory (no config.json); point it at a "
+        raise DataError(f"{_named(field, path)} is not a Hugging Face model directory (no config.json); point it at a "
                         "directory written by save_pretrained")
     config = read_model_config(path)
     architectures = config.get("architectures") or []
@@ -65,7 +70,7 @@ def check_model_dir(path, field: str = "model") -> Path:
     if not causal_by_name:
         _check_causal_with_transformers(path, field)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
+        raise DataError(f"{_named(field, path)}: no weights (*.safetensors or *.bin) in the directory")
     return path
 
 
@@ -86,16 +91,16 @@ def _check_causal_with_transformers(path: Path, field: str) -> None:
     if (causal_classes is None or getattr(config, "is_encoder_decoder", False) or encoder
             or (architectures and not any(a in causal_names or a == base_class for a in architectures))):
         kind = f"architectures {architectures}" if architectures else f"model_type {config.model_type!r}"
-        raise DataError(f"{field}={path}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
+        raise DataError(f"{_named(field, path)}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
                         "load it); point it at a decoder-only LM such as GPT-2 or Llama")
 
 
 def check_adapter_dir(path, field: str = "adapter") -> Path:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     if not (path / "adapter_config.json").is_file():
-        raise DataError(f"{field}={path} is not a peft adapter directory (no adapter_config.json); point it at the "
+        raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at the "
                         "adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
     return path
 
@@ -153,22 +158,22 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
     from transformers import AutoTokenizer
 
     if not Path(path).exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{field}={path}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise DataError(f"{_named(field, path)}: cannot load a tokenizer ({_first_line(e)})") from None
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise DataError(f"{field}={path}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
+            raise DataError(f"{_named(field, path)}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
                             f"existing token such as the eos token {tokenizer.eos_token!r}")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError(f"{field}={path}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
+            raise DataError(f"{_named(field, path)}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
                             "batched; set pad_token or eos_token in its tokenizer_config.json")
         if not pad_with_eos:
-            raise DataError(f"{field}={path}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
+            raise DataError(f"{_named(field, path)}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
                             "in the config to pad with its eos token (padding is masked out of the loss)")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
