@@ -184,8 +184,9 @@ def cmd_generate(args) -> int:
     """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
     import torch
 
-    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, load_model, load_tokenizer, prompt_ids,
-                                 prompt_token_limit, special_ids, truncate_left)
+    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, learned_position_table, load_model,
+                                 load_tokenizer, prompt_ids, prompt_token_limit, special_ids, stream_generate,
+                                 truncate_left)
 
     if (args.prompt is None) == (args.task is None):
         raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
@@ -210,28 +211,28 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = load_model(args.model, args.adapter, args.dtype)
     check_vocab(model, tokenizer, args.tokenizer or args.model)
-    limit = prompt_token_limit(model, args.max_new_tokens)
+    table = learned_position_table(model)
+    if table is None:
+        limit = prompt_token_limit(model, args.max_new_tokens)
+    else:  # any length: a window slides over the position table; a task's prompt still fits it when it can
+        limit = table - args.max_new_tokens if args.max_new_tokens < table else table - 1
     prompt = args.prompt
     if task is not None:  # as `tune run evaluate` builds it: demonstrations dropped until it fits the context
         prompt, dropped = fit_prompt(tokenizer, task, instance.input, PromptConfig(), limit)
         if dropped:
             print(f"note: demonstrations dropped to fit the model's context ({limit} prompt tokens)", file=sys.stderr)
     pad_id, eos_ids = special_ids(model, tokenizer)
-    ids = truncate_left(prompt_ids(tokenizer, prompt), limit, tokenizer)  # long prompts keep their end
-    device = next(model.parameters()).device
-    enc = {"input_ids": torch.tensor([ids], device=device),
-           "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+    ids = prompt_ids(tokenizer, prompt)
+    if table is None:
+        ids = truncate_left(ids, limit, tokenizer)  # long prompts keep their end
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(args.seed)
     print(prompt, end="", flush=True)
-    streamer = PrintStreamer(tokenizer)
-    with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample, num_beams=1,
-                       temperature=args.temperature if sample else None, top_k=args.top_k if sample else None,
-                       top_p=args.top_p if sample else None, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                       streamer=streamer)
+    stream_generate(model, ids, args.max_new_tokens, PrintStreamer(tokenizer), pad_id, eos_ids,
+                    temperature=args.temperature, top_k=args.top_k if sample else None,
+                    top_p=args.top_p if sample else None)
     print(flush=True)
     if task is not None:
         print(f"--- {task.name}, instance {args.instance} (id {instance.id}); reference output"
