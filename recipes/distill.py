@@ -280,11 +280,15 @@ def _embedding_rows(model_dir) -> int:
 def _text_source(cfg: DistillConfig, accelerator):
     from data_prep.text import prepare_text_corpus
     from tune.data import TokenWindows
+    from tune.hf import unknown_token_warning
 
     d = cfg.data
     with accelerator.main_process_first():
         data = prepare_text_corpus(d.corpus, d.cache_dir, tokenizer_path=cfg.teacher.model, val_fraction=d.val_fraction,
                                    min_tokens=d.block_size + 1)
+    warning = unknown_token_warning(data.unknown_rate, cfg.teacher.model)
+    if warning and accelerator.is_main_process:
+        print(warning)
     return TokenWindows(data.train_tokens(), data.val_tokens(), d.block_size, cfg.train.micro_batch_size,
                         cfg.train.grad_accum_steps, cfg.seed)
 

@@ -135,6 +135,7 @@ def prompt_config(d: NIDataSection):
 def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     """Tokenized (cached) training and held-out-instance datasets, and the prompt config they were built with."""
     from data_prep.natural_instructions import TokenizeConfig, build_dataset
+    from tune.hf import unknown_token_warning
 
     prompt_cfg = prompt_config(d)
     tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
@@ -142,6 +143,9 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
         train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
         val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
     say(f"train: {report}")
+    warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
+    if warning:
+        say(warning)
     say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
         f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
     return train_set, val_set, prompt_cfg

@@ -128,6 +128,7 @@ def run(cfg: PretrainConfig):
     from tune.data import TokenWindows
     from tune.engine import Engine, make_accelerator
     from tune.errors import ConfigError
+    from tune.hf import unknown_token_warning
     from tune.models.export import export_hf
     from tune.models.gpt import GPT, describe
     from tune.recipe_utils import prepare_output_dir, sample_text
@@ -150,8 +151,13 @@ def run(cfg: PretrainConfig):
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
     if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
         tokenizer.save_pretrained(run_dir / "tokenizer")
+    tokenizer_name = cfg.data.tokenizer_path or cfg.data.tokenizer
     say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
-        f"({cfg.data.tokenizer}), cache {data.out_dir}")
+        f"({tokenizer_name}), " + (f"{data.unknown_rate:.2%} unknown tokens, " if data.unknown_tokens is not None else "")
+        + f"cache {data.out_dir}")
+    warning = unknown_token_warning(data.unknown_rate, tokenizer_name)
+    if warning:
+        say(warning)
     if cfg.model.init_from:
         if model.config.vocab_size < data.vocab_size:
             raise ConfigError(f"init_from={cfg.model.init_from} has vocab_size {model.config.vocab_size} but the "

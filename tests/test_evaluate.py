@@ -224,6 +224,14 @@ def test_cli_generate_slides_a_window_past_a_learned_position_table(ctx16_lm, ca
     assert len(capsys.readouterr().out) == len(prompt * 3) + 200 + 1
 
 
+def test_cli_generate_names_the_prompt_characters_the_tokenizer_does_not_know(ctx16_lm, capsys):
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", "THE dog", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the tokenizer does not know 3 character(s) of the prompt, read as '<|unk|>': 'T' 'H' 'E'" in err
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", "the dog", "--max-new-tokens", "3"]) == 0
+    assert "does not know" not in capsys.readouterr().err
+
+
 def test_streamer_prints_japanese_whole_characters_only(ni_texts):
     from data_prep.text import train_bpe_tokenizer
     from tune.evaluation import PrintStreamer

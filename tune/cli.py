@@ -187,6 +187,7 @@ def cmd_generate(args) -> int:
     from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, learned_position_table, load_model,
                                  load_tokenizer, prompt_ids, prompt_token_limit, special_ids, stream_generate,
                                  truncate_left)
+    from tune.hf import unknown_characters, unknown_token_id
 
     if (args.prompt is None) == (args.task is None):
         raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
@@ -223,6 +224,10 @@ def cmd_generate(args) -> int:
             print(f"note: demonstrations dropped to fit the model's context ({limit} prompt tokens)", file=sys.stderr)
     pad_id, eos_ids = special_ids(model, tokenizer)
     ids = prompt_ids(tokenizer, prompt)
+    unknown = unknown_characters(tokenizer, prompt) if unknown_token_id(tokenizer) in ids else []
+    if unknown:
+        print(f"note: the tokenizer does not know {len(unknown)} character(s) of the prompt, read as "
+              f"{tokenizer.unk_token!r}: {' '.join(repr(c) for c in unknown)}", file=sys.stderr)
     if table is None:
         ids = truncate_left(ids, limit, tokenizer)  # long prompts keep their end
     sample = args.temperature > 0

@@ -179,6 +179,35 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
     return tokenizer
 
 
+UNKNOWN_WARN_RATE = 0.01  # above this fraction of unknown tokens, data preparation prints a warning
+
+
+def unknown_token_id(tokenizer) -> int | None:
+    """The id text maps to when the tokenizer cannot represent it, or None when nothing can be unknown: no unk
+    token, or one that doubles as eos/bos (GPT-2's `<|endoftext|>`; its byte-level BPE encodes any text)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk in (tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)):
+        return None
+    return unk
+
+
+def unknown_token_warning(rate: float, tokenizer_name) -> str | None:
+    """A `warning:` line when more than UNKNOWN_WARN_RATE of the data's tokens are unknown to the tokenizer."""
+    if rate <= UNKNOWN_WARN_RATE:
+        return None
+    return (f"warning: {rate:.1%} of the data's tokens are unknown to the tokenizer {tokenizer_name} (its characters "
+            "are read as the unk token, and the model never sees them); use a tokenizer trained on this data "
+            "(pretrain with data.tokenizer=bpe) or the base model's own tokenizer")
+
+
+def unknown_characters(tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text` the tokenizer maps to its unk token (in order of appearance)."""
+    unk = unknown_token_id(tokenizer)
+    if unk is None:
+        return []
+    return [c for c in dict.fromkeys(text) if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
+
+
 def check_vocab(model, tokenizer, tokenizer_dir) -> None:
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
