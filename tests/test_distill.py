@@ -233,7 +233,7 @@ def test_every_length_is_checked_against_every_position_table(tmp_path, gpt2_ctx
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n" * 50)
     tasks = f"data.train_tasks={corpus}"  # exists; the path checks are not under test here
-    fix = f"(64 positions); set data.max_length <= 64"
+    fix = "(64 positions); set data.max_length <= 64"
     cases = [
         ([f"teacher.model={gpt2_ctx64}", "data.max_length=128", tasks],
          [f"error: data.max_length=128 is longer than the position table of teacher.model={gpt2_ctx64} {fix}"]),
