@@ -126,6 +126,8 @@ def validate(cfg: DistillConfig) -> None:
                          "to cache the teacher on")
     else:
         check_task_paths(d, problems)
+        if d.max_length < 16:
+            problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
     length_key, length = ("data.max_length", d.max_length) if d.kind == "ni" else ("data.block_size", d.block_size)
     if teacher is not None:
         problems.call(check_positions, length_key, length, "teacher.model", cfg.teacher.model)
