@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_cp)
-    p = sub.add_parser("cat", help="print a config resolved: defaults filled in, overrides applied (keys and values checked)")
+    p = sub.add_parser("cat", help="print a config resolved: defaults filled in, overrides applied "
+                                   "(keys and values checked)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_cat)
