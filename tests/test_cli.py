@@ -90,8 +90,9 @@ def test_validate_lists_every_missing_input_at_once(tmp_path, capsys):
                      f"data.eval_tasks=[{missing['held']}]", "data.max_length=8"],
          ["base_model=" + missing["base"], "data.train_tasks: " + missing["tasks"],
           "data.eval_tasks: " + missing["held"], "data.max_length=8"]),
-        ("distill_ni", [f"teacher.model={missing['teacher']}", f"student.model={missing['student']}", "student.preset=null",
-                        f"data.train_tasks={missing['tasks']}", "kd.alpha=2", "data.max_length=8"],
+        ("distill_ni", [f"teacher.model={missing['teacher']}", f"student.model={missing['student']}",
+                        "student.preset=null", f"data.train_tasks={missing['tasks']}", "kd.alpha=2",
+                        "data.max_length=8"],
          ["teacher.model=" + missing["teacher"], "student.model=" + missing["student"],
           "data.train_tasks: " + missing["tasks"], "kd.alpha must be in [0, 1]", "data.max_length=8"]),
         ("eval_ni", [f"model={missing['model']}", f"adapter={missing['adapter']}", f"data.tasks={missing['tasks']}",
@@ -111,7 +112,8 @@ def test_validate_imports_neither_torch_nor_transformers(tmp_path):
     config whose model directory exists (config.json is read as JSON)."""
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 64}')
+    (model / "config.json").write_text(
+        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 64}')
     (model / "model.safetensors").write_bytes(b"")
     code = ("import sys; from tune.cli import main; "
             f"assert main(['validate', 'demo']) == 0; "

@@ -237,10 +237,13 @@ def test_every_length_is_checked_against_every_position_table(tmp_path, gpt2_ctx
     cases = [
         ([f"teacher.model={gpt2_ctx64}", "data.max_length=128", tasks],
          [f"error: data.max_length=128 is longer than the position table of teacher.model={gpt2_ctx64} {fix}"]),
-        ([f"teacher.model={gpt2_ctx64}", f"student.model={gpt2_ctx64}", "student.preset=null", "data.max_length=65", tasks],
-         ["error: 2 problems in", f"teacher.model={gpt2_ctx64} (64 positions)", f"student.model={gpt2_ctx64} (64 positions)"]),
+        ([f"teacher.model={gpt2_ctx64}", f"student.model={gpt2_ctx64}", "student.preset=null", "data.max_length=65",
+          tasks],
+         ["error: 2 problems in", f"teacher.model={gpt2_ctx64} (64 positions)",
+          f"student.model={gpt2_ctx64} (64 positions)"]),
         ([f"teacher.model={gpt2_ctx64}", "data.kind=text", f"data.corpus={corpus}", "data.block_size=100"],
-         [f"error: data.block_size=100 is longer than the position table of teacher.model={gpt2_ctx64} (64 positions)"]),
+         [f"error: data.block_size=100 is longer than the position table of teacher.model={gpt2_ctx64} "
+          "(64 positions)"]),
         ([f"teacher.model={gpt2_ctx64}", "data.max_length=64", "student.block_size=32", tasks],
          ["error: data.max_length=64 is longer than student.block_size=32"]),
     ]
@@ -251,6 +254,6 @@ def test_every_length_is_checked_against_every_position_table(tmp_path, gpt2_ctx
     assert main(["validate", "distill_ni", f"teacher.model={gpt2_ctx64}", "data.max_length=64", tasks]) == 0
     # the run refuses before any work: no output directory
     out = tmp_path / "run"
-    assert main(["run", "distill", "--config", "distill_ni", f"teacher.model={gpt2_ctx64}", "data.max_length=128", tasks,
-                 f"output_dir={out}"]) == 2
+    assert main(["run", "distill", "--config", "distill_ni", f"teacher.model={gpt2_ctx64}", "data.max_length=128",
+                 tasks, f"output_dir={out}"]) == 2
     assert "is longer than the position table of teacher.model" in capsys.readouterr().err and not out.exists()

@@ -21,7 +21,8 @@ def bnb_config(quant: QuantSection):
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype), bnb_4bit_quant_storage=resolve_dtype(quant.quant_storage))
+        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=resolve_dtype(quant.quant_storage))
 
 
 def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection | None = None,

@@ -100,8 +100,8 @@ def check_adapter_dir(path, field: str = "adapter") -> Path:
     if not path.exists():
         raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     if not (path / "adapter_config.json").is_file():
-        raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at the "
-                        "adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+        raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at "
+                        "the adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
     return path
 
 
@@ -157,23 +157,24 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
     """
     from transformers import AutoTokenizer
 
+    name = _named(field, path)
     if not Path(path).exists():
-        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{name} does not exist (paths are relative to where you run tune)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{_named(field, path)}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise DataError(f"{name}: cannot load a tokenizer ({_first_line(e)})") from None
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise DataError(f"{_named(field, path)}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
+            raise DataError(f"{name}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
                             f"existing token such as the eos token {tokenizer.eos_token!r}")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError(f"{_named(field, path)}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
+            raise DataError(f"{name}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
                             "batched; set pad_token or eos_token in its tokenizer_config.json")
         if not pad_with_eos:
-            raise DataError(f"{_named(field, path)}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
+            raise DataError(f"{name}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
                             "in the config to pad with its eos token (padding is masked out of the loss)")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
