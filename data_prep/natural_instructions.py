@@ -368,6 +368,12 @@ class TruncationReport:
     definition_truncated: int = 0  # kept examples whose definition was cut
     dropped: int = 0  # instance + target alone do not fit: not trained on
     dropped_ids: list[str] = field(default_factory=list)
+    tokens: int = 0  # tokens of the kept examples
+    unknown_tokens: int | None = None  # of those, the tokenizer's unk token (None: the tokenizer has none)
+
+    @property
+    def unknown_rate(self) -> float:
+        return (self.unknown_tokens or 0) / max(self.tokens, 1)
 
     def __str__(self) -> str:
         s = (f"{self.total - self.dropped}/{self.total} examples kept; {self.examples_dropped_demos} lost demonstrations "
@@ -375,6 +381,8 @@ class TruncationReport:
              "(instance + target too long)")
         if self.dropped_ids:
             s += f": {', '.join(self.dropped_ids[:3])}{' ...' if len(self.dropped_ids) > 3 else ''}"
+        if self.unknown_tokens is not None:
+            s += f"; {self.unknown_rate:.2%} unknown tokens"
         return s
 
 
@@ -425,7 +433,10 @@ def tokenize_examples(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: Token
     if tok_cfg.add_eos and tokenizer.eos_token_id is None:
         raise ConfigError("data.add_eos=true but the tokenizer has no eos_token; "
                           "set one in tokenizer_config.json or add_eos=false")
-    report, examples = TruncationReport(), []
+    from tune.hf import unknown_token_id
+
+    unk = unknown_token_id(tokenizer)
+    report, examples = TruncationReport(unknown_tokens=None if unk is None else 0), []
     for task, inst in pairs:
         outputs = inst.outputs if tok_cfg.train_on == "all" else inst.outputs[:1]
         for k, output in enumerate(outputs):
@@ -441,6 +452,9 @@ def tokenize_examples(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: Token
             report.examples_dropped_demos += lost_demos
             report.definition_truncated += cut_definition
             ids = prompt + target_ids
+            report.tokens += len(ids)
+            if unk is not None:
+                report.unknown_tokens += ids.count(unk)
             first = len(prompt) if tok_cfg.mask_prompt else 1  # first position of ids that is a target
             targets = [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX]
             examples.append({"input_ids": ids, "targets": targets, "task": task.name, "id": ex_id, "prompt_len": len(prompt)})
@@ -486,38 +500,50 @@ def _features():
                      "id": Value("string"), "prompt_len": Value("int32")})
 
 
-def _load_cached(path: Path):
+def _load_cached(path: Path, unk: int | None):
     from datasets import load_from_disk
 
     try:
-        report = TruncationReport(**json.loads((path / "report.json").read_text(encoding="utf-8")))
-        return load_from_disk(str(path / "dataset")), report
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        dataset = load_from_disk(str(path / "dataset"))
     except (OSError, ValueError, TypeError):
+        return None
+    if "tokens" not in report:  # written before the report counted unknown tokens: count them now
+        rows = dataset["input_ids"]
+        report["tokens"] = sum(len(ids) for ids in rows)
+        report["unknown_tokens"] = None if unk is None else sum(ids.count(unk) for ids in rows)
+    try:
+        return dataset, TruncationReport(**report)
+    except TypeError:
         return None
 
 
 def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig, cache_dir: PathLike):
-    """tokenize_examples as a ``datasets.Dataset``, cached under ``cache_dir/<sha256 key>/`` (dataset + report.json).
+    """tokenize_examples as a ``datasets.Dataset``, cached under ``cache_dir/<sha256 key>/`` (dataset + report.json,
+    which keeps the report's counts, unknown tokens included).
 
     The key covers the pairs (task prompt content, instance ids, inputs, outputs), both configs and the tokenizer,
     so a second call with the same inputs loads from disk without tokenizing.
     """
     from datasets import Dataset
 
+    from tune.hf import unknown_token_id
+
     pairs = list(pairs)
+    unk = unknown_token_id(tokenizer)
     final = Path(cache_dir) / _cache_key(pairs, tokenizer, prompt_cfg, tok_cfg)
-    cached = _load_cached(final)
+    cached = _load_cached(final, unk)
     if cached is not None:
         return cached
     examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg)
     features = _features()
     dataset = Dataset.from_dict({k: [ex[k] for ex in examples] for k in features}, features=features)
     # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
-    with directory_written_aside(final, lambda path: _load_cached(path) is not None) as tmp:
+    with directory_written_aside(final, lambda path: _load_cached(path, unk) is not None) as tmp:
         # an empty dataset saved as 0 shards would not load back
         dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
         (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
-    loaded = _load_cached(final)
+    loaded = _load_cached(final, unk)
     if loaded is None:
         raise DataError(f"{final}: cache entry was written but cannot be read back; delete it and run again")
     return loaded

@@ -59,6 +59,12 @@ class TextData:
     eos_token_id: int
     n_train_tokens: int
     n_val_tokens: int
+    unknown_tokens: int | None = None  # tokens equal to the tokenizer's unk token (None: it has none)
+
+    @property
+    def unknown_rate(self) -> float:
+        """Fraction of all tokens (train + val) the tokenizer could not represent."""
+        return (self.unknown_tokens or 0) / max(self.n_train_tokens + self.n_val_tokens, 1)
 
     def train_tokens(self) -> np.memmap:
         """The train split as a read-only memmap."""
@@ -277,7 +283,19 @@ def _load_cached(out_dir: Path, key: str) -> TextData | None:
     )
     if not (data.train_path.is_file() and data.val_path.is_file()):
         return None
+    if "unknown_tokens" in meta:
+        data.unknown_tokens = meta["unknown_tokens"]
+    else:  # a cache written before unknown tokens were counted: count them now
+        data.unknown_tokens = _count_unknown(_load_tokenizer(data.tokenizer_dir),
+                                             [data.train_tokens(), data.val_tokens()])
     return data
+
+
+def _count_unknown(tok: PreTrainedTokenizerBase, arrays) -> int | None:
+    from tune.hf import unknown_token_id
+
+    unk = unknown_token_id(tok)
+    return None if unk is None else int(sum((np.asarray(a) == unk).sum() for a in arrays))
 
 
 def prepare_text_corpus(
@@ -353,6 +371,7 @@ def prepare_text_corpus(
         "eos_token_id": eos_id,
         "n_train_tokens": n_train,
         "n_val_tokens": n_val,
+        "unknown_tokens": _count_unknown(tok, [ids]),
         "val_fraction": val_fraction,
         "files": [path.name for path, _ in files],
     }

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from recipes.finetune import NIDataSection
-from tune.adapters import LoraSection, QuantSection
-from tune.engine import TrainConfig
+from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
 @dataclass
@@ -88,36 +87,60 @@ CONFIG_CLASS = DistillConfig
 
 
 def validate(cfg: DistillConfig) -> None:
-    """Cheap checks before any heavy work."""
-    from tune.errors import ConfigError
+    """Cheap checks before any heavy work (no weights, no torch); every problem is reported, in one ConfigError.
+    Both models' position tables (and a native student's block_size) must hold the training sequences."""
+    from recipes.finetune import check_positions, check_task_paths
+    from tune.errors import ConfigError, Problems
     from tune.hf import check_model_dir
+    from tune.models.config import config_from_preset
 
-    check_model_dir(cfg.teacher.model, "teacher.model")
-    s, kd = cfg.student, cfg.kd
+    problems = Problems()
+    s, kd, d = cfg.student, cfg.kd, cfg.data
+    teacher = problems.call(check_model_dir, cfg.teacher.model, "teacher.model")
+    student = None
     if (s.model is None) == (s.preset is None):
-        raise ConfigError("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
-    if s.model is not None:
-        check_model_dir(s.model, "student.model")
-    elif s.method != "full":
-        raise ConfigError(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains fully")
+        problems.add("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
+    elif s.model is not None:
+        student = problems.call(check_model_dir, s.model, "student.model")
+    else:
+        if s.method != "full":
+            problems.add(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains "
+                         "fully")
+        try:
+            config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
+        except ConfigError as e:  # the preset's messages name model.*; here the keys live under student.*
+            problems.add(str(e).replace("model.", "student."))
     if not 0 <= kd.alpha <= 1:
-        raise ConfigError(f"kd.alpha must be in [0, 1], got {kd.alpha}")
+        problems.add(f"kd.alpha must be in [0, 1], got {kd.alpha}")
     if not kd.temperature > 0:
-        raise ConfigError(f"kd.temperature must be > 0, got {kd.temperature}")
+        problems.add(f"kd.temperature must be > 0, got {kd.temperature}")
     if not 0 < kd.jsd_beta < 1:
-        raise ConfigError(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
+        problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
     if cfg.teacher.cache_top_k < 0:
-        raise ConfigError(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
-    if cfg.data.kind == "text":
-        if not cfg.data.corpus or not Path(cfg.data.corpus).exists():
-            raise ConfigError(f"data.kind=text needs data.corpus (a .txt file or directory); got {cfg.data.corpus}")
+        problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
+    if d.kind == "text":
+        if not d.corpus or not Path(d.corpus).exists():
+            problems.add(f"data.kind=text needs data.corpus (a .txt file or directory); got {d.corpus}")
         if cfg.teacher.cache:
-            raise ConfigError("teacher.cache=true needs data.kind=ni: random text windows have no fixed context "
-                              "to cache the teacher on")
+            problems.add("teacher.cache=true needs data.kind=ni: random text windows have no fixed context "
+                         "to cache the teacher on")
+    else:
+        check_task_paths(d, problems)
+        if d.max_length < 16:
+            problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
+    length_key, length = ("data.max_length", d.max_length) if d.kind == "ni" else ("data.block_size", d.block_size)
+    if teacher is not None:
+        problems.call(check_positions, length_key, length, "teacher.model", cfg.teacher.model)
+    if student is not None:
+        problems.call(check_positions, length_key, length, "student.model", s.model)
+    if s.model is None and s.block_size is not None and length > s.block_size:
+        problems.add(f"{length_key}={length} is longer than student.block_size={s.block_size}; set "
+                     f"student.block_size >= {length} (or leave it null to use {length_key})")
     out = Path(cfg.output_dir).resolve()
     for key, item in (("teacher.model", cfg.teacher.model), ("student.model", s.model)):
         if item and Path(item).resolve() == out:
-            raise ConfigError(f"output_dir={cfg.output_dir} is also {key}; choose a separate output_dir")
+            problems.add(f"output_dir={cfg.output_dir} is also {key}; choose a separate output_dir")
+    problems.raise_if_any()
 
 
 def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
@@ -259,11 +282,15 @@ def _embedding_rows(model_dir) -> int:
 def _text_source(cfg: DistillConfig, accelerator):
     from data_prep.text import prepare_text_corpus
     from tune.data import TokenWindows
+    from tune.hf import unknown_token_warning
 
     d = cfg.data
     with accelerator.main_process_first():
         data = prepare_text_corpus(d.corpus, d.cache_dir, tokenizer_path=cfg.teacher.model, val_fraction=d.val_fraction,
                                    min_tokens=d.block_size + 1)
+    warning = unknown_token_warning(data.unknown_rate, cfg.teacher.model)
+    if warning and accelerator.is_main_process:
+        print(warning)
     return TokenWindows(data.train_tokens(), data.val_tokens(), d.block_size, cfg.train.micro_batch_size,
                         cfg.train.grad_accum_steps, cfg.seed)
 

@@ -70,38 +70,41 @@ CONFIG_CLASS = EvaluateConfig
 
 
 def validate(cfg: EvaluateConfig) -> None:
-    """Cheap checks (no weights loaded): directories, the model's config, sizes."""
-    from tune.errors import ConfigError
-    from tune.evaluation import check_adapter_dir, check_model_dir
+    """Cheap checks (no weights loaded, no torch): directories, the model's config, sizes. Every problem is
+    reported, in one ConfigError."""
+    from tune.errors import Problems
+    from tune.hf import check_adapter_dir, check_model_dir
 
-    check_model_dir(cfg.model, "model")
+    problems = Problems()
+    problems.call(check_model_dir, cfg.model, "model")
     if cfg.adapter:
-        check_adapter_dir(cfg.adapter, "adapter")
+        problems.call(check_adapter_dir, cfg.adapter, "adapter")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
-        raise ConfigError(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
+        problems.add(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if not items:
-        raise ConfigError("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
+        problems.add("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
     for item in items:
         if not Path(item).exists() and cfg.data.tasks_dir is None:
-            raise ConfigError(f"data.tasks: {item} does not exist (paths are relative to where you run tune)")
+            problems.add(f"data.tasks: {item} does not exist (paths are relative to where you run tune)")
     if cfg.data.tasks_dir is not None and not Path(cfg.data.tasks_dir).is_dir():
-        raise ConfigError(f"data.tasks_dir={cfg.data.tasks_dir} is not a directory")
+        problems.add(f"data.tasks_dir={cfg.data.tasks_dir} is not a directory")
     if cfg.data.exclude_train_of is not None and not (Path(cfg.data.exclude_train_of) / "config.yaml").is_file():
-        raise ConfigError(f"data.exclude_train_of={cfg.data.exclude_train_of} is not a finetune run directory "
-                          "(no config.yaml)")
+        problems.add(f"data.exclude_train_of={cfg.data.exclude_train_of} is not a finetune run directory "
+                     "(no config.yaml)")
     for key, value, least in (("data.max_instances_per_task", cfg.data.max_instances_per_task, 1),
                               ("prompt.num_pos", cfg.prompt.num_pos, 0), ("prompt.num_neg", cfg.prompt.num_neg, 0),
                               ("generation.batch_size", cfg.generation.batch_size, 1),
                               ("generation.max_new_tokens", cfg.generation.max_new_tokens, 1)):
         if value < least:
-            raise ConfigError(f"{key} must be >= {least}, got {value}")
+            problems.add(f"{key} must be >= {least}, got {value}")
     if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
-        raise ConfigError(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
+        problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
     out = Path(cfg.output_dir).resolve()
     for key, item in (("model", cfg.model), ("adapter", cfg.adapter), ("tokenizer", cfg.tokenizer)):
         if item and Path(item).resolve() == out:
-            raise ConfigError(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+            problems.add(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+    problems.raise_if_any()
 
 
 def trained_instances(run_dir) -> set[tuple[str, str]]:

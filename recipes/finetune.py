@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tune.adapters import LoraSection, QuantSection
-from tune.engine import TrainConfig
+from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
 @dataclass
@@ -73,35 +72,43 @@ CONFIG_CLASS = FinetuneConfig
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    """Cheap checks before any heavy work: paths exist, the base is a causal LM, sizes are sane."""
+    """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
+    base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
+    from tune.errors import Problems
     from tune.hf import check_model_dir
-    from tune.errors import ConfigError
 
-    check_model_dir(cfg.base_model, "base_model")
+    problems = Problems()
+    base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
-        raise ConfigError(f"tokenizer={cfg.tokenizer} is not a directory")
-    for key in ("train_tasks", "eval_tasks"):
-        value = getattr(cfg.data, key)
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None and not Path(item).exists() and cfg.data.tasks_dir is None:
-                raise ConfigError(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
+        problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
+    check_task_paths(cfg.data, problems)
     if cfg.data.max_length < 16:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} leaves no room for a prompt; use >= 128")
-    context = base_context_length(cfg.base_model)
-    if context is not None and cfg.data.max_length > context:
-        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the context of base_model="
-                          f"{cfg.base_model} ({context} positions); set data.max_length <= {context}")
+        problems.add(f"data.max_length={cfg.data.max_length} leaves no room for a prompt; use >= 128")
+    if base is not None:
+        problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
-        raise ConfigError("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
+        problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
+    problems.raise_if_any()
 
 
-def base_context_length(path) -> int | None:
-    """The position-table size of a base with learned positions (GPT-2, OpenAIGPT); None for RoPE models."""
-    from transformers import AutoConfig
+def check_task_paths(d: NIDataSection, problems) -> None:
+    """Record every data.train_tasks / data.eval_tasks entry that does not exist."""
+    for key in ("train_tasks", "eval_tasks"):
+        value = getattr(d, key)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not Path(item).exists() and d.tasks_dir is None:
+                problems.add(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
 
-    config = AutoConfig.from_pretrained(path)
-    value = getattr(config, "n_positions", None)
-    return value if isinstance(value, int) else None
+
+def check_positions(length_key: str, length: int, model_key: str, model_dir) -> None:
+    """A ConfigError if `length` tokens do not fit the learned position table of the HF model in `model_dir`."""
+    from tune.errors import ConfigError
+    from tune.hf import position_table_size
+
+    table = position_table_size(model_dir)
+    if table is not None and length > table:
+        raise ConfigError(f"{length_key}={length} is longer than the position table of {model_key}={model_dir} "
+                          f"({table} positions); set {length_key} <= {table}")
 
 
 def load_splits(cfg: FinetuneConfig):
@@ -128,6 +135,7 @@ def prompt_config(d: NIDataSection):
 def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     """Tokenized (cached) training and held-out-instance datasets, and the prompt config they were built with."""
     from data_prep.natural_instructions import TokenizeConfig, build_dataset
+    from tune.hf import unknown_token_warning
 
     prompt_cfg = prompt_config(d)
     tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
@@ -135,6 +143,9 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
         train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
         val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
     say(f"train: {report}")
+    warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
+    if warning:
+        say(warning)
     say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
         f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
     return train_set, val_set, prompt_cfg

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from tune.engine import TrainConfig
+from tune.train_config import TrainConfig
 
 
 @dataclass
@@ -28,6 +26,20 @@ class ModelSection:
     activation: str | None = None  # gelu_tanh (GPT-1/2) | gelu (exact; faster on CPU, exports to GPT-2)
     tie_embeddings: bool | None = None
     rope_theta: float | None = None
+
+    def __post_init__(self):
+        if self.init_from is None:  # the preset and its overrides make a valid model (errors name the file)
+            self.native_config()
+
+    def native_config(self, vocab_size: int | None = None):
+        """The preset with this section's overrides (ConfigError on a bad combination)."""
+        from tune.models.config import config_from_preset
+
+        return config_from_preset(self.preset, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
+                                  n_kv_head=self.n_kv_head, n_embd=self.n_embd, mlp_hidden=self.mlp_hidden,
+                                  dropout=self.dropout, activation=self.activation,
+                                  tie_embeddings=self.tie_embeddings, rope_theta=self.rope_theta,
+                                  vocab_size=vocab_size)
 
 
 @dataclass
@@ -92,6 +104,8 @@ def load_init_checkpoint(cfg: PretrainConfig):
                           f"({model.config.block_size}) of init_from={m.init_from}; use block_size <= "
                           f"{model.config.block_size}")
     if m.dropout is not None:
+        import torch
+
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = m.dropout
@@ -103,12 +117,7 @@ def load_init_checkpoint(cfg: PretrainConfig):
 
 def model_config(cfg: PretrainConfig, vocab_size: int | None = None):
     """The preset with the config's overrides (validated; raises ConfigError on a bad combination)."""
-    from tune.models.gpt import config_from_preset
-
-    m = cfg.model
-    return config_from_preset(m.preset, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
-                              n_kv_head=m.n_kv_head, n_embd=m.n_embd, mlp_hidden=m.mlp_hidden, dropout=m.dropout,
-                              activation=m.activation, tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, vocab_size=vocab_size)
+    return cfg.model.native_config(vocab_size)
 
 
 def run(cfg: PretrainConfig):
@@ -119,6 +128,7 @@ def run(cfg: PretrainConfig):
     from tune.data import TokenWindows
     from tune.engine import Engine, make_accelerator
     from tune.errors import ConfigError
+    from tune.hf import unknown_token_warning
     from tune.models.export import export_hf
     from tune.models.gpt import GPT, describe
     from tune.recipe_utils import prepare_output_dir, sample_text
@@ -139,8 +149,13 @@ def run(cfg: PretrainConfig):
                                    vocab_size=cfg.data.vocab_size, val_fraction=cfg.data.val_fraction,
                                    min_tokens=block_size + 1, tokenizer_path=cfg.data.tokenizer_path)
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    tokenizer_name = cfg.data.tokenizer_path or cfg.data.tokenizer
     say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
-        f"({cfg.data.tokenizer}), cache {data.out_dir}")
+        f"({tokenizer_name}), " + (f"{data.unknown_rate:.2%} unknown tokens, " if data.unknown_tokens is not None else "")
+        + f"cache {data.out_dir}")
+    warning = unknown_token_warning(data.unknown_rate, tokenizer_name)
+    if warning:
+        say(warning)
     if cfg.model.init_from:
         if model.config.vocab_size < data.vocab_size:
             raise ConfigError(f"init_from={cfg.model.init_from} has vocab_size {model.config.vocab_size} but the "
@@ -192,20 +207,20 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
 
 
 def validate(cfg: PretrainConfig) -> None:
-    """Cheap checks run by `tune validate` and before any heavy work."""
-    from tune.errors import ConfigError
+    """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
+    from tune.errors import Problems
 
-    if cfg.model.init_from is None:
-        model_config(cfg)
-    elif not (Path(cfg.model.init_from) / "config.json").is_file():
-        raise ConfigError(f"model.init_from={cfg.model.init_from} is not an HF model directory (no config.json)")
+    problems = Problems()
+    if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
+        problems.add(f"model.init_from={cfg.model.init_from} is not an HF model directory (no config.json)")
     items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]
     for item in items:
         if item != "builtin:demo" and not Path(item).exists():
-            raise ConfigError(f"data.corpus: {item} does not exist (paths are relative to where you run tune)")
+            problems.add(f"data.corpus: {item} does not exist (paths are relative to where you run tune)")
     if cfg.data.tokenizer_path and not Path(cfg.data.tokenizer_path).is_dir():
-        raise ConfigError(f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory")
+        problems.add(f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory")
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size is None and not cfg.data.tokenizer_path:
-        raise ConfigError("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
+        problems.add("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
     if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+        problems.add(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    problems.raise_if_any()

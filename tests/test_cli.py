@@ -35,7 +35,8 @@ def test_cp_then_validate_edited_copy(tmp_path, capsys):
     ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
     ("train.max_steps=1.5", "train.max_steps: expected an integer"),
     ("train.mixed_precision=bf17", "not one of ['auto', 'no', 'bf16', 'fp16'] (did you mean 'bf16'?)"),
-    ("model.preset=gpt5", "model.preset='gpt5' is unknown"),
+    ("model.preset=gpt5", "demo.yaml: model.preset='gpt5' is unknown"),  # names the file like other errors
+    ("train.max_steps=0", "demo.yaml: train.max_steps must be >= 1, got 0"),  # no "train: train.max_steps"
     ("train.lr=-1", "train.lr must be > 0"),
     ("data.tokenizer=bpe", "data.vocab_size is required"),
     ("modle.preset=gpt1", "did you mean 'model'?"),
@@ -45,6 +46,85 @@ def test_validate_rejects_bad_values_with_one_line(override, message, capsys):
     assert main(["validate", "demo", override]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_cp_into_a_missing_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["cp", "demo", "newdir/"]) == 0
+    assert (tmp_path / "newdir").is_dir()
+    assert (tmp_path / "newdir" / "demo.yaml").read_text() == (REPO / "recipes/configs/demo.yaml").read_text()
+    assert main(["cp", "demo", "copy.yaml"]) == 0 and (tmp_path / "copy.yaml").is_file()  # no slash: a file
+
+
+def test_cat_prints_the_resolved_config(tmp_path, capsys):
+    from tune.config import load_config, to_dict, yaml_load
+    from recipes.finetune import FinetuneConfig
+
+    # base_model need not exist: cat checks keys and values, not paths
+    overrides = ["train.lr=3e-4", "lora.r=4", f"base_model={tmp_path / 'later'}"]
+    assert main(["cat", "lora_ni", *overrides]) == 0
+    out = capsys.readouterr().out
+    expected = to_dict(load_config(FinetuneConfig, "lora_ni", overrides))
+    assert yaml_load(out) == expected
+    assert expected["train"]["lr"] == 3e-4 and expected["lora"]["r"] == 4
+    assert "keep_checkpoints: 2" in out  # a default the file does not set
+    (tmp_path / "cat.yaml").write_text(out)  # the printout is a config file that loads back to the same values
+    assert to_dict(load_config(FinetuneConfig, str(tmp_path / "cat.yaml"))) == expected
+    assert main(["cat", "demo", "train.lr=fast"]) == 2
+    assert "train.lr: expected a number" in capsys.readouterr().err
+
+
+def test_section_checks_name_their_key_once(capsys):
+    for config, override, message in (("demo", "train.max_steps=0", "train.max_steps must be >= 1"),
+                                      ("lora_ni", "lora.r=0", "lora.r must be >= 1"),
+                                      ("demo", "model.n_embd=65", "model.n_embd=65 must be divisible")):
+        assert main(["validate", config, override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count(message.split(" ")[0].split("=")[0]) == 1, err
+
+
+def test_validate_lists_every_missing_input_at_once(tmp_path, capsys):
+    missing = {k: str(tmp_path / k) for k in ("base", "tasks", "held", "teacher", "student", "model", "adapter")}
+    cases = [
+        ("lora_ni", [f"base_model={missing['base']}", f"data.train_tasks={missing['tasks']}",
+                     f"data.eval_tasks=[{missing['held']}]", "data.max_length=8"],
+         ["base_model=" + missing["base"], "data.train_tasks: " + missing["tasks"],
+          "data.eval_tasks: " + missing["held"], "data.max_length=8"]),
+        ("distill_ni", [f"teacher.model={missing['teacher']}", f"student.model={missing['student']}",
+                        "student.preset=null", f"data.train_tasks={missing['tasks']}", "kd.alpha=2",
+                        "data.max_length=8"],
+         ["teacher.model=" + missing["teacher"], "student.model=" + missing["student"],
+          "data.train_tasks: " + missing["tasks"], "kd.alpha must be in [0, 1]", "data.max_length=8"]),
+        ("eval_ni", [f"model={missing['model']}", f"adapter={missing['adapter']}", f"data.tasks={missing['tasks']}",
+                     "data.exclude_train_of=null"],
+         ["model=" + missing["model"], "adapter=" + missing["adapter"], "data.tasks: " + missing["tasks"]]),
+    ]
+    for config, overrides, named in cases:
+        assert main(["validate", config, *overrides]) == 2
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert lines[0] == f"error: {len(named)} problems in {REPO / 'recipes/configs' / config}.yaml:", err
+        assert len(lines) == 1 + len(named) and all(any(n in line for line in lines[1:]) for n in named), err
+
+
+def test_validate_imports_neither_torch_nor_transformers(tmp_path):
+    """`tune validate` stays fast (well under a second of imports): no torch, no transformers, even for a
+    config whose model directory exists (config.json is read as JSON)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 64}')
+    (model / "model.safetensors").write_bytes(b"")
+    code = ("import sys; from tune.cli import main; "
+            f"assert main(['validate', 'demo']) == 0; "
+            f"assert main(['validate', 'lora_ni', 'base_model={model}', 'data.max_length=64', "
+            f"'data.train_tasks={model}']) == 0; "
+            f"assert main(['validate', 'eval_ni', 'model={model}', 'adapter=null', 'data.exclude_train_of=null', "
+            f"'data.tasks={model}']) == 0; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
 
 
 def test_overrides_reach_the_config():

@@ -214,3 +214,46 @@ def test_text_corpus_with_a_quantized_teacher_into_a_lora_student(tmp_path, gpt2
         "train.eval_every": 2}))
     assert result.step == 4 and len(history(result.run_dir, "val_kd")) == 2
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), result.run_dir / "student")
+
+
+# -- position tables ---------------------------------------------------------------------------------
+@pytest.fixture
+def gpt2_ctx64(tmp_path) -> Path:
+    """A tiny random GPT-2 export with a 64-position table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path / "ctx64"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(out)
+    return out
+
+
+def test_every_length_is_checked_against_every_position_table(tmp_path, gpt2_ctx64, capsys):
+    from tune.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n" * 50)
+    tasks = f"data.train_tasks={corpus}"  # exists; the path checks are not under test here
+    fix = "(64 positions); set data.max_length <= 64"
+    cases = [
+        ([f"teacher.model={gpt2_ctx64}", "data.max_length=128", tasks],
+         [f"error: data.max_length=128 is longer than the position table of teacher.model={gpt2_ctx64} {fix}"]),
+        ([f"teacher.model={gpt2_ctx64}", f"student.model={gpt2_ctx64}", "student.preset=null", "data.max_length=65",
+          tasks],
+         ["error: 2 problems in", f"teacher.model={gpt2_ctx64} (64 positions)",
+          f"student.model={gpt2_ctx64} (64 positions)"]),
+        ([f"teacher.model={gpt2_ctx64}", "data.kind=text", f"data.corpus={corpus}", "data.block_size=100"],
+         [f"error: data.block_size=100 is longer than the position table of teacher.model={gpt2_ctx64} "
+          "(64 positions)"]),
+        ([f"teacher.model={gpt2_ctx64}", "data.max_length=64", "student.block_size=32", tasks],
+         ["error: data.max_length=64 is longer than student.block_size=32"]),
+    ]
+    for overrides, messages in cases:
+        assert main(["validate", "distill_ni", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert all(m in err for m in messages), err
+    assert main(["validate", "distill_ni", f"teacher.model={gpt2_ctx64}", "data.max_length=64", tasks]) == 0
+    # the run refuses before any work: no output directory
+    out = tmp_path / "run"
+    assert main(["run", "distill", "--config", "distill_ni", f"teacher.model={gpt2_ctx64}", "data.max_length=128",
+                 tasks, f"output_dir={out}"]) == 2
+    assert "is longer than the position table of teacher.model" in capsys.readouterr().err and not out.exists()

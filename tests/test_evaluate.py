@@ -161,6 +161,77 @@ def test_cli_generate_samples_reproducibly_from_a_prompt(tiny_lm, capsys):
     assert capsys.readouterr().out == first and first.startswith("Definition: say yes")
 
 
+def test_cli_generate_names_model_for_a_missing_path_or_a_run_directory(tmp_path, tiny_lm, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_lm, run / "hf")
+    (run / "config.yaml").write_text("recipe: pretrain\n")
+    lora_run = tmp_path / "runs" / "lora"
+    (lora_run / "adapter").mkdir(parents=True)
+    (lora_run / "config.yaml").write_text("recipe: finetune\nbase_model: runs/base/hf\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for model, error in (
+            ("runs/nonexist", "error: --model runs/nonexist does not exist"),
+            ("runs/demo", "error: --model runs/demo is a run directory, not a model; use --model runs/demo/hf"),
+            ("runs/lora", "error: --model runs/lora is a run directory with an adapter; use --model runs/base/hf "
+                          "--adapter runs/lora/adapter"),
+            ("empty", "error: --model empty is not a Hugging Face model directory (no config.json)")):
+        assert main(["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(error) and err.count("\n") == 1, err
+    assert main(["generate", "--model", "runs/demo/hf", "--prompt", "x", "--max-new-tokens", "2"]) == 0
+
+
+@pytest.fixture(scope="module")
+def ctx16_lm(tmp_path_factory) -> Path:
+    """A random GPT-2 with a 16-position table over a character vocabulary (as pretrain exports the demo)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data_prep.text import train_char_tokenizer
+
+    out = tmp_path_factory.mktemp("ctx16")
+    tokenizer = train_char_tokenizer(["the quick brown fox jumps over the lazy dog.\n"])
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=0.5, eos_token_id=None, bos_token_id=None)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def test_cli_generate_slides_a_window_past_a_learned_position_table(ctx16_lm, capsys):
+    """50 new tokens from a 16-position model, greedy: each token is the argmax of model(ids[-16:]), the crop
+    nanoGPT samples with (HF generate() covers the first 16 - prompt tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "the lazy dog"
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", "50"]) == 0
+    out = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(ctx16_lm)
+    model = AutoModelForCausalLM.from_pretrained(ctx16_lm).eval()
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for _ in range(50):
+            ids.append(int(model(torch.tensor([ids[-16:]])).logits[0, -1].argmax()))
+    expected = prompt + tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
+    assert out == expected + "\n" and len(ids) == len(prompt) + 50
+    # the defaults (200 new tokens, sampling) run too, and a prompt longer than the table slides from the start
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", prompt * 3]) == 0
+    assert len(capsys.readouterr().out) == len(prompt * 3) + 200 + 1
+
+
+def test_cli_generate_names_the_prompt_characters_the_tokenizer_does_not_know(ctx16_lm, capsys):
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", "THE dog", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the tokenizer does not know 3 character(s) of the prompt, read as '<|unk|>': 'T' 'H' 'E'" in err
+    assert main(["generate", "--model", str(ctx16_lm), "--prompt", "the dog", "--max-new-tokens", "3"]) == 0
+    assert "does not know" not in capsys.readouterr().err
+
+
 def test_streamer_prints_japanese_whole_characters_only(ni_texts):
     from data_prep.text import train_bpe_tokenizer
     from tune.evaluation import PrintStreamer

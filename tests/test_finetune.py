@@ -278,7 +278,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tmp_path, gpt2_base, cas
         expected = "does not exist"
     else:
         overrides = {"data.max_length": 512}
-        expected = "longer than the context"
+        expected = "longer than the position table"
     cfg_path = tmp_path / "cfg.yaml"
     cfg = finetune_config(tmp_path, base, "lora")
     from tune.config import save_config

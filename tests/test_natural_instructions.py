@@ -372,3 +372,55 @@ def test_build_dataset_caches_and_keys_on_config_and_tokenizer(tasks, tokenizer,
     assert len(list(cache.iterdir())) == 4
     empty, rep = build_dataset([], tokenizer, PromptConfig(), TokenizeConfig(), cache)
     assert len(empty) == 0 and rep.total == 0
+
+
+def test_unknown_token_rate_is_reported_and_kept_in_the_cache(tmp_path):
+    """A character tokenizer that knows the prompt template but no digits, on the two TINY instances:
+    toy-0 is 56 prompt characters + "7" + eos (unknown: 3, 4, 7); toy-1 is 58 + "30" + eos (unknown: 1, 0, 2, 0,
+    3, 0): 9 unknown of 119 tokens."""
+    from data_prep.text import train_char_tokenizer
+
+    task = load_task(write_task(tmp_path, TINY))
+    tokenizer = train_char_tokenizer(["Now complete the following example -\nInput: \nOutput: "])
+    pairs = [(task, inst) for inst in task.instances]
+    prompt_cfg, tok_cfg = PromptConfig(num_pos=0, add_definition=False), TokenizeConfig(max_length=128)
+    examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg)
+    assert [len(ex["input_ids"]) for ex in examples] == [58, 61]
+    assert (report.tokens, report.unknown_tokens) == (119, 9)
+    assert str(report).endswith("; 7.56% unknown tokens")
+    cache = tmp_path / "cache"
+    _, built = build_dataset(pairs, tokenizer, prompt_cfg, tok_cfg, cache)
+    _, cached = build_dataset(pairs, tokenizer, prompt_cfg, tok_cfg, cache)
+    assert (built.tokens, built.unknown_tokens) == (cached.tokens, cached.unknown_tokens) == (119, 9)
+    # a cache entry written before the count existed gets it recomputed from the stored ids
+    (entry,) = cache.iterdir()
+    stored = json.loads((entry / "report.json").read_text())
+    del stored["tokens"], stored["unknown_tokens"]
+    (entry / "report.json").write_text(json.dumps(stored))
+    _, old = build_dataset(pairs, tokenizer, prompt_cfg, tok_cfg, cache)
+    assert (old.tokens, old.unknown_tokens) == (119, 9)
+    # a byte-level BPE encodes any character
+    _, bpe = tokenize_examples(pairs, train_bpe_tokenizer(["Now complete 1 2 3"], 300), prompt_cfg, tok_cfg)
+    assert bpe.unknown_tokens == 0 and str(bpe).endswith("; 0.00% unknown tokens")
+
+
+def test_finetune_data_summary_warns_about_unknown_tokens(tmp_path):
+    import contextlib
+    from types import SimpleNamespace
+
+    from data_prep.text import train_char_tokenizer
+    from recipes.finetune import NIDataSection, build_ni_datasets
+    from tune.hf import unknown_token_warning
+
+    task = load_task(write_task(tmp_path, TINY))
+    tokenizer = train_char_tokenizer(["Now complete the following example -\nInput: \nOutput: "])
+    tokenizer.name_or_path = "runs/demo/hf"
+    d = NIDataSection(max_length=128, cache_dir=str(tmp_path / "cache"))
+    d.prompt.num_pos, d.prompt.add_definition = 0, False
+    lines = []
+    splits = {"train": [(task, inst) for inst in task.instances], "heldout_instances": [], "heldout_tasks": []}
+    build_ni_datasets(d, splits, tokenizer, SimpleNamespace(main_process_first=contextlib.nullcontext), lines.append)
+    assert lines[0].endswith("7.56% unknown tokens")
+    assert lines[1].startswith("warning: 7.6% of the data's tokens are unknown to the tokenizer runs/demo/hf")
+    assert "data.tokenizer=bpe" in lines[1]
+    assert unknown_token_warning(0.01, "t") is None and unknown_token_warning(0.0101, "t") is not None

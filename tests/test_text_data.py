@@ -347,3 +347,23 @@ def test_read_corpus_returns_resolved_paths(tmp_path, monkeypatch):
     assert path == (tmp_path / "c.txt").resolve() and path.is_absolute()
     assert text == "héllo\n"
     assert os.fspath(path).endswith("c.txt")
+
+
+def test_unknown_tokens_of_an_existing_tokenizer_are_counted_and_cached(tmp_path):
+    """20 lines "aaxb\n" read with a tokenizer that knows a, b and newline: 100 tokens (one file: no eos), 20 of
+    them unknown (x)."""
+    tok_dir = tmp_path / "tok"
+    train_char_tokenizer(["ab\n"]).save_pretrained(tok_dir)
+    corpus = write(tmp_path / "c.txt", "aaxb\n" * 20)
+    data = prepare_text_corpus(corpus, tmp_path / "cache", tokenizer_path=tok_dir, val_fraction=0.1)
+    assert data.n_train_tokens + data.n_val_tokens == 100 and data.unknown_tokens == 20
+    assert data.unknown_rate == pytest.approx(0.2)
+    meta_file = data.out_dir / "meta.json"
+    assert json.loads(meta_file.read_text())["unknown_tokens"] == 20
+    meta = json.loads(meta_file.read_text())
+    del meta["unknown_tokens"]  # as written before the count existed: recounted from the stored ids
+    meta_file.write_text(json.dumps(meta))
+    again = prepare_text_corpus(corpus, tmp_path / "cache", tokenizer_path=tok_dir, val_fraction=0.1)
+    assert again.unknown_tokens == 20
+    own = prepare_text_corpus(corpus, tmp_path / "cache", tokenizer="char", val_fraction=0.1)
+    assert own.unknown_tokens == 0  # a tokenizer trained on the corpus knows every character

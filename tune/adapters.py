@@ -7,37 +7,13 @@ and does the one thing they leave to us: merging a QLoRA adapter into the *dequa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from tune.errors import ConfigError
-from tune.hf import DTYPES, check_model_dir, enable_activation_checkpointing, resolve_dtype
-
-
-@dataclass
-class LoraSection:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"  # every linear layer but the output head
-    bias: Literal["none", "all", "lora_only"] = "none"
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class QuantSection:
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    quant_storage: Literal["uint8", "bf16", "fp32", "fp16"] = "uint8"  # FSDP needs it equal to the param dtype
+from tune.hf import check_model_dir, enable_activation_checkpointing, resolve_dtype
+from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
 
 def bnb_config(quant: QuantSection):
@@ -45,7 +21,8 @@ def bnb_config(quant: QuantSection):
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype), bnb_4bit_quant_storage=DTYPES[quant.quant_storage])
+        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=resolve_dtype(quant.quant_storage))
 
 
 def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection | None = None,

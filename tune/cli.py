@@ -1,7 +1,8 @@
-"""The `tune` command: ls | cp | validate | run | export | generate.
+"""The `tune` command: ls | cp | cat | validate | run | export | generate.
 
     tune ls                                    recipes and their configs (scanned from recipes/configs/)
-    tune cp CONFIG DEST                        copy a built-in config to edit
+    tune cp CONFIG DEST                        copy a built-in config to edit (DEST/ : into that directory)
+    tune cat CONFIG [key=value ...]            print the resolved config (defaults filled in, overrides applied)
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
     tune run RECIPE --config CONFIG [key=value ...] [--nproc N]
     tune export RUN_DIR [--step N | --best] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path
-from tune.errors import ConfigError, TuneError
+from tune.errors import ConfigError, ConfigProblems, TuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -46,8 +47,9 @@ def config_summary(path: Path) -> tuple[str, str]:
     return recipe, description
 
 
-def load_recipe_config(config: str, overrides: list[str], recipe: str | None = None):
-    """Resolve a config (file or built-in name), pick its recipe and build the validated config object."""
+def load_recipe_config(config: str, overrides: list[str], recipe: str | None = None, check: bool = True):
+    """Resolve a config (file or built-in name), pick its recipe and build the validated config object
+    (check=False: keys, types and values only, without the recipe's `validate` of paths and models)."""
     if recipe:
         load_recipe(recipe)
     path = resolve_config_path(config)
@@ -59,8 +61,11 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
         raise ConfigError(f"{path} is a {declared!r} config, not {recipe!r}; run: tune run {declared} --config {config}")
     module = load_recipe(name)
     cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
-    if hasattr(module, "validate"):
-        module.validate(cfg)
+    if check and hasattr(module, "validate"):
+        try:
+            module.validate(cfg)
+        except ConfigProblems as e:
+            raise ConfigProblems(e.problems, str(path)) from None
     return module, cfg
 
 
@@ -80,6 +85,8 @@ def cmd_ls(args) -> int:
 def cmd_cp(args) -> int:
     src = resolve_config_path(args.config)
     dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)):  # a directory, created if missing (not a file named after it)
+        dest.mkdir(parents=True, exist_ok=True)
     if dest.is_dir():
         dest = dest / src.name
     if dest.exists() and not args.force:
@@ -87,6 +94,18 @@ def cmd_cp(args) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     print(f"copied {src.name} to {dest}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    """Print a config as the recipe sees it: every key, with defaults filled in and overrides applied (keys and
+    values are checked; paths are not, so a config for models not trained yet prints too)."""
+    import yaml
+
+    from tune.config import to_dict
+
+    _, cfg = load_recipe_config(args.config, args.overrides, check=False)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -142,12 +161,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+RUN_ARTIFACTS = ("hf", "merged", "model", "student")  # what a run writes that `tune generate --model` loads
+
+
+def check_generate_model(model: str) -> None:
+    """One-line errors for the usual wrong --model: a missing path, or a run directory instead of its model."""
+    from tune.hf import check_model_dir
+
+    path = Path(model)
+    if not path.exists():
+        raise ConfigError(f"--model {model} does not exist (paths are relative to where you run tune)")
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        found = [name for name in RUN_ARTIFACTS if (path / name / "config.json").is_file()]
+        if found:
+            raise ConfigError(f"--model {model} is a run directory, not a model; use --model {path / found[0]}")
+        if (path / "adapter").is_dir():
+            base = read_yaml(path / "config.yaml").get("base_model", "BASE_MODEL")
+            raise ConfigError(f"--model {model} is a run directory with an adapter; use --model {base} "
+                              f"--adapter {path / 'adapter'}")
+    check_model_dir(model, "--model")
+
+
 def cmd_generate(args) -> int:
     """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
     import torch
 
-    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, load_model, load_tokenizer, prompt_ids,
-                                 prompt_token_limit, special_ids, truncate_left)
+    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, learned_position_table, load_model,
+                                 load_tokenizer, prompt_ids, prompt_token_limit, special_ids, stream_generate,
+                                 truncate_left)
+    from tune.hf import unknown_characters, unknown_token_id
 
     if (args.prompt is None) == (args.task is None):
         raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
@@ -168,31 +210,36 @@ def cmd_generate(args) -> int:
             raise ConfigError(f"--instance {args.instance}: {args.task} has {len(task.instances)} instances; "
                               f"use 0..{len(task.instances) - 1}")
         instance = task.instances[args.instance]
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_generate_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = load_model(args.model, args.adapter, args.dtype)
     check_vocab(model, tokenizer, args.tokenizer or args.model)
-    limit = prompt_token_limit(model, args.max_new_tokens)
+    table = learned_position_table(model)
+    if table is None:
+        limit = prompt_token_limit(model, args.max_new_tokens)
+    else:  # any length: a window slides over the position table; a task's prompt still fits it when it can
+        limit = table - args.max_new_tokens if args.max_new_tokens < table else table - 1
     prompt = args.prompt
     if task is not None:  # as `tune run evaluate` builds it: demonstrations dropped until it fits the context
         prompt, dropped = fit_prompt(tokenizer, task, instance.input, PromptConfig(), limit)
         if dropped:
             print(f"note: demonstrations dropped to fit the model's context ({limit} prompt tokens)", file=sys.stderr)
     pad_id, eos_ids = special_ids(model, tokenizer)
-    ids = truncate_left(prompt_ids(tokenizer, prompt), limit, tokenizer)  # long prompts keep their end
-    device = next(model.parameters()).device
-    enc = {"input_ids": torch.tensor([ids], device=device),
-           "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+    ids = prompt_ids(tokenizer, prompt)
+    unknown = unknown_characters(tokenizer, prompt) if unknown_token_id(tokenizer) in ids else []
+    if unknown:
+        print(f"note: the tokenizer does not know {len(unknown)} character(s) of the prompt, read as "
+              f"{tokenizer.unk_token!r}: {' '.join(repr(c) for c in unknown)}", file=sys.stderr)
+    if table is None:
+        ids = truncate_left(ids, limit, tokenizer)  # long prompts keep their end
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(args.seed)
     print(prompt, end="", flush=True)
-    streamer = PrintStreamer(tokenizer)
-    with torch.inference_mode():
-        model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=sample, num_beams=1,
-                       temperature=args.temperature if sample else None, top_k=args.top_k if sample else None,
-                       top_p=args.top_p if sample else None, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                       streamer=streamer)
+    stream_generate(model, ids, args.max_new_tokens, PrintStreamer(tokenizer), pad_id, eos_ids,
+                    temperature=args.temperature, top_k=args.top_k if sample else None,
+                    top_p=args.top_p if sample else None)
     print(flush=True)
     if task is not None:
         print(f"--- {task.name}, instance {args.instance} (id {instance.id}); reference output"
@@ -209,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_cp)
+    p = sub.add_parser("cat", help="print a config resolved: defaults filled in, overrides applied "
+                                   "(keys and values checked)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_cat)
     p = sub.add_parser("validate", help="check a config (keys, types, values) without running it")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")

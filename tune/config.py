@@ -185,7 +185,9 @@ def build_dataclass(cls, data: dict, where: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+        # section checks name their keys in full ("train.max_steps must be >= 1"): no "train: " in front again
+        named = not where or str(e).startswith((f"{where}.", f"{where}="))
+        raise ConfigError(str(e) if named else f"{where}: {e}") from None
 
 
 def load_config(cls, name_or_path: str | None = None, overrides: list[str] | None = None, data: dict | None = None):

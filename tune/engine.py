@@ -22,60 +22,16 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn as nn
 
 from tune.errors import ConfigError, TuneError
 from tune.losses import causal_lm_loss
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4  # floor of the cosine decay
-    warmup_steps: int = 100
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1  # applied to matrices only (never biases, norms; embeddings see below)
-    decay_embeddings: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables
-    eval_every: int = 250  # 0 disables periodic evaluation (the final one still runs)
-    eval_batches: int = 20
-    stop_at_val_loss: float | None = None  # end the run once validation loss is at or below this
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
-    compile: bool = False
-    resume: bool = False
-    gradient_checkpointing: bool = False
-    skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
-    progress: bool = True
-    keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
-    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see SCHEDULE_KEYS)
-
-    def __post_init__(self):
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+from tune.train_config import TrainConfig  # noqa: F401 - re-exported
 
 
 class BatchSource(Protocol):

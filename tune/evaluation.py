@@ -308,6 +308,73 @@ def write_json_atomic(path, data) -> Path:
 
 # ------------------------------------------------------------------------------------------ streaming
 
+def learned_position_table(model) -> int | None:
+    """The size of the model's learned position table (GPT-2 / OpenAIGPT `n_positions`); None for RoPE models.
+    Such a model cannot see more tokens at once, but it can continue any text through a sliding window."""
+    value = getattr(getattr(model, "config", None), "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class _KeepOpen:
+    """A streamer whose end() is left to the caller: generation goes on after HF generate() returns."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    def put(self, value):
+        self.streamer.put(value)
+
+    def end(self):
+        pass
+
+
+def stream_generate(model, ids: list[int], max_new_tokens: int, streamer, pad_id: int, eos_ids: list[int],
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> list[int]:
+    """Continue one prompt (`ids`) by up to `max_new_tokens` tokens, streamed to `streamer` (HF put/end protocol,
+    e.g. PrintStreamer); returns prompt + new ids. Stops early at an eos id. temperature 0 is greedy; top_k 0
+    and top_p 1 are off.
+
+    HF generate() (with its KV cache) runs while prompt + new tokens fit the model's context. A model with a
+    learned position table (`learned_position_table`) then goes on with a sliding window, as nanoGPT samples:
+    each further token is predicted from the last `n_positions` tokens only (at positions 0..n-1), and sampled
+    by `tune.generate.sample_next_token` (temperature, then top-k, then top-p, as generate() applies them).
+    """
+    from tune.generate import sample_next_token
+
+    device = _model_device(model)
+    table = learned_position_table(model)
+    sample = temperature > 0
+    prompt_length, ids = len(ids), list(ids)
+    fit = max_new_tokens if table is None else min(max_new_tokens, table - len(ids))
+    if fit > 0:
+        hf_streamer = streamer if fit == max_new_tokens else _KeepOpen(streamer)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([ids], device=device),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                 max_new_tokens=fit, do_sample=sample, num_beams=1,
+                                 temperature=temperature if sample else None, top_k=top_k if sample else None,
+                                 top_p=top_p if sample else None, pad_token_id=pad_id,
+                                 eos_token_id=eos_ids or None, streamer=hf_streamer)
+        ids = out[0].tolist()
+        if fit == max_new_tokens:
+            return ids
+        if ids[-1] in eos_ids:
+            streamer.end()
+            return ids
+    else:
+        streamer.put(torch.tensor([ids]))  # the prompt, as generate() hands it over first
+    with torch.inference_mode():
+        while len(ids) - prompt_length < max_new_tokens:
+            logits = model(input_ids=torch.tensor([ids[-table:]], device=device)).logits[:, -1, :]
+            token = int(sample_next_token(logits, temperature, top_k, top_p)[0, 0])
+            ids.append(token)
+            streamer.put(torch.tensor([token]))
+            if token in eos_ids:
+                break
+    streamer.end()
+    return ids
+
+
 class PrintStreamer:
     """HF `generate(streamer=...)` protocol (`put(tensor)`, `end()`) printing text as it is generated.
 

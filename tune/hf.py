@@ -6,12 +6,13 @@ LM, or a tokenizer that cannot pad fails the same way: one line naming the key, 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import torch
 
 from tune.errors import ConfigError, DataError
 
+# torch and transformers are imported inside the functions that need them: `tune validate` checks model
+# directories through the json helpers here and stays free of both (about 3 s of imports).
 
 
 def _first_line(e: Exception) -> str:
@@ -19,18 +20,65 @@ def _first_line(e: Exception) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
+def _named(field: str, path) -> str:
+    """How messages name an input: `base_model=DIR` for a config key, `--model DIR` for a command-line option."""
+    return f"{field} {path}" if field.startswith("-") else f"{field}={path}"
+
+
+def read_model_config(path) -> dict:
+    """config.json of an HF model directory as a dict (json only, no transformers); a DataError if unreadable."""
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file}: not a valid transformers config ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{file}: not a valid transformers config (not a JSON object)")
+    return config
+
+
+def position_table_size(path) -> int | None:
+    """The size of the learned position table of the HF model in `path` (GPT-2 / OpenAIGPT `n_positions`),
+    read from its config.json; None for models without one.
+
+    Only learned tables are a hard limit: a longer input indexes past the table (IndexError in the
+    embedding). RoPE models (Llama) compute positions, so their `max_position_embeddings` is the trained
+    context, not a table; longer inputs run (with degrading quality), so it is not enforced here.
+    """
+    value = read_model_config(path).get("n_positions")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# causal-LM heads by class-name suffix (GPT2LMHeadModel, OpenAIGPTLMHeadModel, LlamaForCausalLM, ...): accepted
+# from config.json alone; any other architecture is judged by transformers' own model mappings
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def check_model_dir(path, field: str = "model") -> Path:
     """A ConfigError if `path` does not exist; a DataError unless it is an HF causal-LM directory."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise DataError(f"{_named(field, path)} is not a Hugging Face model directory (no config.json); point it at a "
+                        "directory written by save_pretrained")
+    config = read_model_config(path)
+    architectures = config.get("architectures") or []
+    causal_by_name = (isinstance(architectures, list) and architectures and "model_type" in config
+                      and not config.get("is_encoder_decoder")
+                      and all(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in architectures))
+    if not causal_by_name:
+        _check_causal_with_transformers(path, field)
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DataError(f"{_named(field, path)}: no weights (*.safetensors or *.bin) in the directory")
+    return path
+
+
+def _check_causal_with_transformers(path: Path, field: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES)
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise DataError(f"{field}={path} is not a Hugging Face model directory (no config.json); point it at a "
-                        "directory written by save_pretrained")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
@@ -43,35 +91,35 @@ def check_model_dir(path, field: str = "model") -> Path:
     if (causal_classes is None or getattr(config, "is_encoder_decoder", False) or encoder
             or (architectures and not any(a in causal_names or a == base_class for a in architectures))):
         kind = f"architectures {architectures}" if architectures else f"model_type {config.model_type!r}"
-        raise DataError(f"{field}={path}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
+        raise DataError(f"{_named(field, path)}: {kind} is not a causal language model (AutoModelForCausalLM cannot "
                         "load it); point it at a decoder-only LM such as GPT-2 or Llama")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise DataError(f"{field}={path}: no weights (*.safetensors or *.bin) in the directory")
-    return path
 
 
 def check_adapter_dir(path, field: str = "adapter") -> Path:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     if not (path / "adapter_config.json").is_file():
-        raise DataError(f"{field}={path} is not a peft adapter directory (no adapter_config.json); point it at the "
-                        "adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+        raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at "
+                        "the adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
     return path
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "uint8": torch.uint8}
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16", "uint8": "uint8"}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """auto: bf16 on a GPU that supports it, else fp32."""
+def resolve_dtype(name: str):
+    """The torch dtype of a config name (bf16, fp32, fp16, uint8); auto: bf16 on a GPU that supports it, else fp32."""
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+    return getattr(torch, _DTYPES[name])
 
 
 def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
     """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
@@ -109,26 +157,56 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
     """
     from transformers import AutoTokenizer
 
+    name = _named(field, path)
     if not Path(path).exists():
-        raise ConfigError(f"{field}={path} does not exist (paths are relative to where you run tune)")
+        raise ConfigError(f"{name} does not exist (paths are relative to where you run tune)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{field}={path}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise DataError(f"{name}: cannot load a tokenizer ({_first_line(e)})") from None
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise DataError(f"{field}={path}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
+            raise DataError(f"{name}: pad_token={pad_token!r} is not in the tokenizer's vocabulary; use an "
                             f"existing token such as the eos token {tokenizer.eos_token!r}")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError(f"{field}={path}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
+            raise DataError(f"{name}: the tokenizer has neither a pad nor an eos token, so sequences cannot be "
                             "batched; set pad_token or eos_token in its tokenizer_config.json")
         if not pad_with_eos:
-            raise DataError(f"{field}={path}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
+            raise DataError(f"{name}: the tokenizer has no pad token; set pad_token={tokenizer.eos_token!r} "
                             "in the config to pad with its eos token (padding is masked out of the loss)")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+UNKNOWN_WARN_RATE = 0.01  # above this fraction of unknown tokens, data preparation prints a warning
+
+
+def unknown_token_id(tokenizer) -> int | None:
+    """The id text maps to when the tokenizer cannot represent it, or None when nothing can be unknown: no unk
+    token, or one that doubles as eos/bos (GPT-2's `<|endoftext|>`; its byte-level BPE encodes any text)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk in (tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None)):
+        return None
+    return unk
+
+
+def unknown_token_warning(rate: float, tokenizer_name) -> str | None:
+    """A `warning:` line when more than UNKNOWN_WARN_RATE of the data's tokens are unknown to the tokenizer."""
+    if rate <= UNKNOWN_WARN_RATE:
+        return None
+    return (f"warning: {rate:.1%} of the data's tokens are unknown to the tokenizer {tokenizer_name} (its characters "
+            "are read as the unk token, and the model never sees them); use a tokenizer trained on this data "
+            "(pretrain with data.tokenizer=bpe) or the base model's own tokenizer")
+
+
+def unknown_characters(tokenizer, text: str) -> list[str]:
+    """The distinct characters of `text` the tokenizer maps to its unk token (in order of appearance)."""
+    unk = unknown_token_id(tokenizer)
+    if unk is None:
+        return []
+    return [c for c in dict.fromkeys(text) if unk in tokenizer(c, add_special_tokens=False)["input_ids"]]
 
 
 def check_vocab(model, tokenizer, tokenizer_dir) -> None:

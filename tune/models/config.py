@@ -1,0 +1,92 @@
+"""GPTConfig and the presets of the native GPT (tune/models/gpt.py), without torch: validating a
+config (`tune validate`) needs only these."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from tune.errors import ConfigError
+
+_CHOICES = {
+    "position": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_placement": ("pre", "post"),
+    "mlp": ("gelu", "swiglu"),
+    "activation": ("gelu_tanh", "gelu"),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: same as n_head
+    mlp_hidden: int | None = None  # None: 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu)
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: str = "pre"
+    mlp: str = "gelu"
+    activation: str = "gelu_tanh"  # of the GELU MLP: tanh approximation (GPT-1/2) or exact erf (faster on CPU)
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError("model.position=rope needs an even head size (n_embd / n_head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256)
+_GPT1 = dict(position="learned", norm="layernorm", norm_placement="post", mlp="gelu", bias=True)
+_GPT2 = dict(position="learned", norm="layernorm", norm_placement="pre", mlp="gelu", bias=True)
+_MODERN = dict(position="rope", norm="rmsnorm", norm_placement="pre", mlp="swiglu", bias=False)
+
+PRESETS: dict[str, dict] = {
+    # GPT-1 (Radford et al. 2018): 12 x 768, 512 context, 40,478-token BPE vocabulary, dropout 0.1.
+    "gpt1": dict(_GPT1, n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=40478, dropout=0.1),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "modern": dict(_MODERN, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=2048, vocab_size=32000),
+    "tiny-gpt1": dict(_GPT1, **_TINY),
+    "tiny-gpt2": dict(_GPT2, **_TINY),
+    "tiny-modern": dict(_MODERN, **_TINY, n_kv_head=2),
+}
+
+
+def config_from_preset(preset: str, **overrides) -> GPTConfig:
+    """The preset's config with `overrides` (None values ignored) applied on top."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    valid = {f.name for f in fields(GPTConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return GPTConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
