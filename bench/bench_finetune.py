@@ -17,7 +17,7 @@ both sides load the same checkpoint.
   input_ids with prompt and padding at -100), fused AdamW, bf16 on a GPU, no gradient checkpointing;
   LoRA = peft r=16, alpha=32, dropout 0.05, all linear layers; QLoRA adds bitsandbytes nf4 with double
   quantization (bf16 compute on a GPU, fp32 on CPU) and prepare_model_for_kbit_training.
-- ours: tune.engine.Engine with data_prep.packing.NIBatches (packing=True, rows of max_length with a
+- ours: tune.engine.Engine with tune.packing.NIBatches (packing=True, rows of max_length with a
   block-diagonal mask) and the model from tune.adapters.load_base_model / add_lora, as recipes/finetune.py.
   Rows per step = baseline batch / mean examples per pack (rounded), so examples/step match as far as
   packing allows (both are printed).
@@ -42,7 +42,7 @@ import torch
 
 from bench.common import (GIB, PeakMemory, banner, fmt, intervals, isolated, preload_libraries, print_banner,
                           print_table, sync, write_json)
-from data_prep.packing import NIBatches
+from tune.packing import NIBatches
 from tune.adapters import LoraSection, QuantSection
 
 REPO = Path(__file__).resolve().parents[1]

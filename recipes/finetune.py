@@ -154,7 +154,7 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
 def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
-    from data_prep.packing import NIBatches
+    from tune.packing import NIBatches
     from tune.adapters import merge_adapter
     from tune.engine import Engine, make_accelerator
     from tune.hf import resolve_dtype
@@ -178,7 +178,7 @@ def run(cfg: FinetuneConfig):
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     d = cfg.data
-    source = NIBatches(list(train_set), list(val_set), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+    source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
                     rebuild=lambda: build_model(cfg), run_config=cfg).fit()

@@ -52,7 +52,7 @@ def finetune_config(tmp_path: Path, base: Path, method: str, **overrides):
 def val_loss_of(model, cfg) -> float:
     """The engine's validation loss, recomputed for `model` on the same held-out batches."""
     from data_prep.natural_instructions import PromptConfig, TokenizeConfig, build_dataset
-    from data_prep.packing import NIBatches
+    from tune.packing import NIBatches
     from recipes.finetune import load_splits
     from tune.hf import load_tokenizer
     from tune.losses import causal_lm_loss
@@ -61,7 +61,7 @@ def val_loss_of(model, cfg) -> float:
     splits = load_splits(cfg)
     val, _ = build_dataset(splits["heldout_instances"], tokenizer, PromptConfig(),
                            TokenizeConfig(max_length=cfg.data.max_length), cfg.data.cache_dir)
-    source = NIBatches(list(val), list(val), cfg.train.micro_batch_size, 1, seed=0, packing=True,
+    source = NIBatches(val, val, cfg.train.micro_batch_size, 1, seed=0, packing=True,
                        max_length=cfg.data.max_length, pad_id=tokenizer.pad_token_id)
     total = count = 0.0
     model.eval()
@@ -216,7 +216,7 @@ def test_qlora_evaluation_mid_run_leaves_training_unchanged(tmp_path, gpt2_base)
 
 
 def test_lora_on_a_llama_layout_base_resumes_exactly(tmp_path, ni_texts, monkeypatch):
-    from data_prep.packing import NIBatches
+    from tune.packing import NIBatches
     from recipes.finetune import run
 
     base = make_base(tmp_path / "llama_base", ni_texts, "tiny-modern")

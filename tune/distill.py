@@ -21,10 +21,10 @@ from typing import Sequence
 
 import torch
 
-from data_prep.packing import NIBatches, collate_padded
 from tune.errors import ConfigError, DataError, TuneError
 from tune.files import directory_written_aside
-from tune.losses import chunked_kd_sums, hidden_and_head
+from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head
+from tune.packing import NIBatches, collate_padded, example_rows
 
 
 # -- teacher --------------------------------------------------------------------------------------
@@ -122,11 +122,11 @@ def teacher_topk(teacher, examples: Sequence[dict], top_k: int, vocab_size: int,
     device = device or next(teacher.parameters()).device
     logprobs, ids, offsets = [], [], [0]
     for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
+        chunk = example_rows(examples, range(start, min(start + batch_size, len(examples))))
         batch = {k: v.to(device) for k, v in collate_padded(chunk, pad_id).items()}
         hidden, head = hidden_and_head(teacher, batch)
         for row, ex in enumerate(chunk):
-            mask = batch["targets"][row] != -100
+            mask = batch["targets"][row] != IGNORE_INDEX
             logits = head(hidden[row][mask]).float()[:, :vocab_size]
             values, indices = torch.log_softmax(logits, -1).topk(min(top_k, vocab_size), dim=-1)
             logprobs.append(values.cpu())
@@ -178,9 +178,9 @@ class CachedTeacherBatches(NIBatches):
     def _collate(self, examples: list[dict], units: list[list[int]]) -> dict:
         batch = super()._collate(examples, units)
         cache = self.caches[id(examples)]
-        order = [i for unit in units for i in unit]  # packing lays a unit's examples out in this order
+        order = [int(i) for unit in units for i in unit]  # packing lays a unit's examples out in this order
         rows = torch.cat([torch.arange(int(cache["offsets"][i]), int(cache["offsets"][i + 1])) for i in order])
-        if rows.numel() != int((batch["targets"] != -100).sum()):
+        if rows.numel() != int((batch["targets"] != IGNORE_INDEX).sum()):
             raise DataError("teacher cache does not match the tokenized data (target counts differ); "
                             "delete the cache directory and run again")
         batch["teacher_logprobs"], batch["teacher_ids"] = cache["logprobs"][rows], cache["ids"][rows]
