@@ -26,7 +26,6 @@ from tune.errors import ConfigError, DataError
 from tune.files import directory_written_aside
 
 FORMAT_VERSION = 1
-IGNORE_INDEX = -100
 PathLike = Union[str, os.PathLike]
 _PROMPT_KEYS = ("Definition", "Positive Examples", "Negative Examples", "Instances")
 
@@ -390,19 +389,24 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    """Prompt token ids, with bos first for tokenizers that want one (Llama-style)."""
-    ids = _encode(tokenizer, text)
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
     if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
+        return [tokenizer.bos_token_id] + ids
     return ids
 
 
-def _fit_prompt(task, inst, cfg, tokenizer, budget) -> tuple[list[int] | None, bool, bool]:
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, with bos first for tokenizers that want one (Llama-style)."""
+    return _with_bos(tokenizer, _encode(tokenizer, text))
+
+
+def _fit_prompt(task, inst, cfg, tokenizer, budget, ids: list[int] | None = None) -> tuple[list[int] | None, bool, bool]:
     """Prompt ids within ``budget`` tokens, dropping demos (negatives first, the last one first), then cutting the
-    definition from its end. Returns (ids or None if even the bare instance does not fit, demos lost, definition cut)."""
+    definition from its end. Returns (ids or None if even the bare instance does not fit, demos lost, definition cut).
+    `ids`: the full prompt's ids when already computed (by a batched call)."""
     n_pos, n_neg = min(cfg.num_pos, len(task.positive_examples)), min(cfg.num_neg, len(task.negative_examples))
-    ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, n_pos, num_neg=n_neg))
+    if ids is None:
+        ids = _prompt_ids(tokenizer, encode_prompt(task, inst.input, cfg, n_pos, num_neg=n_neg))
     if len(ids) <= budget:
         return ids, False, False
     lost_demos = n_pos + n_neg > 0
@@ -425,40 +429,109 @@ def _fit_prompt(task, inst, cfg, tokenizer, budget) -> tuple[list[int] | None, b
     return (ids if len(ids) <= budget else None), lost_demos, True
 
 
-def tokenize_examples(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig) -> tuple[list[dict], TruncationReport]:
-    """Prompt + target (+ eos) token ids with aligned ``targets``: targets[t] = ids[t+1] where ids[t+1] is an output
-    token or eos (everywhere but the last position when mask_prompt=False), -100 elsewhere. Examples longer than
-    max_length lose demonstrations, then definition tokens; one whose instance + target still do not fit is dropped."""
+LOST_DEMOS, DEFINITION_CUT, DROPPED = 1, 2, 4  # bits of the per-example "status" while tokenizing
+
+
+def _instance_rows(pairs) -> tuple[list[NITask], dict[str, list]]:
+    """The tasks (their prompt parts only: no instances) and the instances as columns task / id / input / outputs."""
+    tasks, index = [], {}
+    rows = {"task": [], "id": [], "input": [], "outputs": []}
+    for task, inst in pairs:
+        if id(task) not in index:
+            index[id(task)] = len(tasks)
+            tasks.append(NITask(task.name, task.path, task.definition, task.positive_examples, task.negative_examples, []))
+        rows["task"].append(index[id(task)])
+        rows["id"].append(inst.id)
+        rows["input"].append(inst.input)
+        rows["outputs"].append(inst.outputs)
+    return tasks, rows
+
+
+def tokenize_rows(rows: dict[str, list], tasks: Sequence[NITask], tokenizer, prompt_cfg: PromptConfig,
+                  tok_cfg: TokenizeConfig, unk: int | None) -> dict[str, list]:
+    """A batch of instances (columns task = index into `tasks`, id, input, outputs) -> one row per trained output:
+    input_ids, targets, task (name), id, prompt_len, status (LOST_DEMOS | DEFINITION_CUT | DROPPED bits) and
+    unknown (count of `unk` in input_ids). Prompts and targets are encoded in one batched tokenizer call each;
+    only prompts over budget are refitted one by one. A dropped example has empty input_ids."""
+    from tune.losses import IGNORE_INDEX
+
     eos = [tokenizer.eos_token_id] if tok_cfg.add_eos else []
+    items = []  # (task, instance, example id, output)
+    for t, iid, text, outputs in zip(rows["task"], rows["id"], rows["input"], rows["outputs"]):
+        task, inst = tasks[t], NIInstance(iid, text, outputs)
+        for k, output in enumerate(outputs if tok_cfg.train_on == "all" else outputs[:1]):
+            items.append((task, inst, iid if k == 0 else f"{iid}#{k}", output))
+    out = {"input_ids": [], "targets": [], "task": [], "id": [], "prompt_len": [], "status": [], "unknown": []}
+    if not items:
+        return out
+    prompts = []
+    for task, inst, _, _ in items:
+        n_pos, n_neg = min(prompt_cfg.num_pos, len(task.positive_examples)), min(prompt_cfg.num_neg, len(task.negative_examples))
+        prompts.append(encode_prompt(task, inst.input, prompt_cfg, n_pos, num_neg=n_neg))
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    output_ids = tokenizer([output for *_, output in items], add_special_tokens=False)["input_ids"]
+    for (task, inst, ex_id, _), full, target in zip(items, prompt_ids, output_ids):
+        target_ids = list(target) + eos
+        prompt, lost_demos, cut_definition = _fit_prompt(task, inst, prompt_cfg, tokenizer,
+                                                         tok_cfg.max_length - len(target_ids), _with_bos(tokenizer, full))
+        out["task"].append(task.name)
+        out["id"].append(ex_id)
+        if prompt is None:
+            out["input_ids"].append([]), out["targets"].append([]), out["prompt_len"].append(0)
+            out["status"].append(DROPPED), out["unknown"].append(0)
+            continue
+        ids = prompt + target_ids
+        first = len(prompt) if tok_cfg.mask_prompt else 1  # first position of ids that is a target
+        out["input_ids"].append(ids)
+        out["targets"].append([IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX])
+        out["prompt_len"].append(len(prompt))
+        out["status"].append(LOST_DEMOS * lost_demos | DEFINITION_CUT * cut_definition)
+        out["unknown"].append(0 if unk is None else ids.count(unk))
+    return out
+
+
+def _check_eos(tokenizer, tok_cfg: TokenizeConfig) -> None:
     if tok_cfg.add_eos and tokenizer.eos_token_id is None:
         raise ConfigError("data.add_eos=true but the tokenizer has no eos_token; "
                           "set one in tokenizer_config.json or add_eos=false")
+
+
+def tokenize_examples(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig,
+                      batch_size: int = 1000) -> tuple[list[dict], TruncationReport]:
+    """Prompt + target (+ eos) token ids with aligned ``targets``: targets[t] = ids[t+1] where ids[t+1] is an output
+    token or eos (everywhere but the last position when mask_prompt=False), -100 elsewhere. Examples longer than
+    max_length lose demonstrations, then definition tokens; one whose instance + target still do not fit is dropped.
+    In memory, for small sets: build_dataset does the same batches through ``datasets`` onto disk."""
     from tune.hf import unknown_token_id
 
+    _check_eos(tokenizer, tok_cfg)
     unk = unknown_token_id(tokenizer)
-    report, examples = TruncationReport(unknown_tokens=None if unk is None else 0), []
-    for task, inst in pairs:
-        outputs = inst.outputs if tok_cfg.train_on == "all" else inst.outputs[:1]
-        for k, output in enumerate(outputs):
-            ex_id = inst.id if k == 0 else f"{inst.id}#{k}"
-            report.total += 1
-            target_ids = _encode(tokenizer, output) + eos
-            prompt, lost_demos, cut_definition = _fit_prompt(task, inst, prompt_cfg, tokenizer,
-                                                             tok_cfg.max_length - len(target_ids))
-            if prompt is None:
-                report.dropped += 1
-                report.dropped_ids.append(ex_id)
-                continue
-            report.examples_dropped_demos += lost_demos
-            report.definition_truncated += cut_definition
-            ids = prompt + target_ids
-            report.tokens += len(ids)
-            if unk is not None:
-                report.unknown_tokens += ids.count(unk)
-            first = len(prompt) if tok_cfg.mask_prompt else 1  # first position of ids that is a target
-            targets = [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX]
-            examples.append({"input_ids": ids, "targets": targets, "task": task.name, "id": ex_id, "prompt_len": len(prompt)})
+    tasks, rows = _instance_rows(pairs)
+    columns = {k: [] for k in ("input_ids", "targets", "task", "id", "prompt_len", "status", "unknown")}
+    for start in range(0, len(rows["id"]), batch_size):
+        part = tokenize_rows({k: v[start:start + batch_size] for k, v in rows.items()}, tasks, tokenizer, prompt_cfg,
+                             tok_cfg, unk)
+        for k in columns:
+            columns[k] += part[k]
+    report = _report(columns["status"], columns["id"], [len(ids) for ids in columns["input_ids"]], columns["unknown"], unk)
+    examples = [{"input_ids": ids, "targets": t, "task": name, "id": ex_id, "prompt_len": n}
+                for ids, t, name, ex_id, n, status in zip(columns["input_ids"], columns["targets"], columns["task"],
+                                                          columns["id"], columns["prompt_len"], columns["status"])
+                if not status & DROPPED]
     return examples, report
+
+
+def _report(status, ids, lengths, unknown, unk: int | None) -> TruncationReport:
+    """The TruncationReport of tokenize_rows' status / id / length / unknown columns (sequences or numpy arrays)."""
+    import numpy as np
+
+    status, lengths, unknown = (np.asarray(x, dtype=np.int64) for x in (status, lengths, unknown))
+    dropped = np.flatnonzero(status & DROPPED)
+    kept = (status & DROPPED) == 0
+    return TruncationReport(total=len(status), examples_dropped_demos=int(((status & LOST_DEMOS) > 0)[kept].sum()),
+                            definition_truncated=int(((status & DEFINITION_CUT) > 0)[kept].sum()),
+                            dropped=len(dropped), dropped_ids=[str(ids[i]) for i in dropped.tolist()],
+                            tokens=int(lengths[kept].sum()), unknown_tokens=None if unk is None else int(unknown[kept].sum()))
 
 
 # -- cached dataset -----------------------------------------------------------------------------
@@ -518,30 +591,83 @@ def _load_cached(path: Path, unk: int | None):
         return None
 
 
-def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig, cache_dir: PathLike):
+def tokenize_workers(n_instances: int) -> int:
+    """Processes for tokenizing `n_instances`: 1 below 50,000 instances or on <= 2 cores (the fast tokenizers'
+    batch call already uses every core; extra processes there only add pickling, see BENCHMARKS.md), else one per
+    core up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= 2 or n_instances < 50_000 else min(cores, 8)
+
+
+def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig, cache_dir: PathLike,
+                  num_proc: int | None = None):
     """tokenize_examples as a ``datasets.Dataset``, cached under ``cache_dir/<sha256 key>/`` (dataset + report.json,
     which keeps the report's counts, unknown tokens included).
 
-    The key covers the pairs (task prompt content, instance ids, inputs, outputs), both configs and the tokenizer,
-    so a second call with the same inputs loads from disk without tokenizing.
+    Tokenizes in batches through ``Dataset.map`` (`num_proc` processes, default tokenize_workers), writing Arrow
+    files as it goes: memory stays bounded by a batch, not the data set. The key covers the pairs (task prompt
+    content, instance ids, inputs, outputs), both configs and the tokenizer, so a second call with the same inputs
+    loads from disk (memory-mapped) without tokenizing.
     """
-    from datasets import Dataset
+    import shutil
+    from functools import partial
+
+    import pyarrow.compute as pc
+    from datasets import Dataset, Features, Value, disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
     from tune.hf import unknown_token_id
 
     pairs = list(pairs)
     unk = unknown_token_id(tokenizer)
-    final = Path(cache_dir) / _cache_key(pairs, tokenizer, prompt_cfg, tok_cfg)
+    key = _cache_key(pairs, tokenizer, prompt_cfg, tok_cfg)
+    final = Path(cache_dir) / key
     cached = _load_cached(final, unk)
     if cached is not None:
         return cached
-    examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg)
+    _check_eos(tokenizer, tok_cfg)
+    tasks, rows = _instance_rows(pairs)
+    del pairs
     features = _features()
-    dataset = Dataset.from_dict({k: [ex[k] for ex in examples] for k in features}, features=features)
+    List = type(features["input_ids"])
+    work_features = features.copy()
+    work_features["status"], work_features["unknown"] = Value("int8"), Value("int32")
+    num_proc = tokenize_workers(len(rows["id"])) if num_proc is None else num_proc
+    progress = is_progress_bar_enabled()
     # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
     with directory_written_aside(final, lambda path: _load_cached(path, unk) is not None) as tmp:
-        # an empty dataset saved as 0 shards would not load back
-        dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
+        source = Dataset.from_dict(rows, features=Features({"task": Value("int32"), "id": Value("string"),
+                                                             "input": Value("string"), "outputs": List(Value("string"))}))
+        del rows
+        (tmp / "work").mkdir()
+        try:
+            if len(source) < 10_000:
+                disable_progress_bars()
+            if len(source):
+                fn = partial(tokenize_rows, tasks=tasks, tokenizer=tokenizer, prompt_cfg=prompt_cfg, tok_cfg=tok_cfg,
+                             unk=unk)
+                tokenized = source.map(fn, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                                       remove_columns=source.column_names, features=work_features,
+                                       cache_file_name=str(tmp / "work" / "tokenized.arrow"), new_fingerprint=key[:32],
+                                       desc="tokenizing")
+            else:  # map would keep the input columns of an empty dataset
+                tokenized = Dataset.from_dict({k: [] for k in work_features}, features=work_features)
+            table = tokenized.with_format("arrow")[:]  # memory-mapped columns
+            status = table["status"].to_numpy()
+            ids = table["id"].to_pylist() if (status & DROPPED).any() else []  # only to name the dropped ones
+            report = _report(status, ids, pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False),
+                             table["unknown"].to_numpy(), unk)
+            del table, ids
+            kept = tokenized.filter(lambda status: [s & DROPPED == 0 for s in status], input_columns="status",
+                                    batched=True, batch_size=10_000,
+                                    cache_file_name=str(tmp / "work" / "kept.arrow")) if report.dropped else tokenized
+            kept = kept.remove_columns(["status", "unknown"])
+            # an empty dataset saved as 0 shards would not load back
+            kept.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(kept) == 0 else None)
+        finally:
+            if progress:
+                enable_progress_bars()
+        del source, tokenized, kept
+        shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
     loaded = _load_cached(final, unk)
     if loaded is None:

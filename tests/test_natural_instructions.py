@@ -313,6 +313,39 @@ def test_truncation_on_real_tasks_keeps_every_target(tasks, tokenizer):
         assert tokenizer.decode([t for t in ex["targets"] if t != -100]) == outputs[ex["task"], ex["id"]] + EOS
 
 
+def test_batched_tokenization_and_dataset_equal_one_by_one(tasks, tokenizer, tmp_path):
+    """The batched tokenizer calls (tokenize_examples, and build_dataset through datasets.map in 1 or 2 processes)
+    give exactly the examples and report of encoding each example alone, truncated and dropped ones included."""
+    from data_prep.natural_instructions import _fit_prompt
+
+    long = load_task(write_task(tmp_path, dict(TINY, Instances=[{"id": "long", "input": "1 1", "output": ["two " * 90]},
+                                                                {"id": "ok", "input": "1 2", "output": ["3", "three"]}])))
+    pairs = [(t, i) for t in tasks for i in t.instances[:5]] + [(long, i) for i in long.instances]
+    prompt_cfg, tok_cfg = PromptConfig(num_neg=1), TokenizeConfig(max_length=160, train_on="all")
+    reference, lost, cut, dropped = [], 0, 0, []
+    for task, inst in pairs:
+        for k, output in enumerate(inst.outputs):
+            ex_id = inst.id if k == 0 else f"{inst.id}#{k}"
+            target = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt, lost_demos, cut_def = _fit_prompt(task, inst, prompt_cfg, tokenizer, 160 - len(target))
+            if prompt is None:
+                dropped.append(ex_id)
+                continue
+            lost, cut = lost + lost_demos, cut + cut_def
+            ids = prompt + target
+            reference.append({"input_ids": ids, "targets": [-100] * (len(prompt) - 1) + ids[len(prompt):] + [-100],
+                              "task": task.name, "id": ex_id, "prompt_len": len(prompt)})
+    examples, report = tokenize_examples(pairs, tokenizer, prompt_cfg, tok_cfg, batch_size=7)
+    assert examples == reference
+    assert (report.total, report.examples_dropped_demos, report.definition_truncated, report.dropped_ids) == \
+        (len(reference) + len(dropped), lost, cut, dropped)
+    assert lost > 0 and cut > 0 and "long" in dropped
+    assert report.tokens == sum(len(ex["input_ids"]) for ex in reference)
+    for num_proc in (1, 2):
+        dataset, built = build_dataset(pairs, tokenizer, prompt_cfg, tok_cfg, tmp_path / f"cache{num_proc}", num_proc)
+        assert list(dataset) == reference and built == report
+
+
 # -- splits --------------------------------------------------------------------------------------
 def test_splits_hold_out_tasks_and_instances(ni_dir, tasks):
     held = ["task073_commonsenseqa_answer_generation", "task1340_msr_text_compression_compression"]
