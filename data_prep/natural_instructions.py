@@ -447,6 +447,52 @@ def _instance_rows(pairs) -> tuple[list[NITask], dict[str, list]]:
     return tasks, rows
 
 
+def _demos(task: NITask, cfg: PromptConfig) -> tuple[int, int]:
+    return min(cfg.num_pos, len(task.positive_examples)), min(cfg.num_neg, len(task.negative_examples))
+
+
+_TASK_PART_END = len("\nInput:")  # of "\nInput: <input>": the task's part ends at ":", the instance's starts with " "
+
+
+def _encode_prompts(tokenizer, tasks: Sequence[NITask], prompts: list[str], cfg: PromptConfig) -> list[list[int]]:
+    """Token ids (bos included) of full prompts, in batched tokenizer calls.
+
+    Most of a prompt (definition and demonstrations) is the same for every instance of a task. For byte-level BPE
+    tokenizers (GPT-2, Llama 3, Qwen: their pre-tokenizer splits ":" from a following " word", so no token spans
+    the cut) and the default template, the task's part up to "Input:" is encoded once per task and batch and only
+    the instance's part per prompt; the first prompt of each task and batch is also encoded whole and compared,
+    and a task whose ids differ is encoded whole. Other tokenizers and templates: every prompt whole."""
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if cfg.template is not None or pre is None or "ByteLevel" not in repr(pre):
+        return [_with_bos(tokenizer, ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    heads: dict[int, str] = {}
+    for task, text in zip(tasks, prompts):
+        if id(task) not in heads:
+            shape = encode_prompt(task, "\x00", cfg, *_demos(task, cfg)[:1], num_neg=_demos(task, cfg)[1])
+            heads[id(task)] = shape[:shape.rindex("\nInput: \x00") + _TASK_PART_END]
+    rests = []
+    for task, text in zip(tasks, prompts):
+        if not text.startswith(heads[id(task)]):  # cannot happen for the default template; keep it whole
+            heads[id(task)] = ""
+        rests.append(text[len(heads[id(task)]):])
+    keys = list(heads)
+    head_ids = dict(zip(keys, tokenizer([heads[k] for k in keys], add_special_tokens=False)["input_ids"]))
+    rest_ids = tokenizer(rests, add_special_tokens=False)["input_ids"]
+    first = {}
+    for i, task in enumerate(tasks):
+        first.setdefault(id(task), i)
+    whole = dict(zip(first, tokenizer([prompts[i] for i in first.values()], add_special_tokens=False)["input_ids"]))
+    exact = {k: list(head_ids[k]) + list(rest_ids[first[k]]) == list(whole[k]) for k in keys}
+    out = []
+    for i, (task, text) in enumerate(zip(tasks, prompts)):
+        k = id(task)
+        if exact[k]:
+            out.append(_with_bos(tokenizer, list(head_ids[k]) + list(rest_ids[i])))
+        else:
+            out.append(_with_bos(tokenizer, _encode(tokenizer, text)))
+    return out
+
+
 def tokenize_rows(rows: dict[str, list], tasks: Sequence[NITask], tokenizer, prompt_cfg: PromptConfig,
                   tok_cfg: TokenizeConfig, unk: int | None) -> dict[str, list]:
     """A batch of instances (columns task = index into `tasks`, id, input, outputs) -> one row per trained output:
@@ -464,16 +510,14 @@ def tokenize_rows(rows: dict[str, list], tasks: Sequence[NITask], tokenizer, pro
     out = {"input_ids": [], "targets": [], "task": [], "id": [], "prompt_len": [], "status": [], "unknown": []}
     if not items:
         return out
-    prompts = []
-    for task, inst, _, _ in items:
-        n_pos, n_neg = min(prompt_cfg.num_pos, len(task.positive_examples)), min(prompt_cfg.num_neg, len(task.negative_examples))
-        prompts.append(encode_prompt(task, inst.input, prompt_cfg, n_pos, num_neg=n_neg))
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompts = [encode_prompt(task, inst.input, prompt_cfg, *_demos(task, prompt_cfg)[:1],
+                             num_neg=_demos(task, prompt_cfg)[1]) for task, inst, _, _ in items]
+    prompt_ids = _encode_prompts(tokenizer, [task for task, *_ in items], prompts, prompt_cfg)
     output_ids = tokenizer([output for *_, output in items], add_special_tokens=False)["input_ids"]
     for (task, inst, ex_id, _), full, target in zip(items, prompt_ids, output_ids):
         target_ids = list(target) + eos
         prompt, lost_demos, cut_definition = _fit_prompt(task, inst, prompt_cfg, tokenizer,
-                                                         tok_cfg.max_length - len(target_ids), _with_bos(tokenizer, full))
+                                                         tok_cfg.max_length - len(target_ids), full)
         out["task"].append(task.name)
         out["id"].append(ex_id)
         if prompt is None:

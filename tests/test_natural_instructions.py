@@ -346,6 +346,28 @@ def test_batched_tokenization_and_dataset_equal_one_by_one(tasks, tokenizer, tmp
         assert list(dataset) == reference and built == report
 
 
+@pytest.mark.parametrize("split_at", [len("\nInput:"), len("\nInpu")])
+def test_prompts_encoded_per_task_part_equal_whole_prompts(tasks, tokenizer, monkeypatch, split_at):
+    """The task's part of the prompts encoded once + the instance's part == each prompt encoded whole; a cut that
+    splits a token ("Inpu|t", whose "ut" is one token) fails the per-task comparison and those prompts are encoded whole."""
+    import data_prep.natural_instructions as ni
+
+    monkeypatch.setattr(ni, "_TASK_PART_END", split_at)
+    cfg = PromptConfig(num_neg=1)
+    pairs = [(t, i) for t in tasks for i in t.instances[:12]]
+    prompts = [encode_prompt(t, i.input, cfg, min(1 + 1, len(t.positive_examples)), num_neg=min(1, len(t.negative_examples)))
+               for t, i in pairs]
+    whole = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, texts, **kw: calls.append(texts) or real_call(self, texts, **kw))
+    assert ni._encode_prompts(tokenizer, [t for t, _ in pairs], prompts, cfg) == whole
+    if split_at == len("\nInput:"):  # no prompt was encoded whole but one per task (the check)
+        assert not any(isinstance(c, str) for c in calls) and len(calls[-1]) == len(tasks)
+    else:
+        assert sum(isinstance(c, str) for c in calls) == len(pairs)  # every prompt, whole
+
+
 # -- splits --------------------------------------------------------------------------------------
 def test_splits_hold_out_tasks_and_instances(ni_dir, tasks):
     held = ["task073_commonsenseqa_answer_generation", "task1340_msr_text_compression_compression"]
