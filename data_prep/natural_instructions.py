@@ -25,7 +25,7 @@ from typing import Sequence, Union
 from tune.errors import ConfigError, DataError
 from tune.files import directory_written_aside
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cache keys hash instances in chunks (issue 11)
 PathLike = Union[str, os.PathLike]
 _PROMPT_KEYS = ("Definition", "Positive Examples", "Negative Examples", "Instances")
 
@@ -595,14 +595,15 @@ def tokenizer_digest(tokenizer) -> str:
 def _cache_key(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, asdict(prompt_cfg), asdict(tok_cfg), tokenizer_digest(tokenizer)]).encode())
-    task_hashes: dict[int, bytes] = {}
-    for task, inst in pairs:
+    task_hashes: dict[int, str] = {}
+    for task, _ in pairs:
         if id(task) not in task_hashes:  # everything of the task that enters a prompt
             content = [task.name, task.definition, [asdict(e) for e in task.positive_examples],
                        [asdict(e) for e in task.negative_examples]]
-            task_hashes[id(task)] = hashlib.sha256(json.dumps(content).encode()).digest()
-        h.update(task_hashes[id(task)])
-        h.update(json.dumps([inst.id, inst.input, inst.outputs]).encode())
+            task_hashes[id(task)] = hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    for start in range(0, len(pairs), 10_000):  # one json.dumps per 10,000 instances: ~3x faster than one each
+        chunk = [[task_hashes[id(task)], inst.id, inst.input, inst.outputs] for task, inst in pairs[start:start + 10_000]]
+        h.update(json.dumps(chunk).encode())
     return h.hexdigest()
 
 
@@ -657,7 +658,8 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     from functools import partial
 
     import pyarrow.compute as pc
-    from datasets import Dataset, Features, Value, disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+    import pyarrow as pa
+    from datasets import Dataset, Value, disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
     from tune.hf import unknown_token_id
 
@@ -671,16 +673,15 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     _check_eos(tokenizer, tok_cfg)
     tasks, rows = _instance_rows(pairs)
     del pairs
-    features = _features()
-    List = type(features["input_ids"])
-    work_features = features.copy()
+    work_features = _features()
     work_features["status"], work_features["unknown"] = Value("int8"), Value("int32")
     num_proc = tokenize_workers(len(rows["id"])) if num_proc is None else num_proc
     progress = is_progress_bar_enabled()
     # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
     with directory_written_aside(final, lambda path: _load_cached(path, unk) is not None) as tmp:
-        source = Dataset.from_dict(rows, features=Features({"task": Value("int32"), "id": Value("string"),
-                                                             "input": Value("string"), "outputs": List(Value("string"))}))
+        source = Dataset(pa.table({"task": pa.array(rows["task"], pa.int32()), "id": pa.array(rows["id"], pa.string()),
+                                   "input": pa.array(rows["input"], pa.string()),
+                                   "outputs": pa.array(rows["outputs"], pa.list_(pa.string()))}))  # 3x from_dict's speed
         del rows
         (tmp / "work").mkdir()
         try:
