@@ -13,8 +13,8 @@ and prints seconds per stage, instances/s, the process's peak RSS and the growth
 is ~10x per 10x). The quadratic first-fit packer the project used before is timed on 5k / 10k / 20k of the
 same lengths for comparison. Target (issue 11): 1M instances ready to train in < 5 min on 2 cores, < 30 s cached.
 
-    python -m bench.bench_data --sizes 10000 100000          # 2-core CPU: ~5 min (data generation included)
-    python -m bench.bench_data --sizes 10000 100000 1000000  # + ~1M: ~25 min, ~3 GB of files in --workdir
+    python -m bench.bench_data --sizes 10000 100000          # 2-core CPU: ~1.5 min (data generation included)
+    python -m bench.bench_data --sizes 10000 100000 1000000  # + 1M: ~8 min more, ~3 GB of files in --workdir
 """
 
 from __future__ import annotations
