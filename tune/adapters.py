@@ -82,6 +82,9 @@ def add_lora(model, lora: LoraSection):
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
+        # merge_adapter unties it on merge, so its warning about merging does not apply
+        warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
         try:
             return get_peft_model(model, config)
         except ValueError as e:
@@ -100,6 +103,50 @@ def dequantized_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def untie_adapted_weights(model) -> list[str]:
+    """Give every LoRA-adapted layer of a PeftModel whose weight it shares with another module (a tied output
+    head: `lm_head` and the input embedding are one tensor) its own copy of that weight, so merging the adapter
+    changes that layer only, as the adapter model does: peft adds LoRA's delta to the layer's output, never
+    to the shared tensor, but `merge_and_unload` adds it to the weight in place, which would move the tied
+    module too. Sharing is found by tensor address (`data_ptr()`), whatever the modules are called.
+
+    Unties the config (`tie_word_embeddings=False`, in every sub-model's config) when something was untied,
+    and copies every other tied weight too, so the saved checkpoint holds each of them under its own key.
+    Returns the names of the adapted layers that were given their own weight (empty: nothing shared).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import PreTrainedModel
+
+    def address(tensor):  # tied parameters are one tensor: same object, same address
+        return tensor.data_ptr()
+
+    users: dict[int, set[str]] = {}  # address -> the modules holding a parameter there
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(address(param), set()).add(name.rpartition(".")[0])
+    module_names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    untied = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and users[address(weight)] - {module_names[id(base)]}:
+            base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied.append(name.removeprefix("base_model.model."))
+    if untied:
+        # Untied in the config, every other shared weight must also be saved under each of its names.
+        seen = set()
+        for module in model.modules():
+            for key, param in list(module.named_parameters(recurse=False)):
+                if address(param) in seen:
+                    setattr(module, key, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                seen.add(address(param))
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and getattr(module.config, "tie_word_embeddings", False):
+                module.config.tie_word_embeddings = False
+    return untied
+
+
 def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.float32,
                   quant: QuantSection | None = None, tokenizer=None) -> Path:
     """Merge a LoRA adapter into its base and save a full HF checkpoint.
@@ -107,7 +154,14 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     For QLoRA (`quant` given) the adapter was trained on the 4-bit weights, so it is merged into those
     weights dequantized (not into the original full-precision ones, and never re-quantized): the
     merged model computes what the adapter model computed.
+
+    A tied base (`tie_word_embeddings=True`) whose tied output head (or input embedding) was adapted is
+    saved untied: the adapted module gets its own merged weight, the other keeps the base's exactly,
+    and the config says `tie_word_embeddings=False` (`merge_info.json` lists the modules under
+    "untied"). Otherwise the checkpoint keeps the base's tying.
     """
+    import warnings
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -121,7 +175,12 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
             target = modules[name]
             target.weight.data = (weight.t() if isinstance(target, Conv1D) else weight).contiguous()
         del quantized
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with warnings.catch_warnings():  # peft warns about adapting and merging tied modules: untied here
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+        adapted = PeftModel.from_pretrained(base, adapter_dir)
+        untied = untie_adapted_weights(adapted)
+        merged = adapted.merge_and_unload()
     merged.to(dtype)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
@@ -129,5 +188,5 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
         tokenizer.save_pretrained(out_dir)
     (out_dir / "merge_info.json").write_text(json.dumps(
         {"base_model": str(base_path), "adapter": str(adapter_dir), "dequantized_4bit_base": quant is not None,
-         "dtype": str(dtype).replace("torch.", "")}, indent=2))
+         "dtype": str(dtype).replace("torch.", ""), "untied": untied}, indent=2))
     return out_dir
