@@ -92,7 +92,6 @@ def train_model(base_path, method):
     return load_base_model(base_path, "qlora", torch.float32, QuantSection())
 
 
-HEAD = {"gpt2": "lm_head", "llama": "lm_head"}
 ATTENTION = {"gpt2": "c_attn", "llama": "q_proj"}
 EMBEDDING = {"gpt2": "wte", "llama": "embed_tokens"}
 
@@ -107,7 +106,7 @@ def test_adapted_tied_head_is_merged_untied(tmp_path, layout, method):
     from tune.adapters import QuantSection, merge_adapter
 
     base_path = make_base(tmp_path / "base", layout, tied=True)
-    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, method), [ATTENTION[layout], HEAD[layout]])
+    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, method), [ATTENTION[layout], "lm_head"])
     out = merge_adapter(base_path, adapter, tmp_path / "merged", quant=QuantSection() if method == "qlora" else None)
 
     merged = AutoModelForCausalLM.from_pretrained(out)
