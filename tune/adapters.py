@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from tune.errors import ConfigError
-from tune.hf import DTYPES, check_model_dir, enable_activation_checkpointing, resolve_dtype
+from tune.hf import DTYPES, check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
 
 
 @dataclass
@@ -60,14 +60,15 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
 
     check_model_dir(path, "base_model")
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
+        with quiet_third_party():
+            from peft import prepare_model_for_kbit_training
 
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
-                                                     dtype=resolve_dtype(quant.compute_dtype), device_map=device_map,
-                                                     attn_implementation=attn_implementation)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
+                                                         dtype=resolve_dtype(quant.compute_dtype),
+                                                         device_map=device_map, attn_implementation=attn_implementation)
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -80,11 +81,12 @@ def add_lora(model, lora: LoraSection):
     """Wrap `model` with trainable LoRA adapters (base weights frozen)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    with quiet_third_party():
+        from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and warns
+    with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         try:
             return get_peft_model(model, config)
@@ -94,8 +96,9 @@ def add_lora(model, lora: LoraSection):
 
 def dequantized_weights(model) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight (Linear layout, out x in) of every 4-bit layer of `model`."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+    with quiet_third_party():
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
 
     out = {}
     for name, module in model.named_modules():
@@ -112,9 +115,11 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     weights dequantized (not into the original full-precision ones, and never re-quantized): the
     merged model computes what the adapter model computed.
     """
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
+
+    with quiet_third_party():
+        from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if quant is not None:
@@ -125,7 +130,8 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
             target = modules[name]
             target.weight.data = (weight.t() if isinstance(target, Conv1D) else weight).contiguous()
         del quantized
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    with quiet_third_party():
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.to(dtype)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
