@@ -294,4 +294,4 @@ def test_train_num_threads_reaches_torch_in_a_recipe_run(tmp_path, monkeypatch, 
     finally:
         torch.set_num_threads(before)
     out = capsys.readouterr().out
-    assert "threads: 3 intra-op per process (train.num_threads; 1 process, " in out
+    assert "threads: 3 intra-op per process (train.num_threads=3; 1 process, " in out

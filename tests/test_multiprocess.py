@@ -83,7 +83,7 @@ def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line
     assert 1 <= step < 60 and f"interrupted at step {step}: saving a checkpoint" in stdout
     assert stderr.strip().splitlines() == [f"interrupted: checkpoint {out / 'checkpoints' / latest} written "
                                            "(every process saved its part); train.resume=true continues"]
-    assert " intra-op per process (OMP_NUM_THREADS; 2 processes," in stdout  # the launcher set it for both
+    assert " intra-op per process (from OMP_NUM_THREADS; 2 processes," in stdout  # the launcher set it for both
     resumed = subprocess.run([sys.executable, "-m", "tune.cli", "run", *common, f"output_dir={out}",
                               "train.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -433,10 +433,11 @@ def apply_num_threads(requested: int, log: Callable[[str], None] | None = print,
     threads, source = choose_num_threads(requested, cores, processes, omp_env, busy)
     torch.set_num_threads(threads)
     if log is not None:
-        why = {"train.num_threads": key, "OMP_NUM_THREADS": "OMP_NUM_THREADS",
+        why = {"train.num_threads": f"{key}={threads}", "OMP_NUM_THREADS": "from OMP_NUM_THREADS",
                "auto": f"auto: cores {100 * busy:.0f}% busy with other work"}[source]
+        change = "" if source == "train.num_threads" else f"; {key}=N to change"
         log(f"threads: {threads} intra-op per process ({why}; {processes} process{'es' if processes > 1 else ''}, "
-            f"{cores} cores; {key}=N to change)")
+            f"{cores} cores{change})")
     return threads
 
 
