@@ -144,9 +144,11 @@ def launch(args, cfg) -> int:
             chunk = _TORCHRUN_WARNING.sub(b"", chunk)
             if interrupted.is_set():
                 held.append(chunk)
-            else:
+            elif hasattr(sys.stderr, "buffer"):
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.buffer.flush()
+            else:  # a replaced sys.stderr (e.g. captured in tests) takes text
+                sys.stderr.write(chunk.decode("utf-8", "replace"))
 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
