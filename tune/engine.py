@@ -408,7 +408,7 @@ def choose_num_threads(requested: int, cores: int, processes: int, omp_env: str 
     `requested` > 0 (train.num_threads) is taken as given. Else a set OMP_NUM_THREADS (`omp_env`, its first
     number) is respected. Else auto: the cores other work leaves idle (`cores` x (1 - `busy`), rounded, at
     least 1) shared out so that processes x threads <= those cores. More threads than idle cores make every
-    step wait for descheduled threads: on 2 busy cores the demo ran 3-4x slower with 2 threads than with 1
+    step wait for descheduled threads: on 2 busy cores the demo ran 2.5-4x slower with 2 threads than with 1
     (README: The engine).
     """
     if requested > 0:
