@@ -527,7 +527,7 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     """
     from datasets import Dataset
 
-    from tune.hf import unknown_token_id
+    from tune.hf import quiet_third_party, unknown_token_id
 
     pairs = list(pairs)
     unk = unknown_token_id(tokenizer)
@@ -541,7 +541,8 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
     with directory_written_aside(final, lambda path: _load_cached(path, unk) is not None) as tmp:
         # an empty dataset saved as 0 shards would not load back
-        dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
+        with quiet_third_party():  # no "Saving the dataset" bars: a cache write, done in a moment
+            dataset.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(dataset) == 0 else None)
         (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
     loaded = _load_cached(final, unk)
     if loaded is None:

@@ -194,7 +194,7 @@ def run(cfg: DistillConfig):
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     t, s, d = cfg.teacher, cfg.student, cfg.data
     tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has no pad token: padding is masked

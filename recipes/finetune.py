@@ -161,7 +161,7 @@ def run(cfg: FinetuneConfig):
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.
     tokenizer = run_tokenizer(cfg)

@@ -134,7 +134,7 @@ def run(cfg: PretrainConfig):
     from tune.recipe_utils import prepare_output_dir, sample_text
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
     set_seed(cfg.seed)

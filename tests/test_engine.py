@@ -430,3 +430,51 @@ def test_export_best_writes_the_best_checkpoint(tmp_path, monkeypatch, capsys):
     assert main(["export", str(tmp_path / "plain"), "--best"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no best checkpoint" in err and "train.keep_best=true" in err
+
+
+@pytest.mark.parametrize("requested,cores,processes,omp_env,busy,expected", [
+    (0, 2, 1, None, 0.0, (2, "auto")),  # a quiet 2-core machine: both cores
+    (0, 2, 2, None, 0.0, (1, "auto")),  # 2 processes x 1 thread
+    (0, 16, 3, None, 0.0, (5, "auto")),  # 3 x 5 <= 16
+    (0, 2, 1, None, 0.9, (1, "auto")),  # cores busy with other work: 1 thread, never 0
+    (0, 8, 1, None, 0.5, (4, "auto")),  # half of 8 cores idle
+    (0, 8, 2, None, 0.25, (3, "auto")),  # 6 idle cores over 2 processes
+    (0, 2, 4, None, 0.0, (1, "auto")),  # more processes than cores: still 1 each
+    (0, 8, 1, "3", 0.9, (3, "OMP_NUM_THREADS")),  # the user's OMP_NUM_THREADS is respected
+    (0, 8, 1, "6,2", 0.0, (6, "OMP_NUM_THREADS")),  # nested OMP list: the outer level
+    (0, 8, 1, "x", 0.0, (8, "auto")),  # not a number: ignored
+    (5, 2, 2, "1", 0.9, (5, "train.num_threads")),  # the config key wins over everything
+])
+def test_choose_num_threads_hand_values(requested, cores, processes, omp_env, busy, expected):
+    from tune.engine import choose_num_threads
+
+    assert choose_num_threads(requested, cores, processes, omp_env, busy) == expected
+
+
+def test_num_threads_must_not_be_negative():
+    from tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.num_threads must be >= 0"):
+        TrainConfig(num_threads=-1)
+
+
+def test_train_num_threads_reaches_torch_in_a_recipe_run(tmp_path, monkeypatch, capsys):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the config key overrides the environment
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    cfg = load_config(PretrainConfig, "demo", [
+        f"output_dir={tmp_path / 'run'}", f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+        "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "train.max_steps=2", "train.eval_every=0",
+        "train.eval_batches=1", "train.progress=false", "sample.max_new_tokens=1", "export=false",
+        "train.num_threads=3"])
+    before = torch.get_num_threads()
+    try:
+        run(cfg)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "threads: 3 intra-op per process (train.num_threads=3; 1 process, " in out

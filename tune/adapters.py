@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
-from tune.hf import check_model_dir, enable_activation_checkpointing, resolve_dtype
+from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
 from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
 
@@ -37,15 +37,16 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
 
     check_model_dir(path, "base_model")
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
+        with quiet_third_party():
+            from peft import prepare_model_for_kbit_training
 
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
-                                                     dtype=resolve_dtype(quant.compute_dtype), device_map=device_map,
-                                                     attn_implementation=attn_implementation)
-        keep_4bit_training_kernel(model)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
+                                                         dtype=resolve_dtype(quant.compute_dtype),
+                                                         device_map=device_map, attn_implementation=attn_implementation)
+            keep_4bit_training_kernel(model)
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -76,11 +77,12 @@ def add_lora(model, lora: LoraSection):
     """Wrap `model` with trainable LoRA adapters (base weights frozen)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    with quiet_third_party():
+        from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and warns
+    with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
         # merge_adapter unties it on merge, so its warning about merging does not apply
@@ -93,8 +95,9 @@ def add_lora(model, lora: LoraSection):
 
 def dequantized_weights(model) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight (Linear layout, out x in) of every 4-bit layer of `model`."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+    with quiet_third_party():
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
 
     out = {}
     for name, module in model.named_modules():
@@ -162,9 +165,11 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     """
     import warnings
 
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
+
+    with quiet_third_party():
+        from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if quant is not None:
@@ -175,7 +180,8 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
             target = modules[name]
             target.weight.data = (weight.t() if isinstance(target, Conv1D) else weight).contiguous()
         del quantized
-    with warnings.catch_warnings():  # peft warns about adapting and merging tied modules: untied here
+    # peft warns about adapting and merging tied modules: untie_adapted_weights handles them
+    with quiet_third_party(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
         warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
         adapted = PeftModel.from_pretrained(base, adapter_dir)

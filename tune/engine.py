@@ -390,12 +390,87 @@ class MetricsLog:
             self.tb.close()
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, num_threads: int | None = None):
+    """The run's Accelerator; with `num_threads` (train.num_threads, 0 = auto) also this process's intra-op
+    CPU threads, announced in one line by the main process (see apply_num_threads)."""
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    if num_threads is not None:
+        apply_num_threads(num_threads, log=print if accelerator.is_main_process else None)
+    return accelerator
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def busy_fraction(interval: float = 0.2) -> float:
+    """The fraction of the machine's CPU time spent outside idle over the next `interval` seconds (this
+    process sleeps meanwhile, so it measures other work), from /proc/stat; elsewhere the 1-minute load
+    average per CPU. 0.0 when neither is available."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+        return sum(ticks), ticks[3] + ticks[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+        if total1 > total0:
+            return min(1.0, max(0.0, 1 - (idle1 - idle0) / (total1 - total0)))
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "getloadavg"):
+        return min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    return 0.0
+
+
+def choose_num_threads(requested: int, cores: int, processes: int, omp_env: str | None = None,
+                       busy: float = 0.0) -> tuple[int, str]:
+    """(intra-op threads per process, where the number comes from) for `processes` processes on this machine.
+
+    `requested` > 0 (train.num_threads) is taken as given. Else a set OMP_NUM_THREADS (`omp_env`, its first
+    number) is respected. Else auto: the cores other work leaves idle (`cores` x (1 - `busy`), rounded, at
+    least 1) shared out so that processes x threads <= those cores. More threads than idle cores make every
+    step wait for descheduled threads: on 2 busy cores the demo ran 2.5-4x slower with 2 threads than with 1
+    (README: The engine).
+    """
+    if requested > 0:
+        return requested, "train.num_threads"
+    if omp_env:
+        first = omp_env.split(",")[0].strip()
+        if first.isdigit() and int(first) > 0:
+            return int(first), "OMP_NUM_THREADS"
+    idle = max(1, round(cores * (1 - min(1.0, max(0.0, busy)))))
+    return max(1, idle // max(1, processes)), "auto"
+
+
+def apply_num_threads(requested: int, log: Callable[[str], None] | None = print,
+                      key: str = "train.num_threads") -> int:
+    """torch.set_num_threads(choose_num_threads(...)) for this process, from `requested` (0 = auto), the
+    environment's OMP_NUM_THREADS, LOCAL_WORLD_SIZE (processes on this machine: set by torchrun, else 1),
+    the usable cores and (auto only) how busy they are. `log` (None on non-main processes) gets one line
+    saying the choice. Returns the thread count."""
+    cores, processes = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    omp_env = os.environ.get("OMP_NUM_THREADS")
+    busy = busy_fraction() if requested == 0 and not omp_env else 0.0
+    threads, source = choose_num_threads(requested, cores, processes, omp_env, busy)
+    torch.set_num_threads(threads)
+    if log is not None:
+        why = {"train.num_threads": f"{key}={threads}", "OMP_NUM_THREADS": "from OMP_NUM_THREADS",
+               "auto": f"auto: cores {100 * busy:.0f}% busy with other work"}[source]
+        change = "" if source == "train.num_threads" else f"; {key}=N to change"
+        log(f"threads: {threads} intra-op per process ({why}; {processes} process{'es' if processes > 1 else ''}, "
+            f"{cores} cores{change})")
+    return threads
 
 
 @dataclass
@@ -421,7 +496,7 @@ class Engine:
         is one of the schedule settings a resume must keep."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
-        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
         self.optimizer = torch.optim.AdamW(
@@ -535,8 +610,11 @@ class Engine:
             speed_tokens, speed_start = 0, time.time()
             bar["tok_s"] = f"{tok_s:,.0f}"
 
+        stop = StopAtStepBoundary() if acc.num_processes > 1 else None
         try:
             while step < cfg.max_steps:
+                if stop is not None and stop.agreed(acc):
+                    raise KeyboardInterrupt  # on every rank at once: they save the same step together
                 step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
                 sums, targets, tokens, grad_norm, skipped = self._train_step(module, optimizer, step + 1)
                 counters = {**self.counters, "tokens": self.counters["tokens"] + tokens * acc.num_processes,
@@ -576,6 +654,8 @@ class Engine:
                 if is_last:
                     break
         except KeyboardInterrupt:
+            if stop is not None:
+                stop.restore()
             self.log_line(f"interrupted at step {step}: saving a checkpoint")
             self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
             self._write_report(history)
@@ -583,6 +663,8 @@ class Engine:
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
+            if stop is not None:
+                stop.restore()
             if progress is not None:
                 progress.close()
             metrics.close()
@@ -682,6 +764,36 @@ class Engine:
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
         return sums, global_targets, sum(_input_tokens(b) for b in batches), grad_norm, skipped
+
+
+class StopAtStepBoundary:
+    """Ctrl-C for a run on several processes (torchrun forwards SIGINT to each): a KeyboardInterrupt raised
+    wherever each process happens to be would leave one rank inside a collective (a gradient all-reduce)
+    that another rank abandoned, and the checkpoint's barriers would then hang or fail. Instead SIGINT only
+    sets a flag, and at each step boundary the processes agree (one all-reduce) whether any was asked to
+    stop. Installed from the main thread only (signal handlers live there); `restore` puts the previous
+    handler back, so a second Ctrl-C while the checkpoint is being written interrupts as usual."""
+
+    def __init__(self):
+        import threading
+
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process when any process got SIGINT (a collective: every rank calls it)."""
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:

@@ -6,13 +6,49 @@ LM, or a tokenizer that cannot pad fails the same way: one line naming the key, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
+import warnings
 from pathlib import Path
 
 from tune.errors import ConfigError, DataError
 
 # torch and transformers are imported inside the functions that need them: `tune validate` checks model
 # directories through the json helpers here and stays free of both (about 3 s of imports).
+
+class _DropKernelsHint(logging.Filter):
+    """bitsandbytes' CPU backend logs at import that it could not fetch an optional kernel from the Hub
+    ("pip install kernels"): nothing our LoRA, generation or fp32 runs use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pip install kernels" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """Around our own calls into peft / transformers / datasets, silence their messages that ask nothing of
+    the user: bitsandbytes' "pip install kernels" hint (logged when peft imports bitsandbytes), transformers'
+    FutureWarning about `is_gradient_checkpointing` (peft reads that deprecated property), and datasets'
+    "Saving the dataset" progress bars. Everything else they say still shows, and the settings are restored
+    on exit."""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hint_filter = _DropKernelsHint()
+    bnb_logger.addFilter(hint_filter)
+    datasets = sys.modules.get("datasets")  # only if the caller uses it: importing datasets is not free
+    bars_were_on = datasets is not None and not datasets.are_progress_bars_disabled()
+    if bars_were_on:
+        datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        bnb_logger.removeFilter(hint_filter)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _first_line(e: Exception) -> str:
@@ -137,13 +173,14 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
         if bars:
             hf_logging.enable_progress_bar()
     if adapter:
-        from peft import PeftModel
+        with quiet_third_party():
+            from peft import PeftModel
 
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
-            raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
-                            "was it trained on this base model?") from None
+            try:
+                model = PeftModel.from_pretrained(model, adapter)
+            except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
+                raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
+                                "was it trained on this base model?") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
 

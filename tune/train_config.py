@@ -40,13 +40,14 @@ class TrainConfig:
     progress: bool = True
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
     allow_schedule_change: bool = False  # let a resume change the schedule / data order (see tune.engine.SCHEDULE_KEYS)
+    num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.engine.choose_num_threads)
 
     def __post_init__(self):
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "num_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
