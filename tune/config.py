@@ -83,6 +83,8 @@ def yaml_load(text: str, source: str = "<text>"):
         data = yaml.load(text, Loader=_Loader)
     except RecursionError:
         raise ConfigError(f"{source}: YAML nested too deeply; configs are a few levels of sections") from None
+    except ValueError as e:  # an integer of over 4,300 digits (Python's int-from-text limit)
+        raise ConfigError(f"{source}: {str(e)[:80]}") from None
     try:
         _count_nodes(data, MAX_CONFIG_NODES)
     except ValueError:
