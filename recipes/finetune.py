@@ -74,6 +74,7 @@ CONFIG_CLASS = FinetuneConfig
 def validate(cfg: FinetuneConfig) -> None:
     """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
     base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
+    from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir
 
@@ -82,8 +83,11 @@ def validate(cfg: FinetuneConfig) -> None:
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
     check_task_paths(cfg.data, problems)
-    if cfg.data.max_length < 16:
-        problems.add(f"data.max_length={cfg.data.max_length} leaves no room for a prompt; use >= 128")
+    check_ni_numbers(cfg.data, problems)
+    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
+                    *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
+                                                        "max_instances_per_task": ">= 1"})):
+        problems.add(problem)
     if base is not None:
         problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
@@ -98,6 +102,20 @@ def check_task_paths(d: NIDataSection, problems) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and not Path(item).exists() and d.tasks_dir is None:
                 problems.add(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
+
+
+def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
+    """Record every number of the NI data section (and its prompt) out of its range (max_length: when `prompts`
+    are built from it)."""
+    from tune.config import SEED_RANGE, range_problems
+
+    if prompts and d.max_length < 16:
+        problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
+    for problem in (*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
+                                                 "heldout_instances_per_task": ">= 0",
+                                                 "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
+                    *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})):
+        problems.add(problem)
 
 
 def check_positions(length_key: str, length: int, model_key: str, model_dir) -> None:

@@ -28,6 +28,10 @@ class ModelSection:
     rope_theta: float | None = None
 
     def __post_init__(self):
+        from tune.config import check_ranges
+
+        check_ranges("model.", self, {"block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_kv_head": ">= 1",
+                                      "n_embd": ">= 1", "mlp_hidden": ">= 1", "dropout": "[0, 1)", "rope_theta": "> 0"})
         if self.init_from is None:  # the preset and its overrides make a valid model (errors name the file)
             self.native_config()
 
@@ -208,6 +212,7 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
 
 def validate(cfg: PretrainConfig) -> None:
     """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
+    from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
 
     problems = Problems()
@@ -221,6 +226,9 @@ def validate(cfg: PretrainConfig) -> None:
         problems.add(f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory")
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size is None and not cfg.data.tokenizer_path:
         problems.add("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
-    if not 0 < cfg.data.val_fraction < 1:
-        problems.add(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
+                    *range_problems("data.", cfg.data, {"vocab_size": ">= 1", "val_fraction": "(0, 1)"}),
+                    *range_problems("sample.", cfg.sample, {"num_samples": ">= 0", "max_new_tokens": ">= 1",
+                                                            "temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]"})):
+        problems.add(problem)
     problems.raise_if_any()

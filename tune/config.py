@@ -267,6 +267,39 @@ def load_config(cls, name_or_path: str | None = None, overrides: list[str] | Non
         raise ConfigError(f"{source}: {e}") from None
 
 
+SEED_RANGE = "[0, 4294967295]"  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+
+def range_problem(key: str, value, rule: str) -> str | None:
+    """The one-line problem when number `value` breaks `rule`, else None (None values pass: null means unset).
+
+    rule: '> X', '>= X', or an interval '[a, b]', '(a, b]', '[a, b)', '(a, b)'. The message names `key`.
+    """
+    if value is None:
+        return None
+    if rule.startswith((">", "<")):
+        op, bound = rule.split()
+        ok = {">": value > float(bound), ">=": value >= float(bound)}[op]
+    else:
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        ok = ((low <= value) if rule[0] == "[" else (low < value)) and \
+            ((value <= high) if rule[-1] == "]" else (value < high))
+    return None if ok else f"{key} must be {'in ' if rule[0] in '[(' else ''}{rule}, got {short_repr(value)}"
+
+
+def range_problems(prefix: str, section, rules: dict[str, str]) -> list[str]:
+    """range_problem for each `field: rule` of `section`, its keys named `prefix + field` (e.g. 'sample.')."""
+    problems = (range_problem(prefix + name, getattr(section, name), rule) for name, rule in rules.items())
+    return [p for p in problems if p]
+
+
+def check_ranges(prefix: str, section, rules: dict[str, str]) -> None:
+    """range_problems as a ConfigError (the first one), for a section's __post_init__."""
+    problems = range_problems(prefix, section, rules)
+    if problems:
+        raise ConfigError(problems[0])
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
