@@ -94,6 +94,7 @@ def validate(cfg: DistillConfig) -> None:
     from tune.errors import ConfigError, Problems
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
+    from tune.recipe_utils import check_output_dir, ni_task_inputs
 
     problems = Problems()
     s, kd, d = cfg.student, cfg.kd, cfg.data
@@ -144,10 +145,10 @@ def validate(cfg: DistillConfig) -> None:
     if s.model is None and s.block_size is not None and length > s.block_size:
         problems.add(f"{length_key}={length} is longer than student.block_size={s.block_size}; set "
                      f"student.block_size >= {length} (or leave it null to use {length_key})")
-    out = Path(cfg.output_dir).resolve()
-    for key, item in (("teacher.model", cfg.teacher.model), ("student.model", s.model)):
-        if item and Path(item).resolve() == out:
-            problems.add(f"output_dir={cfg.output_dir} is also {key}; choose a separate output_dir")
+    data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
+    for problem in check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
+                                                     **data_inputs}):
+        problems.add(problem)
     problems.raise_if_any()
 
 

@@ -74,6 +74,7 @@ def validate(cfg: EvaluateConfig) -> None:
     reported, in one ConfigError."""
     from tune.errors import Problems
     from tune.hf import check_adapter_dir, check_model_dir
+    from tune.recipe_utils import check_output_dir, task_source_paths
 
     problems = Problems()
     problems.call(check_model_dir, cfg.model, "model")
@@ -100,10 +101,10 @@ def validate(cfg: EvaluateConfig) -> None:
             problems.add(f"{key} must be >= {least}, got {value}")
     if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
         problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
-    out = Path(cfg.output_dir).resolve()
-    for key, item in (("model", cfg.model), ("adapter", cfg.adapter), ("tokenizer", cfg.tokenizer)):
-        if item and Path(item).resolve() == out:
-            problems.add(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+    inputs = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
+              "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir}
+    for problem in check_output_dir(cfg.output_dir, inputs):
+        problems.add(problem)
     problems.raise_if_any()
 
 

@@ -77,6 +77,7 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir
+    from tune.recipe_utils import check_output_dir, ni_task_inputs
 
     problems = Problems()
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
@@ -84,6 +85,9 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
     check_task_paths(cfg.data, problems)
     check_ni_numbers(cfg.data, problems)
+    for problem in check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
+                                                     **ni_task_inputs(cfg.data)}):
+        problems.add(problem)
     for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
                     *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
                                                         "max_instances_per_task": ">= 1"})):

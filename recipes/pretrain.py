@@ -214,8 +214,14 @@ def validate(cfg: PretrainConfig) -> None:
     """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
+    from tune.recipe_utils import check_output_dir
 
     problems = Problems()
+    corpus = [c for c in (cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus])
+              if c != "builtin:demo"]
+    for problem in check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
+                                                     "data.tokenizer_path": cfg.data.tokenizer_path}):
+        problems.add(problem)
     if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
         problems.add(f"model.init_from={cfg.model.init_from} is not an HF model directory (no config.json)")
     items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]

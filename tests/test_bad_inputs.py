@@ -114,3 +114,68 @@ def test_validate_refuses_numbers_out_of_range(config, override, message, model_
     assert main(["validate", config, *overrides, override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_output_dir_apart_from_the_inputs(tmp_path, model_dir, capsys, shared_data):
+    """An output_dir that is, contains or lies inside an input (the corpus, the tasks, the folder a split
+    file's names resolve in, a model) is refused by `tune validate`, naming the relation and the key."""
+    from conftest import NI_TASKS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n" * 100)
+    split = tmp_path / "ni" / "split.txt"
+    (tmp_path / "ni" / "tasks").mkdir(parents=True)
+    split.write_text("task001_x\n")
+    cases = [
+        ("demo", [f"data.corpus={corpus}", f"output_dir={corpus}"], f"is the input data.corpus={corpus}"),
+        ("demo", [f"data.corpus={corpus}", f"output_dir={corpus / 'run'}"], f"lies inside the input data.corpus={corpus}"),
+        ("demo", [f"data.corpus=[{corpus / 'a.txt'}]", f"output_dir={corpus}"],
+         f"contains the input data.corpus={corpus / 'a.txt'}"),
+        ("lora_ni", [f"base_model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={NI_TASKS}"],
+         f"is the input data.train_tasks={NI_TASKS}"),
+        ("lora_ni", [f"base_model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={NI_TASKS / 'run'}"],
+         f"lies inside the input data.train_tasks={NI_TASKS}"),
+        ("lora_ni", [f"base_model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={NI_TASKS.parent}"],
+         f"contains the input data.train_tasks={NI_TASKS}"),
+        ("lora_ni", [f"base_model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={model_dir}"],
+         f"is the input base_model={model_dir}"),
+        ("eval_ni", [f"model={model_dir}", "adapter=null", "data.exclude_train_of=null", f"data.tasks={split}",
+                     f"output_dir={split.parent / 'tasks'}"], f"is the input data.tasks={split.parent / 'tasks'}"),
+        ("distill_ni", [f"teacher.model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={model_dir.parent}"],
+         f"contains the input teacher.model={model_dir}"),
+    ]
+    for config, overrides, message in cases:
+        assert main(["validate", config, *overrides]) == 2, (config, overrides)
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output_dir=") and message in err and err.count("\n") == 1, err
+
+
+def test_output_dir_must_be_a_writable_directory(tmp_path, capsys):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    for output_dir, message in ((file, "is a file, not a directory"),
+                                (file / "run", f"lies under the file {file}")):
+        assert main(["validate", "demo", f"output_dir={output_dir}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: output_dir={output_dir} {message}" in err and err.count("\n") == 1, err
+
+
+def test_output_dir_read_only(tmp_path, capsys, monkeypatch):
+    """A directory that cannot be written: refused up front. Root may write anywhere (os.access says yes, and CI
+    runs as root), so there the permission answer is faked for the locked directory; elsewhere chmod makes it so."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    try:
+        for output_dir in (locked, locked / "run"):
+            assert main(["validate", "demo", f"output_dir={output_dir}"]) == 2
+            err = capsys.readouterr().err
+            assert f"error: output_dir={output_dir} is not writable" in err and err.count("\n") == 1, err
+    finally:
+        locked.chmod(0o700)
