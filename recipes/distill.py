@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from recipes.finetune import NIDataSection
+from tune.config import os_errors_as_config_errors
 from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
@@ -86,6 +87,7 @@ class DistillConfig:
 CONFIG_CLASS = DistillConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: DistillConfig) -> None:
     """Cheap checks before any heavy work (no weights, no torch); every problem is reported, in one ConfigError.
     Both models' position tables (and a native student's block_size) must hold the training sequences."""
@@ -285,7 +287,7 @@ def run(cfg: DistillConfig):
 def _embedding_rows(model_dir) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir).vocab_size
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False).vocab_size
 
 
 def _text_source(cfg: DistillConfig, accelerator):
@@ -347,7 +349,7 @@ def _as_hf(model, tokenizer):
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model.cpu(), tmp, tokenizer)
-        return AutoModelForCausalLM.from_pretrained(tmp).eval()
+        return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False).eval()
 
 
 def format_comparison(rows: dict) -> str:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tune.config import os_errors_as_config_errors
+
 
 @dataclass
 class EvalDataSection:
@@ -69,11 +71,12 @@ class EvaluateConfig:
 CONFIG_CLASS = EvaluateConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: EvaluateConfig) -> None:
     """Cheap checks (no weights loaded, no torch): directories, the model's config, sizes. Every problem is
     reported, in one ConfigError."""
     from tune.errors import Problems
-    from tune.hf import check_adapter_dir, check_model_dir
+    from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_output_dir, task_source_paths
 
     problems = Problems()
@@ -82,6 +85,8 @@ def validate(cfg: EvaluateConfig) -> None:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
+    elif cfg.tokenizer:
+        problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if not items:
         problems.add("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")

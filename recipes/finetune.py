@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tune.config import os_errors_as_config_errors
 from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
@@ -71,18 +72,21 @@ class FinetuneConfig:
 CONFIG_CLASS = FinetuneConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: FinetuneConfig) -> None:
     """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
     base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
-    from tune.hf import check_model_dir
+    from tune.hf import check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_output_dir, ni_task_inputs
 
     problems = Problems()
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
+    elif cfg.tokenizer:
+        problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     check_task_paths(cfg.data, problems)
     check_ni_numbers(cfg.data, problems)
     for problem in check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,

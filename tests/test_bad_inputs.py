@@ -179,3 +179,181 @@ def test_output_dir_read_only(tmp_path, capsys, monkeypatch):
             assert f"error: output_dir={output_dir} is not writable" in err and err.count("\n") == 1, err
     finally:
         locked.chmod(0o700)
+
+
+# -- YAML bounds ----------------------------------------------------------------------------------------
+def billion_laughs() -> str:
+    """9 levels of lists of 9 aliases to the level below: under 500 bytes, 9**9 (387 million) strings expanded."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_billion_laughs_is_refused_quickly(tmp_path, capsys):
+    path = tmp_path / "lol.yaml"
+    path.write_text("recipe: pretrain\n" + billion_laughs())
+    assert path.stat().st_size < 500
+    start = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    assert time.perf_counter() - start < 1
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: too many YAML aliases/nodes (limit 100,000); configs do not need aliases\n"
+    # as an override value too: the same anchors and aliases in one flow list
+    flow = "[" + ", ".join(line.split(": ", 1)[1] for line in billion_laughs().splitlines()) + "]"
+    start = time.perf_counter()
+    assert main(["validate", "demo", "data.corpus=" + flow]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - start < 1
+    assert err == "error: override 'data.corpus': too many YAML aliases/nodes (limit 100,000); configs do not need aliases\n"
+
+
+def test_yaml_size_and_depth_bounds_and_short_values(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("recipe: pretrain\n# " + "x" * 1_000_000)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("recipe: pretrain\noutput_dir: " + "[" * 100_000)
+    for path, message in ((big, "1,000,019 bytes is too large for a config (limit 1,000,000 bytes)"),
+                          (deep, "YAML nested too deeply; configs are a few levels of sections")):
+        assert main(["validate", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {path}: {message}\n"
+    # a value quoted in an error is cut to 80 characters
+    assert main(["validate", "demo", "output_dir=[" + "x" * 100_000 + "]"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir: expected a string, got ['xxx" in err and "...\n" in err and len(err) < 300, err
+    assert main(["validate", "demo", "train.max_steps=1" + "0" * 5000]) == 2  # Python's 4,300-digit int limit
+    err = capsys.readouterr().err
+    assert err.startswith("error: override 'train.max_steps': ") and len(err) < 300, err
+
+
+# -- split files, deep task JSON -------------------------------------------------------------------------
+def test_split_file_names_stay_inside_the_tasks_folder(tmp_path, capsys):
+    from data_prep.natural_instructions import load_tasks
+    from tune.errors import DataError
+
+    tasks = tmp_path / "ni" / "tasks"
+    tasks.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "task_x.json").write_text('{"Definition": ["d"], "Instances": [{"id": "1", "input": "i", "output": ["o"]}]}')
+    (tasks / "linked").symlink_to(secret)
+    split = tmp_path / "ni" / "split.txt"
+    for line, rule in ((f"../secret/task_x", "has a '..' part"), ("../../secret/task_x", "has a '..' part"),
+                       (str(secret / "task_x"), "is an absolute path"), ("/etc/passwd", "is an absolute path"),
+                       ("linked/task_x", "resolves outside the tasks folder")):
+        split.write_text(f"# tasks\n{line}\n")
+        with pytest.raises(DataError) as e:
+            load_tasks(split)
+        assert str(e.value) == (f"{split} line 2: task name {line!r} {rule}; names must be task files inside the "
+                                f"tasks folder {tasks}"), str(e.value)
+    # the same through tune validate? names are resolved when a run loads its tasks, before any output is written
+    split.write_text("../secret/task_x\n")
+    (tasks / "task_y.json").write_text((secret / "task_x.json").read_text())
+    split.write_text("task_y\n")
+    assert [t.name for t in load_tasks(split)] == ["task_y"]
+
+
+def test_task_json_nested_too_deeply(tmp_path):
+    from data_prep.natural_instructions import load_task
+    from tune.errors import DataError
+
+    for name, text in (("task_open.json", "[" * 100_000), ("task_closed.json", "[" * 100_000 + "]" * 100_000),
+                       ("task_meta.json", '{"Definition": ["d"], "Categories": ' + "[" * 150 + "]" * 150 + "}")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError) as e:
+            load_task(path)
+        assert str(e.value) == (f"{path}: JSON nested too deeply (over 100 levels); a task file is a few levels of "
+                                "objects and lists")
+
+
+def test_model_config_json_nested_too_deeply(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["validate", "eval_ni", f"model={model}", "adapter=null", "data.exclude_train_of=null",
+                 f"data.tasks={tmp_path}"]) == 2
+    assert f"{model}/config.json: not a valid transformers config (JSON nested too deeply)" in capsys.readouterr().err
+
+
+# -- model directories that would run code --------------------------------------------------------------
+@pytest.fixture
+def tiny_gpt2(tmp_path):
+    """A real (random) GPT-2 of a few thousand weights, saved with save_pretrained (safetensors)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path / "gpt2"
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def test_custom_code_model_is_refused_without_a_prompt(tiny_gpt2, tmp_path):
+    """config.json with auto_map (transformers would ask "Do you wish to run the custom code? [y/N]"): one line
+    from `tune run finetune` and `tune generate`, with stdin closed and a timeout, so a prompt fails the test."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    config = json.loads((tiny_gpt2 / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilLM"}
+    (tiny_gpt2 / "config.json").write_text(json.dumps(config))
+    (tiny_gpt2 / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    expected = (f"error: base_model={tiny_gpt2}: {tiny_gpt2 / 'config.json'} has auto_map: it needs custom Python "
+                "code from its directory, which tune never runs; use a model transformers supports natively\n")
+    (tmp_path / "tasks").mkdir()
+    for args, message in (
+            (["run", "finetune", "--config", "lora_ni", f"base_model={tiny_gpt2}", f"data.train_tasks={tmp_path / 'tasks'}",
+              f"output_dir={tmp_path / 'run'}"], expected),
+            (["generate", "--model", str(tiny_gpt2), "--prompt", "hi"], expected.replace("base_model=", "--model "))):
+        done = subprocess.run([sys.executable, "-m", "tune.cli", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr == message, done.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
+
+
+def test_custom_code_tokenizer_is_refused(tiny_gpt2, tmp_path, capsys):
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["tok.Evil", null]}}')
+    (tmp_path / "tasks").mkdir()
+    assert main(["validate", "lora_ni", f"base_model={tiny_gpt2}", f"tokenizer={tokenizer}",
+                 f"data.train_tasks={tmp_path / 'tasks'}", "data.max_length=64"]) == 2
+    assert capsys.readouterr().err == (f"error: tokenizer={tokenizer}: {tokenizer / 'tokenizer_config.json'} has "
+                                       "auto_map: it needs custom Python code from its directory, which tune never "
+                                       "runs; use a model transformers supports natively\n")
+
+
+def test_pickle_only_model_is_refused_up_front_with_the_conversion(tiny_gpt2, tmp_path, capsys, shared_data):
+    """pytorch_model.bin only (transformers 5 writes safetensors whatever safe_serialization says, so the pickle
+    is written with torch.save): one line from `tune validate` and `tune run finetune`, before tokenization; the
+    command the message gives converts the directory, which then validates."""
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import NI_TASKS
+
+    state = load_file(tiny_gpt2 / "model.safetensors")
+    (tiny_gpt2 / "model.safetensors").unlink()
+    torch.save(state, tiny_gpt2 / "pytorch_model.bin")
+    overrides = [f"base_model={tiny_gpt2}", f"data.train_tasks={NI_TASKS}", "data.max_length=64",
+                 f"output_dir={tmp_path / 'run'}"]
+    prefix = f"error: base_model={tiny_gpt2} holds only pickle weights (pytorch_model.bin), which are never loaded"
+    assert main(["validate", "lora_ni", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+    assert main(["run", "finetune", "--config", "lora_ni", *overrides]) == 2
+    assert capsys.readouterr().err == err and not (tmp_path / "run").exists()
+
+    command = shlex.split(err.split("convert once, on a trusted copy: ", 1)[1])
+    assert command[0] == "python"
+    subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True, timeout=120)
+    converted = load_file(tiny_gpt2 / "model.safetensors")
+    assert all(torch.equal(converted[k], state[k]) for k in converted) and len(converted) >= len(state) - 1
+    assert main(["validate", "lora_ni", *overrides]) == 0

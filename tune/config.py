@@ -267,6 +267,21 @@ def load_config(cls, name_or_path: str | None = None, overrides: list[str] | Non
         raise ConfigError(f"{source}: {e}") from None
 
 
+def os_errors_as_config_errors(check):
+    """Decorator for a recipe's `validate`: an OSError from looking at a configured path (a name too long for the
+    file system, a permission denied) becomes a one-line ConfigError naming the path instead of a traceback."""
+    import functools
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except OSError as e:
+            raise ConfigError(f"{short_repr(e.filename) if e.filename else 'a configured path'}: {e.strerror or e}; "
+                              "check the paths in the config") from None
+    return checked
+
+
 SEED_RANGE = "[0, 4294967295]"  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
 
