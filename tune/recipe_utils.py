@@ -36,7 +36,7 @@ def check_output_dir(output_dir, inputs: dict[str, object]) -> list[str]:
     resolved = out.resolve()
     for key, value in inputs.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            if not item:
+            if not item or not Path(item).exists():  # a missing input is reported as such; a task name is no path
                 continue
             path = Path(item).resolve()
             if path == resolved:
