@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from tune.cli import load_recipe, main
-from tune.errors import ConfigError
+from tune.errors import ConfigError, DataError
 
 RECIPES = {"pretrain": "demo", "finetune": "lora_ni", "distill": "distill_ni", "evaluate": "eval_ni"}
 
@@ -274,6 +274,13 @@ def test_model_config_json_nested_too_deeply(tmp_path, capsys):
     assert main(["validate", "eval_ni", f"model={model}", "adapter=null", "data.exclude_train_of=null",
                  f"data.tasks={tmp_path}"]) == 2
     assert f"{model}/config.json: not a valid transformers config (JSON nested too deeply)" in capsys.readouterr().err
+    from tune.hf import check_adapter_dir, check_no_custom_code
+
+    (model / "config.json").write_text("{}")
+    for name, what in (("adapter_config.json", "adapter"), ("tokenizer_config.json", "tokenizer")):
+        (model / name).write_text("[" * 100_000 + "]" * 100_000)
+        with pytest.raises(DataError, match=rf"{name}: not a valid {what} config \(JSON nested too deeply\)$"):
+            check_adapter_dir(model) if what == "adapter" else check_no_custom_code(model, "tokenizer")
 
 
 # -- model directories that would run code --------------------------------------------------------------

@@ -100,7 +100,8 @@ def check_no_custom_code(path, field: str, config: dict | None = None) -> None:
         try:
             files["tokenizer_config.json"] = json.loads(tokenizer_config.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise DataError(f"{tokenizer_config}: not a valid tokenizer config ({_first_line(e)})") from None
+            reason = "JSON nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+            raise DataError(f"{tokenizer_config}: not a valid tokenizer config ({reason})") from None
     for name, data in files.items():
         if isinstance(data, dict) and "auto_map" in data:
             raise DataError(f"{_named(field, path)}: {path / name} has auto_map: it needs custom Python code from its "
@@ -136,6 +137,11 @@ def check_adapter_dir(path, field: str = "adapter") -> Path:
     if not (path / "adapter_config.json").is_file():
         raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at "
                         "the adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "JSON nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        raise DataError(f"{path / 'adapter_config.json'}: not a valid adapter config ({reason})") from None
     if not any(path.glob("*.safetensors")) and any(p.suffix in _PICKLE_SUFFIXES for p in path.iterdir()):
         raise DataError(f"{_named(field, path)} holds only pickle weights (adapter_model.bin), which are never loaded "
                         "(unpickling can run code); save the adapter again with save_pretrained (safetensors)")
