@@ -240,6 +240,7 @@ def validate(cfg: PretrainConfig) -> None:
     for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
                     *range_problems("data.", cfg.data, {"vocab_size": ">= 1", "val_fraction": "(0, 1)"}),
                     *range_problems("sample.", cfg.sample, {"num_samples": ">= 0", "max_new_tokens": ">= 1",
-                                                            "temperature": ">= 0", "top_k": ">= 0", "top_p": "(0, 1]"})):
+                                                            "temperature": ">= 0", "top_k": ">= 0",
+                                                            "top_p": "(0, 1]"})):
         problems.add(problem)
     problems.raise_if_any()
