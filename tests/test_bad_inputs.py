@@ -311,7 +311,8 @@ def test_custom_code_model_is_refused_without_a_prompt(tiny_gpt2, tmp_path):
     (tiny_gpt2 / "config.json").write_text(json.dumps(config))
     (tiny_gpt2 / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
     expected = (f"error: base_model={tiny_gpt2}: {tiny_gpt2 / 'config.json'} has auto_map: it needs custom Python "
-                "code from its directory, which tune never runs; use a model transformers supports natively\n")
+                "code from its directory, which tune never runs; use a model transformers supports natively (if this "
+                "one is, delete auto_map from the file)\n")
     (tmp_path / "tasks").mkdir()
     for args, message in (
             (["run", "finetune", "--config", "lora_ni", f"base_model={tiny_gpt2}",
@@ -332,7 +333,8 @@ def test_custom_code_tokenizer_is_refused(tiny_gpt2, tmp_path, capsys):
                  f"data.train_tasks={tmp_path / 'tasks'}", "data.max_length=64"]) == 2
     assert capsys.readouterr().err == (f"error: tokenizer={tokenizer}: {tokenizer / 'tokenizer_config.json'} has "
                                        "auto_map: it needs custom Python code from its directory, which tune never "
-                                       "runs; use a model transformers supports natively\n")
+                                       "runs; use a model transformers supports natively (if this one is, "
+                                       "delete auto_map from the file)\n")
 
 
 def test_pickle_only_model_is_refused_up_front_with_the_conversion(tiny_gpt2, tmp_path, capsys, shared_data):
@@ -366,3 +368,21 @@ def test_pickle_only_model_is_refused_up_front_with_the_conversion(tiny_gpt2, tm
     converted = load_file(tiny_gpt2 / "model.safetensors")
     assert all(torch.equal(converted[k], state[k]) for k in converted) and len(converted) >= len(state) - 1
     assert main(["validate", "lora_ni", *overrides]) == 0
+
+
+def test_every_transformers_load_refuses_remote_code():
+    """Every from_pretrained of a transformers model, config or tokenizer in tune/, recipes/ and data_prep/ passes
+    trust_remote_code=False (peft's PeftModel loads adapters, which carry no code)."""
+    import ast
+
+    from conftest import REPO
+
+    calls = []
+    for path in [p for d in ("tune", "recipes", "data_prep") for p in sorted((REPO / d).rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and getattr(node.func.value, "id", "") != "PeftModel"):
+                flags = [k.value for k in node.keywords if k.arg == "trust_remote_code"]
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", [getattr(f, "value", f) for f in flags]))
+    assert len(calls) >= 12
+    assert all(flags == [False] for _, flags in calls), [c for c in calls if c[1] != [False]]

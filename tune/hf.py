@@ -105,7 +105,8 @@ def check_no_custom_code(path, field: str, config: dict | None = None) -> None:
     for name, data in files.items():
         if isinstance(data, dict) and "auto_map" in data:
             raise DataError(f"{_named(field, path)}: {path / name} has auto_map: it needs custom Python code from its "
-                            "directory, which tune never runs; use a model transformers supports natively")
+                            "directory, which tune never runs; use a model transformers supports natively (if this "
+                            "one is, delete auto_map from the file)")
 
 
 def _check_causal_with_transformers(path: Path, field: str) -> None:
