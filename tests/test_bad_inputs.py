@@ -386,3 +386,17 @@ def test_every_transformers_load_refuses_remote_code():
                 calls.append((f"{path.relative_to(REPO)}:{node.lineno}", [getattr(f, "value", f) for f in flags]))
     assert len(calls) >= 12
     assert all(flags == [False] for _, flags in calls), [c for c in calls if c[1] != [False]]
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
+    (["--top-k", "-1"], "--top-k must be >= 0 (0 is off), got -1"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+])
+def test_generate_options_out_of_range(option, message, capsys):
+    """Checked before the model is even looked at (a missing --model is not reported first)."""
+    assert main(["generate", "--model", "nowhere", "--prompt", "hi", *option]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
