@@ -292,7 +292,7 @@ def range_problem(key: str, value, rule: str) -> str | None:
     """
     if value is None:
         return None
-    if rule.startswith((">", "<")):
+    if rule.startswith(">"):
         op, bound = rule.split()
         ok = {">": value > float(bound), ">=": value >= float(bound)}[op]
     else:
