@@ -67,9 +67,30 @@ def _read_json(path: Path):
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the file as UTF-8") from None
     try:
-        return json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
+        data = json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from None
+    except RecursionError:
+        data = None
+    if data is None or json_too_deep(data):
+        raise DataError(f"{path}: JSON nested too deeply (over {MAX_JSON_DEPTH} levels); a task file is a few levels "
+                        "of objects and lists")
+    return data
+
+
+MAX_JSON_DEPTH = 100  # SNI tasks nest 4 levels; deeper values could overflow Python's recursion later (hashing)
+
+
+def json_too_deep(data, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether lists / objects in `data` nest more than `limit` levels deep (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _examples(path: Path, obj: dict, key: str) -> list[NIExample]:
@@ -164,6 +185,16 @@ def read_split_file(path: PathLike) -> list[tuple[int, str]]:
 
 
 def _resolve_name(name: str, tasks_dir: Path, where: str) -> Path:
+    """tasks_dir/<name>.json; a DataError naming `where` (a split file and line) if it is missing, or if the name
+    reaches outside tasks_dir: absolute, with a '..' part, or through a linked folder (a task file itself may be a
+    link: curated task folders often are)."""
+    rule = ("is an absolute path" if Path(name).is_absolute() or Path(name).anchor else
+            "has a '..' part" if ".." in Path(name).parts else
+            None if (tasks_dir / name).parent.resolve().is_relative_to(tasks_dir.resolve()) else
+            "resolves outside the tasks folder")
+    if rule:
+        raise DataError(f"{where}: task name {name[:80]!r} {rule}; names must be task files inside the tasks folder "
+                        f"{tasks_dir}")
     path = tasks_dir / f"{name}.json"
     if path.is_file():
         return path

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tune.config import os_errors_as_config_errors
+
 
 @dataclass
 class EvalDataSection:
@@ -71,11 +73,13 @@ class EvaluateConfig:
 CONFIG_CLASS = EvaluateConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: EvaluateConfig) -> None:
     """Cheap checks (no weights loaded, no torch): directories, the model's config, sizes. Every problem is
     reported, in one ConfigError."""
     from tune.errors import Problems
-    from tune.hf import check_adapter_dir, check_model_dir
+    from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code
+    from tune.recipe_utils import check_output_dir, task_source_paths
 
     problems = Problems()
     problems.call(check_model_dir, cfg.model, "model")
@@ -83,6 +87,8 @@ def validate(cfg: EvaluateConfig) -> None:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
+    elif cfg.tokenizer:
+        problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if not items:
         problems.add("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
@@ -106,10 +112,10 @@ def validate(cfg: EvaluateConfig) -> None:
                      "definition nor a demonstration; for zero-shot set prompt.add_definition=true")
     if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
         problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
-    out = Path(cfg.output_dir).resolve()
-    for key, item in (("model", cfg.model), ("adapter", cfg.adapter), ("tokenizer", cfg.tokenizer)):
-        if item and Path(item).resolve() == out:
-            problems.add(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+    inputs = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
+              "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir}
+    for problem in check_output_dir(cfg.output_dir, inputs):
+        problems.add(problem)
     problems.raise_if_any()
 
 

@@ -320,7 +320,9 @@ def make_bad_dirs(root: Path, tiny_lm: Path) -> dict:
 
 @pytest.mark.parametrize("override,error", [
     ("model={root}/missing", "error: model={root}/missing does not exist"),
-    ("model={root}", "error: model={root} is not a Hugging Face model directory (no config.json)"),
+    # (a directory without config.json; not {root} itself, which holds output_dir: refused as an input)
+    ("model={root}/not_an_adapter", "error: model={root}/not_an_adapter is not a Hugging Face model directory "
+                                    "(no config.json)"),
     ("model={root}/bert", "error: model={root}/bert: architectures ['BertForMaskedLM'] is not a causal language model"),
     ("model={root}/corrupt", "error: model={root}/corrupt: AutoModelForCausalLM cannot load it"),
     ("adapter={root}/not_an_adapter", "error: adapter={root}/not_an_adapter is not a peft adapter directory "

@@ -43,11 +43,13 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
                                                          dtype=resolve_dtype(quant.compute_dtype),
-                                                         device_map=device_map, attn_implementation=attn_implementation)
+                                                         device_map=device_map, attn_implementation=attn_implementation,
+                                                         trust_remote_code=False)
             keep_4bit_training_kernel(model)
             return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=False)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
         if method == "lora":
@@ -171,10 +173,11 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     with quiet_third_party():
         from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
     if quant is not None:
         quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),
-                                                         dtype=resolve_dtype(quant.compute_dtype))
+                                                         dtype=resolve_dtype(quant.compute_dtype),
+                                                         trust_remote_code=False)
         modules = dict(base.named_modules())
         for name, weight in dequantized_weights(quantized).items():
             target = modules[name]

@@ -269,8 +269,12 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.task is None):
         raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 is off), got {args.top_k}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -46,7 +46,8 @@ def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
     if quant != "none" and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with quiet_third_party():  # a quantized teacher imports bitsandbytes
-        teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False,
+                                                       **kwargs)
     teacher.eval().requires_grad_(False)
     if quant == "none" and device is not None:
         teacher.to(device)

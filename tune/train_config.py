@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tune.config import check_ranges
 from tune.errors import ConfigError
 
 
@@ -56,6 +57,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        # stop_at_val_loss: a cross-entropy is >= 0, so a negative target would never end the run
+        check_ranges("train.", self, {"weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
+                                      "stop_at_val_loss": ">= 0"})
 
 
 @dataclass
@@ -71,6 +75,7 @@ class LoraSection:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_ranges("lora.", self, {"alpha": "> 0"})
 
 
 @dataclass
