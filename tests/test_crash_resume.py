@@ -1,7 +1,7 @@
 """Crash safety: training processes killed with SIGKILL at many points, then resumed, for pretrain, LoRA
 fine-tune and distill. Every resumed run must reproduce the uninterrupted run's losses step for step.
 
-Kill points are set through TUNE_KILL_AT=name:step (tune.engine.fault_point): `step` (inside a step,
+Kill points are set through TUNE_KILL_AT=name:step (tune.checkpoint.fault_point): `step` (inside a step,
 after a backward), `eval` (inside the validation pass), `checkpoint` (mid-write: weights written,
 optimizer not yet) and `pointer` (checkpoint renamed into place, `latest` not yet moved). Runs save
 every 2 steps and evaluate every 3, over 8 steps. The default run tries one kill point per recipe;

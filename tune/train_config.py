@@ -39,7 +39,7 @@ class TrainConfig:
     skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
     progress: bool = True
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
-    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see tune.engine.SCHEDULE_KEYS)
+    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see tune.checkpoint.SCHEDULE_KEYS)
 
     def __post_init__(self):
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
