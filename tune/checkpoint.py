@@ -1,18 +1,24 @@
 """Checkpoints: the directories a run saves its state in, and reading them back.
 
 checkpoints/step_NNNNNNN/ holds the trainable weights (model.safetensors), the optimizer and scheduler states,
-each process's RNG state and state.json (step, counters, the schedule settings). A checkpoint is written into
-a temp folder and renamed into place; `latest` (and `best`) name complete ones. Under FSDP the weights and
+each process's RNG state, state.json (step, counters, the schedule settings) and, written last, manifest.json
+(every file's size and SHA-256). A checkpoint is written into a temp folder and renamed into place; `latest`
+(and `best`) name complete ones, and a resume verifies the manifest, falling back to the newest checkpoint
+that verifies. Under FSDP the weights and
 optimizer state are gathered to whole tensors on rank 0, so a checkpoint resumes under any process count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -131,52 +137,104 @@ class Checkpointer:
     def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict, rng: dict | None = None,
              best: bool = False) -> Path:
         """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`
-        (and `best`, when `best`)."""
+        (and `best`, when `best`). SIGINT/SIGTERM/SIGUSR1 arriving meanwhile take effect once it is done.
+
+        Raises TuneError (the partial temp folder removed) when the disk or quota is full."""
         final = self.dir / f"step_{state['step']:07d}"
-        # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
-        # between the rename and the pointer update): training is deterministic, so it holds this very
-        # state; keep it rather than delete what `latest` may name.
-        if not (final / "state.json").is_file():
-            self._write(accelerator, model, optimizer, scheduler, state, final, rng)
-        if accelerator.is_main_process:
-            if best:
-                self._point("best", final)
-            self._point("latest", final)
-            self._rotate(final)
-        accelerator.wait_for_everyone()
+        with deferred_signals():
+            # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
+            # between the rename and the pointer update): training is deterministic, so it holds this very
+            # state; keep it rather than delete what `latest` may name.
+            if verify_checkpoint(final, accelerator.num_processes) is not None:
+                self._write(accelerator, model, optimizer, scheduler, state, final, rng)
+            if accelerator.is_main_process:
+                if best:
+                    self._point("best", final)
+                self._point("latest", final)
+                self._rotate(final)
+            accelerator.wait_for_everyone()
         return final
 
     def _write(self, accelerator, model, optimizer, scheduler, state: dict, final: Path, rng: dict | None):
         from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         tmp = self.dir / f".tmp-{final.name}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        rank = accelerator.process_index
-        torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{rank}.pt")
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         weights = optimizer_state = None
         if accelerator.is_main_process or is_sharded(model):  # under FSDP these are collectives: every rank calls
             weights = trainable_state(model)
             # keyed by parameter name, whole tensors: the same file whatever the sharding or process count
             optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+        try:
+            torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                save_file(weights, tmp / "model.safetensors")
+                fault_point("checkpoint", state["step"])
+                torch.save(optimizer_state, tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                files = sorted(f for f in tmp.iterdir() if f.name != MANIFEST)
+                for f in files:
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                write_manifest(tmp, state["step"], files)  # last: its presence says every file is complete
+        except (OSError, RuntimeError) as e:
+            if not _is_out_of_space(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
+            latest = self.latest()
+            kept = (f"the latest complete checkpoint {latest.name} is intact" if latest is not None
+                    else "no complete checkpoint was saved before")
+            free = shutil.disk_usage(self.dir).free
+            raise TuneError(f"no space left to write checkpoint {final.name} in {self.dir} (it needs about "
+                            f"{needed / 1e6:,.1f} MB: weights and optimizer state; {free / 1e6:,.1f} MB free; "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__}); "
+                            f"{kept}; free space and run again with train.resume=true") from None
         if accelerator.is_main_process:
-            save_file(weights, tmp / "model.safetensors")
-            fault_point("checkpoint", state["step"])
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete leftover (no state.json)
+            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete leftover (it did not verify)
             os.replace(tmp, final)
+            _fsync_dir(self.dir)
             fault_point("pointer", state["step"])
+
+    def remove_stale_temp(self) -> list[Path]:
+        """Remove temp folders (`.tmp-step_*`) and pointer temp files that an earlier, killed run left behind.
+        Call it only while holding the run lock (tune.run_lock), so no other run is writing them."""
+        stale = sorted(self.dir.glob(".tmp-*")) + sorted(self.dir.glob(".*.tmp"))
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return stale
+
+    def resume_point(self, world: int, log=None) -> Path | None:
+        """The checkpoint a resume continues from: the one `latest` names if it verifies (verify_checkpoint),
+        else the newest step_* folder that does; `log(line)` hears one line per checkpoint skipped and why.
+        None when there is no checkpoint at all.
+
+        Raises TuneError listing every checkpoint and its fault when there are some but none verifies."""
+        say = log or (lambda line: None)
+        pointer = self.dir / "latest"
+        named = self.dir / pointer.read_text().strip() if pointer.is_file() else None
+        folders = sorted((p for p in self.dir.glob("step_*") if p.is_dir()), reverse=True)
+        candidates = ([named] if named is not None else []) + [p for p in folders if p != named]
+        faults = []
+        for path in candidates:
+            fault = verify_checkpoint(path, world)
+            if fault is None:
+                if not (path / MANIFEST).is_file():
+                    say(f"{path} has no {MANIFEST} (written by an earlier version): resuming it unverified")
+                return path
+            faults.append(f"{path.name}: {fault}")
+            say(f"skipping {self.dir.name}/{path.name}: {fault}")
+        if faults and folders:
+            raise TuneError(f"no checkpoint in {self.dir} can be resumed ({'; '.join(faults)}); restore one from a "
+                            "copy, or start afresh with overwrite=true (train.resume=false)")
+        return None
 
     def _point(self, pointer_name: str, target: Path):
         pointer_tmp = self.dir / f".{pointer_name}.tmp"
@@ -278,11 +336,11 @@ def rng_state() -> dict:
 
 
 def fault_point(name: str, step: int):
-    """Crash-safety test hook: with TUNE_KILL_AT=name:step in the environment, the process SIGKILLs itself
-    here (names: step, eval, checkpoint, pointer); TUNE_KILL_SIGNAL=INT sends Ctrl-C's signal instead.
-    Does nothing otherwise."""
-    if os.environ.get("TUNE_KILL_AT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGINT if os.environ.get("TUNE_KILL_SIGNAL") == "INT" else signal.SIGKILL)
+    """Crash-safety test hook: with TUNE_KILL_AT=name:step in the environment (several: comma-separated), the
+    process SIGKILLs itself there (names: step, eval, checkpoint, pointer); TUNE_KILL_SIGNAL=INT, TERM or USR1
+    sends that signal instead (INT is Ctrl-C's). Does nothing otherwise."""
+    if f"{name}:{step}" in os.environ.get("TUNE_KILL_AT", "").split(","):
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("TUNE_KILL_SIGNAL", "KILL")))
 
 
 def _fsync_dir(path: Path):
@@ -291,3 +349,110 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- integrity: the manifest written last into every checkpoint -------------------------------------------------
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, hex (hashlib reads it in chunks: ~1 s per GB on one core)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path, step: int, files: list[Path]):
+    """Write folder/manifest.json: format version, step, and every file's name, size in bytes and SHA-256; fsynced."""
+    entries = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in files}
+    path = folder / MANIFEST
+    with open(path, "w") as fh:
+        json.dump({"format": MANIFEST_VERSION, "step": step, "files": entries}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: Path, world: int = 1) -> str | None:
+    """None when the checkpoint folder is complete and intact, else what is wrong with it (one phrase).
+
+    Checks: every file the manifest lists has its size and SHA-256; state.json parses and names a step; the
+    weights, optimizer, scheduler and the RNG file of every process that both the saving and the resuming run
+    have (ranks below the smaller of the two process counts) are present. A checkpoint without manifest.json
+    (written before manifests existed) is checked for its files and state.json only."""
+    if not path.is_dir():
+        return "the folder does not exist"
+    manifest = None
+    if (path / MANIFEST).is_file():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is not a valid manifest"
+        for name, entry in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                return f"{name} is {size} bytes, the manifest says {entry['bytes']}"
+            if file_digest(f) != entry["sha256"]:
+                return f"{name} does not match its checksum in the manifest (damaged content)"
+    elif not (path / "state.json").is_file():
+        return "incomplete (no state.json, no manifest)"
+    for name in REQUIRED:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return "state.json is not valid (it does not parse or names no step)"
+    for rank in range(min(world, int(state.get("world_size", 1)))):
+        if not (path / f"rng_rank{rank}.pt").is_file():
+            return f"rng_rank{rank}.pt is missing"
+    return None
+
+
+# -- signals and disk space ----------------------------------------------------------------------------------
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def deferred_signals(deliver: bool = True):
+    """Hold SIGINT, SIGTERM and SIGUSR1 while the block runs (a checkpoint being written): they are recorded and,
+    with `deliver`, sent again to the process once it is done, so a second Ctrl-C cannot break a save.
+    Outside the main thread (where signal handlers cannot be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if deliver:
+            for s in dict.fromkeys(pending):
+                signal.raise_signal(s)
+
+
+def _is_out_of_space(e: BaseException) -> bool:
+    """Whether a write failed for want of disk space or quota (torch's zip writer reports it as 'unexpected pos',
+    safetensors as 'os error 28')."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("unexpected pos", "No space left", "os error 28", "Disk quota", "os error 122"))
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (numel x element size)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +29,41 @@ import torch
 import torch.nn as nn
 
 from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and tools import them from here
-    SCHEDULE_KEYS, Checkpointer, _fsync_dir, _load_plain, checkpoint_tensor_shape, fault_point, find_checkpoint,
-    is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings, trainable_names,
-    trainable_state, trained_schedule)
+    SCHEDULE_KEYS, Checkpointer, _fsync_dir, _load_plain, checkpoint_tensor_shape, deferred_signals, fault_point,
+    find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
+    trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
 from tune.losses import causal_lm_loss
+from tune.run_lock import lock_run_dir
 from tune.train_config import TrainConfig  # noqa: F401 - re-exported
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption notice) during training: handled like Ctrl-C (a checkpoint
+    is saved); `tune` exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _stop_on_signals() -> dict:
+    """Make SIGTERM and SIGUSR1 raise Interrupted (main thread only); returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    return {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+
+
+def _restore_handlers(previous: dict):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 class BatchSource(Protocol):
@@ -96,25 +128,52 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only."""
+    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only.
+
+    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl holds rows of later steps (the
+    steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh), those rows
+    move to metrics.jsonl.superseded-<time> and metrics.jsonl keeps the rows up to resume_step, so it always
+    describes the one history that the weights went through."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.superseded: Path | None = None
         if not enabled:
             return
-        if resume_step and self.path.is_file():  # drop what a crashed run logged past the checkpoint
-            rows = [r for r in self.rows() if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        elif not resume_step:
-            self.path.write_text("")
+        if self.path.is_file():
+            self._supersede_after(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
+
+    def _supersede_after(self, step: int):
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep, later = [], []
+        for line in lines:
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut short by a killed process: kept with the superseded rows
+                row_step = math.inf
+            (keep if row_step <= step else later).append(line)
+        if not later:
+            return
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
+        while self.superseded.exists():
+            n += 1
+            self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}-{n}")
+        for path, content in ((self.superseded, later), (self.path, keep)):  # the moved rows are safe first
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
@@ -181,7 +240,8 @@ class Engine:
             fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
-        self.skipped_steps = 0
+        self.skipped_steps = self.skipped_in_a_row = 0
+        self._step_lr = math.nan
         self._eval_step = 0
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -237,9 +297,14 @@ class Engine:
         # what checkpoints carry besides the step: the running token count, the log window not yet logged, and
         # the best validation loss so far, so a resumed run logs and keeps exactly what an uninterrupted one does
         self.counters = {"tokens": 0, "log_window": _empty_window(), "best_val_loss": None, "best_step": None}
-        latest = self.checkpointer.latest() if cfg.resume else None
+        if acc.is_main_process:  # before anything in run_dir is read or written: one writer per run directory
+            lock_run_dir(self.run_dir)
+            for stale in self.checkpointer.remove_stale_temp():
+                self.log_line(f"removed {stale.name}, left in {self.checkpointer.dir} by an interrupted save")
+        acc.wait_for_everyone()
+        latest = self.checkpointer.resume_point(acc.num_processes, self.log_line) if cfg.resume else None
         if cfg.resume and latest is None:
-            self.log_line(f"resume=true but no complete checkpoint in {self.checkpointer.dir}; starting from step 0")
+            self.log_line(f"resume=true but no checkpoint in {self.checkpointer.dir}; starting from step 0")
         if latest is not None:
             changes = schedule_changes(latest, cfg, acc.num_processes, self.seed)  # raises unless allowed
             state = Checkpointer.load(latest, acc, self.model, self.optimizer, self.scheduler)
@@ -256,6 +321,8 @@ class Engine:
 
             save_config(self.run_config, self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step)
+        if metrics.superseded is not None:
+            self.log_line(f"metrics.jsonl rows after step {step} moved to {metrics.superseded.name}")
         history = [r for r in metrics.rows()] if step else []
         if latest is not None and "tokens" not in state:  # a checkpoint from before state.json kept the count
             self.counters["tokens"] = next((r["tokens"] for r in reversed(history) if "tokens" in r), 0)
@@ -277,7 +344,7 @@ class Engine:
                      for k, v in window["sums"].items()}
             last_loss = means.pop("loss", math.nan)
             tok_s = speed_tokens * acc.num_processes / max(now - speed_start, 1e-9)
-            row = {"step": step, "loss": last_loss, **means, "lr": self.scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": last_loss, **means, "lr": self._step_lr,
                    "grad_norm": window["grad_norm"] / window["steps"] if window["steps"] else math.nan,
                    "tokens": self.counters["tokens"], "tokens_per_s": tok_s,
                    "elapsed_s": elapsed_before + now - start_time}
@@ -287,6 +354,7 @@ class Engine:
             speed_tokens, speed_start = 0, time.time()
             bar["tok_s"] = f"{tok_s:,.0f}"
 
+        previous_handlers = _stop_on_signals()
         try:
             while step < cfg.max_steps:
                 step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
@@ -327,14 +395,22 @@ class Engine:
                     progress.update(1)
                 if is_last:
                     break
-        except KeyboardInterrupt:
-            self.log_line(f"interrupted at step {step}: saving a checkpoint")
-            self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
-            self._write_report(history)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 (a preemption notice) as Interrupted
+            name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+            if name == "SIGINT":
+                self.log_line(f"interrupted at step {step}: saving a checkpoint")
+            with deferred_signals(deliver=False):  # more signals while saving: we are stopping anyway
+                self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
+                self._write_report(history)
+            if name != "SIGINT":
+                self.log_line(f"received {name} at step {step}: " + (
+                    f"saved checkpoint step_{step:07d}; train.resume=true continues" if step else
+                    "no step had finished, nothing to save"))
             raise
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
+            _restore_handlers(previous_handlers)
             if progress is not None:
                 progress.close()
             metrics.close()
@@ -385,9 +461,28 @@ class Engine:
         plain.load_state_dict(weights, strict=False)
         return plain
 
+    def _checkpoint_status(self) -> str:
+        """What the run has to continue from, for a stop message: the latest checkpoint (with a warning when its
+        weights are already huge) or that none was saved yet."""
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return f"no checkpoint was saved yet in {self.checkpointer.dir}"
+        from safetensors import safe_open
+
+        with safe_open(latest / "model.safetensors", "pt") as f:
+            largest = max((float(f.get_tensor(k).abs().max()) for k in f.keys()), default=0.0)
+        diverged = (f", but its weights reach max |w| = {largest:.3g}, so they may already have diverged"
+                    if not largest < DIVERGED_WEIGHT else "")
+        return f"the latest checkpoint is {latest.name} in {self.checkpointer.dir}{diverged}"
+
     def _save(self, step: int, elapsed: float, rng: dict | None = None, best: bool = False):
         if step == 0:
             return
+        finite = all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters() if p.requires_grad)
+        bad = self.accelerator.reduce(torch.tensor(float(not finite), device=self.accelerator.device), "sum")
+        if bad.item() > 0:  # under FSDP each rank checks its own shards
+            raise TuneError(f"step {step}: the weights are not finite (NaN or Inf), so no checkpoint is saved; "
+                            f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
         world = self.accelerator.num_processes
         state = {"step": step, "elapsed_s": elapsed, "world_size": world,
                  "schedule": schedule_settings(self.cfg, world, self.seed), **self.counters}
@@ -424,16 +519,26 @@ class Engine:
         if skipped:
             what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
             if not cfg.skip_nonfinite_steps:
-                raise TuneError(f"{what} at step {step}; the weights were not updated and the last good checkpoint is "
-                                f"kept in {self.checkpointer.dir} (try a lower train.lr or train.grad_clip, or "
-                                "train.skip_nonfinite_steps=true to skip such batches)")
+                raise TuneError(f"{what} at step {step}; the weights were not updated; {self._checkpoint_status()} "
+                                "(try a lower train.lr or train.grad_clip, or train.skip_nonfinite_steps=true to "
+                                "skip such batches)")
             self.skipped_steps += 1
+            self.skipped_in_a_row += 1
             self.log_line(f"step {step}: {what}; batch skipped (no update), {self.skipped_steps} skipped so far")
+            if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                raise TuneError(f"{what} at step {step}: {self.skipped_in_a_row} steps in a row skipped "
+                                f"(train.max_skipped_steps={cfg.max_skipped_steps}), stopping; "
+                                f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
         else:
+            self.skipped_in_a_row = 0
             optimizer.step()
+        self._step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used, for its metrics row
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
         return sums, global_targets, sum(_input_tokens(b) for b in batches), grad_norm, skipped
+
+
+DIVERGED_WEIGHT = 1e4  # a checkpoint whose largest |weight| reaches this is called possibly diverged
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
