@@ -316,3 +316,18 @@ def test_stop_message_names_the_latest_checkpoint_and_warns_when_its_weights_are
         assert ("may already have diverged" in message) == huge
         if huge:
             assert re.search(r"its weights reach max \|w\| = [\d.]+e\+\d+, so they may already have diverged", message)
+
+
+def test_export_of_a_damaged_checkpoint_names_the_fault(reference, tmp_path):
+    from tune.checkpoint import find_checkpoint
+
+    _, saved = reference
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    _flip_bit_in_tensor_data(run / "checkpoints" / "step_0000004" / "model.safetensors")
+    with pytest.raises(TuneError) as error:
+        find_checkpoint(run)
+    assert str(error.value) == (f"{run / 'checkpoints' / 'step_0000004'} is damaged: model.safetensors does not match "
+                                "its checksum in the manifest (damaged content); choose another with --step N "
+                                "(there are: step_0000002, step_0000004)")
+    assert find_checkpoint(run, step=2).name == "step_0000002"

@@ -61,3 +61,43 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(recipe_configs, tmp
     resumed = tune_run("finetune", config, [*overrides, "train.resume=true"], out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(out) == expected
+
+
+@pytest.mark.parametrize("name,code", [("TERM", 143), pytest.param("USR1", 138, marks=pytest.mark.slow)])
+def test_sigterm_saves_a_checkpoint_exits_128_plus_signum_and_resumes(name, code, recipe_configs, tmp_path,
+                                                                     tmp_path_factory, monkeypatch):
+    """SIGTERM (what SLURM and Kubernetes send before preemption) and SIGUSR1 (SLURM's early warning) act as Ctrl-C."""
+    expected = reference("pretrain", recipe_configs, tmp_path_factory)
+    config, overrides = recipe_configs["pretrain"]
+    out = tmp_path / "run"
+    monkeypatch.setenv("TUNE_KILL_SIGNAL", name)
+    stopped = tune_run("pretrain", config, overrides, out, kill_at="step:6")  # the signal arrives inside step 6
+    monkeypatch.delenv("TUNE_KILL_SIGNAL")
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    assert f"received SIG{name} at step 5: saved checkpoint step_0000005; train.resume=true continues" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
+    resumed = tune_run("pretrain", config, [*overrides, "train.resume=true"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == expected
+
+
+def test_a_second_ctrl_c_during_the_interrupt_save_does_not_break_it(recipe_configs, tmp_path, tmp_path_factory,
+                                                                     monkeypatch):
+    from tune.checkpoint import verify_checkpoint
+
+    expected = reference("pretrain", recipe_configs, tmp_path_factory)
+    config, overrides = recipe_configs["pretrain"]
+    out = tmp_path / "run"
+    monkeypatch.setenv("TUNE_KILL_SIGNAL", "INT")
+    # Ctrl-C inside step 6, and again while the interrupt save of step 5 is half written
+    interrupted = tune_run("pretrain", config, overrides, out, kill_at="step:6,checkpoint:5")
+    monkeypatch.delenv("TUNE_KILL_SIGNAL")
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert "Traceback" not in interrupted.stderr
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_0000005"
+    assert verify_checkpoint(checkpoints / "step_0000005") is None and not list(checkpoints.glob(".tmp-*"))
+    resumed = tune_run("pretrain", config, [*overrides, "train.resume=true"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(out) == expected
