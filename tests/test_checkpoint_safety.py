@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,10 +185,13 @@ def test_stale_temp_folders_are_removed_when_a_run_resumes(reference, tmp_path):
 
 
 # -- a full disk ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("failure", ["ENOSPC", "torch zip writer"])
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch zip writer", "safetensors"])
 def test_disk_full_while_saving_names_the_checkpoint_and_size_and_leaves_no_partial_folder(failure, tmp_path,
                                                                                           monkeypatch):
-    real_save = torch.save
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save, real_save_file = torch.save, safetensors.torch.save_file
 
     def full_disk(obj, f, *args, **kwargs):
         if str(f).endswith("step_0000004/optimizer.pt"):
@@ -198,7 +202,17 @@ def test_disk_full_while_saving_names_the_checkpoint_and_size_and_leaves_no_part
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4032")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk_safetensors(tensors, f, *args, **kwargs):
+        if str(f).endswith("step_0000004/model.safetensors"):
+            Path(f).write_bytes(b"\0" * 4096)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return real_save_file(tensors, f, *args, **kwargs)
+
+    if failure == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", full_disk_safetensors)
+    else:
+        monkeypatch.setattr(torch, "save", full_disk)
     engine = _engine(tmp_path, "run", 4, save_every=2)
     with pytest.raises(TuneError) as error:
         engine.fit()

@@ -82,6 +82,7 @@ def test_sigterm_saves_a_checkpoint_exits_128_plus_signum_and_resumes(name, code
     assert losses(out) == expected
 
 
+@pytest.mark.slow  # ~22 s
 def test_a_second_ctrl_c_during_the_interrupt_save_does_not_break_it(recipe_configs, tmp_path, tmp_path_factory,
                                                                      monkeypatch):
     from tune.checkpoint import verify_checkpoint

@@ -184,7 +184,7 @@ class Checkpointer:
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
                 write_manifest(tmp, state["step"], files)  # last: its presence says every file is complete
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError: see _is_out_of_space
             if not _is_out_of_space(e):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)

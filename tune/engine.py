@@ -478,9 +478,10 @@ class Engine:
     def _save(self, step: int, elapsed: float, rng: dict | None = None, best: bool = False):
         if step == 0:
             return
-        finite = all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters() if p.requires_grad)
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters() if p.requires_grad]
+        finite = all(bool(torch.isfinite(p.detach()).all()) for p in local)  # under FSDP: this rank's shards
         bad = self.accelerator.reduce(torch.tensor(float(not finite), device=self.accelerator.device), "sum")
-        if bad.item() > 0:  # under FSDP each rank checks its own shards
+        if bad.item() > 0:
             raise TuneError(f"step {step}: the weights are not finite (NaN or Inf), so no checkpoint is saved; "
                             f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
         world = self.accelerator.num_processes
