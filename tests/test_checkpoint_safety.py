@@ -66,7 +66,8 @@ def test_logged_lr_tokens_grad_norm_and_elapsed_are_those_of_the_logged_step(tmp
     engine._train_step = measured
     engine.fit()
     rows = [r for r in _rows(tmp_path / "run") if "loss" in r]
-    hand = [1e-3 / 3, 2e-3 / 3, 1e-3, 7.75e-4, 3.25e-4, 1e-4]  # warmup 1/3, 2/3, 1; cosine 0.75, 0.25, 0 of 9e-4 over 1e-4
+    # warmup: 1/3, 2/3, 1 of 1e-3; then cosine: 1e-4 + 9e-4 x 0.75, 0.25, 0
+    hand = [1e-3 / 3, 2e-3 / 3, 1e-3, 7.75e-4, 3.25e-4, 1e-4]
     assert [r["lr"] for r in rows] == pytest.approx(hand, rel=1e-9)
     assert used_lr == pytest.approx(hand, rel=1e-9)  # what the optimizer really used
     assert [r["grad_norm"] for r in rows] == norms
@@ -232,7 +233,8 @@ def test_disk_full_while_saving_names_the_checkpoint_and_size_and_leaves_no_part
 # -- one writer per run directory -----------------------------------------------------------------------------
 def _hold_lock(run_dir):
     """A separate process that takes the run lock and waits (killed by the caller)."""
-    code = "import sys, time; from tune.run_lock import lock_run_dir; lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+    code = ("import sys, time; from tune.run_lock import lock_run_dir; lock_run_dir(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder

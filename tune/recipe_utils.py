@@ -28,7 +28,7 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     for item in inputs:
         if item and Path(item).resolve() == run_dir.resolve():
             raise ConfigError(f"output_dir={cfg.output_dir} is also an input ({item}); choose a separate output_dir")
-    if accelerator.is_main_process and run_dir.is_dir():  # before anything here is read or changed (a new one: Engine.fit)
+    if accelerator.is_main_process and run_dir.is_dir():  # before anything here is read or changed (new: Engine.fit)
         lock_run_dir(run_dir)
     checkpoints = run_dir / "checkpoints"
     has_checkpoints = (checkpoints / "latest").is_file() or any(p.is_dir() for p in checkpoints.glob("step_*"))
