@@ -4,8 +4,8 @@ checkpoints/step_NNNNNNN/ holds the trainable weights (model.safetensors), the o
 each process's RNG state, state.json (step, counters, the schedule settings) and, written last, manifest.json
 (every file's size and SHA-256). A checkpoint is written into a temp folder and renamed into place; `latest`
 (and `best`) name complete ones, and a resume verifies the manifest, falling back to the newest checkpoint
-that verifies. Under FSDP the weights and
-optimizer state are gathered to whole tensors on rank 0, so a checkpoint resumes under any process count.
+that verifies. Under FSDP the weights and optimizer state are gathered to whole tensors on rank 0, so a
+checkpoint resumes under any process count.
 """
 
 from __future__ import annotations
@@ -193,10 +193,11 @@ class Checkpointer:
             kept = (f"the latest complete checkpoint {latest.name} is intact" if latest is not None
                     else "no complete checkpoint was saved before")
             free = shutil.disk_usage(self.dir).free
+            detail = (str(e).splitlines() or [""])[0][:120]
             raise TuneError(f"no space left to write checkpoint {final.name} in {self.dir} (it needs about "
                             f"{needed / 1e6:,.1f} MB: weights and optimizer state; {free / 1e6:,.1f} MB free; "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__}); "
-                            f"{kept}; free space and run again with train.resume=true") from None
+                            f"{type(e).__name__}: {detail}); {kept}; free space and run again with "
+                            "train.resume=true") from None
         if accelerator.is_main_process:
             shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete leftover (it did not verify)
             os.replace(tmp, final)
