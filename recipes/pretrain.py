@@ -174,6 +174,9 @@ def run(cfg: PretrainConfig):
     source = TokenWindows(data.train_tokens(), data.val_tokens(), block_size, cfg.train.micro_batch_size,
                           cfg.train.grad_accum_steps, cfg.seed)
     if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
+        from tune.run_lock import lock_run_dir
+
+        lock_run_dir(run_dir)  # before the first write into a new run directory (Engine.fit keeps holding it)
         tokenizer.save_pretrained(run_dir / "tokenizer")
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=rebuild,
                     run_config=cfg).fit()

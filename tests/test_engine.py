@@ -1,7 +1,9 @@
 """The shared engine: schedule, optimizer groups, per-token normalisation, checkpoints and exact resume."""
 
+import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -132,9 +134,15 @@ def test_run_directory_contents(tmp_path):
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000004"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
-    assert {p.name for p in (ckpts / "step_0000004").iterdir()} == \
-        {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"}
+    files = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"}
+    assert {p.name for p in (ckpts / "step_0000004").iterdir()} == files | {"manifest.json"}
     assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["step"] == 4
+    manifest = json.loads((ckpts / "step_0000004" / "manifest.json").read_text())
+    assert manifest["step"] == 4 and set(manifest["files"]) == files
+    for name, entry in manifest["files"].items():
+        content = (ckpts / "step_0000004" / name).read_bytes()
+        assert entry == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert (run / "report.png").stat().st_size > 1000
@@ -172,9 +180,17 @@ def test_planted_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     with open(latest / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Payload(marker)}, f)
+    _update_manifest(latest)  # as whoever planted it could
     with pytest.raises(TuneError, match="optimizer.pt: refusing to load"):
         _run(tmp_path, "run", 4, resume=True)
     assert not marker.exists()
+
+
+def _update_manifest(checkpoint):
+    from tune.checkpoint import write_manifest
+
+    files = [f for f in checkpoint.iterdir() if f.name != "manifest.json"]
+    write_manifest(checkpoint, json.loads((checkpoint / "state.json").read_text())["step"], files)
 
 
 class PoisonedWindows(TokenWindows):
@@ -397,9 +413,9 @@ def test_resume_refuses_a_schedule_change_and_leaves_config_yaml_alone(tmp_path,
                        "train.allow_schedule_change=true")
     assert "the schedule changes from step 5: train.max_steps 4 -> 8, train.lr 0.002 -> 0.001" in capsys.readouterr().out
     assert result.step == 8
-    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # a row's lr is the next step's
+    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # the lr each step used
     new = lr_lambda(TrainConfig(max_steps=8, lr=1e-3, min_lr=2e-4, warmup_steps=1))
-    assert lr[5] == pytest.approx(1e-3 * new(5)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
+    assert lr[5] == pytest.approx(1e-3 * new(4)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
     assert "max_steps: 8" in (tmp_path / "run" / "config.yaml").read_text()
 
 

@@ -390,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 during training (tune.engine.Interrupted)
+        signum = getattr(e, "signum", None)
         if "LOCAL_RANK" not in os.environ:  # under --nproc the launcher says it once for all processes
-            print("interrupted", file=sys.stderr)
-        return 130
+            print("interrupted" if signum is None else f"stopped by {e}", file=sys.stderr)
+        return 128 + (signum or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1
 
 
 if __name__ == "__main__":

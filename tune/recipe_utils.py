@@ -74,6 +74,7 @@ def task_source_paths(source, tasks_dir) -> list[str]:
 
 def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     """Check output_dir against inputs and earlier runs before any heavy work; returns it (not created yet).
+    An existing output_dir is locked first (tune.run_lock): a second run writing into it is refused.
 
     Refuses to start afresh over an earlier run's checkpoints unless train.resume or overwrite is set,
     so nothing already saved is lost by a re-run, and refuses a resume that would change the schedule the
@@ -82,17 +83,21 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     refused resume leaves the earlier config.yaml as it was and a run that fails before its first step leaves
     no directory holding only a config.
     """
-    from tune.engine import Checkpointer, schedule_changes
+    from tune.checkpoint import Checkpointer, schedule_changes
+    from tune.run_lock import lock_run_dir
 
     run_dir = Path(cfg.output_dir)
     for item in inputs:
         if item and Path(item).resolve() == run_dir.resolve():
             raise ConfigError(f"output_dir={cfg.output_dir} is also an input ({item}); choose a separate output_dir")
-    has_checkpoints = (run_dir / "checkpoints" / "latest").is_file()
+    if accelerator.is_main_process and run_dir.is_dir():  # before anything here is read or changed (new: Engine.fit)
+        lock_run_dir(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoints = (checkpoints / "latest").is_file() or any(p.is_dir() for p in checkpoints.glob("step_*"))
     if has_checkpoints and not cfg.train.resume and not getattr(cfg, "overwrite", False):
         raise ConfigError(f"output_dir={cfg.output_dir} holds checkpoints of an earlier run: set train.resume=true to "
                           "continue it, overwrite=true to start afresh, or choose another output_dir")
-    latest = Checkpointer(run_dir, keep=1).latest() if cfg.train.resume else None
+    latest = Checkpointer(run_dir, keep=1).resume_point(accelerator.num_processes) if cfg.train.resume else None
     if latest is not None:
         schedule_changes(latest, cfg.train, accelerator.num_processes, getattr(cfg, "seed", None))
     if accelerator.is_main_process and has_checkpoints and not cfg.train.resume:

@@ -38,13 +38,15 @@ class TrainConfig:
     resume: bool = False
     gradient_checkpointing: bool = False
     skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
+    max_skipped_steps: int = 10  # with skip_nonfinite_steps: stop after this many skipped steps in a row
     progress: bool = True
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
-    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see tune.engine.SCHEDULE_KEYS)
+    allow_schedule_change: bool = False  # let a resume change the schedule / data order (tune.checkpoint.SCHEDULE_KEYS)
     num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.engine.choose_num_threads)
 
     def __post_init__(self):
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
+        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints",
+                    "log_every", "max_skipped_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
