@@ -66,9 +66,30 @@ def _read_json(path: Path):
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the file as UTF-8") from None
     try:
-        return json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
+        data = json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix the file") from None
+    except RecursionError:
+        data = None
+    if data is None or json_too_deep(data):
+        raise DataError(f"{path}: JSON nested too deeply (over {MAX_JSON_DEPTH} levels); a task file is a few levels "
+                        "of objects and lists")
+    return data
+
+
+MAX_JSON_DEPTH = 100  # SNI tasks nest 4 levels; deeper values could overflow Python's recursion later (hashing)
+
+
+def json_too_deep(data, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether lists / objects in `data` nest more than `limit` levels deep (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _examples(path: Path, obj: dict, key: str) -> list[NIExample]:
@@ -163,6 +184,16 @@ def read_split_file(path: PathLike) -> list[tuple[int, str]]:
 
 
 def _resolve_name(name: str, tasks_dir: Path, where: str) -> Path:
+    """tasks_dir/<name>.json; a DataError naming `where` (a split file and line) if it is missing, or if the name
+    reaches outside tasks_dir: absolute, with a '..' part, or through a linked folder (a task file itself may be a
+    link: curated task folders often are)."""
+    rule = ("is an absolute path" if Path(name).is_absolute() or Path(name).anchor else
+            "has a '..' part" if ".." in Path(name).parts else
+            None if (tasks_dir / name).parent.resolve().is_relative_to(tasks_dir.resolve()) else
+            "resolves outside the tasks folder")
+    if rule:
+        raise DataError(f"{where}: task name {name[:80]!r} {rule}; names must be task files inside the tasks folder "
+                        f"{tasks_dir}")
     path = tasks_dir / f"{name}.json"
     if path.is_file():
         return path
@@ -654,14 +685,15 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     content, instance ids, inputs, outputs), both configs and the tokenizer, so a second call with the same inputs
     loads from disk (memory-mapped) without tokenizing.
     """
+    import contextlib
     import shutil
     from functools import partial
 
-    import pyarrow.compute as pc
     import pyarrow as pa
-    from datasets import Dataset, Value, disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+    import pyarrow.compute as pc
+    from datasets import Dataset, Value
 
-    from tune.hf import unknown_token_id
+    from tune.hf import quiet_third_party, unknown_token_id
 
     pairs = list(pairs)
     unk = unknown_token_id(tokenizer)
@@ -676,7 +708,6 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
     work_features = _features()
     work_features["status"], work_features["unknown"] = Value("int8"), Value("int32")
     num_proc = tokenize_workers(len(rows["id"])) if num_proc is None else num_proc
-    progress = is_progress_bar_enabled()
     # an incomplete leftover is replaced; a copy a concurrent build completed first is kept
     with directory_written_aside(final, lambda path: _load_cached(path, unk) is not None) as tmp:
         source = Dataset(pa.table({"task": pa.array(rows["task"], pa.int32()), "id": pa.array(rows["id"], pa.string()),
@@ -684,9 +715,8 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
                                    "outputs": pa.array(rows["outputs"], pa.list_(pa.string()))}))  # 3x from_dict's speed
         del rows
         (tmp / "work").mkdir()
-        try:
-            if len(source) < 10_000:
-                disable_progress_bars()
+        # a progress bar only where tokenizing takes a while
+        with quiet_third_party() if len(source) < 10_000 else contextlib.nullcontext():
             if len(source):
                 fn = partial(tokenize_rows, tasks=tasks, tokenizer=tokenizer, prompt_cfg=prompt_cfg, tok_cfg=tok_cfg,
                              unk=unk)
@@ -696,21 +726,19 @@ def build_dataset(pairs, tokenizer, prompt_cfg: PromptConfig, tok_cfg: TokenizeC
                                        desc="tokenizing")
             else:  # map would keep the input columns of an empty dataset
                 tokenized = Dataset.from_dict({k: [] for k in work_features}, features=work_features)
-            table = tokenized.with_format("arrow")[:]  # memory-mapped columns
-            status = table["status"].to_numpy()
-            ids = table["id"].to_pylist() if (status & DROPPED).any() else []  # only to name the dropped ones
-            report = _report(status, ids, pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False),
-                             table["unknown"].to_numpy(), unk)
-            del table, ids
+        table = tokenized.with_format("arrow")[:]  # memory-mapped columns
+        status = table["status"].to_numpy()
+        ids = table["id"].to_pylist() if (status & DROPPED).any() else []  # only to name the dropped ones
+        report = _report(status, ids, pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False),
+                         table["unknown"].to_numpy(), unk)
+        del table, ids
+        with quiet_third_party():  # no "Saving the dataset" bars: a cache write
             kept = tokenized.filter(lambda status: [s & DROPPED == 0 for s in status], input_columns="status",
                                     batched=True, batch_size=10_000,
                                     cache_file_name=str(tmp / "work" / "kept.arrow")) if report.dropped else tokenized
             kept = kept.remove_columns(["status", "unknown"])
             # an empty dataset saved as 0 shards would not load back
             kept.save_to_disk(str(tmp / "dataset"), num_shards=1 if len(kept) == 0 else None)
-        finally:
-            if progress:
-                enable_progress_bars()
         del source, tokenized, kept
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")

@@ -219,7 +219,7 @@ def _encode_files(tok: PreTrainedTokenizerBase, texts: Iterable[str], eos_id: in
 def _load_tokenizer(tokenizer_path: PathLike) -> PreTrainedTokenizerBase:
     path = Path(tokenizer_path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types here
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{path}: cannot load tokenizer ({msg}); pass a directory saved with save_pretrained") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from recipes.finetune import NIDataSection
+from tune.config import os_errors_as_config_errors
 from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
@@ -86,23 +87,28 @@ class DistillConfig:
 CONFIG_CLASS = DistillConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: DistillConfig) -> None:
     """Cheap checks before any heavy work (no weights, no torch); every problem is reported, in one ConfigError.
     Both models' position tables (and a native student's block_size) must hold the training sequences."""
-    from recipes.finetune import check_positions, check_task_paths
+    from recipes.finetune import check_ni_numbers, check_positions, check_task_paths
+    from tune.config import SEED_RANGE, range_problems
     from tune.errors import ConfigError, Problems
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
+    from tune.recipe_utils import check_output_dir, ni_task_inputs
 
     problems = Problems()
     s, kd, d = cfg.student, cfg.kd, cfg.data
+    student_sizes = range_problems("student.", s, {"n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
+                                                   "block_size": ">= 1"})
     teacher = problems.call(check_model_dir, cfg.teacher.model, "teacher.model")
     student = None
     if (s.model is None) == (s.preset is None):
         problems.add("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
     elif s.model is not None:
         student = problems.call(check_model_dir, s.model, "student.model")
-    else:
+    elif not student_sizes:
         if s.method != "full":
             problems.add(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains "
                          "fully")
@@ -118,6 +124,12 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
     if cfg.teacher.cache_top_k < 0:
         problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
+    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
+                    *range_problems("kd.", kd, {"chunk_size": ">= 1"}),
+                    *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
+                    *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
+                                                              "max_new_tokens": ">= 1", "batch_size": ">= 1"})):
+        problems.add(problem)
     if d.kind == "text":
         if not d.corpus or not Path(d.corpus).exists():
             problems.add(f"data.kind=text needs data.corpus (a .txt file or directory); got {d.corpus}")
@@ -126,8 +138,7 @@ def validate(cfg: DistillConfig) -> None:
                          "to cache the teacher on")
     else:
         check_task_paths(d, problems)
-        if d.max_length < 16:
-            problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
+    check_ni_numbers(d, problems, prompts=d.kind == "ni")
     length_key, length = ("data.max_length", d.max_length) if d.kind == "ni" else ("data.block_size", d.block_size)
     if teacher is not None:
         problems.call(check_positions, length_key, length, "teacher.model", cfg.teacher.model)
@@ -136,10 +147,10 @@ def validate(cfg: DistillConfig) -> None:
     if s.model is None and s.block_size is not None and length > s.block_size:
         problems.add(f"{length_key}={length} is longer than student.block_size={s.block_size}; set "
                      f"student.block_size >= {length} (or leave it null to use {length_key})")
-    out = Path(cfg.output_dir).resolve()
-    for key, item in (("teacher.model", cfg.teacher.model), ("student.model", s.model)):
-        if item and Path(item).resolve() == out:
-            problems.add(f"output_dir={cfg.output_dir} is also {key}; choose a separate output_dir")
+    data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
+    for problem in check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
+                                                     **data_inputs}):
+        problems.add(problem)
     problems.raise_if_any()
 
 
@@ -194,7 +205,7 @@ def run(cfg: DistillConfig):
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     t, s, d = cfg.teacher, cfg.student, cfg.data
     tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has no pad token: padding is masked
@@ -276,7 +287,7 @@ def run(cfg: DistillConfig):
 def _embedding_rows(model_dir) -> int:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir).vocab_size
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False).vocab_size
 
 
 def _text_source(cfg: DistillConfig, accelerator):
@@ -338,7 +349,7 @@ def _as_hf(model, tokenizer):
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model.cpu(), tmp, tokenizer)
-        return AutoModelForCausalLM.from_pretrained(tmp).eval()
+        return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False).eval()
 
 
 def format_comparison(rows: dict) -> str:

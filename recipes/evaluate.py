@@ -1,7 +1,7 @@
 """Evaluate a causal LM (optionally + a peft adapter) on Natural-Instructions tasks by generation.
 
     tune run evaluate --config eval_ni [key=value ...]
-    tune run evaluate --config eval_ni_fewshot model=runs/shakespeare_bpe_cpu/hf prompt.num_pos=0
+    tune run evaluate --config eval_ni_fewshot model=runs/shakespeare_bpe_cpu/hf prompt.add_definition=true prompt.num_pos=0
 
 Prompts are Tk-Instruct encodings of each instance (`data_prep.natural_instructions.encode_prompt`);
 the model continues them greedily and every continuation is scored with ROUGE-L and exact match
@@ -18,7 +18,9 @@ Prompt settings give the usual comparisons of a base model before and after tuni
 A base model that was never tuned to stop tends to go on with another "Input: ... Output: ..." block;
 `generation.stop_at_newline=true` cuts each prediction at its first line break.
 `data.exclude_train_of=RUN_DIR` (a finetune run) drops the instances that run trained on, so
-evaluating its training tasks measures held-out instances only.
+evaluating its training tasks measures held-out instances only; without it the first
+`data.max_instances_per_task` instances of each task are scored, trained on or not (printed, and recorded
+as `instances_scored` in eval_results.json).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from tune.config import os_errors_as_config_errors
 
 
 @dataclass
@@ -69,11 +73,13 @@ class EvaluateConfig:
 CONFIG_CLASS = EvaluateConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: EvaluateConfig) -> None:
     """Cheap checks (no weights loaded, no torch): directories, the model's config, sizes. Every problem is
     reported, in one ConfigError."""
     from tune.errors import Problems
-    from tune.hf import check_adapter_dir, check_model_dir
+    from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code
+    from tune.recipe_utils import check_output_dir, task_source_paths
 
     problems = Problems()
     problems.call(check_model_dir, cfg.model, "model")
@@ -81,6 +87,8 @@ def validate(cfg: EvaluateConfig) -> None:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory (paths are relative to where you run tune)")
+    elif cfg.tokenizer:
+        problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if not items:
         problems.add("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
@@ -98,12 +106,16 @@ def validate(cfg: EvaluateConfig) -> None:
                               ("generation.max_new_tokens", cfg.generation.max_new_tokens, 1)):
         if value < least:
             problems.add(f"{key} must be >= {least}, got {value}")
+    p = cfg.prompt
+    if not p.add_definition and p.num_pos == 0 and p.num_neg == 0 and p.template is None:
+        problems.add("prompt.add_definition=false with prompt.num_pos=0 leaves the prompts with neither the task "
+                     "definition nor a demonstration; for zero-shot set prompt.add_definition=true")
     if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
         problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
-    out = Path(cfg.output_dir).resolve()
-    for key, item in (("model", cfg.model), ("adapter", cfg.adapter), ("tokenizer", cfg.tokenizer)):
-        if item and Path(item).resolve() == out:
-            problems.add(f"output_dir={cfg.output_dir} is also the {key} directory; choose a separate output_dir")
+    inputs = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
+              "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir}
+    for problem in check_output_dir(cfg.output_dir, inputs):
+        problems.add(problem)
     problems.raise_if_any()
 
 
@@ -135,6 +147,7 @@ def select_pairs(tasks, max_per_task: int, exclude: set[tuple[str, str]] = froze
 def run(cfg: EvaluateConfig) -> dict:
     from data_prep.natural_instructions import PromptConfig, load_tasks
     from tune.config import save_config
+    from tune.engine import apply_num_threads
     from tune.errors import DataError
     from tune.evaluation import check_vocab, evaluate_tasks, format_table, load_model, load_tokenizer, write_json_atomic
 
@@ -151,10 +164,18 @@ def run(cfg: EvaluateConfig) -> dict:
     model = load_model(cfg.model, cfg.adapter, cfg.dtype)
     check_vocab(model, tokenizer, tokenizer_dir)
     device = next(model.parameters()).device
+    apply_num_threads(0, key="OMP_NUM_THREADS")
+    n = cfg.data.max_instances_per_task
     print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
           + f" on {len(pairs)} instances of {len({t.name for t, _ in pairs})} tasks ({device})"
           + (f"; {skipped} instances skipped as trained on by {cfg.data.exclude_train_of}" if exclude else ""),
           flush=True)
+    if exclude:
+        scored = f"held-out-of {cfg.data.exclude_train_of}"
+    else:
+        scored = f"first-{n}"
+        print(f"scoring the first {n} instances of each task; pass data.exclude_train_of=RUN_DIR to score only "
+              "instances a fine-tune did not train on", flush=True)
 
     p = cfg.prompt
     prompt_cfg = PromptConfig(num_pos=p.num_pos, num_neg=p.num_neg, add_explanation=p.add_explanation,
@@ -164,7 +185,7 @@ def run(cfg: EvaluateConfig) -> dict:
                              max_new_tokens=g.max_new_tokens, device=device, max_prompt_tokens=g.max_prompt_tokens,
                              stop_at_newline=g.stop_at_newline, log=lambda m: print(m, flush=True))
     results = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": tokenizer_dir, "tasks_source": cfg.data.tasks,
-               "excluded_trained_instances": skipped, **results}
+               "instances_scored": scored, "excluded_trained_instances": skipped, **results}
     print(format_table(results))
     if results["n_prompts_fewer_demos"] or results["n_prompts_truncated"]:
         print(f"note: to fit the context, {results['n_prompts_fewer_demos']} prompts lost demonstrations and "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tune.config import os_errors_as_config_errors
 from tune.train_config import LoraSection, QuantSection, TrainConfig
 
 
@@ -71,19 +72,30 @@ class FinetuneConfig:
 CONFIG_CLASS = FinetuneConfig
 
 
+@os_errors_as_config_errors
 def validate(cfg: FinetuneConfig) -> None:
     """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
     base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
+    from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
-    from tune.hf import check_model_dir
+    from tune.hf import check_model_dir, check_no_custom_code
+    from tune.recipe_utils import check_output_dir, ni_task_inputs
 
     problems = Problems()
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
+    elif cfg.tokenizer:
+        problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     check_task_paths(cfg.data, problems)
-    if cfg.data.max_length < 16:
-        problems.add(f"data.max_length={cfg.data.max_length} leaves no room for a prompt; use >= 128")
+    check_ni_numbers(cfg.data, problems)
+    for problem in check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
+                                                     **ni_task_inputs(cfg.data)}):
+        problems.add(problem)
+    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
+                    *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
+                                                        "max_instances_per_task": ">= 1"})):
+        problems.add(problem)
     if base is not None:
         problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
@@ -98,6 +110,20 @@ def check_task_paths(d: NIDataSection, problems) -> None:
         for item in value if isinstance(value, list) else [value]:
             if item is not None and not Path(item).exists() and d.tasks_dir is None:
                 problems.add(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
+
+
+def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
+    """Record every number of the NI data section (and its prompt) out of its range (max_length: when `prompts`
+    are built from it)."""
+    from tune.config import SEED_RANGE, range_problems
+
+    if prompts and d.max_length < 16:
+        problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
+    for problem in (*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
+                                                 "heldout_instances_per_task": ">= 0",
+                                                 "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
+                    *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})):
+        problems.add(problem)
 
 
 def check_positions(length_key: str, length: int, model_key: str, model_dir) -> None:
@@ -161,7 +187,7 @@ def run(cfg: FinetuneConfig):
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.
     tokenizer = run_tokenizer(cfg)

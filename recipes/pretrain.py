@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from tune.config import os_errors_as_config_errors
 from tune.train_config import TrainConfig
 
 
@@ -28,6 +29,10 @@ class ModelSection:
     rope_theta: float | None = None
 
     def __post_init__(self):
+        from tune.config import check_ranges
+
+        check_ranges("model.", self, {"block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_kv_head": ">= 1",
+                                      "n_embd": ">= 1", "mlp_hidden": ">= 1", "dropout": "[0, 1)", "rope_theta": "> 0"})
         if self.init_from is None:  # the preset and its overrides make a valid model (errors name the file)
             self.native_config()
 
@@ -134,7 +139,7 @@ def run(cfg: PretrainConfig):
     from tune.recipe_utils import prepare_output_dir, sample_text
 
     validate(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
     set_seed(cfg.seed)
@@ -148,7 +153,7 @@ def run(cfg: PretrainConfig):
         data = prepare_text_corpus(corpus_paths(cfg.data), cfg.data.cache_dir, tokenizer=cfg.data.tokenizer,
                                    vocab_size=cfg.data.vocab_size, val_fraction=cfg.data.val_fraction,
                                    min_tokens=block_size + 1, tokenizer_path=cfg.data.tokenizer_path)
-    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir, trust_remote_code=False)
     tokenizer_name = cfg.data.tokenizer_path or cfg.data.tokenizer
     say(f"data: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, vocab {data.vocab_size} "
         f"({tokenizer_name}), " + (f"{data.unknown_rate:.2%} unknown tokens, " if data.unknown_tokens is not None else "")
@@ -169,6 +174,9 @@ def run(cfg: PretrainConfig):
     source = TokenWindows(data.train_tokens(), data.val_tokens(), block_size, cfg.train.micro_batch_size,
                           cfg.train.grad_accum_steps, cfg.seed)
     if accelerator.is_main_process:  # with the run, so `tune export` can turn any checkpoint into an HF model
+        from tune.run_lock import lock_run_dir
+
+        lock_run_dir(run_dir)  # before the first write into a new run directory (Engine.fit keeps holding it)
         tokenizer.save_pretrained(run_dir / "tokenizer")
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say, rebuild=rebuild,
                     run_config=cfg).fit()
@@ -197,7 +205,7 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
     if not (run_dir / "tokenizer").is_dir():
         raise ConfigError(f"{run_dir}/tokenizer is missing (runs before `tune export` existed did not keep it); "
                           "copy the tokenizer directory from the data cache there")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer", trust_remote_code=False)
     if cfg.model.init_from:
         model = load_init_checkpoint(cfg)
     else:
@@ -206,21 +214,36 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
     return export_hf(model.eval(), out, tokenizer)
 
 
+@os_errors_as_config_errors
 def validate(cfg: PretrainConfig) -> None:
     """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
+    from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
+    from tune.hf import check_model_dir, check_no_custom_code
+    from tune.recipe_utils import check_output_dir
 
     problems = Problems()
-    if cfg.model.init_from is not None and not (Path(cfg.model.init_from) / "config.json").is_file():
-        problems.add(f"model.init_from={cfg.model.init_from} is not an HF model directory (no config.json)")
+    corpus = [c for c in (cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus])
+              if c != "builtin:demo"]
+    for problem in check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
+                                                     "data.tokenizer_path": cfg.data.tokenizer_path}):
+        problems.add(problem)
+    if cfg.model.init_from is not None:
+        problems.call(check_model_dir, cfg.model.init_from, "model.init_from")
     items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]
     for item in items:
         if item != "builtin:demo" and not Path(item).exists():
             problems.add(f"data.corpus: {item} does not exist (paths are relative to where you run tune)")
     if cfg.data.tokenizer_path and not Path(cfg.data.tokenizer_path).is_dir():
         problems.add(f"data.tokenizer_path={cfg.data.tokenizer_path} is not a directory")
+    elif cfg.data.tokenizer_path:
+        problems.call(check_no_custom_code, cfg.data.tokenizer_path, "data.tokenizer_path")
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size is None and not cfg.data.tokenizer_path:
         problems.add("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
-    if not 0 < cfg.data.val_fraction < 1:
-        problems.add(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
+                    *range_problems("data.", cfg.data, {"vocab_size": ">= 1", "val_fraction": "(0, 1)"}),
+                    *range_problems("sample.", cfg.sample, {"num_samples": ">= 0", "max_new_tokens": ">= 1",
+                                                            "temperature": ">= 0", "top_k": ">= 0",
+                                                            "top_p": "(0, 1]"})):
+        problems.add(problem)
     problems.raise_if_any()

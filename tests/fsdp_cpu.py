@@ -30,7 +30,7 @@ def fsdp_plugin_from_config(path: Path):
         activation_checkpointing=fsdp["fsdp_activation_checkpointing"])
 
 
-def fsdp_accelerator(mixed_precision: str):
+def fsdp_accelerator(mixed_precision: str, num_threads: int | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
@@ -38,6 +38,8 @@ def fsdp_accelerator(mixed_precision: str):
     assert accelerator.num_processes > 1, "run this under torch.distributed.run with --nproc_per_node >= 2"
     accelerator.state.fsdp_plugin = fsdp_plugin_from_config(REPO / "recipes" / "accelerate" / "fsdp.yaml")
     accelerator.state.distributed_type = DistributedType.FSDP
+    if num_threads is not None:  # as tune.engine.make_accelerator
+        tune.engine.apply_num_threads(num_threads, log=print if accelerator.is_main_process else None)
     return accelerator
 
 

@@ -196,3 +196,21 @@ def test_constraints_pin_every_dependency_within_the_declared_ranges():
             continue
         assert name in pins, f"constraints.txt does not pin {requirement.name}"
         assert requirement.specifier.contains(pins[name]), f"{requirement.name}=={pins[name]} is outside {requirement}"
+
+
+def test_launcher_drops_torchrun_noise_and_keeps_what_the_processes_say():
+    """What torchrun writes around a Ctrl-C (its warnings, its SignalException traceback) goes; a process's own
+    traceback (prefixed [rank1]:) and errors stay."""
+    from tune.cli import _SIGNAL_TRACEBACK, _TORCHRUN_WARNING
+
+    child = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1, in <module>\n"
+             "[rank1]: RuntimeError: Connection closed by peer\n")
+    torchrun = ("Traceback (most recent call last):\n  File \"<frozen runpy>\", line 198, in _run_module_as_main\n"
+                "    raise SignalException(f\"Process {os.getpid()} got signal: {sigval}\", sigval=sigval)\n"
+                "torch.distributed.elastic.multiprocessing.api.SignalException: Process 10438 got signal: 2\n")
+    warnings = ("W1130 19:18:42.537000 9805 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process "
+                "9811 closing signal SIGINT\n")
+    error = "E1130 19:18:42.537000 9805 torch/distributed/elastic/multiprocessing/api.py:900] failed (exitcode: 2)\n"
+    text = warnings + child + error + torchrun
+    kept = _SIGNAL_TRACEBACK.sub("", _TORCHRUN_WARNING.sub(b"", text.encode()).decode())
+    assert kept == child + error

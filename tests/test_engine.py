@@ -1,7 +1,9 @@
 """The shared engine: schedule, optimizer groups, per-token normalisation, checkpoints and exact resume."""
 
+import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -132,9 +134,15 @@ def test_run_directory_contents(tmp_path):
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_0000004"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002", "step_0000004"]
-    assert {p.name for p in (ckpts / "step_0000004").iterdir()} == \
-        {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"}
+    files = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.pt", "state.json"}
+    assert {p.name for p in (ckpts / "step_0000004").iterdir()} == files | {"manifest.json"}
     assert json.loads((ckpts / "step_0000004" / "state.json").read_text())["step"] == 4
+    manifest = json.loads((ckpts / "step_0000004" / "manifest.json").read_text())
+    assert manifest["step"] == 4 and set(manifest["files"]) == files
+    for name, entry in manifest["files"].items():
+        content = (ckpts / "step_0000004" / name).read_bytes()
+        assert entry == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert (run / "report.png").stat().st_size > 1000
@@ -172,9 +180,17 @@ def test_planted_pickle_in_a_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / "pwned"
     with open(latest / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Payload(marker)}, f)
+    _update_manifest(latest)  # as whoever planted it could
     with pytest.raises(TuneError, match="optimizer.pt: refusing to load"):
         _run(tmp_path, "run", 4, resume=True)
     assert not marker.exists()
+
+
+def _update_manifest(checkpoint):
+    from tune.checkpoint import write_manifest
+
+    files = [f for f in checkpoint.iterdir() if f.name != "manifest.json"]
+    write_manifest(checkpoint, json.loads((checkpoint / "state.json").read_text())["step"], files)
 
 
 class PoisonedWindows(TokenWindows):
@@ -397,9 +413,9 @@ def test_resume_refuses_a_schedule_change_and_leaves_config_yaml_alone(tmp_path,
                        "train.allow_schedule_change=true")
     assert "the schedule changes from step 5: train.max_steps 4 -> 8, train.lr 0.002 -> 0.001" in capsys.readouterr().out
     assert result.step == 8
-    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # a row's lr is the next step's
+    lr = {r["step"]: r["lr"] for r in result.history if "lr" in r}  # the lr each step used
     new = lr_lambda(TrainConfig(max_steps=8, lr=1e-3, min_lr=2e-4, warmup_steps=1))
-    assert lr[5] == pytest.approx(1e-3 * new(5)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
+    assert lr[5] == pytest.approx(1e-3 * new(4)) and lr[8] == pytest.approx(2e-4)  # the new lr and schedule
     assert "max_steps: 8" in (tmp_path / "run" / "config.yaml").read_text()
 
 
@@ -430,3 +446,51 @@ def test_export_best_writes_the_best_checkpoint(tmp_path, monkeypatch, capsys):
     assert main(["export", str(tmp_path / "plain"), "--best"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no best checkpoint" in err and "train.keep_best=true" in err
+
+
+@pytest.mark.parametrize("requested,cores,processes,omp_env,busy,expected", [
+    (0, 2, 1, None, 0.0, (2, "auto")),  # a quiet 2-core machine: both cores
+    (0, 2, 2, None, 0.0, (1, "auto")),  # 2 processes x 1 thread
+    (0, 16, 3, None, 0.0, (5, "auto")),  # 3 x 5 <= 16
+    (0, 2, 1, None, 0.9, (1, "auto")),  # cores busy with other work: 1 thread, never 0
+    (0, 8, 1, None, 0.5, (4, "auto")),  # half of 8 cores idle
+    (0, 8, 2, None, 0.25, (3, "auto")),  # 6 idle cores over 2 processes
+    (0, 2, 4, None, 0.0, (1, "auto")),  # more processes than cores: still 1 each
+    (0, 8, 1, "3", 0.9, (3, "OMP_NUM_THREADS")),  # the user's OMP_NUM_THREADS is respected
+    (0, 8, 1, "6,2", 0.0, (6, "OMP_NUM_THREADS")),  # nested OMP list: the outer level
+    (0, 8, 1, "x", 0.0, (8, "auto")),  # not a number: ignored
+    (5, 2, 2, "1", 0.9, (5, "train.num_threads")),  # the config key wins over everything
+])
+def test_choose_num_threads_hand_values(requested, cores, processes, omp_env, busy, expected):
+    from tune.engine import choose_num_threads
+
+    assert choose_num_threads(requested, cores, processes, omp_env, busy) == expected
+
+
+def test_num_threads_must_not_be_negative():
+    from tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.num_threads must be >= 0"):
+        TrainConfig(num_threads=-1)
+
+
+def test_train_num_threads_reaches_torch_in_a_recipe_run(tmp_path, monkeypatch, capsys):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the config key overrides the environment
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    cfg = load_config(PretrainConfig, "demo", [
+        f"output_dir={tmp_path / 'run'}", f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+        "model.n_layer=1", "model.n_embd=32", "model.block_size=16", "train.max_steps=2", "train.eval_every=0",
+        "train.eval_batches=1", "train.progress=false", "sample.max_new_tokens=1", "export=false",
+        "train.num_threads=3"])
+    before = torch.get_num_threads()
+    try:
+        run(cfg)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "threads: 3 intra-op per process (train.num_threads=3; 1 process, " in out

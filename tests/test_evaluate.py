@@ -320,7 +320,9 @@ def make_bad_dirs(root: Path, tiny_lm: Path) -> dict:
 
 @pytest.mark.parametrize("override,error", [
     ("model={root}/missing", "error: model={root}/missing does not exist"),
-    ("model={root}", "error: model={root} is not a Hugging Face model directory (no config.json)"),
+    # (a directory without config.json; not {root} itself, which holds output_dir: refused as an input)
+    ("model={root}/not_an_adapter", "error: model={root}/not_an_adapter is not a Hugging Face model directory "
+                                    "(no config.json)"),
     ("model={root}/bert", "error: model={root}/bert: architectures ['BertForMaskedLM'] is not a causal language model"),
     ("model={root}/corrupt", "error: model={root}/corrupt: AutoModelForCausalLM cannot load it"),
     ("adapter={root}/not_an_adapter", "error: adapter={root}/not_an_adapter is not a peft adapter directory "
@@ -348,3 +350,76 @@ def test_tokenizer_without_pad_pads_with_eos(tmp_path, tiny_lm):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path).pad_token == "<|endoftext|>"
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The printed results table: first column -> the other cells (split on runs of 2+ spaces)."""
+    import re
+
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("task "))
+    rows = {}
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("wrote ") or line.startswith("note:"):
+            break
+        if not line.startswith("-"):
+            cells = re.split(r"\s{2,}", line.strip())
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_table_prints_exact_match_of_the_model_and_both_baselines(base_run):
+    results, stdout = base_run
+    rows = table_rows(stdout)
+    assert rows["task"] == ["n", "ROUGE-L", "EM", "copy-demo R-L", "copy-demo EM", "copy-input R-L", "copy-input EM"]
+    keys = ["rougeL", "exact_match", "copy_demo_rougeL", "copy_demo_exact_match", "copy_input_rougeL",
+            "copy_input_exact_match"]
+    for name in TASKS:
+        assert rows[name] == ["3", *(f"{results['tasks'][name][k]:.2f}" for k in keys)]
+    # by hand: the first sst2 demonstration answers "POS"; the first 3 instances are POS, NEG, NEG. The other
+    # tasks' demonstrations ("B"; a sentence) match none of their instances, and no input equals its output.
+    em = {name: rows[name][keys.index("copy_demo_exact_match") + 1] for name in TASKS}
+    assert em == {TASKS[0]: "0.00", TASKS[1]: "0.00", TASKS[2]: "33.33"}
+    for total in ("all: mean over instances (as SNI)", "all: mean over tasks"):
+        assert rows[total][keys.index("copy_demo_exact_match") + 1] == "11.11"
+        assert rows[total][keys.index("copy_input_exact_match") + 1] == "0.00"
+
+
+def test_scored_instances_are_said_and_recorded(base_run, tmp_path, tiny_lm, capsys):
+    results, stdout = base_run
+    assert results["instances_scored"] == "first-3"
+    assert ("scoring the first 3 instances of each task; pass data.exclude_train_of=RUN_DIR to score only instances "
+            "a fine-tune did not train on") in stdout
+    run_dir = tmp_path / "lora_run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(
+        f"recipe: finetune\nbase_model: {tiny_lm}\ndata:\n  train_tasks: [{task_file(TASKS[2])}]\n"
+        "  heldout_instances_per_task: 4\n  max_train_instances_per_task: 50\n", encoding="utf-8")
+    config = write_eval_config(tmp_path / "eval.yaml", tiny_lm, tmp_path / "out")
+    assert main(["run", "evaluate", "--config", str(config), f"data.tasks=[{task_file(TASKS[2])}]",
+                 "data.max_instances_per_task=2", f"data.exclude_train_of={run_dir}"]) == 0
+    assert "scoring the first" not in capsys.readouterr().out
+    held_out = json.loads((tmp_path / "out" / "eval_results.json").read_text(encoding="utf-8"))
+    assert held_out["instances_scored"] == f"held-out-of {run_dir}" and held_out["n_instances"] == 2
+
+
+def test_readme_zero_shot_command_prompts_with_the_definition_only(tiny_lm, tmp_path, capsys):
+    from data_prep.natural_instructions import load_task
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    zero_shot = "eval_ni_fewshot model=... prompt.add_definition=true prompt.num_pos=0"
+    assert f"tune run evaluate --config {zero_shot}" in readme
+    overrides = zero_shot.split()[2:]
+    common = ["run", "evaluate", "--config", "eval_ni_fewshot", f"model={tiny_lm}", f"output_dir={tmp_path / 'out'}",
+              f"data.tasks=[{task_file(TASKS[2])}]", "data.max_instances_per_task=1", f"generation.max_new_tokens={MAX_NEW}"]
+    assert main([*common, *overrides]) == 0
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text(encoding="utf-8"))
+    task = load_task(task_file(TASKS[2]))
+    assert results["example_prompts"] == {TASKS[2]: f"Definition: {task.definition.strip()}\n\nNow complete the "
+                                                    f"following example -\nInput: {task.instances[0].input.strip()}\n"
+                                                    "Output: "}
+    # the old README line (num_pos=0 alone on this k-shot config) prompted with neither definition nor demonstration
+    capsys.readouterr()
+    assert main([*common, "prompt.num_pos=0"]) == 2
+    assert capsys.readouterr().err.startswith("error: prompt.add_definition=false with prompt.num_pos=0 leaves the "
+                                              "prompts with neither the task definition nor a demonstration")

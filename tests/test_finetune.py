@@ -135,6 +135,27 @@ def test_lora_trains_only_the_adapter_reloads_identically_and_merges(tmp_path, g
     assert set(evaluation["heldout_instances"]["tasks"]) == set(TASKS)
 
 
+def test_lora_on_the_tied_output_head_merges_untied(tmp_path, gpt2_base, sample_ids):
+    """lora.target_modules=[c_attn,lm_head] on a tied GPT-2 base: the merged checkpoint equals the adapter model,
+    keeps the base's input embedding bit for bit and has its own head (tie_word_embeddings=false)."""
+    from peft import PeftModel
+    from recipes.finetune import run
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    assert base.lm_head.weight is base.transformer.wte.weight  # the fixture is tied
+    cfg = finetune_config(tmp_path, gpt2_base, "lora", merge="true",
+                          **{"lora.r": 4, "lora.target_modules": "[c_attn,lm_head]", "train.max_steps": 3})
+    result = run(cfg)
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), result.run_dir / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(result.run_dir / "merged")
+    torch.testing.assert_close(logits(merged, sample_ids), logits(adapted.eval(), sample_ids), atol=1e-5, rtol=1e-5)
+    assert torch.equal(merged.transformer.wte.weight, base.transformer.wte.weight)
+    assert not torch.equal(merged.lm_head.weight, base.lm_head.weight)  # the head was trained
+    assert json.loads((result.run_dir / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (Frobenius norms)."""
     return float((actual - expected).norm() / expected.norm())

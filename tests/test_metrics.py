@@ -2,10 +2,13 @@
 
 import fnmatch
 import os
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tune.errors import ConfigError
 from tune.metrics import METRIC_NAMES, METRICS_DIR, load_metric, metric_path
@@ -74,6 +77,61 @@ def test_rouge_l_scores_japanese_and_chinese_per_character(rouge):
     # other scripts are split on non-word characters, Unicode-aware; full-width letters are NFKC-folded
     assert rouge.compute(predictions=["Привет, мир!"], references=[["привет мир"]])["scores"] == [100.0]
     assert rouge.compute(predictions=["ＡＢＣ café"], references=[["abc CAFÉ"]])["scores"] == [100.0]
+
+
+def tokenizer_of(metric, use_stemmer=True):
+    """The metric module's own tokenizer (evaluate loads the module by path under a generated name)."""
+    return sys.modules[type(metric).__module__].UnicodeRougeTokenizer(use_stemmer)
+
+
+def test_rouge_l_keeps_combining_marks_in_their_words(rouge):
+    """Vowel signs, viramas, tone marks, niqqud and harakat (Unicode Mn/Mc) belong to their word: words that
+    differ only in their marks are different words (each case: 1 or 2 words a side, so 0, 50 or 100)."""
+    cases = [("कील", "काल", 0.0),  # Devanagari: ka + ii / aa + la
+             ("दिन", "दान", 0.0),
+             ("मेरा घर", "मोर घर", 50.0),  # LCS "घर": P = R = 1/2
+             ("मेरा घर", "मेरा घर", 100.0),
+             ("ดี", "ดู", 0.0),  # Thai vowels above / below
+             ("ດີ", "ດູ", 0.0),  # Lao
+             ("סֵפֶר", "סַפָּר", 0.0),  # Hebrew with niqqud: sefer (book) / sapar (barber), same consonants
+             ("קָרָא סֵפֶר", "קָרָא סַפָּר", 50.0),
+             ("كَتَبَ", "كُتُب", 0.0),  # Arabic with harakat: kataba (he wrote) / kutub (books)
+             ("كَتَبَ الدَّرْسَ", "كَتَبَ الدَّرْسَ", 100.0),
+             ("கல்", "கால்", 0.0),  # Tamil: kal (stone) / kaal (leg)
+             ("কাল ভাত", "কিল ভাত", 50.0),  # Bengali
+             ("ទឹក", "ទុក", 0.0),  # Khmer: tuek (water) / tuk (keep)
+             ("ကို", "ကာ", 0.0),  # Myanmar
+             ("q\u0301", "q", 0.0)]  # decomposed Latin without a precomposed form: q + acute is not q
+    out = rouge.compute(predictions=[c[0] for c in cases], references=[[c[1]] for c in cases])
+    assert out["scores"] == [c[2] for c in cases]
+
+
+def test_rouge_l_word_boundaries_with_marks(rouge):
+    tokenize = tokenizer_of(rouge).tokenize
+    assert tokenize("मेरा घर, कील!") == ["मेरा", "घर", "कील"]
+    # decomposed and precomposed Latin are the same word (NFKC composes), kept whole, not cut at the mark
+    assert tokenize("cafe\u0301 CAFE\u0301") == tokenize("café café") == ["café", "café"]
+    assert rouge.compute(predictions=["re\u0301sume\u0301"], references=[["résumé"]])["scores"] == [100.0]
+    assert rouge.compute(predictions=["résumé"], references=[["resume"]])["scores"] == [0.0]
+    # a mark with nothing before it starts a word; after a CJK character it stays with that character
+    assert tokenize("\u0301x y") == ["\u0301x", "y"]
+    assert tokenize("猫\u302aが") == ["猫\u302a", "が"]
+    # zero-width joiner inside a Sinhala word (ශ්‍රී) does not split it
+    assert tokenize("ශ්\u200dරී ලංකා") == ["ශ්\u200dරී", "ලංකා"]
+    # Thai / Khmer / Myanmar: no word segmenter, a word is a whole space-delimited run
+    assert tokenize("สวัสดีครับ ขอบคุณ") == ["สวัสดีครับ", "ขอบคุณ"]
+    assert rouge.compute(predictions=["สวัสดีครับ ขอบคุณ"], references=[["สวัสดีค่ะ ขอบคุณ"]])["scores"] == [50.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=40))
+def test_rouge_l_tokens_equal_rouge_score_default_on_any_ascii(text):
+    from nltk.stem import porter
+    from rouge_score import tokenize as default_tokenize
+
+    rouge = load_metric("rouge_l")
+    assert tokenizer_of(rouge, False).tokenize(text) == default_tokenize.tokenize(text, None)
+    assert tokenizer_of(rouge, True).tokenize(text) == default_tokenize.tokenize(text, porter.PorterStemmer())
 
 
 def test_exact_match_normalisation(em):

@@ -11,7 +11,7 @@ dropout are equivalent in distribution but not equal.
 
 import pytest
 
-from conftest import NI_TASKS, assert_losses_close, losses, rewind_to_step_4, tune_run
+from conftest import NI_TASKS, REPO, SHARED_DATA, assert_losses_close, losses, rewind_to_step_4, tune_run
 
 pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
 
@@ -46,3 +46,48 @@ def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path
     assert_losses_close(two_then_one[0], two[0])
     assert_losses_close(one_then_two[0], one[0])
     assert_losses_close(two_then_one[1], one[1])
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line(tmp_path):
+    """Ctrl-C at a terminal signals the launcher's process group (launcher + torchrun; torchrun forwards it):
+    both ranks stop at the same step boundary and save; exit 130, no traceback, one line; the resumed run
+    then reproduces an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((SHARED_DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:60_000])
+    common = ["pretrain", "--config", "demo", "--nproc", "2", f"data.corpus={corpus}",
+              f"data.cache_dir={tmp_path / 'cache'}", "model.n_layer=2", "model.n_embd=64", "model.block_size=64",
+              "model.dropout=0.0", "train.max_steps=60", "train.log_every=1", "train.eval_every=0",
+              "train.eval_batches=2", "train.progress=false", "sample.max_new_tokens=1", "export=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OMP_NUM_THREADS", None)  # the launcher chooses it (and torchrun prints no banner)
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "tune.cli", "run", *common, f"output_dir={out}"], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr and "OMP_NUM_THREADS" not in stderr, stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step_"))
+    assert 1 <= step < 60 and f"interrupted at step {step}: saving a checkpoint" in stdout
+    assert stderr.strip().splitlines() == [f"interrupted: checkpoint {out / 'checkpoints' / latest} written "
+                                           "(every process saved its part); train.resume=true continues"]
+    assert " intra-op per process (from OMP_NUM_THREADS; 2 processes," in stdout  # the launcher set it for both
+    resumed = subprocess.run([sys.executable, "-m", "tune.cli", "run", *common, f"output_dir={out}",
+                              "train.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = subprocess.run([sys.executable, "-m", "tune.cli", "run", *common, f"output_dir={tmp_path / 'whole'}"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert losses(out) == losses(tmp_path / "whole")

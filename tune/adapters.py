@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
-from tune.hf import check_model_dir, enable_activation_checkpointing, resolve_dtype
+from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
 from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
 
@@ -37,16 +37,19 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
 
     check_model_dir(path, "base_model")
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
+        with quiet_third_party():
+            from peft import prepare_model_for_kbit_training
 
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
-                                                     dtype=resolve_dtype(quant.compute_dtype), device_map=device_map,
-                                                     attn_implementation=attn_implementation)
-        keep_4bit_training_kernel(model)
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
+                                                         dtype=resolve_dtype(quant.compute_dtype),
+                                                         device_map=device_map, attn_implementation=attn_implementation,
+                                                         trust_remote_code=False)
+            keep_4bit_training_kernel(model)
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=False)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
         if method == "lora":
@@ -76,12 +79,16 @@ def add_lora(model, lora: LoraSection):
     """Wrap `model` with trainable LoRA adapters (base weights frozen)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    with quiet_third_party():
+        from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself and warns
+    with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
+        # merge_adapter unties it on merge, so its warning about merging does not apply
+        warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
         try:
             return get_peft_model(model, config)
         except ValueError as e:
@@ -90,14 +97,59 @@ def add_lora(model, lora: LoraSection):
 
 def dequantized_weights(model) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight (Linear layout, out x in) of every 4-bit layer of `model`."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit
+    with quiet_third_party():
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit
 
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             out[name] = dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
     return out
+
+
+def untie_adapted_weights(model) -> list[str]:
+    """Give every LoRA-adapted layer of a PeftModel whose weight it shares with another module (a tied output
+    head: `lm_head` and the input embedding are one tensor) its own copy of that weight, so merging the adapter
+    changes that layer only, as the adapter model does: peft adds LoRA's delta to the layer's output, never
+    to the shared tensor, but `merge_and_unload` adds it to the weight in place, which would move the tied
+    module too. Sharing is found by tensor address (`data_ptr()`), whatever the modules are called.
+
+    Unties the config (`tie_word_embeddings=False`, in every sub-model's config) when something was untied,
+    and copies every other tied weight too, so the saved checkpoint holds each of them under its own key.
+    Returns the names of the adapted layers that were given their own weight (empty: nothing shared).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import PreTrainedModel
+
+    def address(tensor):  # tied parameters are one tensor: same object, same address
+        return tensor.data_ptr()
+
+    users: dict[int, set[str]] = {}  # address -> the modules holding a parameter there
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users.setdefault(address(param), set()).add(name.rpartition(".")[0])
+    module_names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    untied = []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and users[address(weight)] - {module_names[id(base)]}:
+            base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied.append(name.removeprefix("base_model.model."))
+    if untied:
+        # Untied in the config, every other shared weight must also be saved under each of its names.
+        seen = set()
+        for module in model.modules():
+            for key, param in list(module.named_parameters(recurse=False)):
+                if address(param) in seen:
+                    setattr(module, key, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+                seen.add(address(param))
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and getattr(module.config, "tie_word_embeddings", False):
+                module.config.tie_word_embeddings = False
+    return untied
 
 
 def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.float32,
@@ -107,21 +159,37 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     For QLoRA (`quant` given) the adapter was trained on the 4-bit weights, so it is merged into those
     weights dequantized (not into the original full-precision ones, and never re-quantized): the
     merged model computes what the adapter model computed.
+
+    A tied base (`tie_word_embeddings=True`) whose tied output head (or input embedding) was adapted is
+    saved untied: the adapted module gets its own merged weight, the other keeps the base's exactly,
+    and the config says `tie_word_embeddings=False` (`merge_info.json` lists the modules under
+    "untied"). Otherwise the checkpoint keeps the base's tying.
     """
-    from peft import PeftModel
+    import warnings
+
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with quiet_third_party():
+        from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
     if quant is not None:
         quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),
-                                                         dtype=resolve_dtype(quant.compute_dtype))
+                                                         dtype=resolve_dtype(quant.compute_dtype),
+                                                         trust_remote_code=False)
         modules = dict(base.named_modules())
         for name, weight in dequantized_weights(quantized).items():
             target = modules[name]
             target.weight.data = (weight.t() if isinstance(target, Conv1D) else weight).contiguous()
         del quantized
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    # peft warns about adapting and merging tied modules: untie_adapted_weights handles them
+    with quiet_third_party(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+        adapted = PeftModel.from_pretrained(base, adapter_dir)
+        untied = untie_adapted_weights(adapted)
+        merged = adapted.merge_and_unload()
     merged.to(dtype)
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
@@ -129,5 +197,5 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
         tokenizer.save_pretrained(out_dir)
     (out_dir / "merge_info.json").write_text(json.dumps(
         {"base_model": str(base_path), "adapter": str(adapter_dir), "dequantized_4bit_base": quant is not None,
-         "dtype": str(dtype).replace("torch.", "")}, indent=2))
+         "dtype": str(dtype).replace("torch.", ""), "untied": untied}, indent=2))
     return out_dir

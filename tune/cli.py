@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,13 +119,87 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        load_recipe_config(args.config, args.overrides, args.recipe)  # fail fast, before starting N processes
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                   "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
-        return subprocess.call(command)
+        _, cfg = load_recipe_config(args.config, args.overrides, args.recipe)  # fail fast, before starting N processes
+        return launch(args, cfg)
     module, cfg = load_recipe_config(args.config, args.overrides, args.recipe)
     module.run(cfg)
     return 0
+
+
+# torchrun's own warnings, e.g. "W1130 19:18:42.537000 9805 torch/distributed/elastic/...] Sending process ... closing
+# signal SIGINT": its steps, not the user's concern (its errors, E..., still show)
+_TORCHRUN_WARNING = re.compile(rb"(?m)^[WI]\d{4} [\d:.]+ +\d+ \S*torch/distributed/.*\n")
+_SIGNAL_TRACEBACK = re.compile(r"(?m)^Traceback \(most recent call last\):\n(?:[ \t].*\n)*\S*SignalException: .*\n")
+
+
+def launch(args, cfg) -> int:
+    """Run `tune run` on args.nproc processes through torchrun, each with OMP_NUM_THREADS set to the same
+    per-process thread choice as apply_num_threads (this also keeps torchrun from printing its banner).
+
+    Ctrl-C reaches this process and torchrun, which forwards SIGINT to the processes: they stop together
+    at the next step boundary and save a checkpoint (engine.StopAtStepBoundary). torchrun's warnings and
+    its SignalException traceback are dropped and one line says what was saved. Returns torchrun's exit
+    status, or 130 after Ctrl-C.
+    """
+    import threading
+    import time
+
+    from tune.engine import busy_fraction, choose_num_threads, usable_cores
+
+    requested = getattr(getattr(cfg, "train", None), "num_threads", 0)
+    omp_env = os.environ.get("OMP_NUM_THREADS")
+    busy = busy_fraction() if requested == 0 and not omp_env else 0.0
+    threads, _ = choose_num_threads(requested, usable_cores(), args.nproc, omp_env, busy)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
+    started = time.time()
+    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stderr=subprocess.PIPE)
+    held: list[bytes] = []  # stderr after Ctrl-C, kept back until torchrun's traceback is taken out
+    interrupted = threading.Event()
+
+    def relay():  # the processes' stderr (progress bar included) passes through as it comes
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C must wake the main thread's wait
+        while chunk := os.read(proc.stderr.fileno(), 65536):
+            chunk = _TORCHRUN_WARNING.sub(b"", chunk)
+            if interrupted.is_set():
+                held.append(chunk)
+            elif hasattr(sys.stderr, "buffer"):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            else:  # a replaced sys.stderr (e.g. captured in tests) takes text
+                sys.stderr.write(chunk.decode("utf-8", "replace"))
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
+    try:
+        code = proc.wait()
+        relay_thread.join()
+        return code
+    except KeyboardInterrupt:
+        interrupted.set()
+    while True:  # the processes are saving their checkpoint; a second Ctrl-C does not stop the wait
+        try:
+            proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue
+    relay_thread.join(timeout=10)
+    sys.stderr.write(_SIGNAL_TRACEBACK.sub("", b"".join(held).decode("utf-8", "replace")))
+    print(interrupted_summary(cfg, args.nproc, started), file=sys.stderr)
+    return 130
+
+
+def interrupted_summary(cfg, nproc: int, since: float) -> str:
+    """One line after Ctrl-C of a multi-process run: which checkpoint the processes saved, if any."""
+    from tune.engine import Checkpointer
+
+    output_dir = getattr(cfg, "output_dir", None)
+    latest = Checkpointer(Path(output_dir), keep=1).latest() if output_dir and hasattr(cfg, "train") else None
+    if latest is None or (latest / "state.json").stat().st_mtime < since:
+        return "interrupted (no checkpoint was saved)"
+    saved = sum((latest / f"rng_rank{rank}.pt").is_file() for rank in range(nproc))
+    who = "every process saved its part" if saved == nproc else f"{saved} of {nproc} processes saved their part"
+    return f"interrupted: checkpoint {latest} written ({who}); train.resume=true continues"
 
 
 def cmd_export(args) -> int:
@@ -193,8 +269,12 @@ def cmd_generate(args) -> int:
 
     if (args.prompt is None) == (args.task is None):
         raise ConfigError("give exactly one of --prompt TEXT or --task FILE")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 is off), got {args.top_k}")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -310,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 during training (tune.engine.Interrupted)
+        signum = getattr(e, "signum", None)
+        if "LOCAL_RANK" not in os.environ:  # under --nproc the launcher says it once for all processes
+            print("interrupted" if signum is None else f"stopped by {e}", file=sys.stderr)
+        return 128 + (signum or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1
 
 
 if __name__ == "__main__":

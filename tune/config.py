@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -38,8 +40,57 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+MAX_CONFIG_BYTES = 1_000_000
+# values (scalars, lists, mappings) a config may hold once YAML aliases are expanded: real configs have hundreds;
+# a "billion laughs" file (aliases of aliases) would expand 472 bytes into hundreds of millions
+MAX_CONFIG_NODES = 100_000
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr(value) cut to at most `limit` characters (ending in ...), for quoting user values in one-line errors.
+    Never builds the full repr of a huge or self-nested value (reprlib stops at a few items and levels)."""
+    if isinstance(value, int) and value.bit_length() > 256:  # repr of a 4,300-digit int raises ValueError
+        return f"an integer of {value.bit_length():,} bits"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _count_nodes(data, limit: int) -> None:
+    """Raise ValueError once `data`, with shared (aliased) values counted each time they occur, exceeds `limit`."""
+    count = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            raise ValueError
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def yaml_load(text: str, source: str = "<text>"):
+    """YAML 1.2-style scalars (see _Loader), with a bounded size: a ConfigError naming `source` for more than
+    MAX_CONFIG_NODES values after alias expansion, or nesting too deep for the parser."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply; configs are a few levels of sections") from None
+    except ValueError as e:  # an integer of over 4,300 digits (Python's int-from-text limit)
+        raise ConfigError(f"{source}: {str(e)[:80]}") from None
+    try:
+        _count_nodes(data, MAX_CONFIG_NODES)
+    except ValueError:
+        raise ConfigError(f"{source}: too many YAML aliases/nodes (limit {MAX_CONFIG_NODES:,}); configs do not need "
+                          "aliases") from None
+    return data
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
@@ -56,16 +107,24 @@ def resolve_config_path(name_or_path: str) -> Path:
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(str(name_or_path), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; built-in configs: {', '.join(names)}"
-    raise ConfigError(f"config {name_or_path!r} is neither a file nor a built-in config{hint}")
+    raise ConfigError(f"config {short_repr(name_or_path)} is neither a file nor a built-in config{hint}")
 
 
 def read_yaml(path: Path) -> dict:
+    """A YAML config file as a dict; ConfigError (naming the file) when it is over MAX_CONFIG_BYTES, not UTF-8,
+    invalid YAML, too large once its aliases are expanded, or not a mapping."""
+    path = Path(path)
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a config (limit {MAX_CONFIG_BYTES:,} bytes)")
+        data = yaml_load(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0][:200]}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -76,12 +135,12 @@ def read_yaml(path: Path) -> dict:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=3e-4' -> (['train', 'lr'], 0.0003). Values are parsed as YAML scalars/lists."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
+        raise ConfigError(f"override {short_repr(text)} must look like key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"override {text!r} has an empty key")
+        raise ConfigError(f"override {short_repr(text)} has an empty key")
     try:
-        value = yaml_load(raw) if raw.strip() else ""
+        value = yaml_load(raw, f"override {short_repr(key)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, dict) and not raw.lstrip().startswith("{"):
@@ -95,7 +154,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for k in keys[:-1]:
             if not isinstance(node.setdefault(k, {}), dict):
-                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+                raise ConfigError(f"override {short_repr(item)}: {short_repr(k)} is not a section")
             node = node[k]
         node[keys[-1]] = value
     return data
@@ -123,44 +182,48 @@ def _coerce(value, tp, where: str):
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{where}: {value!r} does not match any of {[_type_name(o) for o in options]}")
+                          f"{where}: {short_repr(value)} does not match any of {[_type_name(o) for o in options]}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{hint}")
+            raise ConfigError(f"{where}: {short_repr(value)} is not one of {list(allowed)}{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         args = typing.get_args(tp)
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+            raise ConfigError(f"{where}: expected a section (mapping), got {short_repr(value)}")
         return build_dataclass(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
+        if abs(value) >= 2**63:
+            raise ConfigError(f"{where}: {short_repr(value)} is out of range (|value| < 2**63)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        if isinstance(value, int) and abs(value) >= 2**63 or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -176,7 +239,7 @@ def build_dataclass(cls, data: dict, where: str = ""):
             close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
                 f"; valid keys here: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+            raise ConfigError(f"unknown config key {short_repr(dotted)}{hint}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     missing = [name for name, f in known.items() if name not in kwargs and
                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -202,6 +265,54 @@ def load_config(cls, name_or_path: str | None = None, overrides: list[str] | Non
         return build_dataclass(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def os_errors_as_config_errors(check):
+    """Decorator for a recipe's `validate`: an OSError from looking at a configured path (a name too long for the
+    file system, a permission denied) becomes a one-line ConfigError naming the path instead of a traceback."""
+    import functools
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except OSError as e:
+            raise ConfigError(f"{short_repr(e.filename) if e.filename else 'a configured path'}: {e.strerror or e}; "
+                              "check the paths in the config") from None
+    return checked
+
+
+SEED_RANGE = "[0, 4294967295]"  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+
+def range_problem(key: str, value, rule: str) -> str | None:
+    """The one-line problem when number `value` breaks `rule`, else None (None values pass: null means unset).
+
+    rule: '> X', '>= X', or an interval '[a, b]', '(a, b]', '[a, b)', '(a, b)'. The message names `key`.
+    """
+    if value is None:
+        return None
+    if rule.startswith(">"):
+        op, bound = rule.split()
+        ok = {">": value > float(bound), ">=": value >= float(bound)}[op]
+    else:
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        ok = ((low <= value) if rule[0] == "[" else (low < value)) and \
+            ((value <= high) if rule[-1] == "]" else (value < high))
+    return None if ok else f"{key} must be {'in ' if rule[0] in '[(' else ''}{rule}, got {short_repr(value)}"
+
+
+def range_problems(prefix: str, section, rules: dict[str, str]) -> list[str]:
+    """range_problem for each `field: rule` of `section`, its keys named `prefix + field` (e.g. 'sample.')."""
+    problems = (range_problem(prefix + name, getattr(section, name), rule) for name, rule in rules.items())
+    return [p for p in problems if p]
+
+
+def check_ranges(prefix: str, section, rules: dict[str, str]) -> None:
+    """range_problems as a ConfigError (the first one), for a section's __post_init__."""
+    problems = range_problems(prefix, section, rules)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def to_dict(config) -> dict:

@@ -32,7 +32,7 @@ def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
     """The teacher as a frozen HF causal LM in eval mode: in `dtype`, or 8-bit / 4-bit (nf4) via bitsandbytes."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tune.hf import check_model_dir
+    from tune.hf import check_model_dir, quiet_third_party
 
     check_model_dir(path, "teacher.model")
     kwargs = {"dtype": dtype}
@@ -45,7 +45,9 @@ def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
         raise ConfigError(f"teacher.quant must be none, 8bit or 4bit, got {quant!r}")
     if quant != "none" and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+    with quiet_third_party():  # a quantized teacher imports bitsandbytes
+        teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False,
+                                                       **kwargs)
     teacher.eval().requires_grad_(False)
     if quant == "none" and device is not None:
         teacher.to(device)

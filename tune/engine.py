@@ -5,8 +5,8 @@ everything else: Accelerate setup, mixed precision, gradient accumulation with p
 normalisation, clipping, AdamW + warmup/cosine, torch.compile, periodic evaluation, checkpoints with
 exact resume, progress bar, metrics.jsonl + TensorBoard, and report.png.
 
-Under FSDP (Accelerate's FSDP2) checkpoints still hold whole tensors: they are gathered to rank 0 on
-save and re-sharded on load, so a checkpoint resumes under any process count or sharding.
+Checkpoints (tune/checkpoint.py) hold whole tensors, also under FSDP (Accelerate's FSDP2): they are
+gathered to rank 0 on save and re-sharded on load, so a checkpoint resumes under any process count.
 
 Data is addressed by step: `source.step_batches(step, rank, world)` returns the micro-batches one rank
 trains on at that optimizer step. Sources are pure functions of (seed, step), so resuming needs only
@@ -18,9 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,42 @@ from typing import Callable, Iterable, Protocol
 import torch
 import torch.nn as nn
 
+from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and tools import them from here
+    SCHEDULE_KEYS, Checkpointer, _fsync_dir, _load_plain, checkpoint_tensor_shape, deferred_signals, fault_point,
+    find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
+    trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
 from tune.losses import causal_lm_loss
+from tune.run_lock import lock_run_dir
 from tune.train_config import TrainConfig  # noqa: F401 - re-exported
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 (a scheduler's preemption notice) during training: handled like Ctrl-C (a checkpoint
+    is saved); `tune` exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _stop_on_signals() -> dict:
+    """Make SIGTERM and SIGUSR1 raise Interrupted (main thread only); returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    return {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+
+
+def _restore_handlers(previous: dict):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 class BatchSource(Protocol):
@@ -83,59 +115,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-# What shapes the lr schedule and the data order; a resume must keep them unless train.allow_schedule_change
-SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule")
-_GLOBAL_BATCH = "global batch (train.micro_batch_size x train.grad_accum_steps x processes)"
-
-
-def schedule_settings(cfg: TrainConfig, world: int, seed: int | None = None) -> dict:
-    """The settings that shape a run's lr schedule and data order, as checkpoints record them in state.json:
-    the SCHEDULE_KEYS (as `train.KEY`), the global batch in sequences (batches are drawn per step) and the
-    seed (when known)."""
-    settings = {f"train.{k}": getattr(cfg, k) for k in SCHEDULE_KEYS}
-    settings[_GLOBAL_BATCH] = cfg.micro_batch_size * cfg.grad_accum_steps * world
-    if seed is not None:
-        settings["seed"] = seed
-    return settings
-
-
-def trained_schedule(checkpoint: Path) -> dict | None:
-    """The schedule_settings a checkpoint was trained with: from its state.json, or for checkpoints written
-    before state.json kept them, from the run's config.yaml (None when neither says)."""
-    state = json.loads((checkpoint / "state.json").read_text())
-    if "schedule" in state:
-        return state["schedule"]
-    config_file = Path(checkpoint).parent.parent / "config.yaml"
-    if not config_file.is_file():
-        return None
-    from tune.config import read_yaml
-
-    data = read_yaml(config_file)
-    train, defaults = data.get("train") or {}, TrainConfig()
-    settings = {f"train.{k}": train.get(k, getattr(defaults, k)) for k in SCHEDULE_KEYS}
-    settings[_GLOBAL_BATCH] = (train.get("micro_batch_size", defaults.micro_batch_size)
-                               * train.get("grad_accum_steps", defaults.grad_accum_steps) * state.get("world_size", 1))
-    if "seed" in data:
-        settings["seed"] = data["seed"]
-    return settings
-
-
-def schedule_changes(checkpoint: Path, cfg: TrainConfig, world: int, seed: int | None = None) -> list[str]:
-    """What resuming `checkpoint` with `cfg` on `world` processes would change of its schedule, as
-    "KEY old -> new" strings (settings that either side does not know are not compared).
-
-    Raises ConfigError naming every change unless cfg.allow_schedule_change is set."""
-    old = trained_schedule(checkpoint)
-    if old is None:
-        return []
-    new = schedule_settings(cfg, world, seed)
-    changes = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
-    if changes and not cfg.allow_schedule_change:
-        raise ConfigError(f"resuming {checkpoint} would change the schedule it was trained with: {', '.join(changes)}; "
-                          "resume with its values, or set train.allow_schedule_change=true to continue with the new ones")
-    return changes
-
-
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
     """AdamW groups: decay on trainable matrices; none on biases, norm gains or (by default) embeddings."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -148,221 +127,53 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True when FSDP2 holds this model's parameters as shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    """Names of the trainable parameters (a tied matrix appears once)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, whole and on the CPU; frozen weights are not checkpointed.
-
-    Under FSDP the shards are all-gathered: a collective every rank must call, and only rank 0 gets the
-    tensors (the others get an empty dict)."""
-    if not is_sharded(model):
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                  ignore_frozen_params=True))
-    return {n: full[n].contiguous() for n in trainable_names(model) if n in full}
-
-
-def _full_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-class Checkpointer:
-    """checkpoints/step_NNNNNNN/ directories, written to a temp dir and renamed into place;
-    `latest` names the newest complete one, `best` (train.keep_best) the one of the lowest validation loss.
-    Rotation keeps the newest `keep` and the one `best` names."""
-
-    def __init__(self, run_dir: Path, keep: int):
-        self.dir = Path(run_dir) / "checkpoints"
-        self.keep = keep
-
-    def latest(self) -> Path | None:
-        return self._pointed("latest")
-
-    def best(self) -> Path | None:
-        return self._pointed("best")
-
-    def _pointed(self, pointer_name: str) -> Path | None:
-        pointer = self.dir / pointer_name
-        if not pointer.is_file():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        return path if (path / "state.json").is_file() else None
-
-    def save(self, accelerator, model: nn.Module, optimizer, scheduler, state: dict, rng: dict | None = None,
-             best: bool = False) -> Path:
-        """Write the checkpoint of `state["step"]` aside, fsync it, rename it into place, then move `latest`
-        (and `best`, when `best`)."""
-        final = self.dir / f"step_{state['step']:07d}"
-        # A complete checkpoint of this step may exist already (Ctrl-C right after a save, or a run killed
-        # between the rename and the pointer update): training is deterministic, so it holds this very
-        # state; keep it rather than delete what `latest` may name.
-        if not (final / "state.json").is_file():
-            self._write(accelerator, model, optimizer, scheduler, state, final, rng)
-        if accelerator.is_main_process:
-            if best:
-                self._point("best", final)
-            self._point("latest", final)
-            self._rotate(final)
-        accelerator.wait_for_everyone()
-        return final
-
-    def _write(self, accelerator, model, optimizer, scheduler, state: dict, final: Path, rng: dict | None):
-        from safetensors.torch import save_file
-
-        tmp = self.dir / f".tmp-{final.name}"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        rank = accelerator.process_index
-        torch.save(rng if rng is not None else rng_state(), tmp / f"rng_rank{rank}.pt")
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        weights = optimizer_state = None
-        if accelerator.is_main_process or is_sharded(model):  # under FSDP these are collectives: every rank calls
-            weights = trainable_state(model)
-            # keyed by parameter name, whole tensors: the same file whatever the sharding or process count
-            optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
-        if accelerator.is_main_process:
-            save_file(weights, tmp / "model.safetensors")
-            fault_point("checkpoint", state["step"])
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete leftover (no state.json)
-            os.replace(tmp, final)
-            fault_point("pointer", state["step"])
-
-    def _point(self, pointer_name: str, target: Path):
-        pointer_tmp = self.dir / f".{pointer_name}.tmp"
-        with open(pointer_tmp, "w") as fh:
-            fh.write(target.name)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(pointer_tmp, self.dir / pointer_name)
-        _fsync_dir(self.dir)
-
-    def _rotate(self, newest: Path):
-        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
-        best = self.dir / (self.dir / "best").read_text().strip() if (self.dir / "best").is_file() else None
-        for old in done[:-self.keep]:
-            if old != newest and old != best:
-                shutil.rmtree(old, ignore_errors=True)
-
-    @staticmethod
-    def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        weights = read_checkpoint_weights(path, model)
-        # every rank reads the whole tensors; under FSDP each keeps its own shard of them
-        set_model_state_dict(model, weights, options=_full_options(strict=False))
-        set_optimizer_state_dict(model, optimizer, _load_plain(path / "optimizer.pt"), options=_full_options())
-        scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
-        rng_file = path / f"rng_rank{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            rng = _load_plain(rng_file)
-            torch.set_rng_state(rng["torch"])
-            random.setstate((3, tuple(rng["python"]), None))
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        return json.loads((path / "state.json").read_text())
-
-
-def read_checkpoint_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """A checkpoint's trained tensors, checked to be exactly the model's trainable parameters."""
-    from safetensors.torch import load_file
-
-    weights = load_file(path / "model.safetensors")
-    expected = set(trainable_names(model))
-    if set(weights) != expected:
-        raise TuneError(f"{path}: checkpoint tensors do not match the model's trainable parameters "
-                        f"(missing {sorted(expected - set(weights))[:3]}, extra {sorted(set(weights) - expected)[:3]}); "
-                        "was it written by a different config?")
-    return weights
-
-
-def checkpoint_tensor_shape(path: Path, name: str) -> list[int]:
-    """The shape of one tensor of a checkpoint, read from its header (e.g. a native model's vocabulary size)."""
-    from safetensors import safe_open
-
-    with safe_open(path / "model.safetensors", "pt") as f:
-        return list(f.get_slice(name).get_shape())
-
-
-def find_checkpoint(run_dir: Path, step: int | None = None, best: bool = False) -> Path:
-    """The run's latest complete checkpoint, the one of `step`, or (best=True) the one of its lowest validation
-    loss. Raises ConfigError naming what is there when there is no such checkpoint."""
-    checkpoints = Checkpointer(run_dir, keep=1)
-    complete = sorted(p.name for p in checkpoints.dir.glob("step_*") if (p / "state.json").is_file())
-    if best:
-        path = checkpoints.best()
-        if path is None:
-            raise ConfigError(f"{checkpoints.dir}: no best checkpoint (only runs with train.keep_best=true keep the "
-                              "checkpoint of their lowest validation loss); use --step N or the latest")
-        return path
-    if step is None:
-        latest = checkpoints.latest()
-        if latest is None:
-            raise ConfigError(f"{checkpoints.dir}: no complete checkpoint (set train.save_every, or let the run finish)")
-        return latest
-    path = checkpoints.dir / f"step_{step:07d}"
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"{checkpoints.dir}: no complete checkpoint of step {step}; there are: "
-                          f"{', '.join(complete) or 'none'} (train.keep_checkpoints sets how many are kept)")
-    return path
-
-
-def _load_plain(path: Path):
-    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise TuneError(f"{path}: refusing to load it: it is not plain tensor data ({str(e).splitlines()[0][:160]}); "
-                        "checkpoint files are only read with torch.load(weights_only=True), so delete this "
-                        "checkpoint or restore it from a trusted copy") from None
-
-
 class MetricsLog:
-    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only."""
+    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only.
+
+    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl holds rows of later steps (the
+    steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh), those rows
+    move to metrics.jsonl.superseded-<time> and metrics.jsonl keeps the rows up to resume_step, so it always
+    describes the one history that the weights went through."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.superseded: Path | None = None
         if not enabled:
             return
-        if resume_step and self.path.is_file():  # drop what a crashed run logged past the checkpoint
-            rows = [r for r in self.rows() if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        elif not resume_step:
-            self.path.write_text("")
+        if self.path.is_file():
+            self._supersede_after(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
+
+    def _supersede_after(self, step: int):
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep, later = [], []
+        for line in lines:
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut short by a killed process: kept with the superseded rows
+                row_step = math.inf
+            (keep if row_step <= step else later).append(line)
+        if not later:
+            return
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
+        while self.superseded.exists():
+            n += 1
+            self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}-{n}")
+        for path, content in ((self.superseded, later), (self.path, keep)):  # the moved rows are safe first
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
@@ -390,12 +201,87 @@ class MetricsLog:
             self.tb.close()
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, num_threads: int | None = None):
+    """The run's Accelerator; with `num_threads` (train.num_threads, 0 = auto) also this process's intra-op
+    CPU threads, announced in one line by the main process (see apply_num_threads)."""
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    if num_threads is not None:
+        apply_num_threads(num_threads, log=print if accelerator.is_main_process else None)
+    return accelerator
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def busy_fraction(interval: float = 0.2) -> float:
+    """The fraction of the machine's CPU time spent outside idle over the next `interval` seconds (this
+    process sleeps meanwhile, so it measures other work), from /proc/stat; elsewhere the 1-minute load
+    average per CPU. 0.0 when neither is available."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
+        return sum(ticks), ticks[3] + ticks[4]
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+        if total1 > total0:
+            return min(1.0, max(0.0, 1 - (idle1 - idle0) / (total1 - total0)))
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "getloadavg"):
+        return min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    return 0.0
+
+
+def choose_num_threads(requested: int, cores: int, processes: int, omp_env: str | None = None,
+                       busy: float = 0.0) -> tuple[int, str]:
+    """(intra-op threads per process, where the number comes from) for `processes` processes on this machine.
+
+    `requested` > 0 (train.num_threads) is taken as given. Else a set OMP_NUM_THREADS (`omp_env`, its first
+    number) is respected. Else auto: the cores other work leaves idle (`cores` x (1 - `busy`), rounded, at
+    least 1) shared out so that processes x threads <= those cores. More threads than idle cores make every
+    step wait for descheduled threads: on 2 busy cores the demo ran 2.5-4x slower with 2 threads than with 1
+    (README: The engine).
+    """
+    if requested > 0:
+        return requested, "train.num_threads"
+    if omp_env:
+        first = omp_env.split(",")[0].strip()
+        if first.isdigit() and int(first) > 0:
+            return int(first), "OMP_NUM_THREADS"
+    idle = max(1, round(cores * (1 - min(1.0, max(0.0, busy)))))
+    return max(1, idle // max(1, processes)), "auto"
+
+
+def apply_num_threads(requested: int, log: Callable[[str], None] | None = print,
+                      key: str = "train.num_threads") -> int:
+    """torch.set_num_threads(choose_num_threads(...)) for this process, from `requested` (0 = auto), the
+    environment's OMP_NUM_THREADS, LOCAL_WORLD_SIZE (processes on this machine: set by torchrun, else 1),
+    the usable cores and (auto only) how busy they are. `log` (None on non-main processes) gets one line
+    saying the choice. Returns the thread count."""
+    cores, processes = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    omp_env = os.environ.get("OMP_NUM_THREADS")
+    busy = busy_fraction() if requested == 0 and not omp_env else 0.0
+    threads, source = choose_num_threads(requested, cores, processes, omp_env, busy)
+    torch.set_num_threads(threads)
+    if log is not None:
+        why = {"train.num_threads": f"{key}={threads}", "OMP_NUM_THREADS": "from OMP_NUM_THREADS",
+               "auto": f"auto: cores {100 * busy:.0f}% busy with other work"}[source]
+        change = "" if source == "train.num_threads" else f"; {key}=N to change"
+        log(f"threads: {threads} intra-op per process ({why}; {processes} process{'es' if processes > 1 else ''}, "
+            f"{cores} cores{change})")
+    return threads
 
 
 @dataclass
@@ -421,7 +307,7 @@ class Engine:
         is one of the schedule settings a resume must keep."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
-        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
         self.optimizer = torch.optim.AdamW(
@@ -429,7 +315,8 @@ class Engine:
             fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
-        self.skipped_steps = 0
+        self.skipped_steps = self.skipped_in_a_row = 0
+        self._step_lr = math.nan
         self._eval_step = 0
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -485,9 +372,14 @@ class Engine:
         # what checkpoints carry besides the step: the running token count, the log window not yet logged, and
         # the best validation loss so far, so a resumed run logs and keeps exactly what an uninterrupted one does
         self.counters = {"tokens": 0, "log_window": _empty_window(), "best_val_loss": None, "best_step": None}
-        latest = self.checkpointer.latest() if cfg.resume else None
+        if acc.is_main_process:  # before anything in run_dir is read or written: one writer per run directory
+            lock_run_dir(self.run_dir)
+            for stale in self.checkpointer.remove_stale_temp():
+                self.log_line(f"removed {stale.name}, left in {self.checkpointer.dir} by an interrupted save")
+        acc.wait_for_everyone()
+        latest = self.checkpointer.resume_point(acc.num_processes, self.log_line) if cfg.resume else None
         if cfg.resume and latest is None:
-            self.log_line(f"resume=true but no complete checkpoint in {self.checkpointer.dir}; starting from step 0")
+            self.log_line(f"resume=true but no checkpoint in {self.checkpointer.dir}; starting from step 0")
         if latest is not None:
             changes = schedule_changes(latest, cfg, acc.num_processes, self.seed)  # raises unless allowed
             state = Checkpointer.load(latest, acc, self.model, self.optimizer, self.scheduler)
@@ -504,6 +396,8 @@ class Engine:
 
             save_config(self.run_config, self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step)
+        if metrics.superseded is not None:
+            self.log_line(f"metrics.jsonl rows after step {step} moved to {metrics.superseded.name}")
         history = [r for r in metrics.rows()] if step else []
         if latest is not None and "tokens" not in state:  # a checkpoint from before state.json kept the count
             self.counters["tokens"] = next((r["tokens"] for r in reversed(history) if "tokens" in r), 0)
@@ -525,7 +419,7 @@ class Engine:
                      for k, v in window["sums"].items()}
             last_loss = means.pop("loss", math.nan)
             tok_s = speed_tokens * acc.num_processes / max(now - speed_start, 1e-9)
-            row = {"step": step, "loss": last_loss, **means, "lr": self.scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": last_loss, **means, "lr": self._step_lr,
                    "grad_norm": window["grad_norm"] / window["steps"] if window["steps"] else math.nan,
                    "tokens": self.counters["tokens"], "tokens_per_s": tok_s,
                    "elapsed_s": elapsed_before + now - start_time}
@@ -535,8 +429,13 @@ class Engine:
             speed_tokens, speed_start = 0, time.time()
             bar["tok_s"] = f"{tok_s:,.0f}"
 
+        # several processes: signals stop them together at a step boundary; one: SIGTERM/SIGUSR1 raise at once
+        stop = StopAtStepBoundary() if acc.num_processes > 1 else None
+        previous_handlers = _stop_on_signals() if stop is None else {}
         try:
             while step < cfg.max_steps:
+                if stop is not None:
+                    stop.raise_if_requested(acc)  # on every rank at once: they save the same step together
                 step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
                 sums, targets, tokens, grad_norm, skipped = self._train_step(module, optimizer, step + 1)
                 counters = {**self.counters, "tokens": self.counters["tokens"] + tokens * acc.num_processes,
@@ -575,14 +474,26 @@ class Engine:
                     progress.update(1)
                 if is_last:
                     break
-        except KeyboardInterrupt:
-            self.log_line(f"interrupted at step {step}: saving a checkpoint")
-            self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
-            self._write_report(history)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 (a preemption notice) as Interrupted
+            if stop is not None:
+                stop.restore()
+            name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+            if name == "SIGINT":
+                self.log_line(f"interrupted at step {step}: saving a checkpoint")
+            with deferred_signals(deliver=False):  # more signals while saving: we are stopping anyway
+                self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
+                self._write_report(history)
+            if name != "SIGINT":
+                self.log_line(f"received {name} at step {step}: " + (
+                    f"saved checkpoint step_{step:07d}; train.resume=true continues" if step else
+                    "no step had finished, nothing to save"))
             raise
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
+            if stop is not None:
+                stop.restore()
+            _restore_handlers(previous_handlers)
             if progress is not None:
                 progress.close()
             metrics.close()
@@ -633,9 +544,29 @@ class Engine:
         plain.load_state_dict(weights, strict=False)
         return plain
 
+    def _checkpoint_status(self) -> str:
+        """What the run has to continue from, for a stop message: the latest checkpoint (with a warning when its
+        weights are already huge) or that none was saved yet."""
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return f"no checkpoint was saved yet in {self.checkpointer.dir}"
+        from safetensors import safe_open
+
+        with safe_open(latest / "model.safetensors", "pt") as f:
+            largest = max((float(f.get_tensor(k).abs().max()) for k in f.keys()), default=0.0)
+        diverged = (f", but its weights reach max |w| = {largest:.3g}, so they may already have diverged"
+                    if not largest < DIVERGED_WEIGHT else "")
+        return f"the latest checkpoint is {latest.name} in {self.checkpointer.dir}{diverged}"
+
     def _save(self, step: int, elapsed: float, rng: dict | None = None, best: bool = False):
         if step == 0:
             return
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters() if p.requires_grad]
+        finite = all(bool(torch.isfinite(p.detach()).all()) for p in local)  # under FSDP: this rank's shards
+        bad = self.accelerator.reduce(torch.tensor(float(not finite), device=self.accelerator.device), "sum")
+        if bad.item() > 0:
+            raise TuneError(f"step {step}: the weights are not finite (NaN or Inf), so no checkpoint is saved; "
+                            f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
         world = self.accelerator.num_processes
         state = {"step": step, "elapsed_s": elapsed, "world_size": world,
                  "schedule": schedule_settings(self.cfg, world, self.seed), **self.counters}
@@ -672,16 +603,60 @@ class Engine:
         if skipped:
             what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
             if not cfg.skip_nonfinite_steps:
-                raise TuneError(f"{what} at step {step}; the weights were not updated and the last good checkpoint is "
-                                f"kept in {self.checkpointer.dir} (try a lower train.lr or train.grad_clip, or "
-                                "train.skip_nonfinite_steps=true to skip such batches)")
+                raise TuneError(f"{what} at step {step}; the weights were not updated; {self._checkpoint_status()} "
+                                "(try a lower train.lr or train.grad_clip, or train.skip_nonfinite_steps=true to "
+                                "skip such batches)")
             self.skipped_steps += 1
+            self.skipped_in_a_row += 1
             self.log_line(f"step {step}: {what}; batch skipped (no update), {self.skipped_steps} skipped so far")
+            if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                raise TuneError(f"{what} at step {step}: {self.skipped_in_a_row} steps in a row skipped "
+                                f"(train.max_skipped_steps={cfg.max_skipped_steps}), stopping; "
+                                f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
         else:
+            self.skipped_in_a_row = 0
             optimizer.step()
+        self._step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used, for its metrics row
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
         return sums, global_targets, sum(_input_tokens(b) for b in batches), grad_norm, skipped
+
+
+DIVERGED_WEIGHT = 1e4  # a checkpoint whose largest |weight| reaches this is called possibly diverged
+
+
+class StopAtStepBoundary:
+    """Ctrl-C, SIGTERM or SIGUSR1 for a run on several processes (torchrun forwards SIGINT and SIGTERM to each):
+    an exception raised wherever each process happens to be would leave one rank inside a collective (a
+    gradient all-reduce) that another rank abandoned, and the checkpoint's barriers would then hang or fail.
+    Instead a signal only records its number, and at each step boundary the processes agree (one gather)
+    whether any was asked to stop. Installed from the main thread only (signal handlers live there); `restore`
+    puts the previous handlers back."""
+
+    def __init__(self):
+        self.requested = 0  # the signal number received, 0: none
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, *STOP_SIGNALS)}
+
+    def _request(self, signum, frame):
+        self.requested = self.requested or signum
+
+    def agreed(self, accelerator) -> int:
+        """The signal any process got (0: none); the same on every process (a collective: every rank calls it)."""
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item())
+
+    def raise_if_requested(self, accelerator):
+        """Raise KeyboardInterrupt (SIGINT) or Interrupted (SIGTERM, SIGUSR1) on every process when any got one."""
+        signum = self.agreed(accelerator)
+        if signum:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
@@ -695,30 +670,6 @@ def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
     tips += ["method=qlora (fine-tuning) or a 4-bit teacher (teacher.quant=4bit)", "a shorter data.max_length / block_size"]
     return (f"out of memory at step {step} with train.micro_batch_size={cfg.micro_batch_size}; the last checkpoint is "
             "kept (train.resume=true continues from it). Try: " + "; ".join(tips))
-
-
-def rng_state() -> dict:
-    """This process's RNG states (dropout masks come from them), as checkpoints store them."""
-    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def fault_point(name: str, step: int):
-    """Crash-safety test hook: with TUNE_KILL_AT=name:step in the environment, the process SIGKILLs itself
-    here (names: step, eval, checkpoint, pointer); TUNE_KILL_SIGNAL=INT sends Ctrl-C's signal instead.
-    Does nothing otherwise."""
-    if os.environ.get("TUNE_KILL_AT") == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGINT if os.environ.get("TUNE_KILL_SIGNAL") == "INT" else signal.SIGKILL)
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _empty_window() -> dict:

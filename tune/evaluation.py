@@ -223,7 +223,7 @@ def evaluate_tasks(model, tokenizer, pairs, prompt_cfg=None, batch_size: int = 8
      "prompt": {...}, "generation": {...},
      "tasks": {name: {"n", "rougeL", "exact_match", "copy_demo_rougeL", ...}},
      "overall": {"mean_over_instances": {...}, "mean_over_tasks": {...}},
-     "predictions": [{"task", "id", "prediction", "references"}]}
+     "predictions": [{"task", "id", "prediction", "references"}], "example_prompts": {name: prompt}}
     """
     from data_prep.natural_instructions import PromptConfig
 
@@ -256,6 +256,9 @@ def evaluate_tasks(model, tokenizer, pairs, prompt_cfg=None, batch_size: int = 8
     for row in tasks.values():
         for key in METRIC_KEYS:
             row[key] = _mean(row[key])
+    example_prompts: dict[str, str] = {}  # each task's first prompt as fed to the model (before any cut from the left)
+    for (task, _), text in zip(pairs, prompts):
+        example_prompts.setdefault(task.name, text)
     return {
         "n_tasks": len(tasks),
         "n_instances": len(pairs),
@@ -272,21 +275,26 @@ def evaluate_tasks(model, tokenizer, pairs, prompt_cfg=None, batch_size: int = 8
         },
         "predictions": [{"task": task.name, "id": instance.id, "prediction": pred, "references": refs}
                         for (task, instance), pred, refs in zip(pairs, predictions, references)],
+        "example_prompts": example_prompts,
     }
 
 
+TABLE_COLUMNS = (("ROUGE-L", "rougeL"), ("EM", "exact_match"), ("copy-demo R-L", "copy_demo_rougeL"),
+                 ("copy-demo EM", "copy_demo_exact_match"), ("copy-input R-L", "copy_input_rougeL"),
+                 ("copy-input EM", "copy_input_exact_match"))
+
+
 def format_table(results: dict) -> str:
-    """Per-task rows (task, n, ROUGE-L, EM, copy-demo ROUGE-L, copy-input ROUGE-L) and both overall means."""
-    header = ("task", "n", "ROUGE-L", "EM", "copy-demo R-L", "copy-input R-L")
-    rows = [(name, str(row["n"]), *(f"{row[k]:.2f}" for k in ("rougeL", "exact_match", "copy_demo_rougeL",
-                                                               "copy_input_rougeL")))
+    """Per-task rows (task, n, then ROUGE-L and exact match of the model and of both baselines, x100) and
+    both overall means."""
+    header = ("task", "n", *(title for title, _ in TABLE_COLUMNS))
+    rows = [(name, str(row["n"]), *(f"{row[k]:.2f}" for _, k in TABLE_COLUMNS))
             for name, row in results["tasks"].items()]
     overall = [
         ("all: mean over instances (as SNI)", str(results["n_instances"]), results["overall"]["mean_over_instances"]),
         ("all: mean over tasks", str(results["n_tasks"]), results["overall"]["mean_over_tasks"]),
     ]
-    totals = [(label, n, *(f"{o[k]:.2f}" for k in ("rougeL", "exact_match", "copy_demo_rougeL", "copy_input_rougeL")))
-              for label, n, o in overall]
+    totals = [(label, n, *(f"{o[k]:.2f}" for _, k in TABLE_COLUMNS)) for label, n, o in overall]
     widths = [max(len(r[c]) for r in [header, *rows, *totals]) for c in range(len(header))]
 
     def line(r):

@@ -6,13 +6,49 @@ LM, or a tokenizer that cannot pad fails the same way: one line naming the key, 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import sys
+import warnings
 from pathlib import Path
 
 from tune.errors import ConfigError, DataError
 
 # torch and transformers are imported inside the functions that need them: `tune validate` checks model
 # directories through the json helpers here and stays free of both (about 3 s of imports).
+
+class _DropKernelsHint(logging.Filter):
+    """bitsandbytes' CPU backend logs at import that it could not fetch an optional kernel from the Hub
+    ("pip install kernels"): nothing our LoRA, generation or fp32 runs use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pip install kernels" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_third_party():
+    """Around our own calls into peft / transformers / datasets, silence their messages that ask nothing of
+    the user: bitsandbytes' "pip install kernels" hint (logged when peft imports bitsandbytes), transformers'
+    FutureWarning about `is_gradient_checkpointing` (peft reads that deprecated property), and datasets'
+    "Saving the dataset" progress bars. Everything else they say still shows, and the settings are restored
+    on exit."""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hint_filter = _DropKernelsHint()
+    bnb_logger.addFilter(hint_filter)
+    datasets = sys.modules.get("datasets")  # only if the caller uses it: importing datasets is not free
+    bars_were_on = datasets is not None and not datasets.are_progress_bars_disabled()
+    if bars_were_on:
+        datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        bnb_logger.removeFilter(hint_filter)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _first_line(e: Exception) -> str:
@@ -32,6 +68,8 @@ def read_model_config(path) -> dict:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{file}: not a valid transformers config ({_first_line(e)})") from None
+    except RecursionError:
+        raise DataError(f"{file}: not a valid transformers config (JSON nested too deeply)") from None
     if not isinstance(config, dict):
         raise DataError(f"{file}: not a valid transformers config (not a JSON object)")
     return config
@@ -63,15 +101,48 @@ def check_model_dir(path, field: str = "model") -> Path:
         raise DataError(f"{_named(field, path)} is not a Hugging Face model directory (no config.json); point it at a "
                         "directory written by save_pretrained")
     config = read_model_config(path)
+    check_no_custom_code(path, field, config)
     architectures = config.get("architectures") or []
     causal_by_name = (isinstance(architectures, list) and architectures and "model_type" in config
                       and not config.get("is_encoder_decoder")
                       and all(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in architectures))
     if not causal_by_name:
         _check_causal_with_transformers(path, field)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise DataError(f"{_named(field, path)}: no weights (*.safetensors or *.bin) in the directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise DataError(
+                f"{_named(field, path)} holds only pickle weights ({', '.join(pickles[:3])}), which are never loaded "
+                "(unpickling can run code); convert once, on a trusted copy: python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{path}', use_safetensors=False).save_pretrained("
+                f"'{path}')\"")
+        raise DataError(f"{_named(field, path)}: no weights (*.safetensors) in the directory")
     return path
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: pytorch_model.bin, ...
+
+
+def check_no_custom_code(path, field: str, config: dict | None = None) -> None:
+    """A DataError if the model (or tokenizer) directory asks for code of its own: `auto_map` in config.json or
+    tokenizer_config.json (transformers would import Python files from the directory, after a y/N prompt).
+    We never run such code (every from_pretrained here passes trust_remote_code=False)."""
+    path = Path(path)
+    if config is None:
+        config = read_model_config(path) if (path / "config.json").is_file() else {}
+    files = {"config.json": config}
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            files["tokenizer_config.json"] = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            reason = "JSON nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+            raise DataError(f"{tokenizer_config}: not a valid tokenizer config ({reason})") from None
+    for name, data in files.items():
+        if isinstance(data, dict) and "auto_map" in data:
+            raise DataError(f"{_named(field, path)}: {path / name} has auto_map: it needs custom Python code from its "
+                            "directory, which tune never runs; use a model transformers supports natively (if this "
+                            "one is, delete auto_map from the file)")
 
 
 def _check_causal_with_transformers(path: Path, field: str) -> None:
@@ -80,7 +151,7 @@ def _check_causal_with_transformers(path: Path, field: str) -> None:
                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES)
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise DataError(f"{path}/config.json: not a valid transformers config ({_first_line(e)})") from None
     causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
@@ -96,12 +167,21 @@ def _check_causal_with_transformers(path: Path, field: str) -> None:
 
 
 def check_adapter_dir(path, field: str = "adapter") -> Path:
+    """A ConfigError if `path` does not exist; a DataError unless it is a peft adapter directory with safetensors."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{_named(field, path)} does not exist (paths are relative to where you run tune)")
     if not (path / "adapter_config.json").is_file():
         raise DataError(f"{_named(field, path)} is not a peft adapter directory (no adapter_config.json); point it at "
                         "the adapter a LoRA run saved (e.g. runs/lora_ni/adapter)")
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reason = "JSON nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        raise DataError(f"{path / 'adapter_config.json'}: not a valid adapter config ({reason})") from None
+    if not any(path.glob("*.safetensors")) and any(p.suffix in _PICKLE_SUFFIXES for p in path.iterdir()):
+        raise DataError(f"{_named(field, path)} holds only pickle weights (adapter_model.bin), which are never loaded "
+                        "(unpickling can run code); save the adapter again with save_pretrained (safetensors)")
     return path
 
 
@@ -130,20 +210,22 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), trust_remote_code=False,
+                                                     use_safetensors=True)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"model={model_dir}: AutoModelForCausalLM cannot load it ({_first_line(e)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     if adapter:
-        from peft import PeftModel
+        with quiet_third_party():
+            from peft import PeftModel
 
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
-            raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
-                            "was it trained on this base model?") from None
+            try:
+                model = PeftModel.from_pretrained(model, adapter)
+            except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
+                raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
+                                "was it trained on this base model?") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(device).eval()
 
@@ -160,8 +242,10 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
     name = _named(field, path)
     if not Path(path).exists():
         raise ConfigError(f"{name} does not exist (paths are relative to where you run tune)")
+    if Path(path).is_dir():
+        check_no_custom_code(path, field)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{name}: cannot load a tokenizer ({_first_line(e)})") from None
     if pad_token is not None:

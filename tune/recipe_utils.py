@@ -1,17 +1,80 @@
-"""Small steps every recipe shares: preparing the run directory and sampling text."""
+"""Small steps every recipe shares: checking and preparing the run directory, sampling text.
+
+Without torch at import: recipes' `validate` (run by `tune validate`) uses check_output_dir.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
-
-import torch
 
 from tune.errors import ConfigError
 
 
+def check_output_dir(output_dir, inputs: dict[str, object]) -> list[str]:
+    """The problems of `output_dir` as the directory a run writes (one line each; empty if none).
+
+    Refused: a file; a path under a file; a directory that cannot be written (the nearest existing ancestor
+    is checked when it does not exist yet; root passes every os.access check); and a directory that is,
+    contains or lies inside an input. `inputs` maps config keys to paths (a str, a list of them, or None):
+    a run writing into an input would change what the next run reads (samples.txt in the corpus folder).
+    """
+    out = Path(output_dir)
+    named = f"output_dir={output_dir}"
+    if out.exists() and not out.is_dir():
+        return [f"{named} is a file, not a directory; choose a directory"]
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{named} lies under the file {existing}; choose a directory"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "" if existing == out else f" ({existing} is where it would be created)"
+        return [f"{named} is not writable{what}; choose a directory you can write to"]
+    problems = []
+    resolved = out.resolve()
+    for key, value in inputs.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not item or not Path(item).exists():  # a missing input is reported as such; a task name is no path
+                continue
+            path = Path(item).resolve()
+            if path == resolved:
+                relation = "is"
+            elif path.is_relative_to(resolved):
+                relation = "contains"
+            elif resolved.is_relative_to(path):
+                relation = "lies inside"
+            else:
+                continue
+            problems.append(f"{named} {relation} the input {key}={item}; a run must not write among its inputs "
+                            "(the next run would read what it wrote): choose a separate output_dir")
+    return problems
+
+
+def ni_task_inputs(d) -> dict[str, list]:
+    """The paths an NI data section (finetune / distill) reads, by key: task sources, the folder a split file's
+    names resolve in, tasks_dir."""
+    return {f"data.{key}": task_source_paths(getattr(d, key), d.tasks_dir) for key in ("train_tasks", "eval_tasks")} \
+        | {"data.tasks_dir": [d.tasks_dir]}
+
+
+def task_source_paths(source, tasks_dir) -> list[str]:
+    """The entries of a task source (a path or a list of them), each split file with the folder its names
+    resolve in (tasks_dir, else <split file dir>/tasks)."""
+    paths = []
+    for item in source if isinstance(source, list) else [source]:
+        if item is None:
+            continue
+        paths.append(str(item))
+        if Path(item).is_file() and Path(item).suffix != ".json":  # a split file
+            paths.append(str(tasks_dir) if tasks_dir is not None else str(Path(item).parent / "tasks"))
+    return paths
+
+
 def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     """Check output_dir against inputs and earlier runs before any heavy work; returns it (not created yet).
+    An existing output_dir is locked first (tune.run_lock): a second run writing into it is refused.
 
     Refuses to start afresh over an earlier run's checkpoints unless train.resume or overwrite is set,
     so nothing already saved is lost by a re-run, and refuses a resume that would change the schedule the
@@ -20,17 +83,21 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     refused resume leaves the earlier config.yaml as it was and a run that fails before its first step leaves
     no directory holding only a config.
     """
-    from tune.engine import Checkpointer, schedule_changes
+    from tune.checkpoint import Checkpointer, schedule_changes
+    from tune.run_lock import lock_run_dir
 
     run_dir = Path(cfg.output_dir)
     for item in inputs:
         if item and Path(item).resolve() == run_dir.resolve():
             raise ConfigError(f"output_dir={cfg.output_dir} is also an input ({item}); choose a separate output_dir")
-    has_checkpoints = (run_dir / "checkpoints" / "latest").is_file()
+    if accelerator.is_main_process and run_dir.is_dir():  # before anything here is read or changed (new: Engine.fit)
+        lock_run_dir(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoints = (checkpoints / "latest").is_file() or any(p.is_dir() for p in checkpoints.glob("step_*"))
     if has_checkpoints and not cfg.train.resume and not getattr(cfg, "overwrite", False):
         raise ConfigError(f"output_dir={cfg.output_dir} holds checkpoints of an earlier run: set train.resume=true to "
                           "continue it, overwrite=true to start afresh, or choose another output_dir")
-    latest = Checkpointer(run_dir, keep=1).latest() if cfg.train.resume else None
+    latest = Checkpointer(run_dir, keep=1).resume_point(accelerator.num_processes) if cfg.train.resume else None
     if latest is not None:
         schedule_changes(latest, cfg.train, accelerator.num_processes, getattr(cfg, "seed", None))
     if accelerator.is_main_process and has_checkpoints and not cfg.train.resume:
@@ -41,6 +108,8 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
 
 def sample_text(model, tokenizer, sample_cfg, device, stream=print) -> list[str]:
     """Generate sample_cfg.num_samples continuations of sample_cfg.prompt with the native GPT, streaming text."""
+    import torch
+
     from tune.generate import TextStreamer
 
     ids = tokenizer(sample_cfg.prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]

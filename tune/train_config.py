@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tune.config import check_ranges
 from tune.errors import ConfigError
 
 
@@ -37,16 +38,19 @@ class TrainConfig:
     resume: bool = False
     gradient_checkpointing: bool = False
     skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
+    max_skipped_steps: int = 10  # with skip_nonfinite_steps: stop after this many skipped steps in a row
     progress: bool = True
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
-    allow_schedule_change: bool = False  # let a resume change the schedule / data order (see tune.engine.SCHEDULE_KEYS)
+    allow_schedule_change: bool = False  # let a resume change the schedule / data order (tune.checkpoint.SCHEDULE_KEYS)
+    num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.engine.choose_num_threads)
 
     def __post_init__(self):
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints", "log_every")
+        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints",
+                    "log_every", "max_skipped_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "num_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -55,6 +59,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        # stop_at_val_loss: a cross-entropy is >= 0, so a negative target would never end the run
+        check_ranges("train.", self, {"weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
+                                      "stop_at_val_loss": ">= 0"})
 
 
 @dataclass
@@ -70,6 +77,7 @@ class LoraSection:
             raise ConfigError(f"lora.r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_ranges("lora.", self, {"alpha": "> 0"})
 
 
 @dataclass

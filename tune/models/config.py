@@ -56,6 +56,9 @@ class GPTConfig:
             raise ConfigError("model.position=rope needs an even head size (n_embd / n_head)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:

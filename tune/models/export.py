@@ -201,8 +201,8 @@ def import_hf(model_dir) -> GPT:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: no config.json; expected an HF model directory (e.g. a pretrain export)")
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = native_config_from_hf(AutoConfig.from_pretrained(model_dir))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    config = native_config_from_hf(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(config, hf.state_dict()), strict=True)
     return model

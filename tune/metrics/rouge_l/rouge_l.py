@@ -9,18 +9,30 @@ and so scores every non-ASCII text (Japanese, Chinese, Russian, ...) as empty.
 
 This module uses one tokenizer for every language, `UnicodeRougeTokenizer`:
 
-* NFKC-normalise and lowercase (full-width "ＡＢＣ" becomes "abc");
+* NFKC-normalise and lowercase (full-width "ＡＢＣ" becomes "abc"; NFKC also composes, so a decomposed
+  "e" + U+0301 and a precomposed "é" give the same word);
 * every character of a CJK script (Han ideographs, Hiragana, Katakana, Hangul syllables and jamo,
-  Bopomofo) is a token of its own, since these scripts do not separate words by spaces;
-* everything else is split on non-word characters (Unicode-aware: letters and digits of any script
-  form words; punctuation, symbols, whitespace and "_" separate them);
+  Bopomofo) is a token of its own, since these scripts do not separate words by spaces; combining
+  marks that follow it stay with it;
+* everything else forms words: a word is a maximal run of letters, digits and combining marks
+  (Unicode categories L*, N*, M*), so the vowel signs and viramas of Indic scripts, Thai/Lao/Khmer/
+  Myanmar vowels and tone marks, Hebrew niqqud and Arabic harakat are part of their word ("कील" and
+  "काल" are two different words). A mark with no letter or digit before it (at the start of the text,
+  after a space or punctuation) starts a word. The zero-width (non-)joiners U+200C/U+200D that Indic
+  scripts and Persian write inside words stay in the word when they follow a word character.
+  Punctuation, symbols, whitespace and "_" separate words;
 * with `use_stemmer=True` (the default, as SNI does for English) ASCII words longer than 3 characters
   are Porter-stemmed, exactly as rouge_score's default tokenizer does; words in other scripts are
   left as they are.
 
 On ASCII text this gives exactly the tokens of rouge_score's default tokenizer, so English scores
-equal SNI's. (Accented Latin words are kept whole, "café" rather than the default's "caf".) Scripts
-without spaces other than CJK (Thai, Lao, Khmer, ...) are treated as one word per space-separated run.
+equal SNI's. (Accented Latin words are kept whole, "café" rather than the default's "caf".)
+
+Thai, Lao, Khmer and Myanmar are written without spaces between words, and no word segmenter is used:
+a "word" there is a whole space-delimited run (often a phrase or a clause), so ROUGE-L on these
+scripts is close to a match of whole space-separated phrases, and partial credit comes only from the
+runs that match exactly. (rouge_score's default tokenizer keeps only `[a-z0-9]` and drops these
+scripts entirely, scoring every such text 0; SNI scores its cross-lingual tasks on GPT-2 tokens.)
 
     >>> metric = evaluate.load("tune/metrics/rouge_l")
     >>> metric.compute(predictions=["the cat sat on the mat"], references=[["the cat is on the mat"]])
@@ -34,6 +46,7 @@ import unicodedata
 
 import datasets
 import evaluate
+import regex  # Unicode properties (\p{M}); a dependency of nltk, which rouge_score needs
 from rouge_score import rouge_scorer
 
 _CITATION = """\
@@ -81,7 +94,10 @@ _CJK_RANGES = (
     "\uff66-\uff9f"  # half-width Katakana (NFKC maps most of these to full width)
     "\U00020000-\U0003134f"  # CJK unified ideographs extensions B-G
 )
-_TOKEN_RE = re.compile(rf"[{_CJK_RANGES}]|(?:(?![{_CJK_RANGES}])[^\W_])+")
+_CJK_CHAR = rf"[[{_CJK_RANGES}]--\p{{M}}]"
+_WORD_CHAR = rf"[[\p{{L}}\p{{N}}\p{{M}}]--{_CJK_CHAR}]"  # letters, digits, combining marks; not CJK
+_JOINERS = "\u200c\u200d"  # zero-width non-joiner / joiner, written inside Indic and Persian words
+_TOKEN_RE = regex.compile(rf"{_CJK_CHAR}\p{{M}}*|{_WORD_CHAR}(?:{_WORD_CHAR}|[{_JOINERS}])*", regex.V1)
 _ASCII_WORD_RE = re.compile(r"^[a-z0-9]+$")
 
 
