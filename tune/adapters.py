@@ -31,7 +31,7 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
     qlora: frozen 4-bit base prepared for k-bit training.
 
     SDPA attention by default: packed batches carry a 4D block-diagonal bool mask, which SDPA applies
-    as given (data_prep/packing.py).
+    as given (tune/packing.py).
     """
     from transformers import AutoModelForCausalLM
 

@@ -33,7 +33,7 @@ from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and to
     find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
     trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
-from tune.losses import causal_lm_loss
+from tune.losses import IGNORE_INDEX, causal_lm_loss
 from tune.run_lock import lock_run_dir
 from tune.train_config import TrainConfig  # noqa: F401 - re-exported
 
@@ -581,7 +581,7 @@ class Engine:
         batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in batches]
         # Per-token normalisation over the whole step (all micro-batches, all ranks): every target
         # token weighs the same however the tokens fall across micro-batches.
-        local_targets = sum(int((b["targets"] != -100).sum()) for b in batches)
+        local_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
         global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum").item()
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
