@@ -10,7 +10,6 @@ checkpoint resumes under any process count.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -18,13 +17,13 @@ import os
 import random
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from tune.errors import ConfigError, TuneError
+from tune.runtime import deferred_signals
 from tune.train_config import TrainConfig
 
 # What shapes the lr schedule and the data order; a resume must keep them unless train.allow_schedule_change
@@ -419,29 +418,6 @@ def verify_checkpoint(path: Path, world: int = 1) -> str | None:
 
 
 # -- signals and disk space ----------------------------------------------------------------------------------
-INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def deferred_signals(deliver: bool = True):
-    """Hold SIGINT, SIGTERM and SIGUSR1 while the block runs (a checkpoint being written): they are recorded and,
-    with `deliver`, sent again to the process once it is done, so a second Ctrl-C cannot break a save.
-    Outside the main thread (where signal handlers cannot be set) the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in INTERRUPT_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if deliver:
-            for s in dict.fromkeys(pending):
-                signal.raise_signal(s)
-
-
 def _is_out_of_space(e: BaseException) -> bool:
     """Whether a write failed for want of disk space or quota (torch's zip writer reports it as 'unexpected pos',
     safetensors as 'os error 28')."""

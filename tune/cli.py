@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 during training (tune.engine.Interrupted)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 during training (tune.runtime.Interrupted)
         signum = getattr(e, "signum", None)
         if "LOCAL_RANK" not in os.environ:  # under --nproc the launcher says it once for all processes
             print("interrupted" if signum is None else f"stopped by {e}", file=sys.stderr)

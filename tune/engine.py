@@ -7,6 +7,7 @@ exact resume, progress bar, metrics.jsonl + TensorBoard, and report.png.
 
 Checkpoints (tune/checkpoint.py) hold whole tensors, also under FSDP (Accelerate's FSDP2): they are
 gathered to rank 0 on save and re-sharded on load, so a checkpoint resumes under any process count.
+CPU threads and signal handling live in tune/runtime.py, metrics.jsonl and report.png in tune/report.py.
 
 Data is addressed by step: `source.step_batches(step, rank, world)` returns the micro-batches one rank
 trains on at that optimizer step. Sources are pure functions of (seed, step), so resuming needs only
@@ -15,11 +16,9 @@ the step number, and a run on N processes sees the same global batch as a run on
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,41 +28,17 @@ import torch
 import torch.nn as nn
 
 from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and tools import them from here
-    SCHEDULE_KEYS, Checkpointer, _fsync_dir, _load_plain, checkpoint_tensor_shape, deferred_signals, fault_point,
+    SCHEDULE_KEYS, Checkpointer, _fsync_dir, _load_plain, checkpoint_tensor_shape, fault_point,
     find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
     trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
 from tune.losses import IGNORE_INDEX, causal_lm_loss
+from tune.report import MetricsLog  # noqa: F401 - re-exported
 from tune.run_lock import lock_run_dir
+from tune.runtime import (  # noqa: F401 - re-exported
+    STOP_SIGNALS, Interrupted, StopAtStepBoundary, apply_num_threads, busy_fraction, choose_num_threads,
+    deferred_signals, restore_handlers, stop_on_signals, usable_cores)
 from tune.train_config import TrainConfig  # noqa: F401 - re-exported
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGUSR1 (a scheduler's preemption notice) during training: handled like Ctrl-C (a checkpoint
-    is saved); `tune` exits with 128 + signum."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def _stop_on_signals() -> dict:
-    """Make SIGTERM and SIGUSR1 raise Interrupted (main thread only); returns the handlers they replace."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def stop(signum, frame):
-        raise Interrupted(signum)
-
-    return {s: signal.signal(s, stop) for s in STOP_SIGNALS}
-
-
-def _restore_handlers(previous: dict):
-    for s, handler in previous.items():
-        signal.signal(s, handler)
 
 
 class BatchSource(Protocol):
@@ -127,80 +102,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only.
-
-    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl holds rows of later steps (the
-    steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh), those rows
-    move to metrics.jsonl.superseded-<time> and metrics.jsonl keeps the rows up to resume_step, so it always
-    describes the one history that the weights went through."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        self.superseded: Path | None = None
-        if not enabled:
-            return
-        if self.path.is_file():
-            self._supersede_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:
-            self.tb = None
-
-    def _supersede_after(self, step: int):
-        lines = self.path.read_text().splitlines(keepends=True)
-        keep, later = [], []
-        for line in lines:
-            try:
-                row_step = json.loads(line).get("step", 0)
-            except ValueError:  # a line cut short by a killed process: kept with the superseded rows
-                row_step = math.inf
-            (keep if row_step <= step else later).append(line)
-        if not later:
-            return
-        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
-        self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
-        while self.superseded.exists():
-            n += 1
-            self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}-{n}")
-        for path, content in ((self.superseded, later), (self.path, keep)):  # the moved rows are safe first
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as fh:
-                fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-
-    def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut short by a killed process
-                continue
-        return rows
-
-    def log(self, row: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
 def make_accelerator(mixed_precision: str, num_threads: int | None = None):
     """The run's Accelerator; with `num_threads` (train.num_threads, 0 = auto) also this process's intra-op
     CPU threads, announced in one line by the main process (see apply_num_threads)."""
@@ -212,76 +113,6 @@ def make_accelerator(mixed_precision: str, num_threads: int | None = None):
     if num_threads is not None:
         apply_num_threads(num_threads, log=print if accelerator.is_main_process else None)
     return accelerator
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def busy_fraction(interval: float = 0.2) -> float:
-    """The fraction of the machine's CPU time spent outside idle over the next `interval` seconds (this
-    process sleeps meanwhile, so it measures other work), from /proc/stat; elsewhere the 1-minute load
-    average per CPU. 0.0 when neither is available."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:8]]  # user nice system idle iowait irq softirq
-        return sum(ticks), ticks[3] + ticks[4]
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-        if total1 > total0:
-            return min(1.0, max(0.0, 1 - (idle1 - idle0) / (total1 - total0)))
-    except (OSError, ValueError, IndexError):
-        pass
-    if hasattr(os, "getloadavg"):
-        return min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
-    return 0.0
-
-
-def choose_num_threads(requested: int, cores: int, processes: int, omp_env: str | None = None,
-                       busy: float = 0.0) -> tuple[int, str]:
-    """(intra-op threads per process, where the number comes from) for `processes` processes on this machine.
-
-    `requested` > 0 (train.num_threads) is taken as given. Else a set OMP_NUM_THREADS (`omp_env`, its first
-    number) is respected. Else auto: the cores other work leaves idle (`cores` x (1 - `busy`), rounded, at
-    least 1) shared out so that processes x threads <= those cores. More threads than idle cores make every
-    step wait for descheduled threads: on 2 busy cores the demo ran 2.5-4x slower with 2 threads than with 1
-    (README: The engine).
-    """
-    if requested > 0:
-        return requested, "train.num_threads"
-    if omp_env:
-        first = omp_env.split(",")[0].strip()
-        if first.isdigit() and int(first) > 0:
-            return int(first), "OMP_NUM_THREADS"
-    idle = max(1, round(cores * (1 - min(1.0, max(0.0, busy)))))
-    return max(1, idle // max(1, processes)), "auto"
-
-
-def apply_num_threads(requested: int, log: Callable[[str], None] | None = print,
-                      key: str = "train.num_threads") -> int:
-    """torch.set_num_threads(choose_num_threads(...)) for this process, from `requested` (0 = auto), the
-    environment's OMP_NUM_THREADS, LOCAL_WORLD_SIZE (processes on this machine: set by torchrun, else 1),
-    the usable cores and (auto only) how busy they are. `log` (None on non-main processes) gets one line
-    saying the choice. Returns the thread count."""
-    cores, processes = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    omp_env = os.environ.get("OMP_NUM_THREADS")
-    busy = busy_fraction() if requested == 0 and not omp_env else 0.0
-    threads, source = choose_num_threads(requested, cores, processes, omp_env, busy)
-    torch.set_num_threads(threads)
-    if log is not None:
-        why = {"train.num_threads": f"{key}={threads}", "OMP_NUM_THREADS": "from OMP_NUM_THREADS",
-               "auto": f"auto: cores {100 * busy:.0f}% busy with other work"}[source]
-        change = "" if source == "train.num_threads" else f"; {key}=N to change"
-        log(f"threads: {threads} intra-op per process ({why}; {processes} process{'es' if processes > 1 else ''}, "
-            f"{cores} cores{change})")
-    return threads
 
 
 @dataclass
@@ -431,7 +262,7 @@ class Engine:
 
         # several processes: signals stop them together at a step boundary; one: SIGTERM/SIGUSR1 raise at once
         stop = StopAtStepBoundary() if acc.num_processes > 1 else None
-        previous_handlers = _stop_on_signals() if stop is None else {}
+        previous_handlers = stop_on_signals() if stop is None else {}
         try:
             while step < cfg.max_steps:
                 if stop is not None:
@@ -493,7 +324,7 @@ class Engine:
         finally:
             if stop is not None:
                 stop.restore()
-            _restore_handlers(previous_handlers)
+            restore_handlers(previous_handlers)
             if progress is not None:
                 progress.close()
             metrics.close()
@@ -586,7 +417,7 @@ class Engine:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            ctx = acc.no_sync(module) if not sync else _nullcontext()
+            ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 out = module(batch)
                 # DDP averages gradients over ranks, so scale back up by the world size
@@ -623,40 +454,6 @@ class Engine:
 
 
 DIVERGED_WEIGHT = 1e4  # a checkpoint whose largest |weight| reaches this is called possibly diverged
-
-
-class StopAtStepBoundary:
-    """Ctrl-C, SIGTERM or SIGUSR1 for a run on several processes (torchrun forwards SIGINT and SIGTERM to each):
-    an exception raised wherever each process happens to be would leave one rank inside a collective (a
-    gradient all-reduce) that another rank abandoned, and the checkpoint's barriers would then hang or fail.
-    Instead a signal only records its number, and at each step boundary the processes agree (one gather)
-    whether any was asked to stop. Installed from the main thread only (signal handlers live there); `restore`
-    puts the previous handlers back."""
-
-    def __init__(self):
-        self.requested = 0  # the signal number received, 0: none
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, *STOP_SIGNALS)}
-
-    def _request(self, signum, frame):
-        self.requested = self.requested or signum
-
-    def agreed(self, accelerator) -> int:
-        """The signal any process got (0: none); the same on every process (a collective: every rank calls it)."""
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return int(accelerator.gather(flag).max().item())
-
-    def raise_if_requested(self, accelerator):
-        """Raise KeyboardInterrupt (SIGINT) or Interrupted (SIGTERM, SIGUSR1) on every process when any got one."""
-        signum = self.agreed(accelerator)
-        if signum:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        self.previous = {}
 
 
 def out_of_memory_advice(cfg: TrainConfig, step: int) -> str:
@@ -697,11 +494,3 @@ def _input_tokens(batch: dict) -> int:
     """Tokens fed to the model, right-padding excluded (a 2D attention mask); packed rows count in full."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

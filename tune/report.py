@@ -1,7 +1,12 @@
-"""report.png: training and validation loss curves of a run, drawn from metrics.jsonl rows."""
+"""A run's record: metrics.jsonl and TensorBoard scalars as it trains (MetricsLog), and report.png, the training
+and validation loss curves drawn from those rows (write_report)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import time
 from pathlib import Path
 
 
@@ -30,3 +35,77 @@ def write_report(rows: list[dict], path: Path, title: str | None = None) -> Path
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only.
+
+    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl holds rows of later steps (the
+    steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh), those rows
+    move to metrics.jsonl.superseded-<time> and metrics.jsonl keeps the rows up to resume_step, so it always
+    describes the one history that the weights went through."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        self.superseded: Path | None = None
+        if not enabled:
+            return
+        if self.path.is_file():
+            self._supersede_after(resume_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:
+            self.tb = None
+
+    def _supersede_after(self, step: int):
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep, later = [], []
+        for line in lines:
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except ValueError:  # a line cut short by a killed process: kept with the superseded rows
+                row_step = math.inf
+            (keep if row_step <= step else later).append(line)
+        if not later:
+            return
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
+        while self.superseded.exists():
+            n += 1
+            self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}-{n}")
+        for path, content in ((self.superseded, later), (self.path, keep)):  # the moved rows are safe first
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a killed process
+                continue
+        return rows
+
+    def log(self, row: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()

@@ -42,7 +42,7 @@ class TrainConfig:
     progress: bool = True
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
     allow_schedule_change: bool = False  # let a resume change the schedule / data order (tune.checkpoint.SCHEDULE_KEYS)
-    num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.engine.choose_num_threads)
+    num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.runtime.choose_num_threads)
 
     def __post_init__(self):
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints",
