@@ -140,3 +140,17 @@ def rewind_to_step_4(run_dir: Path):
     for later in ("step_0000006", "step_0000008"):
         shutil.rmtree(checkpoints / later)
     (checkpoints / "latest").write_text("step_0000004")
+
+
+def dequantized_base(base_path, quantized):
+    """The fp32 base whose quantized layers hold exactly the dequantized 4-bit weights of `quantized`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from tune.adapters import dequantized_weights
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    modules = dict(model.named_modules())
+    for name, weight in dequantized_weights(quantized).items():
+        modules[name].weight.data = (weight.t() if isinstance(modules[name], Conv1D) else weight).contiguous()
+    return model.eval()

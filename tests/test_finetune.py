@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NI_TASKS
+from conftest import NI_TASKS, dequantized_base
 from tune.cli import main
 from tune.config import load_config
 
@@ -159,20 +159,6 @@ def test_lora_on_the_tied_output_head_merges_untied(tmp_path, gpt2_base, sample_
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| (Frobenius norms)."""
     return float((actual - expected).norm() / expected.norm())
-
-
-def dequantized_base(base_path, quantized):
-    """The fp32 base whose quantized layers hold exactly the dequantized 4-bit weights of `quantized`."""
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from tune.adapters import dequantized_weights
-
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    modules = dict(model.named_modules())
-    for name, weight in dequantized_weights(quantized).items():
-        modules[name].weight.data = (weight.t() if isinstance(modules[name], Conv1D) else weight).contiguous()
-    return model.eval()
 
 
 def test_qlora_trains_on_a_4bit_base_and_merges_into_the_dequantized_weights(tmp_path, gpt2_base, sample_ids):

@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import dequantized_base
+
 VOCAB = 64
 
 
@@ -51,20 +53,6 @@ def logits(model, ids):
         return model.eval()(input_ids=ids).logits.float()
 
 
-def dequantized_base(base_path, quantized):
-    """The fp32 base whose quantized layers hold exactly the dequantized 4-bit weights of `quantized`."""
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from tune.adapters import dequantized_weights
-
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    modules = dict(model.named_modules())
-    for name, weight in dequantized_weights(quantized).items():
-        modules[name].weight.data = (weight.t() if isinstance(modules[name], Conv1D) else weight).contiguous()
-    return model.eval()
-
-
 def adapter_reference(base_path, adapter, method):
     """(the base the adapter was trained on, the adapter model on it): the fp32 base for LoRA, the dequantized
     4-bit base for QLoRA, which the merge must reproduce."""
@@ -96,23 +84,29 @@ ATTENTION = {"gpt2": "c_attn", "llama": "q_proj"}
 EMBEDDING = {"gpt2": "wte", "llama": "embed_tokens"}
 
 
+def merge_and_compare(tmp_path, layout: str, method: str, tied: bool, targets: list[str]):
+    """Train an adapter on `targets` of a fresh base, merge it, and check the merged logits equal the adapter
+    model's (on the dequantized base for QLoRA). Returns (merged output dir, merged model, base model)."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import QuantSection, merge_adapter
+
+    base_path = make_base(tmp_path / "base", layout, tied=tied)
+    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, method), targets)
+    out = merge_adapter(base_path, adapter, tmp_path / "merged", quant=QuantSection() if method == "qlora" else None)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base, reference = adapter_reference(base_path, adapter, method)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+    return out, merged, base
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 @pytest.mark.parametrize("layout", ["gpt2", "llama"])
 def test_adapted_tied_head_is_merged_untied(tmp_path, layout, method):
     """LoRA on the head of a tied base: the merged model equals the adapter model, its input embedding is the
     base's, bit for bit, and it is saved untied."""
-    from transformers import AutoModelForCausalLM
-
-    from tune.adapters import QuantSection, merge_adapter
-
-    base_path = make_base(tmp_path / "base", layout, tied=True)
-    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, method), [ATTENTION[layout], "lm_head"])
-    out = merge_adapter(base_path, adapter, tmp_path / "merged", quant=QuantSection() if method == "qlora" else None)
-
-    merged = AutoModelForCausalLM.from_pretrained(out)
-    base, reference = adapter_reference(base_path, adapter, method)
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+    out, merged, base = merge_and_compare(tmp_path, layout, method, True, [ATTENTION[layout], "lm_head"])
     assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert not torch.equal(merged.get_output_embeddings().weight, base.get_output_embeddings().weight)
     assert merged.get_output_embeddings().weight is not merged.get_input_embeddings().weight
@@ -123,18 +117,7 @@ def test_adapted_tied_head_is_merged_untied(tmp_path, layout, method):
 @pytest.mark.parametrize("layout", ["gpt2", "llama"])
 def test_adapted_tied_input_embedding_is_merged_untied(tmp_path, layout):
     """The other side of the tie: LoRA on the input embedding leaves the output head exactly the base's."""
-    from transformers import AutoModelForCausalLM
-
-    from tune.adapters import merge_adapter
-
-    base_path = make_base(tmp_path / "base", layout, tied=True)
-    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, "lora"), [EMBEDDING[layout]])
-    out = merge_adapter(base_path, adapter, tmp_path / "merged")
-
-    merged = AutoModelForCausalLM.from_pretrained(out)
-    base, reference = adapter_reference(base_path, adapter, "lora")
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+    out, merged, base = merge_and_compare(tmp_path, layout, "lora", True, [EMBEDDING[layout]])
     assert torch.equal(merged.get_output_embeddings().weight, base.get_output_embeddings().weight)
     assert not torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -145,18 +128,7 @@ def test_adapted_tied_input_embedding_is_merged_untied(tmp_path, layout):
     (True, "gpt2", ["c_attn"]), (True, "llama", ["q_proj", "v_proj"]),  # tied base, no tied module adapted
     (False, "gpt2", ["c_attn", "lm_head"]), (False, "llama", ["q_proj", "lm_head"])])  # untied base
 def test_merge_keeps_the_base_tying_when_no_tied_module_is_adapted(tmp_path, method, tied, layout, targets):
-    from transformers import AutoModelForCausalLM
-
-    from tune.adapters import QuantSection, merge_adapter
-
-    base_path = make_base(tmp_path / "base", layout, tied=tied)
-    adapter = make_adapter(tmp_path / "adapter", train_model(base_path, method), targets)
-    out = merge_adapter(base_path, adapter, tmp_path / "merged", quant=QuantSection() if method == "qlora" else None)
-
-    merged = AutoModelForCausalLM.from_pretrained(out)
-    base, reference = adapter_reference(base_path, adapter, method)
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits(merged, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+    out, merged, base = merge_and_compare(tmp_path, layout, method, tied, targets)
     assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
