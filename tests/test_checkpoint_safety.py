@@ -143,6 +143,26 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, refe
     assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
 
 
+def test_checkpoints_of_the_replaced_history_move_aside_and_never_count_for_rotation(reference, tmp_path):
+    """After falling back from a damaged step 4 to step 2, the resumed run saves steps 3 and 6: rotation
+    (keep_checkpoints=2) keeps those two, not the damaged step 4 of the history the resume replaced, which
+    moves to checkpoints/superseded/ instead of being deleted."""
+    from tune.checkpoint import verify_checkpoint
+
+    expected, saved = reference
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    _truncate(run / "checkpoints" / "step_0000004" / "model.safetensors")
+    logs = []
+    _engine(tmp_path, "run", 6, logs, resume=True, save_every=3, keep_checkpoints=2).fit()
+    assert _losses(run) == expected
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003", "step_0000006"]
+    assert all(verify_checkpoint(p) is None for p in ckpts.glob("step_*"))
+    assert [p.name.split("-")[0] for p in (ckpts / "superseded").iterdir()] == ["step_0000004"]
+    assert any("step_0000004 belongs to the history replaced by this resume" in line for line in logs), logs
+
+
 def test_no_checkpoint_verifies_an_error_lists_them_and_metrics_stay(reference, tmp_path):
     _, saved = reference
     run = tmp_path / "run"

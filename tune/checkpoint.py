@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -235,6 +236,27 @@ class Checkpointer:
             raise TuneError(f"no checkpoint in {self.dir} can be resumed ({'; '.join(faults)}); restore one from a "
                             "copy, or start afresh with overwrite=true (train.resume=false)")
         return None
+
+    def supersede_after(self, resumed: Path) -> list[Path]:
+        """After resuming `resumed` (possibly an older checkpoint than `latest`, when newer ones failed to verify):
+        move every newer step_* folder, the history the resumed run replaces, to checkpoints/superseded/ (never
+        deleted), and point `latest` at `resumed`, so rotation counts only the checkpoints of the live history.
+        Main process only. Returns the new paths of the folders moved."""
+        step = int(resumed.name.split("_")[1])
+        moved = []
+        for path in sorted(p for p in self.dir.glob("step_*") if p.is_dir() and int(p.name.split("_")[1]) > step):
+            target = self.dir / "superseded" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+        for name in ("latest", "best"):
+            pointer = self.dir / name
+            if pointer.is_file() and not (self.dir / pointer.read_text().strip()).is_dir():
+                if name == "latest":
+                    self._point("latest", resumed)
+                else:
+                    pointer.unlink()  # its checkpoint moved with the superseded history
+        return moved
 
     def _point(self, pointer_name: str, target: Path):
         pointer_tmp = self.dir / f".{pointer_name}.tmp"

@@ -217,6 +217,11 @@ class Engine:
             step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
             self.counters.update({k: state[k] for k in self.counters if k in state})
             self.log_line(f"resumed from {latest} at step {step}")
+            if acc.is_main_process:
+                for moved in self.checkpointer.supersede_after(latest):
+                    self.log_line(f"checkpoint {moved.name.rsplit('-', 2)[0]} belongs to the history replaced by this "
+                                  f"resume: moved to {moved.relative_to(self.run_dir)}")
+            acc.wait_for_everyone()
             if changes:
                 self._restart_schedule()
                 self.log_line(f"train.allow_schedule_change=true: the schedule changes from step {step + 1}: "
