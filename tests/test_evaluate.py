@@ -202,11 +202,32 @@ def ctx16_lm(tmp_path_factory) -> Path:
     return out
 
 
-def test_cli_generate_slides_a_window_past_a_learned_position_table(ctx16_lm, capsys):
-    """50 new tokens from a 16-position model, greedy: each token is the argmax of model(ids[-16:]), the crop
-    nanoGPT samples with (HF generate() covers the first 16 - prompt tokens)."""
+@pytest.fixture(scope="module")
+def ctx16_rope_lm(tmp_path_factory) -> Path:
+    """The Llama layout our `modern` preset exports (RoPE), trained on a 16-token context (max_position_embeddings
+    16), as shakespeare_char_cpu's export is on 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_prep.text import train_char_tokenizer
+
+    out = tmp_path_factory.mktemp("ctx16_rope")
+    tokenizer = train_char_tokenizer(["the quick brown fox jumps over the lazy dog.\n"])
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=16, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, initializer_range=0.5, eos_token_id=None,
+                         bos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["learned positions (GPT-2)", "RoPE (Llama)"])
+def test_cli_generate_slides_a_window_past_the_context(layout, ctx16_lm, ctx16_rope_lm, capsys):
+    """50 new tokens from a model with a 16-token context, greedy: each token is the argmax of model(ids[-16:]),
+    the crop nanoGPT samples with (HF generate() covers the first 16 - prompt tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ctx16_lm = ctx16_lm if layout.startswith("learned") else ctx16_rope_lm
     prompt = "the lazy dog"
     assert main(["generate", "--model", str(ctx16_lm), "--prompt", prompt, "--temperature", "0",
                  "--max-new-tokens", "50"]) == 0
@@ -217,11 +238,17 @@ def test_cli_generate_slides_a_window_past_a_learned_position_table(ctx16_lm, ca
     with torch.no_grad():
         for _ in range(50):
             ids.append(int(model(torch.tensor([ids[-16:]])).logits[0, -1].argmax()))
+            if ids[-1] == tokenizer.eos_token_id:  # generation stops at eos, as generate() does
+                break
+    assert len(ids) > 16 + 4  # well past the context: the window slid
     expected = prompt + tokenizer.decode(ids[len(prompt):], skip_special_tokens=True)
-    assert out == expected + "\n" and len(ids) == len(prompt) + 50
-    # the defaults (200 new tokens, sampling) run too, and a prompt longer than the table slides from the start
+    assert out == expected + "\n"
+    # the defaults (200 new tokens, sampling) run too, and a prompt longer than the context slides from the start
     assert main(["generate", "--model", str(ctx16_lm), "--prompt", prompt * 3]) == 0
-    assert len(capsys.readouterr().out) == len(prompt * 3) + 200 + 1
+    out = capsys.readouterr().out
+    assert out.startswith(prompt * 3)
+    if layout.startswith("learned"):  # this model never samples eos here: all 200 tokens
+        assert len(out) == len(prompt * 3) + 200 + 1
 
 
 def test_cli_generate_names_the_prompt_characters_the_tokenizer_does_not_know(ctx16_lm, capsys):

@@ -262,9 +262,8 @@ def cmd_generate(args) -> int:
     """Stream a continuation of --prompt, or of one task instance's Tk-Instruct prompt (then its reference)."""
     import torch
 
-    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, learned_position_table, load_model,
-                                 load_tokenizer, prompt_ids, prompt_token_limit, special_ids, stream_generate,
-                                 truncate_left)
+    from tune.evaluation import (PrintStreamer, check_vocab, fit_prompt, generation_window, load_model,
+                                 load_tokenizer, prompt_ids, special_ids, stream_generate)
     from tune.hf import unknown_characters, unknown_token_id
 
     if (args.prompt is None) == (args.task is None):
@@ -294,10 +293,10 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = load_model(args.model, args.adapter, args.dtype)
     check_vocab(model, tokenizer, args.tokenizer or args.model)
-    table = learned_position_table(model)
+    table = generation_window(model)
     if table is None:
-        limit = prompt_token_limit(model, args.max_new_tokens)
-    else:  # any length: a window slides over the position table; a task's prompt still fits it when it can
+        limit = None
+    else:  # any length: a window slides over the context; a task's prompt still fits it when it can
         limit = table - args.max_new_tokens if args.max_new_tokens < table else table - 1
     prompt = args.prompt
     if task is not None:  # as `tune run evaluate` builds it: demonstrations dropped until it fits the context
@@ -310,8 +309,6 @@ def cmd_generate(args) -> int:
     if unknown:
         print(f"note: the tokenizer does not know {len(unknown)} character(s) of the prompt, read as "
               f"{tokenizer.unk_token!r}: {' '.join(repr(c) for c in unknown)}", file=sys.stderr)
-    if table is None:
-        ids = truncate_left(ids, limit, tokenizer)  # long prompts keep their end
     sample = args.temperature > 0
     torch.manual_seed(args.seed)
     if torch.cuda.is_available():

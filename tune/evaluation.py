@@ -316,11 +316,11 @@ def write_json_atomic(path, data) -> Path:
 
 # ------------------------------------------------------------------------------------------ streaming
 
-def learned_position_table(model) -> int | None:
-    """The size of the model's learned position table (GPT-2 / OpenAIGPT `n_positions`); None for RoPE models.
-    Such a model cannot see more tokens at once, but it can continue any text through a sliding window."""
-    value = getattr(getattr(model, "config", None), "n_positions", None)
-    return value if isinstance(value, int) and value > 0 else None
+def generation_window(model) -> int | None:
+    """How many tokens the model sees at once when `tune generate` goes past its context: its learned position
+    table (GPT-2 / OpenAIGPT `n_positions`, a hard limit) or the context it was trained on (RoPE models'
+    `max_position_embeddings`: longer inputs run, but at positions it never saw). None: no declared context."""
+    return context_length(model)
 
 
 class _KeepOpen:
@@ -342,15 +342,16 @@ def stream_generate(model, ids: list[int], max_new_tokens: int, streamer, pad_id
     e.g. PrintStreamer); returns prompt + new ids. Stops early at an eos id. temperature 0 is greedy; top_k 0
     and top_p 1 are off.
 
-    HF generate() (with its KV cache) runs while prompt + new tokens fit the model's context. A model with a
-    learned position table (`learned_position_table`) then goes on with a sliding window, as nanoGPT samples:
-    each further token is predicted from the last `n_positions` tokens only (at positions 0..n-1), and sampled
-    by `tune.generate.sample_next_token` (temperature, then top-k, then top-p, as generate() applies them).
+    HF generate() (with its KV cache) runs while prompt + new tokens fit the model's context
+    (`generation_window`: a learned position table, or a RoPE model's trained context). Then it goes on with a
+    sliding window, as nanoGPT samples: each further token is predicted from the last `window` tokens only (at
+    positions 0..window-1, the ones it was trained on), and sampled by `tune.generate.sample_next_token`
+    (temperature, then top-k, then top-p, as generate() applies them).
     """
     from tune.generate import sample_next_token
 
     device = _model_device(model)
-    table = learned_position_table(model)
+    table = generation_window(model)
     sample = temperature > 0
     prompt_length, ids = len(ids), list(ids)
     fit = max_new_tokens if table is None else min(max_new_tokens, table - len(ids))
