@@ -450,3 +450,24 @@ def test_readme_zero_shot_command_prompts_with_the_definition_only(tiny_lm, tmp_
     assert main([*common, "prompt.num_pos=0"]) == 2
     assert capsys.readouterr().err.startswith("error: prompt.add_definition=false with prompt.num_pos=0 leaves the "
                                               "prompts with neither the task definition nor a demonstration")
+
+
+def test_cli_generate_notes_an_adapter_trained_on_another_base(ctx16_lm, tmp_path, capsys):
+    """An adapter applied to a base of the same shape but another directory than the one it records: a note
+    naming both (the weights may differ); none on its own base."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(ctx16_lm), LoraConfig(r=2, target_modules=["c_attn"])
+                   ).save_pretrained(adapter)
+    other = tmp_path / "other_base"
+    shutil.copytree(ctx16_lm, other)
+    args = ["--prompt", "the dog", "--max-new-tokens", "2"]
+    assert main(["generate", "--model", str(other), "--adapter", str(adapter), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"note: adapter={adapter} was trained on {ctx16_lm}, not on model={other}" in err
+    assert main(["generate", "--model", str(ctx16_lm), "--adapter", str(adapter), *args]) == 0
+    assert "was trained on" not in capsys.readouterr().err

@@ -197,6 +197,19 @@ def resolve_dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
+def adapter_base_mismatch(adapter, model_dir) -> str | None:
+    """The base model path an adapter records (`base_model_name_or_path` in adapter_config.json) when it is a
+    local directory other than `model_dir` (compared resolved); None when they agree or the adapter says nothing
+    usable (e.g. a hub name, or a base that was moved away)."""
+    try:
+        recorded = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(recorded, str) or not recorded or not Path(recorded).is_dir():
+        return None
+    return None if Path(recorded).resolve() == Path(model_dir).resolve() else recorded
+
+
 def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
     """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
     import torch
@@ -207,6 +220,10 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
     check_model_dir(model_dir)
     if adapter:
         check_adapter_dir(adapter)
+        trained_on = adapter_base_mismatch(adapter, model_dir)
+        if trained_on:
+            print(f"note: adapter={adapter} was trained on {trained_on}, not on model={model_dir}; applying it anyway "
+                  "(same shapes), which is right only if the two hold the same weights", file=sys.stderr)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
     try:
