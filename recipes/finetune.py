@@ -158,6 +158,19 @@ def prompt_config(d: NIDataSection):
                         add_definition=p.add_definition, template=p.template)
 
 
+DROPPED_WARN_FRACTION = 0.1  # warn when more than this fraction of the training examples cannot fit max_length
+
+
+def dropped_examples_warning(dropped: int, total: int, max_length: int) -> str | None:
+    """A `warning:` line when more than DROPPED_WARN_FRACTION of `total` examples were dropped because their
+    instance + target alone exceed `max_length` tokens; None otherwise."""
+    if total == 0 or dropped / total <= DROPPED_WARN_FRACTION:
+        return None
+    return (f"warning: {dropped} of {total} training examples ({dropped / total:.0%}) do not fit "
+            f"data.max_length={max_length} even without demonstrations and are not trained on; raise data.max_length "
+            "(up to the base's context), or use a tokenizer that needs fewer tokens for this text")
+
+
 def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     """Tokenized (cached) training and held-out-instance datasets, and the prompt config they were built with."""
     from data_prep.natural_instructions import TokenizeConfig, build_dataset
@@ -170,6 +183,9 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
         val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
     say(f"train: {report}")
     warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
+    if warning:
+        say(warning)
+    warning = dropped_examples_warning(report.dropped, report.total, d.max_length)
     if warning:
         say(warning)
     say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "

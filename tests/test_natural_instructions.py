@@ -479,3 +479,14 @@ def test_finetune_data_summary_warns_about_unknown_tokens(tmp_path):
     assert lines[1].startswith("warning: 7.6% of the data's tokens are unknown to the tokenizer runs/demo/hf")
     assert "data.tokenizer=bpe" in lines[1]
     assert unknown_token_warning(0.01, "t") is None and unknown_token_warning(0.0101, "t") is not None
+
+
+def test_dropped_examples_warning_above_a_tenth():
+    """805 of 1,180 examples dropped (the demo export's 40-character vocabulary at max_length 128) gets a warning
+    naming the count and data.max_length; 10% or fewer does not."""
+    from recipes.finetune import dropped_examples_warning
+
+    warning = dropped_examples_warning(805, 1180, 128)
+    assert warning.startswith("warning: 805 of 1180 training examples (68%) do not fit data.max_length=128")
+    assert dropped_examples_warning(118, 1180, 128) is None and dropped_examples_warning(0, 0, 128) is None
+    assert dropped_examples_warning(119, 1180, 128) is not None

@@ -54,6 +54,17 @@ def test_rerun_refuses_to_overwrite_checkpoints(tmp_path, shakespeare_slice):
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
 
 
+def test_overwrite_says_what_it_removes_and_keeps_the_earlier_metrics(tmp_path, shakespeare_slice, capsys):
+    run(_cfg(tmp_path, shakespeare_slice, "train.max_steps=2", "export=false"))
+    earlier = (tmp_path / "run" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    run(_cfg(tmp_path, shakespeare_slice, "train.max_steps=3", "export=false", "overwrite=true"))
+    out = capsys.readouterr().out
+    assert "overwrite=true: removed the earlier run's checkpoints in" in out and "(step_0000002)" in out
+    assert [p.read_text() for p in (tmp_path / "run").glob("metrics.jsonl.superseded-*")] == [earlier]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000003"]
+
+
 def test_missing_corpus(tmp_path):
     with pytest.raises(ConfigError, match="nope.txt"):
         run(_cfg(tmp_path, tmp_path / "nope.txt"))

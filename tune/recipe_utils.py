@@ -101,7 +101,13 @@ def prepare_output_dir(cfg, accelerator, inputs=()) -> Path:
     if latest is not None:
         schedule_changes(latest, cfg.train, accelerator.num_processes, getattr(cfg, "seed", None))
     if accelerator.is_main_process and has_checkpoints and not cfg.train.resume:
-        shutil.rmtree(run_dir / "checkpoints")
+        steps = sorted(p.name for p in checkpoints.glob("step_*") if p.is_dir())
+        shutil.rmtree(checkpoints)
+        # the earlier run's TensorBoard events would mix with this run's curves; its metrics.jsonl rows are kept
+        # (moved to metrics.jsonl.superseded-TIME when training starts)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        print(f"overwrite=true: removed the earlier run's checkpoints in {checkpoints} ({', '.join(steps) or 'none'}) "
+              "and its tensorboard/ events")
     accelerator.wait_for_everyone()
     return run_dir
 
