@@ -169,11 +169,13 @@ def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
 
 
 def save_student(cfg: DistillConfig, model, tokenizer, out: Path) -> Path:
+    from tune.hf import quiet_third_party
     from tune.models.export import export_hf
 
     if cfg.student.model is None:
         return export_hf(model.cpu(), out, tokenizer)
-    model.save_pretrained(out)
+    with quiet_third_party():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -345,11 +347,13 @@ def _as_hf(model, tokenizer):
 
     from transformers import AutoModelForCausalLM
 
+    from tune.hf import quiet_third_party
     from tune.models.export import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model.cpu(), tmp, tokenizer)
-        return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False).eval()
+        with quiet_third_party():
+            return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False).eval()
 
 
 def format_comparison(rows: dict) -> str:

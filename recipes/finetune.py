@@ -259,8 +259,11 @@ def build_model(cfg: FinetuneConfig):
 
 def save_trained(cfg: FinetuneConfig, model, tokenizer, out: Path) -> Path:
     """The full model (method=full) or the PEFT adapter directory, with the tokenizer."""
+    from tune.hf import quiet_third_party
+
     if cfg.method == "full":
-        model.save_pretrained(out, safe_serialization=True)
+        with quiet_third_party():
+            model.save_pretrained(out, safe_serialization=True)
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

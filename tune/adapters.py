@@ -48,8 +48,9 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
             keep_4bit_training_kernel(model)
             return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=False)
+    with quiet_third_party():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=False)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
         if method == "lora":
@@ -173,11 +174,13 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     with quiet_third_party():
         from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
+    with quiet_third_party():
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
     if quant is not None:
-        quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),
-                                                         dtype=resolve_dtype(quant.compute_dtype),
-                                                         trust_remote_code=False)
+        with quiet_third_party():
+            quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),
+                                                             dtype=resolve_dtype(quant.compute_dtype),
+                                                             trust_remote_code=False)
         modules = dict(base.named_modules())
         for name, weight in dequantized_weights(quantized).items():
             target = modules[name]
@@ -192,7 +195,8 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
         merged = adapted.merge_and_unload()
     merged.to(dtype)
     out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_third_party():
+        merged.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / "merge_info.json").write_text(json.dumps(

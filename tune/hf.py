@@ -30,8 +30,9 @@ class _DropKernelsHint(logging.Filter):
 def quiet_third_party():
     """Around our own calls into peft / transformers / datasets, silence their messages that ask nothing of
     the user: bitsandbytes' "pip install kernels" hint (logged when peft imports bitsandbytes), transformers'
-    FutureWarning about `is_gradient_checkpointing` (peft reads that deprecated property), and datasets'
-    "Saving the dataset" progress bars. Everything else they say still shows, and the settings are restored
+    FutureWarning about `is_gradient_checkpointing` (peft reads that deprecated property), peft's note that it
+    set `fan_in_fan_out` for GPT-2's Conv1D, datasets' "Saving the dataset" and transformers' "Loading weights"
+    / "Writing model shards" progress bars. Everything else they say still shows, and the settings are restored
     on exit."""
     bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     hint_filter = _DropKernelsHint()
@@ -40,15 +41,23 @@ def quiet_third_party():
     bars_were_on = datasets is not None and not datasets.are_progress_bars_disabled()
     if bars_were_on:
         datasets.disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")  # "Loading weights" / "Writing model shards" bars
+    hf_bars_were_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_bars_were_on:
+        hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
+            # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself, and says so on every load and merge
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             yield
     finally:
         bnb_logger.removeFilter(hint_filter)
         if bars_were_on:
             datasets.enable_progress_bars()
+        if hf_bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(e: Exception) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError, DataError
+from tune.hf import quiet_third_party
 from tune.models.gpt import GPT, GPTConfig
 
 
@@ -187,7 +188,8 @@ def export_hf(model: GPT, out_dir, tokenizer=None, dtype: torch.dtype = torch.fl
     hf_model.tie_weights()
     hf_model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out_dir, safe_serialization=True)
+    with quiet_third_party():
+        hf_model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     (out_dir / "native_gpt.json").write_text(json.dumps(model.config.to_dict(), indent=2))
@@ -201,7 +203,8 @@ def import_hf(model_dir) -> GPT:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: no config.json; expected an HF model directory (e.g. a pretrain export)")
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
+    with quiet_third_party():
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     config = native_config_from_hf(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
     model = GPT(config)
     model.load_state_dict(from_hf_state_dict(config, hf.state_dict()), strict=True)
