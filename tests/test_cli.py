@@ -214,3 +214,84 @@ def test_launcher_drops_torchrun_noise_and_keeps_what_the_processes_say():
     text = warnings + child + error + torchrun
     kept = _SIGNAL_TRACEBACK.sub("", _TORCHRUN_WARNING.sub(b"", text.encode()).decode())
     assert kept == child + error
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A finished 2-step pretrain run (tmp_path/run) with one checkpoint."""
+    from test_engine import _pretrain
+
+    _pretrain(tmp_path, "train.max_steps=2")
+    return tmp_path / "run"
+
+
+def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_run(tiny_run, tmp_path, capsys, monkeypatch):
+    checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    for out in (tiny_run, tiny_run / "checkpoints" / "step_0000002", tiny_run / "checkpoints", tmp_path,
+                tiny_run / "exports"):
+        assert main(["export", str(tiny_run), "--out", str(out), "--force"]) == 2
+        _one_line_error(capsys, f"--out {out} would overwrite the run")
+    monkeypatch.chdir(tmp_path)  # a relative --out naming the run itself
+    assert main(["export", "run", "--out", "run/.", "--force"]) == 2
+    _one_line_error(capsys, "would overwrite the run")
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == checkpoints  # nothing was deleted
+    assert (tiny_run / "config.yaml").is_file()
+    # the default, and any path inside RUN_DIR/exports, is allowed (twice: --force replaces it)
+    for _ in range(2):
+        assert main(["export", str(tiny_run), "--out", str(tiny_run / "exports" / "mine"), "--force"]) == 0
+    assert (tiny_run / "exports" / "mine" / "model.safetensors").is_file()
+
+
+def test_export_to_unusable_paths_says_so_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert main(["export", str(tiny_run), "--out", str(afile), "--force"]) == 2  # an existing file
+    _one_line_error(capsys, f"error: --out {afile} is a file, not a directory")
+    assert afile.read_text() == "x"
+    assert main(["export", str(tiny_run), "--out", str(afile / "zz")]) == 2  # under a file: NotADirectoryError
+    _one_line_error(capsys, "error: cannot use ", str(afile), "TUNE_DEBUG=1")
+    monkeypatch.setenv("TUNE_DEBUG", "1")
+    with pytest.raises(OSError):
+        main(["export", str(tiny_run), "--out", str(afile / "zz")])
+
+
+def test_cp_and_run_to_unusable_paths_say_so_in_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert main(["cp", "demo", f"{afile}/x/"]) == 2
+    _one_line_error(capsys, "error: cannot use ", str(afile), "Not a directory")
+    assert main(["cp", "demo", f"{afile}/x/demo.yaml"]) == 2
+    _one_line_error(capsys, "error: cannot use ", str(afile))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    small = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.max_steps=1",
+             "train.progress=false", "export=false", f"data.corpus={corpus}"]
+    assert main(["run", "pretrain", "--config", "demo", *small, f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={afile / 'run'}"]) == 2
+    _one_line_error(capsys, str(afile))  # the recipe's validate or the OSError line, whichever comes first
+    assert main(["run", "pretrain", "--config", "demo", *small, f"data.cache_dir={afile}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    _one_line_error(capsys, str(afile))
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_run_refuses_fewer_than_one_process(nproc, capsys):
+    assert main(["run", "pretrain", "--config", "demo", "--nproc", nproc]) == 2
+    _one_line_error(capsys, f"--nproc must be >= 1 (processes on this machine), got {nproc}")
+
+
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"tune {version('gpt-tune')}\n"
