@@ -295,3 +295,61 @@ def test_version_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out == f"tune {version('gpt-tune')}\n"
+
+
+def _tiny_run_command(tmp_path, *extra):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    return [sys.executable, "-m", "tune.cli", "run", "pretrain", "--config", "demo", f"data.corpus={corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=16", "train.max_steps=6", "train.micro_batch_size=4", "train.warmup_steps=1",
+            "train.eval_every=0", "train.eval_batches=1", "train.log_every=1", "train.mixed_precision=no",
+            "sample.max_new_tokens=2", "export=false", f"output_dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.mark.parametrize("name,line,code", [
+    ("TERM", "received SIGTERM at step 2: saved checkpoint step_0000002; train.resume=true continues", 143),
+    ("INT", "interrupted at step 2: saved checkpoint step_0000002; train.resume=true continues", 130),
+])
+def test_interrupt_line_starts_its_own_line_after_the_bar_at_a_terminal(name, line, code, tmp_path):
+    """At a terminal (a pty) the progress bar shows; a signal inside step 3 prints one line naming the checkpoint
+    on a line of its own (not glued onto the bar), the bar is not drawn again, and no second line follows."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_KILL_AT": "step:3", "TUNE_KILL_SIGNAL": name}
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    proc = subprocess.Popen(_tiny_run_command(tmp_path, "train.progress=true"), cwd=REPO, env=env,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=120) == code
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert "train:" in text and "\r" in text  # the bar was drawn
+    assert re.search(rf"\n{re.escape(line)}\r?\n", text), text
+    after = text.split(line, 1)[1]
+    assert "train:" not in after and "interrupted" not in after and "stopped by" not in after, after
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_no_progress_bar_when_not_at_a_terminal(tmp_path):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_tiny_run_command(tmp_path, "train.progress=true"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr + done.stdout and "train:" not in done.stderr, done.stderr
