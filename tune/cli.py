@@ -366,7 +366,9 @@ def package_version() -> str:
 
 def os_error_line(e: OSError) -> str:
     """One line for an OSError on a user's path: `cannot use PATH: STRERROR` (+ the second path of a copy/rename)."""
-    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a path"
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    if not paths:  # an OSError that names no path (e.g. a library's "cannot load this model"): its own message
+        return f"{e}; set TUNE_DEBUG=1 for the traceback"
     reason = e.strerror or str(e)
     hint = ""
     if isinstance(e, NotADirectoryError):
