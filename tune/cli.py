@@ -158,19 +158,32 @@ def launch(args, cfg) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
     started = time.time()
-    # its own session: a terminal's Ctrl-C reaches only this process, which forwards it once (below)
-    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stderr=subprocess.PIPE,
-                            start_new_session=True)
     held: list[bytes] = []  # stderr after a signal, kept back until torchrun's traceback is taken out
     interrupted = threading.Event()
     received: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def send(signum):  # torchrun does not handle SIGUSR1 (it would die and leave the processes): SIGTERM instead
+        procs[0].send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
     def forward(signum, frame):  # the first signal goes to torchrun, which passes SIGINT/SIGTERM to the processes
         if not received:
             received.append(signum)
             interrupted.set()
-            # torchrun does not handle SIGUSR1 (it would die and leave the processes behind): stop them by SIGTERM
-            proc.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+            if procs:
+                send(signum)
+
+    previous = {s: signal.signal(s, forward) for s in INTERRUPT_SIGNALS}  # before the start: no orphaned torchrun
+    try:
+        # its own session: a terminal's Ctrl-C reaches only this process, which forwards it once
+        procs.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                      stderr=subprocess.PIPE, start_new_session=True))
+    except BaseException:
+        restore_handlers(previous)
+        raise
+    proc = procs[0]
+    if received:  # a signal came while it was starting
+        send(received[0])
 
     def relay():  # the processes' stderr (progress bar included) passes through as it comes
         signal.pthread_sigmask(signal.SIG_BLOCK, set(INTERRUPT_SIGNALS))  # signals go to the main thread's wait
@@ -184,7 +197,6 @@ def launch(args, cfg) -> int:
             else:  # a replaced sys.stderr (e.g. captured in tests) takes text
                 sys.stderr.write(chunk.decode("utf-8", "replace"))
 
-    previous = {s: signal.signal(s, forward) for s in INTERRUPT_SIGNALS}
     try:
         relay_thread = threading.Thread(target=relay, daemon=True)
         relay_thread.start()
