@@ -214,3 +214,142 @@ def test_launcher_drops_torchrun_noise_and_keeps_what_the_processes_say():
     text = warnings + child + error + torchrun
     kept = _SIGNAL_TRACEBACK.sub("", _TORCHRUN_WARNING.sub(b"", text.encode()).decode())
     assert kept == child + error
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A finished 2-step pretrain run (tmp_path/run) with one checkpoint."""
+    from test_engine import _pretrain
+
+    _pretrain(tmp_path, "train.max_steps=2")
+    return tmp_path / "run"
+
+
+def test_export_refuses_an_out_that_is_holds_or_lies_inside_the_run(tiny_run, tmp_path, capsys, monkeypatch):
+    checkpoints = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    for out in (tiny_run, tiny_run / "checkpoints" / "step_0000002", tiny_run / "checkpoints", tmp_path,
+                tiny_run / "exports"):
+        assert main(["export", str(tiny_run), "--out", str(out), "--force"]) == 2
+        _one_line_error(capsys, f"--out {out} would overwrite the run")
+    monkeypatch.chdir(tmp_path)  # a relative --out naming the run itself
+    assert main(["export", "run", "--out", "run/.", "--force"]) == 2
+    _one_line_error(capsys, "would overwrite the run")
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == checkpoints  # nothing was deleted
+    assert (tiny_run / "config.yaml").is_file()
+    # the default, and any path inside RUN_DIR/exports, is allowed (twice: --force replaces it)
+    for _ in range(2):
+        assert main(["export", str(tiny_run), "--out", str(tiny_run / "exports" / "mine"), "--force"]) == 0
+    assert (tiny_run / "exports" / "mine" / "model.safetensors").is_file()
+
+
+def test_export_to_unusable_paths_says_so_in_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert main(["export", str(tiny_run), "--out", str(afile), "--force"]) == 2  # an existing file
+    _one_line_error(capsys, f"error: --out {afile} is a file, not a directory")
+    assert afile.read_text() == "x"
+    assert main(["export", str(tiny_run), "--out", str(afile / "zz")]) == 2  # under a file: NotADirectoryError
+    _one_line_error(capsys, "error: cannot use ", str(afile), "TUNE_DEBUG=1")
+    monkeypatch.setenv("TUNE_DEBUG", "1")
+    with pytest.raises(OSError):
+        main(["export", str(tiny_run), "--out", str(afile / "zz")])
+
+
+def test_cp_and_run_to_unusable_paths_say_so_in_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    assert main(["cp", "demo", f"{afile}/x/"]) == 2
+    _one_line_error(capsys, "error: cannot use ", str(afile), "Not a directory")
+    assert main(["cp", "demo", f"{afile}/x/demo.yaml"]) == 2
+    _one_line_error(capsys, "error: cannot use ", str(afile))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    small = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.max_steps=1",
+             "train.progress=false", "export=false", f"data.corpus={corpus}"]
+    assert main(["run", "pretrain", "--config", "demo", *small, f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={afile / 'run'}"]) == 2
+    _one_line_error(capsys, str(afile))  # the recipe's validate or the OSError line, whichever comes first
+    assert main(["run", "pretrain", "--config", "demo", *small, f"data.cache_dir={afile}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    _one_line_error(capsys, str(afile))
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_run_refuses_fewer_than_one_process(nproc, capsys):
+    assert main(["run", "pretrain", "--config", "demo", "--nproc", nproc]) == 2
+    _one_line_error(capsys, f"--nproc must be >= 1 (processes on this machine), got {nproc}")
+
+
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"tune {version('gpt-tune')}\n"
+
+
+def _tiny_run_command(tmp_path, *extra):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    return [sys.executable, "-m", "tune.cli", "run", "pretrain", "--config", "demo", f"data.corpus={corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+            "model.block_size=16", "train.max_steps=6", "train.micro_batch_size=4", "train.warmup_steps=1",
+            "train.eval_every=0", "train.eval_batches=1", "train.log_every=1", "train.mixed_precision=no",
+            "sample.max_new_tokens=2", "export=false", f"output_dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.mark.parametrize("name,line,code", [
+    ("TERM", "received SIGTERM at step 2: saved checkpoint step_0000002; train.resume=true continues", 143),
+    ("INT", "interrupted at step 2: saved checkpoint step_0000002; train.resume=true continues", 130),
+])
+def test_interrupt_line_starts_its_own_line_after_the_bar_at_a_terminal(name, line, code, tmp_path):
+    """At a terminal (a pty) the progress bar shows; a signal inside step 3 prints one line naming the checkpoint
+    on a line of its own (not glued onto the bar), the bar is not drawn again, and no second line follows."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNE_KILL_AT": "step:3", "TUNE_KILL_SIGNAL": name}
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
+    proc = subprocess.Popen(_tiny_run_command(tmp_path, "train.progress=true"), cwd=REPO, env=env,
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=120) == code
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert "train:" in text and "\r" in text  # the bar was drawn
+    assert re.search(rf"\n{re.escape(line)}\r?\n", text), text
+    after = text.split(line, 1)[1]
+    assert "train:" not in after and "interrupted" not in after and "stopped by" not in after, after
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_no_progress_bar_when_not_at_a_terminal(tmp_path):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_tiny_run_command(tmp_path, "train.progress=true"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr + done.stdout and "train:" not in done.stderr, done.stderr

@@ -56,7 +56,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(recipe_configs, tmp
     interrupted = tune_run("finetune", config, overrides, out, kill_at="step:6")  # Ctrl-C inside step 6
     monkeypatch.delenv("TUNE_KILL_SIGNAL")
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
-    assert "interrupted at step 5: saving a checkpoint" in interrupted.stdout + interrupted.stderr
+    assert "interrupted at step 5: saved checkpoint step_0000005; train.resume=true continues" in interrupted.stdout + interrupted.stderr
     assert "Traceback" not in interrupted.stderr
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000005"
     resumed = tune_run("finetune", config, [*overrides, "train.resume=true"], out)

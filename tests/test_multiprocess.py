@@ -48,13 +48,11 @@ def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path
     assert_losses_close(two_then_one[1], one[1])
 
 
-@pytest.mark.slow
-def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line(tmp_path):
-    """Ctrl-C at a terminal signals the launcher's process group (launcher + torchrun; torchrun forwards it):
-    both ranks stop at the same step boundary and save; exit 130, no traceback, one line; the resumed run
-    then reproduces an uninterrupted one."""
+def interrupt_two_processes_then_resume(tmp_path, send):
+    """Start `tune run --nproc 2` (in its own session, as a terminal's job), call send(launcher) once the first
+    metrics row is written, and return (launcher's exit code, stdout, stderr, the checkpoint, the run dir); then
+    assert that the resumed run reproduces an uninterrupted one."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -74,15 +72,10 @@ def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(launcher.pid, signal.SIGINT)
+    send(launcher)
     stdout, stderr = launcher.communicate(timeout=300)
-    assert launcher.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "SignalException" not in stderr and "OMP_NUM_THREADS" not in stderr, stderr
     latest = (out / "checkpoints" / "latest").read_text().strip()
-    step = int(latest.removeprefix("step_"))
-    assert 1 <= step < 60 and f"interrupted at step {step}: saving a checkpoint" in stdout
-    assert stderr.strip().splitlines() == [f"interrupted: checkpoint {out / 'checkpoints' / latest} written "
-                                           "(every process saved its part); train.resume=true continues"]
     assert " intra-op per process (from OMP_NUM_THREADS; 2 processes," in stdout  # the launcher set it for both
     resumed = subprocess.run([sys.executable, "-m", "tune.cli", "run", *common, f"output_dir={out}",
                               "train.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -91,3 +84,38 @@ def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert losses(out) == losses(tmp_path / "whole")
+    return launcher.returncode, stdout, stderr, latest, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_two_processes_saves_one_checkpoint_and_says_so_in_one_line(tmp_path):
+    """Ctrl-C at a terminal signals the launcher's process group (torchrun runs in its own session, so only the
+    launcher, which forwards it once): both ranks stop at the same step boundary and save; exit 130, no
+    traceback, one line; the resumed run then reproduces an uninterrupted one."""
+    import os
+    import signal
+
+    code, stdout, stderr, latest, out = interrupt_two_processes_then_resume(
+        tmp_path, lambda launcher: os.killpg(launcher.pid, signal.SIGINT))
+    assert code == 130, stderr[-3000:]
+    step = int(latest.removeprefix("step_"))
+    assert 1 <= step < 60
+    assert f"interrupted at step {step}: saved checkpoint {latest}; train.resume=true continues" in stdout
+    assert stderr.strip().splitlines() == [f"interrupted: checkpoint {out / 'checkpoints' / latest} written "
+                                           "(every process saved its part); train.resume=true continues"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_only_under_two_processes_saves_a_checkpoint(tmp_path):
+    """SIGTERM to the launcher's pid only (what Kubernetes sends): forwarded to torchrun and the ranks, which stop
+    together and save; exit 143, one line; the resumed run reproduces an uninterrupted one."""
+    import signal
+
+    code, stdout, stderr, latest, out = interrupt_two_processes_then_resume(
+        tmp_path, lambda launcher: launcher.send_signal(signal.SIGTERM))
+    assert code == 143, stderr[-3000:]
+    step = int(latest.removeprefix("step_"))
+    assert 1 <= step < 60
+    assert f"received SIGTERM at step {step}: saved checkpoint {latest}; train.resume=true continues" in stdout
+    assert stderr.strip().splitlines() == [f"stopped by SIGTERM: checkpoint {out / 'checkpoints' / latest} written "
+                                           "(every process saved its part); train.resume=true continues"]

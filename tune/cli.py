@@ -118,6 +118,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1 (processes on this machine), got {args.nproc}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         _, cfg = load_recipe_config(args.config, args.overrides, args.recipe)  # fail fast, before starting N processes
         return launch(args, cfg)
@@ -136,15 +138,18 @@ def launch(args, cfg) -> int:
     """Run `tune run` on args.nproc processes through torchrun, each with OMP_NUM_THREADS set to the same
     per-process thread choice as apply_num_threads (this also keeps torchrun from printing its banner).
 
-    Ctrl-C reaches this process and torchrun, which forwards SIGINT to the processes: they stop together
-    at the next step boundary and save a checkpoint (engine.StopAtStepBoundary). torchrun's warnings and
-    its SignalException traceback are dropped and one line says what was saved. Returns torchrun's exit
-    status, or 130 after Ctrl-C.
+    torchrun runs in its own session, so Ctrl-C at a terminal reaches only this process. SIGINT, SIGTERM or
+    SIGUSR1 sent here (a terminal, Kubernetes, a scheduler) is forwarded once to torchrun (SIGUSR1 as SIGTERM,
+    which torchrun handles), which passes it to the processes: they stop together at the next step boundary and
+    save a checkpoint (runtime.StopAtStepBoundary). torchrun's warnings and its SignalException traceback are
+    dropped and one line says what was saved. Returns torchrun's exit status, or 128 + the signal's number
+    (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1) when a signal stopped the run.
     """
     import threading
     import time
 
     from tune.engine import busy_fraction, choose_num_threads, usable_cores
+    from tune.runtime import INTERRUPT_SIGNALS, restore_handlers
 
     requested = getattr(getattr(cfg, "train", None), "num_threads", 0)
     omp_env = os.environ.get("OMP_NUM_THREADS")
@@ -153,12 +158,35 @@ def launch(args, cfg) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
     started = time.time()
-    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stderr=subprocess.PIPE)
-    held: list[bytes] = []  # stderr after Ctrl-C, kept back until torchrun's traceback is taken out
+    held: list[bytes] = []  # stderr after a signal, kept back until torchrun's traceback is taken out
     interrupted = threading.Event()
+    received: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def send(signum):  # torchrun does not handle SIGUSR1 (it would die and leave the processes): SIGTERM instead
+        procs[0].send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+
+    def forward(signum, frame):  # the first signal goes to torchrun, which passes SIGINT/SIGTERM to the processes
+        if not received:
+            received.append(signum)
+            interrupted.set()
+            if procs:
+                send(signum)
+
+    previous = {s: signal.signal(s, forward) for s in INTERRUPT_SIGNALS}  # before the start: no orphaned torchrun
+    try:
+        # its own session: a terminal's Ctrl-C reaches only this process, which forwards it once
+        procs.append(subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                      stderr=subprocess.PIPE, start_new_session=True))
+    except BaseException:
+        restore_handlers(previous)
+        raise
+    proc = procs[0]
+    if received:  # a signal came while it was starting
+        send(received[0])
 
     def relay():  # the processes' stderr (progress bar included) passes through as it comes
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C must wake the main thread's wait
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(INTERRUPT_SIGNALS))  # signals go to the main thread's wait
         while chunk := os.read(proc.stderr.fileno(), 65536):
             chunk = _TORCHRUN_WARNING.sub(b"", chunk)
             if interrupted.is_set():
@@ -169,37 +197,33 @@ def launch(args, cfg) -> int:
             else:  # a replaced sys.stderr (e.g. captured in tests) takes text
                 sys.stderr.write(chunk.decode("utf-8", "replace"))
 
-    relay_thread = threading.Thread(target=relay, daemon=True)
-    relay_thread.start()
     try:
-        code = proc.wait()
-        relay_thread.join()
-        return code
-    except KeyboardInterrupt:
-        interrupted.set()
-    while True:  # the processes are saving their checkpoint; a second Ctrl-C does not stop the wait
-        try:
-            proc.wait()
-            break
-        except KeyboardInterrupt:
-            continue
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        code = proc.wait()  # retried after each signal (the handler does not raise); later signals are ignored
+    finally:
+        restore_handlers(previous)
     relay_thread.join(timeout=10)
+    if not received or code == 0:  # finished before the signal took effect: a normal end
+        sys.stderr.write(b"".join(held).decode("utf-8", "replace"))
+        return code
     sys.stderr.write(_SIGNAL_TRACEBACK.sub("", b"".join(held).decode("utf-8", "replace")))
-    print(interrupted_summary(cfg, args.nproc, started), file=sys.stderr)
-    return 130
+    print(interrupted_summary(cfg, args.nproc, started, signal.Signals(received[0]).name), file=sys.stderr)
+    return 128 + received[0]
 
 
-def interrupted_summary(cfg, nproc: int, since: float) -> str:
-    """One line after Ctrl-C of a multi-process run: which checkpoint the processes saved, if any."""
+def interrupted_summary(cfg, nproc: int, since: float, name: str = "SIGINT") -> str:
+    """One line after a signal (`name`) stopped a multi-process run: which checkpoint the processes saved
+    (only one written after `since`, the launch time), if any."""
     from tune.engine import Checkpointer
 
     output_dir = getattr(cfg, "output_dir", None)
     latest = Checkpointer(Path(output_dir), keep=1).latest() if output_dir and hasattr(cfg, "train") else None
     if latest is None or (latest / "state.json").stat().st_mtime < since:
-        return "interrupted (no checkpoint was saved)"
+        return f"{'interrupted' if name == 'SIGINT' else f'stopped by {name}'} (no checkpoint was saved)"
     saved = sum((latest / f"rng_rank{rank}.pt").is_file() for rank in range(nproc))
     who = "every process saved its part" if saved == nproc else f"{saved} of {nproc} processes saved their part"
-    return f"interrupted: checkpoint {latest} written ({who}); train.resume=true continues"
+    return f"{'interrupted' if name == 'SIGINT' else f'stopped by {name}'}: checkpoint {latest} written ({who}); train.resume=true continues"
 
 
 def cmd_export(args) -> int:
@@ -223,8 +247,11 @@ def cmd_export(args) -> int:
         raise ConfigError("give --step N or --best, not both")
     checkpoint = find_checkpoint(run_dir, args.step, best=args.best)
     out = Path(args.out) if args.out else run_dir / "exports" / checkpoint.name
+    check_export_out(out, run_dir)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_dir():  # checked before the export is written, not when it is moved there
+        raise ConfigError(f"--out {out} is a file, not a directory; choose a directory for the export")
     try:
         with directory_written_aside(out) as tmp:
             module.export_checkpoint(cfg, run_dir, checkpoint, tmp)
@@ -235,6 +262,18 @@ def cmd_export(args) -> int:
                         "export a newer step") from None
     print(f"exported {checkpoint} to {out}")
     return 0
+
+
+def check_export_out(out: Path, run_dir: Path) -> None:
+    """Refuse an --out that is, holds or lies inside the run directory (replacing it would delete the run or its
+    checkpoints); only paths inside RUN_DIR/exports are allowed there. Raises ConfigError."""
+    out_r, run_r = out.resolve(), run_dir.resolve()
+    exports = run_r / "exports"
+    if out_r.is_relative_to(exports) and out_r != exports:
+        return
+    if out_r == run_r or out_r.is_relative_to(run_r) or run_r.is_relative_to(out_r):
+        raise ConfigError(f"--out {out} would overwrite the run {run_dir} or its checkpoints; choose a path outside "
+                          f"it or inside {run_dir / 'exports'}")
 
 
 RUN_ARTIFACTS = ("hf", "merged", "model", "student")  # what a run writes that `tune generate --model` loads
@@ -324,8 +363,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed gpt-tune version ("unknown" when run from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpt-tune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError on a user's path: `cannot use PATH: STRERROR` (+ the second path of a copy/rename)."""
+    paths = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    if not paths:  # an OSError that names no path (e.g. a library's "cannot load this model"): its own message
+        return f"{e}; set TUNE_DEBUG=1 for the traceback"
+    reason = e.strerror or str(e)
+    hint = ""
+    if isinstance(e, NotADirectoryError):
+        hint = " (a part of the path is a file, not a directory)"
+    elif isinstance(e, PermissionError):
+        hint = " (no permission there; choose a path you can write)"
+    elif isinstance(e, FileNotFoundError):
+        hint = " (a parent directory is missing or cannot be created there)"
+    elif isinstance(e, IsADirectoryError):
+        hint = " (a directory where a file is expected)"
+    return f"cannot use {paths}: {reason}{hint}; set TUNE_DEBUG=1 for the traceback"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tune", description="Pretrain, fine-tune and distill GPT models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list recipes and their built-in configs").set_defaults(func=cmd_ls)
     p = sub.add_parser("cp", help="copy a built-in config to a file you can edit")
@@ -387,9 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a user's path that cannot be used (missing parent, a file in the way, no permission)
+        if os.environ.get("TUNE_DEBUG") == "1":
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 during training (tune.runtime.Interrupted)
         signum = getattr(e, "signum", None)
-        if "LOCAL_RANK" not in os.environ:  # under --nproc the launcher says it once for all processes
+        if not getattr(e, "reported", False) and "LOCAL_RANK" not in os.environ:  # outside training (fit says it)
             print("interrupted" if signum is None else f"stopped by {e}", file=sys.stderr)
         return 128 + (signum or 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1
 

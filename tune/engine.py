@@ -242,7 +242,8 @@ class Engine:
         if cfg.progress and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (a log file would get every redraw)
+            progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
         module.train()
         last_loss = last_val = None
         speed_tokens, speed_start, bar = 0, time.time(), {}
@@ -313,16 +314,17 @@ class Engine:
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 (a preemption notice) as Interrupted
             if stop is not None:
                 stop.restore()
+            if progress is not None:  # the bar's line ends before the message (it would glue onto it)
+                progress.close()
+                progress = None
             name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
-            if name == "SIGINT":
-                self.log_line(f"interrupted at step {step}: saving a checkpoint")
             with deferred_signals(deliver=False):  # more signals while saving: we are stopping anyway
                 self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
                 self._write_report(history)
-            if name != "SIGINT":
-                self.log_line(f"received {name} at step {step}: " + (
-                    f"saved checkpoint step_{step:07d}; train.resume=true continues" if step else
-                    "no step had finished, nothing to save"))
+            self.log_line(("interrupted" if name == "SIGINT" else f"received {name}") + f" at step {step}: " + (
+                f"saved checkpoint step_{step:07d}; train.resume=true continues" if step else
+                "no step had finished, nothing to save"))
+            e.reported = True  # tune.cli.main prints no second line
             raise
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
