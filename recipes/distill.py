@@ -96,9 +96,14 @@ def validate(cfg: DistillConfig) -> None:
     from tune.errors import ConfigError, Problems
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
-    from tune.recipe_utils import check_output_dir, ni_task_inputs
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
+    for problem in (*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
+                                               "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir),
+                    *check_file_free_dir("teacher.cache_dir", cfg.teacher.cache_dir)):
+        problems.add(problem)
     s, kd, d = cfg.student, cfg.kd, cfg.data
     student_sizes = range_problems("student.", s, {"n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
                                                    "block_size": ">= 1"})

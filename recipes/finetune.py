@@ -79,9 +79,12 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code
-    from tune.recipe_utils import check_output_dir, ni_task_inputs
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
+    for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
+        problems.add(problem)
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")

@@ -220,9 +220,13 @@ def validate(cfg: PretrainConfig) -> None:
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code
-    from tune.recipe_utils import check_output_dir
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
 
     problems = Problems()
+    for problem in (*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
+                                               "data.tokenizer_path", "model.init_from"]),
+                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
+        problems.add(problem)
     corpus = [c for c in (cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus])
               if c != "builtin:demo"]
     for problem in check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
