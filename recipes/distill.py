@@ -98,6 +98,12 @@ def validate(cfg: DistillConfig) -> None:
     from tune.models.config import config_from_preset
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
+    import sys
+
+    from tune.train_config import schedule_warning
+
+    if schedule_warning(cfg.train):
+        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
                                                "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),

@@ -81,6 +81,12 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.hf import check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
+    import sys
+
+    from tune.train_config import schedule_warning
+
+    if schedule_warning(cfg.train):
+        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):

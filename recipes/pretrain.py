@@ -222,6 +222,12 @@ def validate(cfg: PretrainConfig) -> None:
     from tune.hf import check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
 
+    import sys
+
+    from tune.train_config import schedule_warning
+
+    if schedule_warning(cfg.train):
+        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
                                                "data.tokenizer_path", "model.init_from"]),
