@@ -67,3 +67,63 @@ def test_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert main(["validate", "demo", out, f"data.cache_dir={readme / 'sub'}"]) == 2
     assert f"data.cache_dir={readme / 'sub'} lies under the file {readme}" in capsys.readouterr().err
     assert main(["validate", "demo", out, f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["train.eps=-1", "train.grad_clip=-1"],
+     ["override train.eps=-1: train.eps must be > 0, got -1.0",
+      "override train.grad_clip=-1: train.grad_clip must be >= 0, got -1.0"]),
+    (["train.lrr=1", "train.eps=-1", "seed=-1", "data.corpus=/nonexistent"],
+     ["override train.lrr=1: unknown config key 'train.lrr'; did you mean 'train.lr'?",
+      "override train.eps=-1: train.eps must be > 0, got -1.0",
+      "seed must be in [0, 4294967295], got -1",
+      "data.corpus: /nonexistent does not exist"]),
+    (["lora.r=0", "lora.dropout=1", "train.max_steps=0", "train.lr=0", "base_model=/nonexistent/base"],
+     ["lora.r must be >= 1, got 0", "lora.dropout must be in [0, 1), got 1.0", "train.max_steps must be >= 1",
+      "train.lr must be > 0", "base_model=/nonexistent/base does not exist"]),  # several of a section, validate's
+])
+def test_validate_reports_every_problem_at_once(overrides, expected, tmp_path, capsys):
+    config = "lora_ni" if overrides[0].startswith("lora") else "demo"
+    assert main(["validate", config, f"output_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {len(expected)} problems in "), err
+    assert err.count("\n  - ") == len(expected), err
+    for message in expected:
+        assert message in err, (message, err)
+
+
+def test_problems_name_the_file_or_the_override(tmp_path, capsys):
+    config = tmp_path / "mine.yaml"
+    config.write_text("recipe: pretrain\ntrain:\n  lrr: 1\n  eps: -1\n")
+    assert main(["validate", str(config), f"output_dir={tmp_path / 'run'}", "train.warmup_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: unknown config key 'train.lrr'" in err, err
+    assert f"{config}: train.eps must be > 0" in err, err
+    assert "override train.warmup_stepz=3: unknown config key 'train.warmup_stepz'" in err, err
+    # a whole section set by an override is that override's
+    assert main(["validate", "demo", f"output_dir={tmp_path / 'run'}", "train={eps: -1}"]) == 2
+    assert "error: override train={eps: -1}: train.eps must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+    ("train.lr=-Infinity", "train.lr: expected a finite number, got '-Infinity'"),
+    ("train.eps=nan", "train.eps: expected a finite number, got 'nan'"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("train.grad_clip=null", "train.grad_clip: expected a number, got None (0 disables clipping)"),
+    ("train.max_steps=null", "train.max_steps: expected an integer, got None (this key cannot be null)"),
+    ("output_dir=null", "output_dir: expected a string, got None (this key cannot be null)"),
+])
+def test_number_hints(override, message, tmp_path, capsys):
+    assert main(["validate", "demo", override]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: override {override}: {message}\n", err
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path, capsys):
+    out = f"output_dir={tmp_path / 'run'}"
+    assert main(["validate", "demo", out, "train.max_steps=8", "train.warmup_steps=50"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: train.warmup_steps=50 is more than train.max_steps=8" in err and "reaches 16% of" in err, err
+    assert main(["validate", "demo", out, "train.max_steps=50", "train.warmup_steps=50"]) == 0
+    assert "warning" not in capsys.readouterr().err
