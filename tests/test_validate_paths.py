@@ -127,3 +127,51 @@ def test_warmup_longer_than_the_run_warns(tmp_path, capsys):
     assert "warning: train.warmup_steps=50 is more than train.max_steps=8" in err and "reaches 16% of" in err, err
     assert main(["validate", "demo", out, "train.max_steps=50", "train.warmup_steps=50"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-modern"])
+def exported(request, tmp_path):
+    """A native preset (2 layers) exported as an HF directory: GPT-2 layout or Llama layout."""
+    from tune.models.config import config_from_preset
+    from tune.models.export import export_hf
+    from tune.models.gpt import GPT
+
+    config = config_from_preset(request.param, n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50)
+    return export_hf(GPT(config), tmp_path / request.param), config
+
+
+def test_init_from_shape_matches_the_import(exported):
+    """The torch-free reading of config.json that validate uses agrees with what import_hf builds."""
+    from transformers import AutoConfig
+
+    from recipes.pretrain import SHAPE_KEYS, init_from_shape
+    from tune.hf import read_model_config
+    from tune.models.export import native_config_from_hf
+
+    out, config = exported
+    shape = init_from_shape(read_model_config(out))
+    imported = native_config_from_hf(AutoConfig.from_pretrained(out))
+    for key in (*SHAPE_KEYS, "block_size", "position"):
+        if shape[key] is not None:  # None: the key does not apply to the layout
+            assert shape[key] == getattr(imported, key) == getattr(config, key), key
+    assert shape["n_layer"] == 2 and shape["block_size"] == 64
+
+
+def test_validate_checks_init_from_shape_and_positions(exported, tmp_path, capsys):
+    out, config = exported
+    base = ["validate", "demo", f"output_dir={tmp_path / 'run'}", f"model.init_from={out}"]
+    # demo.yaml's own n_layer=4 / n_head=4 / n_embd=128 / block_size=128 differ from this model's: each named
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert f"model.n_layer=4 would change the shape of init_from={out} (its n_layer is 2); set model.n_layer=2 " \
+           "or model.n_layer=null" in err, err
+    assert "model.n_head=4" in err and "model.n_embd=128" in err, err
+    learned = config.position == "learned"
+    assert ("model.block_size=128 is larger than the position table (64)" in err) == learned, err
+    same = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]  # equal to the model's own: no change
+    assert main([*base, *same, "model.block_size=64"]) == 0, capsys.readouterr().err
+    assert main([*base, "model.n_layer=null", "model.n_head=null", "model.n_embd=null", "model.block_size=null"]) == 0
+    capsys.readouterr()
+    if learned:
+        assert main([*base, *same, "model.block_size=65"]) == 2
+        assert "model.block_size=65 is larger than the position table (64)" in capsys.readouterr().err
