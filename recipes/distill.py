@@ -106,7 +106,8 @@ def validate(cfg: DistillConfig) -> None:
         print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
-                                               "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                                               "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir",
+                                               "data.cache_dir"]),
                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir),
                     *check_file_free_dir("teacher.cache_dir", cfg.teacher.cache_dir)):
         problems.add(problem)

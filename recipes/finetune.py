@@ -88,7 +88,8 @@ def validate(cfg: FinetuneConfig) -> None:
     if schedule_warning(cfg.train):
         print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
-    for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks", "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+    for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
+                                               "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
         problems.add(problem)
     base = problems.call(check_model_dir, cfg.base_model, "base_model")

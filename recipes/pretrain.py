@@ -106,7 +106,8 @@ def init_from_shape(hf_config: dict) -> dict:
         rope = c.get("rope_parameters") or {}
         return {"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
                 "n_kv_head": c.get("num_key_value_heads") or heads, "n_embd": c.get("hidden_size", 4096),
-                "mlp_hidden": c.get("intermediate_size", 11008), "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+                "mlp_hidden": c.get("intermediate_size", 11008),
+                "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
                 "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)), "activation": None,
                 "block_size": c.get("max_position_embeddings", 2048), "position": "rope"}
     n_embd = c.get("n_embd", 768)
@@ -114,7 +115,8 @@ def init_from_shape(hf_config: dict) -> dict:
     activation = "gelu" if kind == "gpt2" and c.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
     return {"n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads, "n_embd": n_embd,
             "mlp_hidden": c.get("n_inner") or 4 * n_embd, "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
-            "rope_theta": None, "activation": activation, "block_size": c.get("n_positions", 512 if kind != "gpt2" else 1024),
+            "rope_theta": None, "activation": activation,
+            "block_size": c.get("n_positions", 1024 if kind == "gpt2" else 512),
             "position": "learned"}
 
 

@@ -36,7 +36,7 @@ def test_cp_then_validate_edited_copy(tmp_path, capsys):
     ("train.max_steps=1.5", "train.max_steps: expected an integer"),
     ("train.mixed_precision=bf17", "not one of ['auto', 'no', 'bf16', 'fp16'] (did you mean 'bf16'?)"),
     ("model.preset=gpt5", "override model.preset=gpt5: model.preset='gpt5' is unknown"),  # names its source
-    ("train.max_steps=0", "override train.max_steps=0: train.max_steps must be >= 1, got 0"),  # no "train: train.max_steps"
+    ("train.max_steps=0", "override train.max_steps=0: train.max_steps must be >= 1, got 0"),  # not "train: train..."
     ("train.lr=-1", "train.lr must be > 0"),
     ("data.tokenizer=bpe", "data.vocab_size is required"),
     ("modle.preset=gpt1", "did you mean 'model'?"),
