@@ -333,7 +333,8 @@ def _source_of(problem: str, source: str, overrides: dict[str, str]) -> str:
         for n in range(len(parts), 0, -1):
             item = overrides.get(".".join(parts[:n]))
             if item is not None:
-                return f"override {item if len(item) <= 80 else item[:77] + '...'}: {problem}"
+                shown = item if item.isprintable() and len(item) <= 80 else short_repr(item)  # one line, short
+                return f"override {shown}: {problem}"
     return f"{source}: {problem}"
 
 
