@@ -79,9 +79,12 @@ def validate(cfg: EvaluateConfig) -> None:
     reported, in one ConfigError."""
     from tune.errors import Problems
     from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code
-    from tune.recipe_utils import check_output_dir, task_source_paths
+    from tune.recipe_utils import check_output_dir, empty_path_problems, task_source_paths
 
     problems = Problems()
+    for problem in empty_path_problems(cfg, ["output_dir", "model", "adapter", "tokenizer", "data.tasks",
+                                             "data.tasks_dir", "data.exclude_train_of"]):
+        problems.add(problem)
     problems.call(check_model_dir, cfg.model, "model")
     if cfg.adapter:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")

@@ -73,15 +73,26 @@ CONFIG_CLASS = FinetuneConfig
 
 
 @os_errors_as_config_errors
-def validate(cfg: FinetuneConfig) -> None:
+def validate(cfg: FinetuneConfig, warn: bool = True) -> None:
     """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
-    base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
+    base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError.
+    `warn`: print a `warning:` line when the run would end during its warmup (train_config.schedule_warning)."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code
-    from tune.recipe_utils import check_output_dir, ni_task_inputs
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
+    import sys
+
+    from tune.train_config import schedule_warning
+
+    if warn and schedule_warning(cfg.train):
+        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
+    for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
+                                               "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
+        problems.add(problem)
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
@@ -202,7 +213,7 @@ def run(cfg: FinetuneConfig):
     from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
-    validate(cfg)
+    validate(cfg, warn=False)  # tune run validated (and warned) already
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.

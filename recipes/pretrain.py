@@ -92,22 +92,61 @@ def corpus_paths(data: TextDataSection) -> list[str] | str:
     return resolved if isinstance(data.corpus, list) else resolved[0]
 
 
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta", "activation")
+
+
+def init_from_shape(hf_config: dict) -> dict:
+    """The native shape (SHAPE_KEYS, plus `block_size` and `position`) of an HF model's config.json, read as JSON
+    (no torch), with transformers' defaults for absent keys; a key that does not apply to the layout (rope_theta
+    of a GPT-2, activation of a Llama) is None. Mirrors tune.models.export.native_config_from_hf."""
+    c = hf_config
+    kind = c.get("model_type")
+    if kind == "llama":
+        heads = c.get("num_attention_heads", 32)
+        rope = c.get("rope_parameters") or {}
+        return {"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
+                "n_kv_head": c.get("num_key_value_heads") or heads, "n_embd": c.get("hidden_size", 4096),
+                "mlp_hidden": c.get("intermediate_size", 11008),
+                "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+                "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)), "activation": None,
+                "block_size": c.get("max_position_embeddings", 2048), "position": "rope"}
+    n_embd = c.get("n_embd", 768)
+    heads = c.get("n_head", 12)
+    activation = "gelu" if kind == "gpt2" and c.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
+    return {"n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads, "n_embd": n_embd,
+            "mlp_hidden": c.get("n_inner") or 4 * n_embd, "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
+            "rope_theta": None, "activation": activation,
+            "block_size": c.get("n_positions", 1024 if kind == "gpt2" else 512),
+            "position": "learned"}
+
+
+def init_from_problems(m: ModelSection, shape: dict) -> list[str]:
+    """One line per model.* key that would change the shape of init_from (its own value, or a key that does not
+    apply to its layout, passes: a preset's n_layer equal to the checkpoint's is no change), and for a block_size
+    larger than its learned position table."""
+    problems = []
+    for key in SHAPE_KEYS:
+        value, own = getattr(m, key), shape[key]
+        if value is not None and own is not None and value != own:
+            problems.append(f"model.{key}={value} would change the shape of init_from={m.init_from} (its {key} is "
+                            f"{own}); set model.{key}={own} or model.{key}=null")
+    if m.block_size is not None and shape["position"] == "learned" and m.block_size > shape["block_size"]:
+        problems.append(f"model.block_size={m.block_size} is larger than the position table ({shape['block_size']}) "
+                        f"of init_from={m.init_from}; use block_size <= {shape['block_size']}")
+    return problems
+
+
 def load_init_checkpoint(cfg: PretrainConfig):
     """The native model imported from model.init_from, with block_size and dropout checked/applied."""
     from tune.errors import ConfigError
+    from tune.hf import read_model_config
     from tune.models.export import import_hf
 
     m = cfg.model
+    problems = init_from_problems(m, init_from_shape(read_model_config(m.init_from)))
+    if problems:
+        raise ConfigError(problems[0])
     model = import_hf(m.init_from)
-    shape_keys = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta",
-                              "activation")
-                  if getattr(m, k) is not None]
-    if shape_keys:
-        raise ConfigError(f"model.{shape_keys[0]} cannot change the shape of init_from={m.init_from}; remove it")
-    if m.block_size is not None and model.config.position == "learned" and m.block_size > model.config.block_size:
-        raise ConfigError(f"model.block_size={m.block_size} is larger than the position table "
-                          f"({model.config.block_size}) of init_from={m.init_from}; use block_size <= "
-                          f"{model.config.block_size}")
     if m.dropout is not None:
         import torch
 
@@ -138,7 +177,7 @@ def run(cfg: PretrainConfig):
     from tune.models.gpt import GPT, describe
     from tune.recipe_utils import prepare_output_dir, sample_text
 
-    validate(cfg)
+    validate(cfg, warn=False)  # tune run validated (and warned) already
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
@@ -215,21 +254,34 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
 
 
 @os_errors_as_config_errors
-def validate(cfg: PretrainConfig) -> None:
-    """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
+def validate(cfg: PretrainConfig, warn: bool = True) -> None:
+    """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError.
+    `warn`: print a `warning:` line when the run would end during its warmup (train_config.schedule_warning)."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
-    from tune.hf import check_model_dir, check_no_custom_code
-    from tune.recipe_utils import check_output_dir
+    from tune.hf import check_model_dir, check_no_custom_code, read_model_config
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
 
+    import sys
+
+    from tune.train_config import schedule_warning
+
+    if warn and schedule_warning(cfg.train):
+        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
+    for problem in (*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
+                                               "data.tokenizer_path", "model.init_from"]),
+                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
+        problems.add(problem)
     corpus = [c for c in (cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus])
               if c != "builtin:demo"]
     for problem in check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
                                                      "data.tokenizer_path": cfg.data.tokenizer_path}):
         problems.add(problem)
-    if cfg.model.init_from is not None:
-        problems.call(check_model_dir, cfg.model.init_from, "model.init_from")
+    if cfg.model.init_from is not None and cfg.model.init_from.strip() and \
+            problems.call(check_model_dir, cfg.model.init_from, "model.init_from") is not None:
+        for problem in init_from_problems(cfg.model, init_from_shape(read_model_config(cfg.model.init_from))):
+            problems.add(problem)
     items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]
     for item in items:
         if item != "builtin:demo" and not Path(item).exists():

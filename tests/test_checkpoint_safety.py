@@ -290,7 +290,8 @@ def test_tune_run_into_a_directory_in_use_exits_2_writing_nothing(tmp_path, caps
         corpus = tmp_path / "corpus.txt"
         corpus.write_text("".join(f"line {i}: the quick brown fox.\n" for i in range(200)))
         code = main(["run", "pretrain", "--config", "demo", f"output_dir={run}", f"data.corpus={corpus}",
-                     f"data.cache_dir={tmp_path / 'cache'}", "overwrite=true", "train.max_steps=2"])
+                     f"data.cache_dir={tmp_path / 'cache'}", "overwrite=true", "train.max_steps=2",
+                     "train.warmup_steps=0"])
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -35,8 +35,8 @@ def test_cp_then_validate_edited_copy(tmp_path, capsys):
     ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
     ("train.max_steps=1.5", "train.max_steps: expected an integer"),
     ("train.mixed_precision=bf17", "not one of ['auto', 'no', 'bf16', 'fp16'] (did you mean 'bf16'?)"),
-    ("model.preset=gpt5", "demo.yaml: model.preset='gpt5' is unknown"),  # names the file like other errors
-    ("train.max_steps=0", "demo.yaml: train.max_steps must be >= 1, got 0"),  # no "train: train.max_steps"
+    ("model.preset=gpt5", "override model.preset=gpt5: model.preset='gpt5' is unknown"),  # names its source
+    ("train.max_steps=0", "override train.max_steps=0: train.max_steps must be >= 1, got 0"),  # not "train: train..."
     ("train.lr=-1", "train.lr must be > 0"),
     ("data.tokenizer=bpe", "data.vocab_size is required"),
     ("modle.preset=gpt1", "did you mean 'model'?"),
@@ -80,7 +80,8 @@ def test_section_checks_name_their_key_once(capsys):
                                       ("demo", "model.n_embd=65", "model.n_embd=65 must be divisible")):
         assert main(["validate", config, override]) == 2
         err = capsys.readouterr().err
-        assert message in err and err.count(message.split(" ")[0].split("=")[0]) == 1, err
+        body = err.split(f"override {override}: ", 1)[1]  # the source names the override, then the problem
+        assert message in body and body.count(message.split(" ")[0].split("=")[0]) == 1, err
 
 
 def test_validate_lists_every_missing_input_at_once(tmp_path, capsys):

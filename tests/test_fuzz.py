@@ -89,8 +89,9 @@ def check_config(path, text, overrides):
     path.write_text(text, encoding="utf-8")
     try:
         load_config(PretrainConfig, str(path), overrides)
-    except TuneError as e:
-        assert "\n" not in str(e).strip(), str(e)
+    except TuneError as e:  # one line per problem (several problems: a summary line, then one line each)
+        for problem in getattr(e, "problems", [str(e)]):
+            assert "\n" not in problem.strip(), str(e)
 
 
 @FUZZ

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path
+from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -62,7 +62,11 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
     if recipe and declared and recipe != declared:
         raise ConfigError(f"{path} is a {declared!r} config, not {recipe!r}; run: tune run {declared} --config {config}")
     module = load_recipe(name)
-    cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
+    try:
+        cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
+    except ConfigError as e:  # with the recipe's own checks of the rest in the same report
+        raise (with_validate_problems(e, module.validate, str(path)) if check and hasattr(module, "validate")
+               else e) from None
     if check and hasattr(module, "validate"):
         try:
             module.validate(cfg)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tune.errors import ConfigError
+from tune.errors import ConfigError, ConfigProblems, TuneError
 
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: 1e-3 is a float, and only true/false are booleans
@@ -164,6 +164,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+# what 0 means for the keys whose "off" a user may try to write as null
+_NULL_HINTS = {"grad_clip": "0 disables clipping", "eval_every": "0 disables periodic evaluation",
+               "save_every": "0 checkpoints only at the end", "num_threads": "0 chooses automatically"}
+# words YAML 1.2 leaves as strings (only .inf / .nan are floats) that mean a non-finite number
+_NONFINITE_WORDS = {"inf", "infinity", "nan", ".inf", ".nan"}
+
+
 def _coerce(value, tp, where: str):
     """Check `value` against annotation `tp`, converting the harmless cases (int->float, list->tuple)."""
     origin = typing.get_origin(tp)
@@ -201,6 +209,9 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
         return value
+    if value is None and tp in (bool, int, float, str):
+        hint = _NULL_HINTS.get(where.rsplit(".", 1)[-1], "this key cannot be null")
+        raise ConfigError(f"{where}: expected {_EXPECTED[tp]}, got None ({hint})")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a section (mapping), got {short_repr(value)}")
@@ -216,6 +227,8 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: {short_repr(value)} is out of range (|value| < 2**63)")
         return value
     if tp is float:
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in _NONFINITE_WORDS:
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
         if isinstance(value, int) and abs(value) >= 2**63 or not math.isfinite(value):
@@ -228,8 +241,22 @@ def _coerce(value, tp, where: str):
     return value
 
 
-def build_dataclass(cls, data: dict, where: str = ""):
-    """Instantiate dataclass `cls` from a mapping, validating every key and value."""
+def _problem_lines(error: ConfigError) -> list[str]:
+    """The one-line problems of a ConfigError (a ConfigProblems holds several)."""
+    return list(error.problems) if isinstance(error, ConfigProblems) else [str(error)]
+
+
+def _raise_problems(problems: list[str], source: str = "the config") -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigProblems(problems, source)
+
+
+def _build(cls, data: dict, where: str, problems: list[str], bad_keys: list[str]):
+    """`cls` built from `data`, or None; every problem of every key (unknown keys, types, the section's own
+    checks) appended to `problems`, their dotted keys to `bad_keys`. A key with a problem is left at its
+    default so the others are still checked."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -239,32 +266,120 @@ def build_dataclass(cls, data: dict, where: str = ""):
             close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else \
                 f"; valid keys here: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {short_repr(dotted)}{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    missing = [name for name, f in known.items() if name not in kwargs and
-               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            problems.append(f"unknown config key {short_repr(dotted)}{hint}")
+            bad_keys.append(dotted)
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            section = _build(tp, value, dotted, problems, bad_keys)
+            if section is not None:
+                kwargs[key] = section
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, dotted)
+        except ConfigError as e:
+            problems.extend(_problem_lines(e))
+            bad_keys.append(dotted)
+    required = [name for name, f in known.items() if name not in kwargs and
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]  # the others were given, with a problem
     if missing:
-        raise ConfigError(f"missing required config key(s): {', '.join((where + '.' if where else '') + m for m in missing)}")
+        problems.append(f"missing required config key(s): "
+                        f"{', '.join((where + '.' if where else '') + m for m in missing)}")
+    if required:
+        return None
     try:
         return cls(**kwargs)
     except ConfigError as e:
         # section checks name their keys in full ("train.max_steps must be >= 1"): no "train: " in front again
-        named = not where or str(e).startswith((f"{where}.", f"{where}="))
-        raise ConfigError(str(e) if named else f"{where}: {e}") from None
+        for line in _problem_lines(e):
+            named = not where or line.startswith((f"{where}.", f"{where}="))
+            problems.append(line if named else f"{where}: {line}")
+        bad_keys.append(where)
+        return None
+
+
+def build_dataclass(cls, data: dict, where: str = ""):
+    """Instantiate dataclass `cls` from a mapping, validating every key and value.
+
+    Raises ConfigError for one problem, ConfigProblems listing all of them (every key of every section) for more.
+    """
+    problems: list[str] = []
+    result = _build(cls, data, where, problems, [])
+    _raise_problems(problems)
+    return result
+
+
+_KEY_AT_START = re.compile(r"(?:unknown config key ')?([A-Za-z_][\w.]*)")
+
+
+def _override_keys(overrides: list[str]) -> dict[str, str]:
+    """dotted key -> the override text that set it (the last one wins, as in apply_overrides)."""
+    keys = {}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key:
+            keys[key] = item
+    return keys
+
+
+def _source_of(problem: str, source: str, overrides: dict[str, str]) -> str:
+    """`problem` prefixed with where its key came from: the override that set it (or a section above it),
+    else the config file `source`."""
+    match = _KEY_AT_START.match(problem)
+    if match:
+        key = match.group(1).rstrip(".")
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            item = overrides.get(".".join(parts[:n]))
+            if item is not None:
+                shown = item if item.isprintable() and len(item) <= 80 else short_repr(item)  # one line, short
+                return f"override {shown}: {problem}"
+    return f"{source}: {problem}"
 
 
 def load_config(cls, name_or_path: str | None = None, overrides: list[str] | None = None, data: dict | None = None):
-    """Load a recipe config: YAML file (or dict) + overrides -> validated dataclass instance."""
+    """Load a recipe config: YAML file (or dict) + overrides -> validated dataclass instance.
+
+    Every problem of every key is reported, each naming where its key came from (`override train.lr=...:` or
+    the file): ConfigError for one, ConfigProblems for several. The error carries `partial` (the config built
+    with the faulty keys at their defaults, or None when a section could not be built) and `bad_keys` (their
+    dotted names), so a recipe's `validate` can add its problems to the same report (with_validate_problems).
+    """
     source = "<dict>"
     if data is None:
         path = resolve_config_path(name_or_path)
         source = str(path)
         data = read_yaml(path)
     data = apply_overrides(dict(data), overrides or [])
+    problems: list[str] = []
+    bad_keys: list[str] = []
+    result = _build(cls, data, "", problems, bad_keys)
+    if problems:
+        from_override = _override_keys(overrides or [])
+        lines = [_source_of(p, source, from_override) for p in problems]
+        error = ConfigError(lines[0]) if len(lines) == 1 else ConfigProblems(lines, source)
+        error.partial, error.bad_keys = result, bad_keys
+        raise error
+    return result
+
+
+def with_validate_problems(error: ConfigError, validate, source: str) -> ConfigError:
+    """`error` from load_config with the problems `validate` finds in its partial config added (those about a
+    key that already has a problem are left out: that key holds its default there, not the user's value).
+    `error` itself when there is no partial config."""
+    partial = getattr(error, "partial", None)
+    if partial is None:
+        return error
+    lines = _problem_lines(error)
     try:
-        return build_dataclass(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        validate(partial)
+    except TuneError as e:
+        bad = [re.compile(r"(?<![\w.])" + re.escape(k) + r"(?!\w)") for k in getattr(error, "bad_keys", [])]
+        lines += [p for p in _problem_lines(e) if not any(b.search(p) for b in bad)]
+    except Exception:  # noqa: BLE001 - a half-built config may trip a check: the config's own problems suffice
+        pass
+    return ConfigProblems(lines, source) if len(lines) > 1 else error
 
 
 def os_errors_as_config_errors(check):
@@ -309,10 +424,8 @@ def range_problems(prefix: str, section, rules: dict[str, str]) -> list[str]:
 
 
 def check_ranges(prefix: str, section, rules: dict[str, str]) -> None:
-    """range_problems as a ConfigError (the first one), for a section's __post_init__."""
-    problems = range_problems(prefix, section, rules)
-    if problems:
-        raise ConfigError(problems[0])
+    """range_problems as a ConfigError (one problem) or ConfigProblems (several), for a section's __post_init__."""
+    _raise_problems(range_problems(prefix, section, rules))
 
 
 def to_dict(config) -> dict:

@@ -12,6 +12,37 @@ from pathlib import Path
 from tune.errors import ConfigError
 
 
+def empty_path_problems(cfg, keys: list[str]) -> list[str]:
+    """One line per path-like key of `cfg` (dotted, e.g. 'data.corpus') whose value is an empty or blank string,
+    or a list holding one. Empty means the current directory to pathlib, so `output_dir=` would write into it and
+    `data.corpus=` would read every .txt under it: refuse instead. None (unset) passes."""
+    problems = []
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, str) and not item.strip():
+                where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
+                problems.append(f"{where} is empty; give a path (paths are relative to where you run tune)")
+    return problems
+
+
+def check_file_free_dir(key: str, value) -> list[str]:
+    """The problem (one line, or none) when directory `value` of config key `key` is an existing file or lies
+    under one (it could never be created)."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        return [f"{key}={value} is a file, not a directory; choose a directory"]
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{key}={value} lies under the file {existing}; choose a directory"]
+    return []
+
+
 def check_output_dir(output_dir, inputs: dict[str, object]) -> list[str]:
     """The problems of `output_dir` as the directory a run writes (one line each; empty if none).
 
@@ -22,13 +53,12 @@ def check_output_dir(output_dir, inputs: dict[str, object]) -> list[str]:
     """
     out = Path(output_dir)
     named = f"output_dir={output_dir}"
-    if out.exists() and not out.is_dir():
-        return [f"{named} is a file, not a directory; choose a directory"]
+    file_problems = check_file_free_dir("output_dir", output_dir)
+    if file_problems:
+        return file_problems
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
-        return [f"{named} lies under the file {existing}; choose a directory"]
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "" if existing == out else f" ({existing} is where it would be created)"
         return [f"{named} is not writable{what}; choose a directory you can write to"]

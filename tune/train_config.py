@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tune.config import check_ranges
-from tune.errors import ConfigError
+from tune.config import check_ranges, range_problems
+from tune.errors import ConfigError, ConfigProblems
 
 
 @dataclass
@@ -45,23 +45,33 @@ class TrainConfig:
     num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.runtime.choose_num_threads)
 
     def __post_init__(self):
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "keep_checkpoints",
-                    "log_every", "max_skipped_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        """Every range problem at once (ConfigProblems when several)."""
+        rules = {name: ">= 1" for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches",
+                                           "keep_checkpoints", "log_every", "max_skipped_steps")}
+        rules.update({name: ">= 0" for name in ("warmup_steps", "eval_every", "save_every", "num_threads")})
         # stop_at_val_loss: a cross-entropy is >= 0, so a negative target would never end the run
-        check_ranges("train.", self, {"weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
-                                      "stop_at_val_loss": ">= 0"})
+        rules.update({"lr": "> 0", "weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
+                      "stop_at_val_loss": ">= 0"})
+        problems = range_problems("train.", self, rules)
+        if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
+            problems.append(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if len(problems) > 1:
+            raise ConfigProblems(problems)
+        if problems:
+            raise ConfigError(problems[0])
+
+
+def schedule_warning(train: TrainConfig) -> str | None:
+    """A `warning:` line when the run ends before its warmup does (warmup_steps > max_steps: the lr never reaches
+    train.lr and never decays), else None. A warning, not an error: short trial runs (train.max_steps=2) of a
+    config whose warmup suits its full length are common and harmless."""
+    if train.warmup_steps <= train.max_steps:
+        return None
+    return (f"warning: train.warmup_steps={train.warmup_steps} is more than train.max_steps={train.max_steps}: "
+            f"the run ends during its warmup (the lr reaches {train.max_steps / train.warmup_steps:.0%} of "
+            f"train.lr and never decays); lower train.warmup_steps for a full schedule")
 
 
 @dataclass
@@ -73,11 +83,7 @@ class LoraSection:
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def __post_init__(self):
-        if self.r < 1:
-            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        check_ranges("lora.", self, {"alpha": "> 0"})
+        check_ranges("lora.", self, {"r": ">= 1", "dropout": "[0, 1)", "alpha": "> 0"})
 
 
 @dataclass
