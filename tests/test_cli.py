@@ -274,7 +274,7 @@ def test_cp_and_run_to_unusable_paths_say_so_in_one_line(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
     small = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "train.max_steps=1",
-             "train.progress=false", "export=false", f"data.corpus={corpus}"]
+             "train.warmup_steps=0", "train.progress=false", "export=false", f"data.corpus={corpus}"]
     assert main(["run", "pretrain", "--config", "demo", *small, f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={afile / 'run'}"]) == 2
     _one_line_error(capsys, str(afile))  # the recipe's validate or the OSError line, whichever comes first
