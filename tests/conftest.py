@@ -154,3 +154,14 @@ def dequantized_base(base_path, quantized):
     for name, weight in dequantized_weights(quantized).items():
         modules[name].weight.data = (weight.t() if isinstance(modules[name], Conv1D) else weight).contiguous()
     return model.eval()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A directory `tune validate` accepts as a GPT-2 model (config.json is read as JSON; weights are not read)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 1024}')
+    (model / "model.safetensors").write_bytes(b"")
+    return model

@@ -52,17 +52,6 @@ def test_native_model_config_numbers_have_ranges():
     assert checked == 10
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A directory `tune validate` accepts as a GPT-2 model (config.json is read as JSON; weights are not read)."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(
-        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 1024}')
-    (model / "model.safetensors").write_bytes(b"")
-    return model
-
-
 ISSUE_CASES = [  # (config, override, the error's text): the issue's cases and at least one key per section
     ("demo", "train.eps=-1", "train.eps must be > 0, got -1.0"),
     ("demo", "seed=-1", "seed must be in [0, 4294967295], got -1"),

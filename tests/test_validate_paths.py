@@ -1,22 +1,9 @@
 """`tune validate` on paths and config-loading problems (new user's try-out): empty path values, a cache_dir that
 is a file, every problem reported at once with its source, init_from's shape and position table, warmup."""
 
-import json
-
 import pytest
 
 from tune.cli import main
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    """A directory `tune validate` accepts as a GPT-2 model (config.json is read as JSON; weights are not read)."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(
-        '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 1024}')
-    (model / "model.safetensors").write_bytes(b"")
-    return model
 
 
 def valid_overrides(config, model_dir, tmp_path):
