@@ -88,10 +88,9 @@ CONFIG_CLASS = DistillConfig
 
 
 @os_errors_as_config_errors
-def validate(cfg: DistillConfig, warn: bool = True) -> None:
+def validate(cfg: DistillConfig) -> None:
     """Cheap checks before any heavy work (no weights, no torch); every problem is reported, in one ConfigError.
-    Both models' position tables (and a native student's block_size) must hold the training sequences.
-    `warn`: print a `warning:` line when the run would end during its warmup (train_config.schedule_warning)."""
+    Both models' position tables (and a native student's block_size) must hold the training sequences."""
     from recipes.finetune import check_ni_numbers, check_positions, check_task_paths
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import ConfigError, Problems
@@ -99,12 +98,6 @@ def validate(cfg: DistillConfig, warn: bool = True) -> None:
     from tune.models.config import config_from_preset
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
-    import sys
-
-    from tune.train_config import schedule_warning
-
-    if warn and schedule_warning(cfg.train):
-        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
                                                "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir",
@@ -219,7 +212,7 @@ def run(cfg: DistillConfig):
     from tune.losses import causal_lm_loss
     from tune.recipe_utils import prepare_output_dir
 
-    validate(cfg, warn=False)  # tune run validated (and warned) already
+    validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     t, s, d = cfg.teacher, cfg.student, cfg.data

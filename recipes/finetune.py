@@ -73,21 +73,14 @@ CONFIG_CLASS = FinetuneConfig
 
 
 @os_errors_as_config_errors
-def validate(cfg: FinetuneConfig, warn: bool = True) -> None:
+def validate(cfg: FinetuneConfig) -> None:
     """Cheap checks before any heavy work (config.json read as JSON, no weights, no torch): paths exist, the
-    base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError.
-    `warn`: print a `warning:` line when the run would end during its warmup (train_config.schedule_warning)."""
+    base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
-    import sys
-
-    from tune.train_config import schedule_warning
-
-    if warn and schedule_warning(cfg.train):
-        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
                                                "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
@@ -213,7 +206,7 @@ def run(cfg: FinetuneConfig):
     from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
-    validate(cfg, warn=False)  # tune run validated (and warned) already
+    validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.

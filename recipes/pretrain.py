@@ -177,7 +177,7 @@ def run(cfg: PretrainConfig):
     from tune.models.gpt import GPT, describe
     from tune.recipe_utils import prepare_output_dir, sample_text
 
-    validate(cfg, warn=False)  # tune run validated (and warned) already
+    validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
@@ -254,20 +254,13 @@ def export_checkpoint(cfg: PretrainConfig, run_dir: Path, checkpoint: Path, out:
 
 
 @os_errors_as_config_errors
-def validate(cfg: PretrainConfig, warn: bool = True) -> None:
-    """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError.
-    `warn`: print a `warning:` line when the run would end during its warmup (train_config.schedule_warning)."""
+def validate(cfg: PretrainConfig) -> None:
+    """Cheap checks run by `tune validate` and before any heavy work; every problem in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code, read_model_config
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
 
-    import sys
-
-    from tune.train_config import schedule_warning
-
-    if warn and schedule_warning(cfg.train):
-        print(schedule_warning(cfg.train), file=sys.stderr)
     problems = Problems()
     for problem in (*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
                                                "data.tokenizer_path", "model.init_from"]),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
+from tune.train_config import schedule_warning
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -72,6 +73,9 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
             module.validate(cfg)
         except ConfigProblems as e:
             raise ConfigProblems(e.problems, str(path)) from None
+    warning = schedule_warning(cfg.train) if check and hasattr(cfg, "train") else None
+    if warning and "LOCAL_RANK" not in os.environ:  # once: the --nproc launcher has said it for its processes
+        print(warning, file=sys.stderr)
     return module, cfg
 
 
