@@ -99,12 +99,11 @@ def validate(cfg: DistillConfig) -> None:
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
-    for problem in (*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
-                                               "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir",
-                                               "data.cache_dir"]),
-                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir),
-                    *check_file_free_dir("teacher.cache_dir", cfg.teacher.cache_dir)):
-        problems.add(problem)
+    problems.extend((*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
+                                                "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir",
+                                                "data.cache_dir"]),
+                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir),
+                     *check_file_free_dir("teacher.cache_dir", cfg.teacher.cache_dir)))
     s, kd, d = cfg.student, cfg.kd, cfg.data
     student_sizes = range_problems("student.", s, {"n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
                                                    "block_size": ">= 1"})
@@ -130,12 +129,11 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
     if cfg.teacher.cache_top_k < 0:
         problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
-    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
-                    *range_problems("kd.", kd, {"chunk_size": ">= 1"}),
-                    *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
-                    *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
-                                                              "max_new_tokens": ">= 1", "batch_size": ">= 1"})):
-        problems.add(problem)
+    problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
+                     *range_problems("kd.", kd, {"chunk_size": ">= 1"}),
+                     *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
+                     *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
+                                                               "max_new_tokens": ">= 1", "batch_size": ">= 1"})))
     if d.kind == "text":
         if not d.corpus or not Path(d.corpus).exists():
             problems.add(f"data.kind=text needs data.corpus (a .txt file or directory); got {d.corpus}")
@@ -154,9 +152,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"{length_key}={length} is longer than student.block_size={s.block_size}; set "
                      f"student.block_size >= {length} (or leave it null to use {length_key})")
     data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
-    for problem in check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
-                                                     **data_inputs}):
-        problems.add(problem)
+    problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
+                                                      **data_inputs}))
     problems.raise_if_any()
 
 

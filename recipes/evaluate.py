@@ -82,9 +82,8 @@ def validate(cfg: EvaluateConfig) -> None:
     from tune.recipe_utils import check_output_dir, empty_path_problems, task_source_paths
 
     problems = Problems()
-    for problem in empty_path_problems(cfg, ["output_dir", "model", "adapter", "tokenizer", "data.tasks",
-                                             "data.tasks_dir", "data.exclude_train_of"]):
-        problems.add(problem)
+    problems.extend(empty_path_problems(cfg, ["output_dir", "model", "adapter", "tokenizer", "data.tasks",
+                                              "data.tasks_dir", "data.exclude_train_of"]))
     problems.call(check_model_dir, cfg.model, "model")
     if cfg.adapter:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")
@@ -117,8 +116,7 @@ def validate(cfg: EvaluateConfig) -> None:
         problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
     inputs = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
               "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir}
-    for problem in check_output_dir(cfg.output_dir, inputs):
-        problems.add(problem)
+    problems.extend(check_output_dir(cfg.output_dir, inputs))
     problems.raise_if_any()
 
 

@@ -82,10 +82,9 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
-    for problem in (*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
-                                               "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
-                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
-        problems.add(problem)
+    problems.extend((*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
+                                                "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)))
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
@@ -93,13 +92,11 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     check_task_paths(cfg.data, problems)
     check_ni_numbers(cfg.data, problems)
-    for problem in check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
-                                                     **ni_task_inputs(cfg.data)}):
-        problems.add(problem)
-    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
-                    *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
-                                                        "max_instances_per_task": ">= 1"})):
-        problems.add(problem)
+    problems.extend(check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
+                                                      **ni_task_inputs(cfg.data)}))
+    problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}),
+                     *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
+                                                         "max_instances_per_task": ">= 1"})))
     if base is not None:
         problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
@@ -123,11 +120,10 @@ def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
 
     if prompts and d.max_length < 16:
         problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
-    for problem in (*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
-                                                 "heldout_instances_per_task": ">= 0",
-                                                 "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
-                    *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})):
-        problems.add(problem)
+    problems.extend((*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
+                                                  "heldout_instances_per_task": ">= 0",
+                                                  "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
+                     *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})))
 
 
 def check_positions(length_key: str, length: int, model_key: str, model_dir) -> None:

@@ -262,19 +262,16 @@ def validate(cfg: PretrainConfig) -> None:
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
 
     problems = Problems()
-    for problem in (*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
-                                               "data.tokenizer_path", "model.init_from"]),
-                    *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)):
-        problems.add(problem)
+    problems.extend((*empty_path_problems(cfg, ["output_dir", "data.corpus", "data.cache_dir",
+                                                "data.tokenizer_path", "model.init_from"]),
+                     *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)))
     corpus = [c for c in (cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus])
               if c != "builtin:demo"]
-    for problem in check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
-                                                     "data.tokenizer_path": cfg.data.tokenizer_path}):
-        problems.add(problem)
+    problems.extend(check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
+                                                      "data.tokenizer_path": cfg.data.tokenizer_path}))
     if cfg.model.init_from is not None and cfg.model.init_from.strip() and \
             problems.call(check_model_dir, cfg.model.init_from, "model.init_from") is not None:
-        for problem in init_from_problems(cfg.model, init_from_shape(read_model_config(cfg.model.init_from))):
-            problems.add(problem)
+        problems.extend(init_from_problems(cfg.model, init_from_shape(read_model_config(cfg.model.init_from))))
     items = cfg.data.corpus if isinstance(cfg.data.corpus, list) else [cfg.data.corpus]
     for item in items:
         if item != "builtin:demo" and not Path(item).exists():
@@ -285,10 +282,9 @@ def validate(cfg: PretrainConfig) -> None:
         problems.call(check_no_custom_code, cfg.data.tokenizer_path, "data.tokenizer_path")
     if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size is None and not cfg.data.tokenizer_path:
         problems.add("data.vocab_size is required with data.tokenizer=bpe (e.g. 40000 as in GPT-1)")
-    for problem in (*range_problems("", cfg, {"seed": SEED_RANGE}),
-                    *range_problems("data.", cfg.data, {"vocab_size": ">= 1", "val_fraction": "(0, 1)"}),
-                    *range_problems("sample.", cfg.sample, {"num_samples": ">= 0", "max_new_tokens": ">= 1",
-                                                            "temperature": ">= 0", "top_k": ">= 0",
-                                                            "top_p": "(0, 1]"})):
-        problems.add(problem)
+    problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}),
+                     *range_problems("data.", cfg.data, {"vocab_size": ">= 1", "val_fraction": "(0, 1)"}),
+                     *range_problems("sample.", cfg.sample, {"num_samples": ">= 0", "max_new_tokens": ">= 1",
+                                                             "temperature": ">= 0", "top_k": ">= 0",
+                                                             "top_p": "(0, 1]"})))
     problems.raise_if_any()

@@ -37,6 +37,11 @@ class Problems:
     def add(self, message: str) -> None:
         self.errors.append(ConfigError(message))
 
+    def extend(self, messages) -> None:
+        """add() each of `messages` (e.g. the lines a check_* helper returns)."""
+        for message in messages:
+            self.add(message)
+
     def call(self, check, *args, **kwargs):
         """check(*args, **kwargs), or None with its TuneError recorded."""
         try:
