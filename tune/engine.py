@@ -73,6 +73,31 @@ class TrainingModule(nn.Module):
             self.model.tie_weights()
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """Regional compilation: `block.compile()` on every transformer block (the classes named in the model's
+    `_no_split_modules`: our GPT's `Block`, an HF model's decoder layer, also inside a peft wrapper), as torchtune
+    and litgpt do. Blocks of one class share their compiled code, so compiling costs one block's graph rather
+    than the whole model's, and embeddings, head and loss stay eager. Works under gradient checkpointing (HF's
+    checkpointing wraps the compiled call).
+
+    Shapes: torch's automatic dynamic shapes. A fixed width (pretraining windows) compiles once, statically;
+    packed fine-tuning batches, whose width changes per step, recompile once at the first change and from then
+    on run one graph with a symbolic width (measured over 8 widths: 2 compiles, 0 later recompiles, no padding;
+    padding widths to a multiple of 64 still recompiles once and pays for the padding; marking the width
+    dynamic from a pre-forward hook is refused inside a compiled region).
+
+    Returns the number of blocks compiled. Raises ConfigError when the model names no block class."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ConfigError(f"train.compile: {type(inner).__name__} names no transformer block class "
+                          "(_no_split_modules) to compile; set train.compile=false")
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Multiplier of cfg.lr after `n` scheduler steps: linear warmup, then cosine/linear decay to min_lr."""
     floor = cfg.min_lr / cfg.lr
@@ -100,6 +125,32 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
         is_matrix = p.ndim >= 2 and (decay_embeddings or id(p) not in embedding_ids)
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit")
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer train.optimizer names, over param_groups(model) with cfg's lr, betas, eps and weight decay:
+    adamw is torch's fused AdamW (CPU and CUDA; ~6% of a small CPU step over the unfused one); adamw_8bit,
+    paged_adamw and paged_adamw_8bit are bitsandbytes' AdamW8bit, PagedAdamW and PagedAdamW8bit (8-bit states
+    quantized blockwise: ~2 bytes per parameter instead of 8; tensors under 4096 elements keep 32-bit states).
+
+    Raises ConfigError for a paged optimizer on a device other than CUDA: paging moves optimizer states between
+    GPU and CPU memory (bitsandbytes 0.50 silently runs them unpaged on CPU, which would only mislead)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    if cfg.optimizer in PAGED_OPTIMIZERS and torch.device(device).type != "cuda":
+        raise ConfigError(f"train.optimizer={cfg.optimizer} pages optimizer states between GPU and CPU memory and "
+                          f"needs a CUDA GPU (this run is on {torch.device(device).type}); use train.optimizer=adamw "
+                          "or adamw_8bit")
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
+    return cls(groups, **kwargs)
 
 
 def make_accelerator(mixed_precision: str, num_threads: int | None = None):
@@ -141,9 +192,7 @@ class Engine:
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-            fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step
+        self.optimizer = make_optimizer(cfg, model, self.accelerator.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         self.skipped_steps = self.skipped_in_a_row = 0
@@ -197,7 +246,9 @@ class Engine:
         if is_sharded(self.model):
             self.log_line(f"FSDP: parameters sharded over {acc.num_processes} processes")
         if cfg.compile:
-            module = torch.compile(module)
+            n = compile_blocks(self.model)
+            self.log_line(f"train.compile: {n} transformer blocks compiled one by one (torch.compile, dynamic shapes "
+                          "after the first change of sequence width)")
 
         step, elapsed_before = 0, 0.0
         # what checkpoints carry besides the step: the running token count, the log window not yet logged, and

@@ -34,7 +34,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (regional compilation; tune.engine.compile_blocks)
+    # adamw: torch's fused AdamW; adamw_8bit / paged_adamw / paged_adamw_8bit: bitsandbytes' AdamW8bit / PagedAdamW /
+    # PagedAdamW8bit (8-bit optimizer states; paged: states in CUDA unified memory, so a GPU only)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    activation_offload: bool = False  # keep the activations saved for backward in (pinned) CPU memory (CUDA only)
     resume: bool = False
     gradient_checkpointing: bool = False
     skip_nonfinite_steps: bool = False  # on a NaN/Inf loss or gradient: skip that update instead of stopping
