@@ -91,9 +91,10 @@ def _hf_model(kind: str, lora: bool, checkpointing: bool):
 def _loss_and_grads(model, batch):
     loss, n = causal_lm_loss(model, batch)
     (loss / n).backward()
+    loss = loss.detach()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return float(loss), grads
+    return loss.item(), grads
 
 
 @pytest.mark.slow
@@ -197,3 +198,34 @@ def test_optimizer_name_is_checked_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("train.optimizer: 'adamw8bit' is not one of") and "adamw_8bit" in done.stdout
+
+
+# -- 3. train.activation_offload -------------------------------------------------------------------------------
+def test_activation_offload_trains_to_the_same_metrics(tmp_path):
+    """The engine with train.activation_offload=true (save_on_cpu hooks around every forward) logs the very same
+    losses and gradient norms as without."""
+    steps = [[_batch(16, s), _batch(16, 10 + s)] for s in range(3)]
+    rows = []
+    for name, offload in (("off", False), ("on", True)):
+        torch.manual_seed(0)
+        model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, n_layer=2))
+        result = _fit(tmp_path, name, steps, model, grad_accum_steps=2, activation_offload=offload)
+        rows.append([(r["loss"], r["grad_norm"]) for r in result.history if "loss" in r])
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_offload_keeps_loss_and_gradients_with_and_without_checkpointing(checkpointing):
+    """HF GPT-2, with or without (non-reentrant) gradient checkpointing: the offloading hooks nest with the
+    checkpoint's own and the loss and every gradient stay bit-identical."""
+    from tune.engine import offload_activations
+
+    model = _hf_model("gpt2", lora=False, checkpointing=checkpointing)
+    batch = _batch(24, 1)
+    loss, grads = _loss_and_grads(model, batch)
+    with offload_activations(torch.device("cpu")):
+        loss_o, n = causal_lm_loss(model, batch)
+    (loss_o / n).backward()
+    assert float(loss_o) == loss
+    for k, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[k]), k

@@ -153,6 +153,16 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> 
     return cls(groups, **kwargs)
 
 
+def offload_activations(device: torch.device):
+    """train.activation_offload: a context under which the tensors autograd saves for the backward pass (the
+    activations) are moved to CPU memory as the forward makes them, pinned, with asynchronous copies, and
+    brought back when the backward needs them (torch.autograd.graph.save_on_cpu): GPU memory for activations
+    drops to about one layer's worth, for one host<->device copy of each. On a CPU device it is a no-op (the
+    tensors are in CPU memory already; the hooks run and move nothing). With gradient checkpointing, only the
+    checkpointed layers' inputs are saved (the checkpoint recomputes the rest), and those go to the CPU."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.device(device).type == "cuda")
+
+
 def make_accelerator(mixed_precision: str, num_threads: int | None = None):
     """The run's Accelerator; with `num_threads` (train.num_threads, 0 = auto) also this process's intra-op
     CPU threads, announced in one line by the main process (see apply_num_threads)."""
@@ -245,6 +255,9 @@ class Engine:
         module, optimizer = acc.prepare(self.module, self.optimizer)
         if is_sharded(self.model):
             self.log_line(f"FSDP: parameters sharded over {acc.num_processes} processes")
+        if cfg.activation_offload and acc.device.type != "cuda":
+            self.log_line(f"train.activation_offload: the activations already live in CPU memory on {acc.device.type}, "
+                          "so offloading them changes nothing here")
         if cfg.compile:
             n = compile_blocks(self.model)
             self.log_line(f"train.compile: {n} transformer blocks compiled one by one (torch.compile, dynamic shapes "
@@ -476,7 +489,8 @@ class Engine:
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             ctx = acc.no_sync(module) if not sync else contextlib.nullcontext()
-            with ctx, acc.autocast():
+            offload = offload_activations(acc.device) if cfg.activation_offload else contextlib.nullcontext()
+            with ctx, offload, acc.autocast():
                 out = module(batch)
                 # DDP averages gradients over ranks, so scale back up by the world size
                 loss = out[0] * acc.num_processes / max(global_targets, 1.0)
