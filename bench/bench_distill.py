@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (PeakMemory, banner, fmt, intervals, isolated, preload_libraries, print_banner, print_table,
-                          step_stats, write_json)
+                          step_stats, time_steps, write_json)
 
 SIZES = {
     "cpu": {"teacher": dict(kind="gpt2", n_layer=6, n_head=8, n_embd=256), "student": dict(preset="tiny-gpt2",
@@ -37,21 +37,17 @@ SIZES = {
 
 
 class RandomBatches:
-    """Fixed random-token batches, every position a target; timestamps each step's request."""
+    """Fixed random-token batches, every position a target (bench.common.time_steps times the steps)."""
 
     def __init__(self, vocab: int, seq: int, batch: int, steps: int):
         g = torch.Generator().manual_seed(0)
         self.data = torch.randint(0, vocab, (steps + 2, batch, seq + 1), generator=g)
-        self.stamps: list[float] = []
 
     def _batch(self, i):
         x = self.data[i]
         return {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
 
     def step_batches(self, step, rank, world):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
         return [self._batch(step - 1)]
 
     def val_batches(self, rank, world, limit):
@@ -79,7 +75,6 @@ class CachedBatches:
 
     def __init__(self, source: RandomBatches, cache: dict):
         self.source, self.cache = source, cache
-        self.stamps = source.stamps
 
     def _attach(self, batch, index):
         n = batch["targets"].numel()
@@ -141,8 +136,10 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) ->
             device = torch.device("cuda" if cuda else "cpu")
             teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
             loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
-        Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None).fit()
-    return {"step_times": intervals(source.stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
+        engine = Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None)
+        stamps = time_steps(engine)
+        engine.fit()
+    return {"step_times": intervals(stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
 
 
 def main(argv=None):

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (GIB, PeakMemory, banner, fmt, intervals, isolated, preload_libraries, print_banner,
-                          print_table, sync, write_json)
+                          print_table, sync, time_steps, write_json)
 from tune.packing import NIBatches
 from tune.adapters import LoraSection, QuantSection
 
@@ -217,15 +217,13 @@ def run_baseline(method: str, shape: dict, data: dict, steps: int, threads: int 
 
 # -- ours: tune Engine + packing ----------------------------------------------------------------------------
 class TimedNIBatches(NIBatches):
-    """NIBatches that timestamps the start of every step and counts its useful tokens and examples."""
+    """NIBatches that counts every step's useful tokens and examples (bench.common.time_steps times the steps)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stamps, self.useful, self.padded, self.examples = [], [], [], []
+        self.useful, self.padded, self.examples = [], [], []
 
     def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
-        sync()
-        self.stamps.append(time.perf_counter())
         batches = super().step_batches(step, rank, world)
         real = [b["input_ids"] != self.pad_id for b in batches]  # the pad token never occurs inside an example
         self.useful.append(sum(int(r.sum()) for r in real))
@@ -250,9 +248,10 @@ def run_ours(method: str, shape: dict, data: dict, steps: int, threads: int | No
         if method != "full":
             model = add_lora(model, LORA)
         engine = Engine(cfg, Path(tmp) / "run", model, source, log=lambda s: None)
+        stamps = time_steps(engine)
         engine.fit()  # the final evaluation and checkpoint come after the last timestamp
-    n = len(source.stamps)
-    return {"impl": "tune Engine + packing", "step_times": intervals(source.stamps), "useful_tokens": source.useful[:n],
+    n = len(stamps)
+    return {"impl": "tune Engine + packing", "step_times": intervals(stamps), "useful_tokens": source.useful[:n],
             "tokens_incl_padding": source.padded[:n], "examples": source.examples[:n], "peak_bytes": mem.bytes,
             "memory_method": mem.method,
             "details": f"{rows} packed rows of <= {shape['context']} tokens, mixed_precision="

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from bench.common import (PeakMemory, banner, default_peak_tflops, fmt, intervals, isolated, mfu, preload_libraries,
-                          print_banner, print_table, step_stats, sync, transformer_flops_per_token, write_json)
+                          print_banner, print_table, step_stats, sync, time_steps, transformer_flops_per_token,
+                          write_json)
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -104,19 +105,16 @@ def run_baseline(shape: dict, steps: int) -> dict:
 
 # -- ours: tune Engine + native GPT ----------------------------------------------------------------------
 class RandomTokenSource:
-    """A BatchSource over pre-drawn random tokens that timestamps the start of every step."""
+    """A BatchSource over pre-drawn random tokens (bench.common.time_steps timestamps the steps)."""
 
     def __init__(self, tokens: torch.Tensor, batch: int):
         self.tokens, self.batch = tokens, batch
-        self.stamps = []
 
     def _batch(self, i: int) -> dict:
         rows = self.tokens[i * self.batch:(i + 1) * self.batch]
         return {"input_ids": rows[:, :-1], "targets": rows[:, 1:]}
 
     def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
-        sync()
-        self.stamps.append(time.perf_counter())
         return [self._batch(step - 1)]
 
     def val_batches(self, rank: int, world: int, limit: int):
@@ -124,9 +122,10 @@ class RandomTokenSource:
             yield self._batch(i)
 
 
-def run_ours(shape: dict, steps: int) -> dict:
+def run_ours(shape: dict, steps: int, compile_: bool | None = None) -> dict:
     """tune.engine.Engine training tune.models.gpt.GPT; runs in a subprocess. The final evaluation and
-    checkpoint the Engine always does come after the last timestamp, so they are not timed."""
+    checkpoint the Engine always does come after the last timestamp, so they are not timed. compile_: train.compile
+    (default: on CUDA only)."""
     from tune.engine import Engine, TrainConfig
     from tune.models.gpt import GPT
 
@@ -134,15 +133,17 @@ def run_ours(shape: dict, steps: int) -> dict:
     cuda = torch.cuda.is_available()
     cfg = TrainConfig(max_steps=steps, micro_batch_size=shape["batch"], lr=LR, min_lr=LR / 10, warmup_steps=0,
                       weight_decay=WEIGHT_DECAY, betas=list(BETAS), grad_clip=GRAD_CLIP, eval_every=0,
-                      eval_batches=2, save_every=0, log_every=10, mixed_precision="auto", compile=cuda,
+                      eval_batches=2, save_every=0, log_every=10, mixed_precision="auto",
+                      compile=cuda if compile_ is None else compile_,
                       progress=False)
     source = RandomTokenSource(random_tokens(shape, steps), shape["batch"])
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         torch.manual_seed(SEED)
         model = GPT(native_config(shape))
         engine = Engine(cfg, Path(tmp) / "run", model, source, log=lambda s: None)
+        stamps = time_steps(engine)
         engine.fit()
-    return {"impl": "tune Engine + native GPT", "step_times": intervals(source.stamps),
+    return {"impl": "tune Engine + native GPT", "step_times": intervals(stamps),
             "peak_bytes": mem.bytes, "memory_method": mem.method,
             "details": f"mixed_precision={engine.accelerator.mixed_precision}, compile={cfg.compile}, "
                        f"fused AdamW=True, log_every={cfg.log_every}"}

@@ -9,6 +9,7 @@ import os
 import platform
 import resource
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -121,6 +122,22 @@ def isolated(fn, *args, **kwargs):
 
 
 # -- timing ---------------------------------------------------------------------------------------------
+def time_steps(engine) -> list[float]:
+    """The list that will hold the start time of every optimizer step of `engine` (taken once the GPU has finished
+    the previous step), stamped in the training thread: the engine prepares the next step's batches in a
+    background thread during the current step, so a BatchSource's step_batches call is no clock."""
+    stamps: list[float] = []
+    original = engine._train_step
+
+    def timed(module, optimizer, step):
+        sync()
+        stamps.append(time.perf_counter())
+        return original(module, optimizer, step)
+
+    engine._train_step = timed
+    return stamps
+
+
 def intervals(stamps: list[float]) -> list[float]:
     """Durations between consecutive timestamps."""
     return [b - a for a, b in zip(stamps, stamps[1:])]

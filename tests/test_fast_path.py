@@ -128,22 +128,23 @@ def test_varying_packed_widths_recompile_once_not_per_step(tmp_path):
 
     def counting_loss(model, batch):
         out = causal_lm_loss(model, batch)
-        graphs.append(counters["stats"]["unique_graphs"])  # graphs compiled so far, this step's forward included
+        if torch.is_grad_enabled():  # a training forward (evaluations run without grad: another graph)
+            graphs.append(counters["stats"]["unique_graphs"])  # graphs compiled so far, this forward's included
         return out
 
     torch._dynamo.reset()
     counters.clear()
     losses = []
     for name, compile_ in (("eager", False), ("compiled", True)):
+        graphs.clear()
         torch.manual_seed(0)
         model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=64, n_layer=2))
         cfg = TrainConfig(max_steps=8, micro_batch_size=2, warmup_steps=1, lr=3e-3, eval_batches=1, eval_every=0,
                           log_every=1, progress=False, mixed_precision="no", compile=compile_)
         result = Engine(cfg, tmp_path / name, model, ListSource(steps), counting_loss, log=lambda s: None).fit()
         losses.append(_train_losses(result))
-    train_graphs = graphs[8:16]
-    assert train_graphs[0] >= 1 and train_graphs[1] > train_graphs[0]  # compiled at step 1, recompiled once at step 2
-    assert train_graphs[2:] == [train_graphs[1]] * 6  # no recompile afterwards
+    assert graphs[0] >= 1 and graphs[1] > graphs[0]  # compiled at step 1, recompiled once at step 2
+    assert graphs[2:] == [graphs[1]] * 6  # no recompile afterwards
     assert losses[1] == pytest.approx(losses[0], **COMPILE_TOL)
 
 
@@ -229,3 +230,119 @@ def test_activation_offload_keeps_loss_and_gradients_with_and_without_checkpoint
     assert float(loss_o) == loss
     for k, p in model.named_parameters():
         assert torch.equal(p.grad, grads[k]), k
+
+
+# -- 4. a step without host-device syncs: deferred reads, on-device skipping, prefetched batches --------------
+def _windows_run(tmp_path, name, max_steps, read_every=1, prefetch=True, crash_at=None, **train):
+    """test_engine's resume setup (tiny GPT with dropout, TokenWindows), with the engine's read interval and
+    prefetching set as given. Returns (result, model, engine)."""
+    import numpy as np
+
+    from test_engine import CrashingWindows
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, 5000).astype(np.uint16)
+    torch.manual_seed(3)
+    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, dropout=0.1))
+    source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
+    source.crash_at = crash_at
+    cfg = TrainConfig(**{"max_steps": max_steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 3,
+                         "lr": 3e-3, "eval_batches": 2, "eval_every": 4, "log_every": 3, "progress": False, **train})
+    engine = Engine(cfg, tmp_path / name, model, source, log=lambda s: None)
+    engine.read_every, engine.prefetch = read_every, prefetch
+    return engine.fit(), model, engine
+
+
+def _timeless_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+
+
+def test_deferred_reads_and_prefetch_write_the_same_metrics_and_resume_exactly(tmp_path):
+    """Reading the step results every 5 steps (log rows every 3, evaluations every 4, a checkpoint every 3) gives
+    the same metrics.jsonl and weights as reading every step, and so does turning the batch prefetch off; a
+    deferred run killed inside step 8 resumes from step 6 to the same metrics and weights."""
+    _, per_step_model, _ = _windows_run(tmp_path, "per_step", 10, read_every=1, prefetch=False)
+    _, deferred_model, _ = _windows_run(tmp_path, "deferred", 10, read_every=5, save_every=3)
+    _, no_prefetch_model, _ = _windows_run(tmp_path, "no_prefetch", 10, read_every=1, prefetch=False, save_every=3)
+    expected = _timeless_rows(tmp_path / "per_step")
+    assert len([r for r in expected if "loss" in r]) == 4 and len([r for r in expected if "val_loss" in r]) == 3
+    assert _timeless_rows(tmp_path / "deferred") == expected
+    assert _timeless_rows(tmp_path / "no_prefetch") == expected
+    from test_engine import Crash
+
+    with pytest.raises(Crash):
+        _windows_run(tmp_path, "split", 10, read_every=5, save_every=3, crash_at=8)
+    _, resumed_model, _ = _windows_run(tmp_path, "split", 10, read_every=5, save_every=3, resume=True)
+    assert _timeless_rows(tmp_path / "split") == expected
+    for k, v in per_step_model.state_dict().items():
+        for other in (deferred_model, no_prefetch_model, resumed_model):
+            assert torch.equal(v, other.state_dict()[k]), k
+
+
+def _poisoned(tmp_path, name, read_every, poison_at, skip, **train):
+    """test_engine's NaN-loss run (a NaN loss at the steps in `poison_at`), read every `read_every` steps."""
+    from test_engine import _poisoned_run
+
+    engine, model, logs = _poisoned_run(tmp_path / name, skip=skip)
+    engine.source.poison_at = None
+    steps = set(poison_at)
+    original = engine.source.step_batches
+    engine.source.step_batches = lambda step, rank, world: [
+        {**b, "poison": torch.ones(())} for b in original(step, rank, world)] if step in steps else original(
+        step, rank, world)
+    engine.cfg.__dict__.update(train)
+    engine.read_every = read_every
+    return engine, model, logs
+
+
+def test_deferred_nan_step_is_skipped_on_device_and_reported_at_the_read(tmp_path):
+    """A NaN loss at step 3 read only at step 5 (no log row before): fused AdamW's found_inf left the weights as
+    they were after step 2 (steps 4 and 5 were not applied either), and the error names step 3, as the per-step
+    check's does."""
+    from tune.errors import TuneError
+
+    errors, weights = [], []
+    for read_every in (1, 5):
+        engine, model, _ = _poisoned(tmp_path, f"read{read_every}", read_every, [3], skip=False, log_every=5,
+                                     save_every=0)
+        snapshot = {}
+        original = engine._train_step
+
+        def remember(module, optimizer, step, original=original, model=model, snapshot=snapshot):
+            if step == 3:
+                snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+            return original(module, optimizer, step)
+
+        engine._train_step = remember
+        with pytest.raises(TuneError) as info:
+            engine.fit()
+        errors.append(str(info.value).replace(str(engine.run_dir), "RUN"))
+        assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+        weights.append(model.state_dict())
+    assert errors[0] == errors[1] and errors[0].startswith("loss nan at step 3; the weights were not updated")
+
+
+@pytest.mark.parametrize("poison_at,max_skipped", [([2, 4], 10), ([2, 3, 4], 2)])
+def test_deferred_skipped_steps_are_counted_as_per_step(tmp_path, poison_at, max_skipped):
+    """train.skip_nonfinite_steps with reads every 5 steps: the same log lines, skipped-step count, metrics rows and
+    weights as per-step checks, and the same stop when max_skipped_steps NaN steps come in a row."""
+    from tune.errors import TuneError
+
+    outcomes = []
+    for read_every in (1, 5):
+        engine, model, logs = _poisoned(tmp_path, f"read{read_every}", read_every, poison_at, skip=True,
+                                        max_skipped_steps=max_skipped, log_every=2, save_every=0)
+        try:
+            engine.fit()
+            error = None
+        except TuneError as e:
+            error = str(e)
+        error = error and error.replace(str(engine.run_dir), "RUN")
+        outcomes.append((error, logs, engine.skipped_steps, _timeless_rows(engine.run_dir), model.state_dict()))
+    (error, logs, skipped, rows, weights), other = outcomes
+    assert (error, logs, skipped, rows) == other[:4]
+    assert all(torch.equal(v, other[4][k]) for k, v in weights.items())
+    assert skipped == 2 and (error is None) == (max_skipped == 10)
+    if error is not None:
+        assert error.startswith("loss nan at step 3: 2 steps in a row skipped (train.max_skipped_steps=2)")

@@ -208,6 +208,15 @@ class Engine:
         self.skipped_steps = self.skipped_in_a_row = 0
         self._step_lr = math.nan
         self._eval_step = 0
+        # Steps between host reads of the step results (loss sums, target counts, gradient norm). 1: read every
+        # step, as a CPU device costs nothing to sync. More (CUDA, torch's fused AdamW, set in fit): the results
+        # stay on the device, non-finite steps are skipped there (_deferred_update), and they are read at every
+        # log row, evaluation, checkpoint and the end, and every `read_every` steps. A test may set it on CPU.
+        self.read_every: int | None = None
+        self.prefetch = True  # prepare the next step's batches in a background thread during this step
+        self._pending: list[tuple] = []  # deferred mode: (step, sums, targets, grad_norm) on device, not yet read
+        self._device_stop = self._device_run = None  # deferred mode: see _deferred_update
+        self._executor = self._next_batches = None
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,6 +264,13 @@ class Engine:
         module, optimizer = acc.prepare(self.module, self.optimizer)
         if is_sharded(self.model):
             self.log_line(f"FSDP: parameters sharded over {acc.num_processes} processes")
+        if self.read_every is None:
+            fused = cfg.optimizer == "adamw" and acc.mixed_precision != "fp16" and not is_sharded(self.model)
+            self.read_every = cfg.log_every if acc.device.type == "cuda" and fused else 1
+        if self.prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tune-batches")
         if cfg.activation_offload and acc.device.type != "cuda":
             self.log_line(f"train.activation_offload: the activations already live in CPU memory on {acc.device.type}, "
                           "so offloading them changes nothing here")
@@ -313,8 +329,15 @@ class Engine:
         speed_tokens, speed_start, bar = 0, time.time(), {}
         step_start_rng = None
 
+        def read_pending():  # deferred mode: the steps' results, read from the device at once
+            if self._pending:
+                last = self._read_pending()
+                if progress is not None:
+                    bar["loss"] = f"{last:.4f}"
+
         def log_window():
             nonlocal speed_tokens, speed_start, last_loss
+            read_pending()
             window, now = self.counters["log_window"], time.time()
             means = {k: v / max(window["targets"], 1.0) if window["steps"] else math.nan
                      for k, v in window["sums"].items()}
@@ -339,18 +362,26 @@ class Engine:
                     stop.raise_if_requested(acc)  # on every rank at once: they save the same step together
                 step_start_rng = rng_state()  # what a Ctrl-C inside this step saves: the state after the last one
                 sums, targets, tokens, grad_norm, skipped = self._train_step(module, optimizer, step + 1)
-                counters = {**self.counters, "tokens": self.counters["tokens"] + tokens * acc.num_processes,
-                            "log_window": _add_to_window(self.counters["log_window"], sums, targets, grad_norm, skipped)}
+                counters = {**self.counters, "tokens": self.counters["tokens"] + tokens * acc.num_processes}
+                pending = self._pending
+                if skipped is None:  # deferred: the results stay on the device until read_pending
+                    pending = [*pending, (step + 1, sums, targets, grad_norm)]
+                else:
+                    counters["log_window"] = _add_to_window(counters["log_window"], sums, targets, grad_norm, skipped)
                 # one assignment: a Ctrl-C lands before it (the step is not counted) or after it (it is)
-                step, self.counters, step_start_rng = step + 1, counters, None
+                step, self.counters, self._pending, step_start_rng = step + 1, counters, pending, None
                 speed_tokens += tokens
+                if step % self.read_every == 0:
+                    read_pending()
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     log_window()
                 if progress is not None:  # this step's loss; metrics.jsonl has the log_every window's mean
-                    bar["loss"] = f"{sums['loss'] / max(targets, 1.0):.4f}"
+                    if skipped is not None:
+                        bar["loss"] = f"{sums['loss'] / max(targets, 1.0):.4f}"
                     progress.set_postfix(bar, refresh=False)
                 is_last, is_best = step == cfg.max_steps, False
                 if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+                    read_pending()
                     self._eval_step = step
                     last_val, val_extras = self.evaluate(module)
                     row = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
@@ -370,6 +401,7 @@ class Engine:
                             log_window()
                     self._write_report(history)
                 if (cfg.save_every and step % cfg.save_every == 0) or is_last or is_best:
+                    read_pending()
                     self._save(step, elapsed_before + time.time() - start_time, best=is_best)
                 if progress is not None:
                     progress.update(1)
@@ -383,6 +415,7 @@ class Engine:
                 progress = None
             name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
             with deferred_signals(deliver=False):  # more signals while saving: we are stopping anyway
+                read_pending()
                 self._save(step, elapsed_before + time.time() - start_time, rng=step_start_rng)
                 self._write_report(history)
             self.log_line(("interrupted" if name == "SIGINT" else f"received {name}") + f" at step {step}: " + (
@@ -393,6 +426,9 @@ class Engine:
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._next_batches = None
             if stop is not None:
                 stop.restore()
             restore_handlers(previous_handlers)
@@ -474,17 +510,50 @@ class Engine:
                  "schedule": schedule_settings(self.cfg, world, self.seed), **self.counters}
         self.checkpointer.save(self.accelerator, self.model, self.optimizer, self.scheduler, state, rng, best=best)
 
-    def _train_step(self, module, optimizer, step: int) -> tuple[dict[str, float], float, int, float, bool]:
+    def _step_batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of `step`, in CPU memory (pinned when training on CUDA, so the copy to the
+        device is asynchronous): prepared by the background thread during the previous step when prefetching
+        (the source is a pure function of the step, so this changes no result), else now. An exception the
+        source raised for `step` is raised here, at that step, either way."""
+        cfg, acc = self.cfg, self.accelerator
+        if self._next_batches is not None and self._next_batches[0] == step:
+            batches = self._next_batches[1].result()
+        else:
+            batches = self._load_batches(step)
+        self._next_batches = None
+        if self._executor is not None and step < cfg.max_steps:
+            self._next_batches = (step + 1, self._executor.submit(self._load_batches, step + 1))
+        return batches
+
+    def _load_batches(self, step: int) -> list[dict]:
+        acc = self.accelerator
+        batches = self.source.step_batches(step, acc.process_index, acc.num_processes)
+        if acc.device.type == "cuda":
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return batches
+
+    def _train_step(self, module, optimizer, step: int) -> tuple[dict, float, int, float, bool | None]:
         """One optimizer step. Returns the step's summed loss and extras over all ranks ({name: sum}, "loss"
         included), its target-token count over all ranks, this rank's input tokens, the gradient norm, and
-        whether the update was skipped (a non-finite loss or gradient with train.skip_nonfinite_steps)."""
+        whether the update was skipped (a non-finite loss or gradient with train.skip_nonfinite_steps).
+
+        With read_every > 1 (deferred reads) the sums, count and norm are device tensors and `skipped` is None:
+        nothing here waits for the device; _read_pending checks them later."""
         cfg, acc = self.cfg, self.accelerator
-        batches = self.source.step_batches(step, acc.process_index, acc.num_processes)
-        batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        cpu_batches = self._step_batches(step)
+        # counted on the CPU copies, before the host->device copy: no device sync
+        local_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in cpu_batches)
+        input_tokens = sum(_input_tokens(b) for b in cpu_batches)
+        batches = [{k: v.to(acc.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+        deferred = self.read_every > 1
         # Per-token normalisation over the whole step (all micro-batches, all ranks): every target
         # token weighs the same however the tokens fall across micro-batches.
-        local_targets = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)
-        global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum").item()
+        if acc.num_processes == 1:
+            global_targets = float(local_targets)
+        else:
+            global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum")
+            global_targets = global_targets if deferred else global_targets.item()
+        divisor = global_targets.clamp(min=1.0) if torch.is_tensor(global_targets) else max(global_targets, 1.0)
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
@@ -493,36 +562,91 @@ class Engine:
             with ctx, offload, acc.autocast():
                 out = module(batch)
                 # DDP averages gradients over ranks, so scale back up by the world size
-                loss = out[0] * acc.num_processes / max(global_targets, 1.0)
+                loss = out[0] * acc.num_processes / divisor
             acc.backward(loss)
             fault_point("step", step)
             for name, value in _named_sums(out).items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
         # the norm is always measured (an infinite max_norm clips nothing) so bad gradients are caught before the update
-        grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-        sums = {name: acc.reduce(value, "sum").item() for name, value in sums.items()}
-        loss_avg = sums["loss"] / max(global_targets, 1.0)
-        skipped = not (math.isfinite(loss_avg) and math.isfinite(grad_norm))
-        if skipped:
-            what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
-            if not cfg.skip_nonfinite_steps:
-                raise TuneError(f"{what} at step {step}; the weights were not updated; {self._checkpoint_status()} "
-                                "(try a lower train.lr or train.grad_clip, or train.skip_nonfinite_steps=true to "
-                                "skip such batches)")
-            self.skipped_steps += 1
-            self.skipped_in_a_row += 1
-            self.log_line(f"step {step}: {what}; batch skipped (no update), {self.skipped_steps} skipped so far")
-            if self.skipped_in_a_row >= cfg.max_skipped_steps:
-                raise TuneError(f"{what} at step {step}: {self.skipped_in_a_row} steps in a row skipped "
-                                f"(train.max_skipped_steps={cfg.max_skipped_steps}), stopping; "
-                                f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
+        grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if deferred:
+            sums = {name: acc.reduce(value, "sum") for name, value in sums.items()}
+            self._deferred_update(optimizer, sums["loss"], grad_norm)
+            skipped = None
         else:
-            self.skipped_in_a_row = 0
-            optimizer.step()
+            grad_norm = float(grad_norm)
+            sums = {name: acc.reduce(value, "sum").item() for name, value in sums.items()}
+            skipped = not self._check_finite(step, sums["loss"] / max(global_targets, 1.0), grad_norm)
+            if not skipped:
+                optimizer.step()
         self._step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used, for its metrics row
         self.scheduler.step()  # the schedule follows the step count either way, so a resumed run stays aligned
         optimizer.zero_grad(set_to_none=True)
-        return sums, global_targets, sum(_input_tokens(b) for b in batches), grad_norm, skipped
+        return sums, global_targets, input_tokens, grad_norm, skipped
+
+    def _check_finite(self, step: int, loss_avg: float, grad_norm: float) -> bool:
+        """Whether step `step` may update the weights. A non-finite loss or gradient norm raises TuneError, or with
+        train.skip_nonfinite_steps counts a skipped step (raising after train.max_skipped_steps in a row)."""
+        cfg = self.cfg
+        if math.isfinite(loss_avg) and math.isfinite(grad_norm):
+            self.skipped_in_a_row = 0
+            return True
+        what = f"loss {loss_avg}" if not math.isfinite(loss_avg) else f"gradient norm {grad_norm}"
+        if not cfg.skip_nonfinite_steps:
+            raise TuneError(f"{what} at step {step}; the weights were not updated; {self._checkpoint_status()} "
+                            "(try a lower train.lr or train.grad_clip, or train.skip_nonfinite_steps=true to "
+                            "skip such batches)")
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        self.log_line(f"step {step}: {what}; batch skipped (no update), {self.skipped_steps} skipped so far")
+        if self.skipped_in_a_row >= cfg.max_skipped_steps:
+            raise TuneError(f"{what} at step {step}: {self.skipped_in_a_row} steps in a row skipped "
+                            f"(train.max_skipped_steps={cfg.max_skipped_steps}), stopping; "
+                            f"{self._checkpoint_status()} (try a lower train.lr or train.grad_clip)")
+        return False
+
+    def _deferred_update(self, optimizer, loss_sum: torch.Tensor, grad_norm: torch.Tensor):
+        """optimizer.step() that skips a non-finite step's update on the device, without reading anything: torch's
+        fused AdamW takes a `found_inf` tensor (as GradScaler sets it) and leaves the weights and its state
+        untouched when it is nonzero. The update is also skipped for every step after one that _read_pending will
+        stop the run at (a non-finite step without train.skip_nonfinite_steps, or the max_skipped_steps-th in a
+        row), so the run stops with the weights of the step before, as when every step is checked at once."""
+        bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        if self._device_stop is None:
+            self._device_stop = torch.zeros((), device=bad.device)
+            self._device_run = torch.full((), float(self.skipped_in_a_row), device=bad.device)
+        if self.cfg.skip_nonfinite_steps:
+            self._device_run = (self._device_run + 1) * bad
+            stops = (self._device_run >= self.cfg.max_skipped_steps).float()
+        else:
+            stops = bad
+        inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate: its wrapped torch optimizer
+        inner.found_inf = torch.maximum(bad, self._device_stop)
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+        self._device_stop = torch.maximum(self._device_stop, stops)
+
+    def _read_pending(self) -> float:
+        """Deferred mode: read the pending steps' results from the device (one sync) and account for each in
+        order exactly as a per-step read does (_check_finite, then the log window). Returns the last step's
+        mean loss (for the progress bar)."""
+        pending, window, last = self._pending, self.counters["log_window"], math.nan
+        values = torch.stack([torch.stack([*(v.double() for v in sums.values()),
+                                           torch.as_tensor(targets, dtype=torch.float64, device=grad_norm.device),
+                                           grad_norm.double()]) for _, sums, targets, grad_norm in pending]).cpu()
+        with deferred_signals():  # the window and the pending list change together
+            for (step, sums, _, _), row in zip(pending, values.tolist()):
+                # float32 values widened exactly to float64: what .item() gives for each step
+                named, targets, grad_norm = dict(zip(sums, row[:-2])), row[-2], row[-1]
+                last = named["loss"] / max(targets, 1.0)
+                skipped = not self._check_finite(step, last, grad_norm)
+                window = _add_to_window(window, named, targets, grad_norm, skipped)
+            self.counters = {**self.counters, "log_window": window}
+            self._pending = []
+            self._device_stop = self._device_run = None
+        return last
 
 
 DIVERGED_WEIGHT = 1e4  # a checkpoint whose largest |weight| reaches this is called possibly diverged
