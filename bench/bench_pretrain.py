@@ -1,6 +1,6 @@
 """Pretraining benchmark: HF Trainer + GPT2LMHeadModel vs tune's Engine + native GPT, same shape.
 
-    python -m bench.bench_pretrain [--size cpu|gpt2-124m] [--steps N] [--json OUT]
+    python -m bench.bench_pretrain [--size cpu|gpt2-124m] [--steps N] [--compile-compare] [--json OUT]
 
 1. Throughput: both train the same GPT-2 shape on the same random-token batches for N steps; each runs
    in a fresh process. Step time = interval between the starts of consecutive optimizer steps (so it
@@ -8,6 +8,8 @@
 2. Time to target (--size cpu only, --no-target skips it): the real recipe shakespeare_char_cpu through
    recipes.pretrain.run with train.stop_at_val_loss, timed from the run() call (data prep included,
    cold tokenizer cache) to the first evaluation at or below the target.
+3. --compile-compare: our Engine alone with train.compile off and on (each transformer block compiled), in fresh
+   processes with inductor's caches disabled: tokens/s side by side, and the compile warm-up time separately.
 """
 
 from __future__ import annotations
@@ -178,6 +180,40 @@ def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None) 
     return results
 
 
+def compile_comparison(shape: dict, steps: int, warmup: int) -> dict:
+    """Our Engine with train.compile off and on (regional: each block compiled), each in a fresh process with
+    inductor's on-disk caches disabled, so the compiled run pays a cold compile. warmup_s: the first `warmup`
+    step intervals (the compile happens in step 1); compile_warmup_s: how much longer they take compiled."""
+    import os
+
+    os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # inherited by the spawned children
+    tokens_per_step = shape["batch"] * shape["seq"]
+    results = {}
+    for name, flag in (("eager", False), ("compiled", True)):
+        print(f"running ours, train.compile={str(flag).lower()} ({steps} steps) ...", flush=True)
+        r = isolated(run_ours, shape, steps, flag)
+        r.update(step_stats(r["step_times"], warmup, tokens_per_step))
+        r["warmup_s"] = sum(r["step_times"][:warmup])
+        results[name] = r
+    e, c = results["eager"], results["compiled"]
+    results["speedup_tokens_per_s"] = c["tokens_per_s"] / e["tokens_per_s"]
+    results["compile_warmup_s"] = c["warmup_s"] - e["warmup_s"]
+    return results
+
+
+def print_compile_comparison(res: dict):
+    mib = 1024 ** 2
+    rows = [[f"train.compile={name == 'compiled'}".lower(), fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"),
+             fmt(r["warmup_s"], ".1f"), fmt(r["peak_bytes"] / mib, ",.0f")]
+            for name, r in ((n, res[n]) for n in ("eager", "compiled"))]
+    rows.append(["compiled / eager", f"{res['speedup_tokens_per_s']:.2f}x", "", "", ""])
+    print()
+    print_table(["tune Engine + native GPT", "tokens/s", "step ms (median)", "warm-up s", "peak MiB"], rows,
+                title=f"train.compile off vs on, median over {res['eager']['steady_steps']} steady steps")
+    print(f"  compile warm-up: {res['compile_warmup_s']:.1f} s more than eager over the warm-up steps "
+          "(cold: inductor caches disabled)")
+
+
 def print_throughput(res: dict):
     mib = 1024 ** 2
     rows = []
@@ -275,6 +311,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU (default: 989 on CUDA, none on CPU)")
     p.add_argument("--no-target", action="store_true", help="skip the time-to-target run")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput comparison")
+    p.add_argument("--compile-compare", action="store_true",
+                   help="also run our Engine with train.compile off and on, side by side (tokens/s, compile warm-up)")
     p.add_argument("--target-loss", type=float, default=1.88)
     p.add_argument("--json", help="write all numbers to this JSON file")
     return p.parse_args(argv)
@@ -305,6 +343,10 @@ def main(argv=None):
         res = throughput(shape, steps, warmup, peak)
         print_throughput(res)
         out["throughput"] = res
+    if args.compile_compare:
+        res = compile_comparison(shape, steps, warmup)
+        print_compile_comparison(res)
+        out["compile_comparison"] = res
     if args.size == "cpu" and not args.no_target:
         if not SHAKESPEARE.is_file():
             print(f"\nTime to target skipped: {SHAKESPEARE} not found")

@@ -89,7 +89,8 @@ def compile_blocks(model: nn.Module) -> int:
     Returns the number of blocks compiled. Raises ConfigError when the model names no block class."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(inner, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # by class name along the MRO: FSDP2's fully_shard turns a Block into an FSDPBlock subclass
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
         raise ConfigError(f"train.compile: {type(inner).__name__} names no transformer block class "
                           "(_no_split_modules) to compile; set train.compile=false")
@@ -261,6 +262,10 @@ class Engine:
             from tune.hf import enable_activation_checkpointing
 
             enable_activation_checkpointing(self.model)
+        if cfg.compile:  # before FSDP/DDP wrap the model, as torchtune does
+            n = compile_blocks(self.model)
+            self.log_line(f"train.compile: {n} transformer blocks compiled one by one (torch.compile, dynamic shapes "
+                          "after the first change of sequence width)")
         module, optimizer = acc.prepare(self.module, self.optimizer)
         if is_sharded(self.model):
             self.log_line(f"FSDP: parameters sharded over {acc.num_processes} processes")
@@ -274,10 +279,6 @@ class Engine:
         if cfg.activation_offload and acc.device.type != "cuda":
             self.log_line(f"train.activation_offload: the activations already live in CPU memory on {acc.device.type}, "
                           "so offloading them changes nothing here")
-        if cfg.compile:
-            n = compile_blocks(self.model)
-            self.log_line(f"train.compile: {n} transformer blocks compiled one by one (torch.compile, dynamic shapes "
-                          "after the first change of sequence width)")
 
         step, elapsed_before = 0, 0.0
         # what checkpoints carry besides the step: the running token count, the log window not yet logged, and
