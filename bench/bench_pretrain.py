@@ -180,21 +180,31 @@ def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None) 
     return results
 
 
-def compile_comparison(shape: dict, steps: int, warmup: int) -> dict:
-    """Our Engine with train.compile off and on (regional: each block compiled), each in a fresh process with
-    inductor's on-disk caches disabled, so the compiled run pays a cold compile. warmup_s: the first `warmup`
-    step intervals (the compile happens in step 1); compile_warmup_s: how much longer they take compiled."""
+def compile_comparison(shape: dict, steps: int, warmup: int, repeats: int) -> dict:
+    """Our Engine with train.compile off and on (regional: each block compiled), alternately `repeats` times, each
+    run in a fresh process with inductor's on-disk caches disabled, so every compiled run pays a cold compile.
+    Per setting the run of median tokens/s is kept (all runs' tokens/s in `all_tokens_per_s`: a busy machine's
+    noise shows there). warmup_s: the first `warmup` step intervals (the compile happens in step 1);
+    compile_warmup_s: how much longer they take compiled."""
     import os
+    import statistics
 
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # inherited by the spawned children
     tokens_per_step = shape["batch"] * shape["seq"]
+    runs = {"eager": [], "compiled": []}
+    for i in range(repeats):
+        for name, flag in (("eager", False), ("compiled", True)):
+            print(f"running ours, train.compile={str(flag).lower()} ({steps} steps, run {i + 1}/{repeats}) ...",
+                  flush=True)
+            r = isolated(run_ours, shape, steps, flag)
+            r.update(step_stats(r["step_times"], warmup, tokens_per_step))
+            r["warmup_s"] = sum(r["step_times"][:warmup])
+            runs[name].append(r)
     results = {}
-    for name, flag in (("eager", False), ("compiled", True)):
-        print(f"running ours, train.compile={str(flag).lower()} ({steps} steps) ...", flush=True)
-        r = isolated(run_ours, shape, steps, flag)
-        r.update(step_stats(r["step_times"], warmup, tokens_per_step))
-        r["warmup_s"] = sum(r["step_times"][:warmup])
-        results[name] = r
+    for name, rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["tokens_per_s"])
+        results[name] = {**rs[(len(rs) - 1) // 2], "all_tokens_per_s": [r["tokens_per_s"] for r in runs[name]],
+                         "warmup_s": statistics.median(r["warmup_s"] for r in rs)}
     e, c = results["eager"], results["compiled"]
     results["speedup_tokens_per_s"] = c["tokens_per_s"] / e["tokens_per_s"]
     results["compile_warmup_s"] = c["warmup_s"] - e["warmup_s"]
@@ -209,9 +219,12 @@ def print_compile_comparison(res: dict):
     rows.append(["compiled / eager", f"{res['speedup_tokens_per_s']:.2f}x", "", "", ""])
     print()
     print_table(["tune Engine + native GPT", "tokens/s", "step ms (median)", "warm-up s", "peak MiB"], rows,
-                title=f"train.compile off vs on, median over {res['eager']['steady_steps']} steady steps")
+                title=f"train.compile off vs on, median over {res['eager']['steady_steps']} steady steps, "
+                      f"median of {len(res['eager']['all_tokens_per_s'])} runs each")
     print(f"  compile warm-up: {res['compile_warmup_s']:.1f} s more than eager over the warm-up steps "
-          "(cold: inductor caches disabled)")
+          "(cold: inductor caches disabled; medians)")
+    for name in ("eager", "compiled"):
+        print(f"  {name}: tokens/s of each run " + ", ".join(f"{t:,.0f}" for t in res[name]["all_tokens_per_s"]))
 
 
 def print_throughput(res: dict):
@@ -313,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput comparison")
     p.add_argument("--compile-compare", action="store_true",
                    help="also run our Engine with train.compile off and on, side by side (tokens/s, compile warm-up)")
+    p.add_argument("--compile-repeats", type=int, default=3, help="runs per setting for --compile-compare (median)")
     p.add_argument("--target-loss", type=float, default=1.88)
     p.add_argument("--json", help="write all numbers to this JSON file")
     return p.parse_args(argv)
@@ -344,7 +358,7 @@ def main(argv=None):
         print_throughput(res)
         out["throughput"] = res
     if args.compile_compare:
-        res = compile_comparison(shape, steps, warmup)
+        res = compile_comparison(shape, steps, warmup, args.compile_repeats)
         print_compile_comparison(res)
         out["compile_comparison"] = res
     if args.size == "cpu" and not args.no_target:
