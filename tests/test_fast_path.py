@@ -350,3 +350,35 @@ def test_deferred_skipped_steps_are_counted_as_per_step(tmp_path, poison_at, max
     assert skipped == 2 and (error is None) == (max_skipped == 10)
     if error is not None:
         assert error.startswith("loss nan at step 3: 2 steps in a row skipped (train.max_skipped_steps=2)")
+
+
+@pytest.mark.slow
+def test_packed_hf_batches_recompile_once_and_match_eager():
+    """HF GPT-2 on collate_packed batches (position_ids restarting per example, a (B, 1, L, L) block-diagonal mask),
+    6 steps of 6 widths: one compile, one recompile at the first change of width, none after; fp32 loss and
+    gradients as eager."""
+    from torch._dynamo.utils import counters
+
+    from tune.packing import collate_packed
+
+    eager = _hf_model("gpt2", lora=False, checkpointing=False)
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+
+    def example(n):
+        ids = torch.randint(1, 64, (n,), generator=g).tolist()
+        return {"input_ids": ids, "targets": ids}
+
+    graphs = []
+    for lengths in ([30, 20], [41, 12], [25, 25, 9], [70], [33, 31], [50, 8]):
+        batch = collate_packed([[example(n) for n in lengths], [example(10)]], None, 0)
+        loss, grads = _loss_and_grads(eager, batch)
+        loss_c, grads_c = _loss_and_grads(compiled, batch)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert loss_c == pytest.approx(loss, **COMPILE_TOL)
+        for k in grads:
+            torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert graphs == [1, 2, 2, 2, 2, 2]
