@@ -134,14 +134,15 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
 PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit")
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device | None) -> torch.optim.Optimizer:
     """The optimizer train.optimizer names, over param_groups(model) with cfg's lr, betas, eps and weight decay:
     adamw is torch's fused AdamW (CPU and CUDA; ~6% of a small CPU step over the unfused one); adamw_8bit,
     paged_adamw and paged_adamw_8bit are bitsandbytes' AdamW8bit, PagedAdamW and PagedAdamW8bit (8-bit states
     quantized blockwise: ~2 bytes per parameter instead of 8; tensors under 4096 elements keep 32-bit states).
 
-    Raises ConfigError for a paged optimizer on a device other than CUDA: paging moves optimizer states between
-    GPU and CPU memory (bitsandbytes 0.50 silently runs them unpaged on CPU, which would only mislead)."""
+    Raises ConfigError for a paged optimizer on a `device` other than CUDA (the training device; only read for
+    the paged ones): paging moves optimizer states between GPU and CPU memory (bitsandbytes 0.50 silently runs
+    them unpaged on CPU, which would only mislead)."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw":
@@ -206,7 +207,8 @@ class Engine:
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
         self.module = TrainingModule(model, loss_fn)
-        self.optimizer = make_optimizer(cfg, model, self.accelerator.device)
+        device = self.accelerator.device if cfg.optimizer in PAGED_OPTIMIZERS else None
+        self.optimizer = make_optimizer(cfg, model, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         self.skipped_steps = self.skipped_in_a_row = 0
