@@ -52,6 +52,8 @@ SIZES = {
     "cpu": dict(arch="gpt2", n_layer=4, n_head=4, width=128, context=512, vocab=4096, batch=8, steps=30, warmup=5),
     "llama-1.1b": dict(arch="llama", n_layer=22, n_head=32, n_kv_head=4, width=2048, mlp=5632, context=2048,
                        vocab=32000, batch=8, steps=40, warmup=10),
+    "smoke": dict(arch="llama", n_layer=1, n_head=2, n_kv_head=1, width=32, mlp=64, context=256, vocab=512, batch=4,
+                  steps=4, warmup=1),  # bench.gpu_check --smoke: the GPU script's code path on CPU, seconds
 }
 METHODS = ("full", "lora", "qlora")
 LR = {"full": 5e-4, "lora": 2e-3, "qlora": 2e-3}  # as recipes/configs/*_ni.yaml
@@ -60,8 +62,9 @@ LORA, QUANT = LoraSection(r=16, alpha=32, dropout=0.05, target_modules="all-line
 
 
 # -- setup: tokenizer, examples, checkpoint ---------------------------------------------------------------
-def prepare(shape: dict, workdir: Path) -> dict:
-    """Tokenizer + prompt-masked examples + a random-init checkpoint in workdir/model."""
+def prepare(shape: dict, workdir: Path, ni_tasks: Path = NI_TASKS) -> dict:
+    """Tokenizer + prompt-masked examples (from the NI task files in `ni_tasks`) + a random-init checkpoint in
+    workdir/model."""
     from transformers.utils import logging as hf_logging
 
     from data_prep.natural_instructions import (NISplitConfig, PromptConfig, TokenizeConfig, encode_prompt,
@@ -69,7 +72,7 @@ def prepare(shape: dict, workdir: Path) -> dict:
     from data_prep.text import train_bpe_tokenizer
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
-    splits = split_instances(load_tasks(NI_TASKS), NISplitConfig(seed=0))
+    splits = split_instances(load_tasks(ni_tasks), NISplitConfig(seed=0))
     prompt_cfg = PromptConfig()  # Tk-Instruct: definition + 2 positive examples
     texts = [encode_prompt(task, inst.input, prompt_cfg) + inst.outputs[0] for task, inst in splits["train"]]
     tokenizer = train_bpe_tokenizer(texts, shape["vocab"])
@@ -215,6 +218,63 @@ def run_baseline(method: str, shape: dict, data: dict, steps: int, threads: int 
                        f"bf16={args.bf16}, attn={model.config._attn_implementation}"}
 
 
+def run_trl(method: str, shape: dict, data: dict, steps: int, threads: int | None) -> dict:
+    """TRL's SFTTrainer at its defaults (packing to the context, its gradient checkpointing default) on the same
+    pre-tokenized examples, loss on the completions only; full or PEFT LoRA (QLoRA adds the bnb base)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    _setup_child(threads)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.begins.append(time.perf_counter())
+
+    # completion_mask[t] = 1 where token t is trained on: our targets[t - 1] is not -100
+    rows = datasets.Dataset.from_list([{"input_ids": ex["input_ids"],
+                                        "completion_mask": [0] + [int(t != -100) for t in ex["targets"][:-1]]}
+                                       for ex in data["train"]])
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+        quant = None
+        if method == "qlora":
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(data["model_dir"], dtype=dtype, quantization_config=quant,
+                                                     device_map={"": 0} if cuda and quant else None,
+                                                     attn_implementation="sdpa")
+        peft_config = None
+        if method != "full":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                                     target_modules=LORA.target_modules, task_type="CAUSAL_LM")
+        args = SFTConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=max(1, shape["batch"] // 2),
+                         learning_rate=LR[method], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=GRAD_CLIP, bf16=cuda, use_cpu=not cuda, packing=True,
+                         max_length=shape["context"], completion_only_loss=True, eval_strategy="no",
+                         save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, seed=SEED)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, peft_config=peft_config, callbacks=[timer])
+        packed = trainer.train_dataset
+        trainer.train()
+    n = len(timer.begins)
+    row_tokens = sum(len(ids) for ids in packed["input_ids"]) / len(packed)  # padding-free packing: no pad inside
+    per_step = args.per_device_train_batch_size * row_tokens
+    return {"impl": "TRL SFTTrainer" + (" + PEFT" if method != "full" else "") + (" + bnb" if method == "qlora" else ""),
+            "step_times": intervals(timer.begins), "useful_tokens": [per_step] * n, "tokens_incl_padding": [per_step] * n,
+            "examples": [len(rows) / len(packed) * args.per_device_train_batch_size] * n, "peak_bytes": mem.bytes,
+            "memory_method": mem.method,
+            "details": f"packing to {shape['context']}, batch {args.per_device_train_batch_size} (TRL's anchor setting), "
+                       f"gradient_checkpointing={args.gradient_checkpointing} (TRL default), bf16={args.bf16}"}
+
+
 # -- ours: tune Engine + packing ----------------------------------------------------------------------------
 class TimedNIBatches(NIBatches):
     """NIBatches that timestamps the start of every step and counts its useful tokens and examples."""
@@ -276,14 +336,18 @@ def summarize(r: dict, warmup: int) -> dict:
             "examples_per_step": statistics.mean(r["examples"][:k][warmup:])}
 
 
-def compare(methods, shape: dict, data: dict, steps: int, warmup: int, rows: int, threads: int | None) -> dict:
+def compare(methods, shape: dict, data: dict, steps: int, warmup: int, rows: int, threads: int | None,
+            timeout: float | None = None, trl: bool = False) -> dict:
+    """Per method, each side in a fresh process (HF Trainer baseline, TRL when `trl`, ours), each killed after
+    `timeout` seconds. Returns {method: {side: figures or {"error"}, "ratio_ours_over_baseline": ...}}."""
     results = {}
     for method in methods:
         res = {}
-        for side, fn, extra in (("baseline", run_baseline, ()), ("ours", run_ours, (rows,))):
+        sides = [("baseline", run_baseline, ())] + ([("trl", run_trl, ())] if trl else []) + [("ours", run_ours, (rows,))]
+        for side, fn, extra in sides:
             print(f"running {method} / {side} ({steps} steps) ...", flush=True)
             try:
-                r = isolated(fn, method, shape, data, steps, threads, *extra)
+                r = isolated(fn, method, shape, data, steps, threads, *extra, timeout=timeout)
                 r.update(summarize(r, warmup))
             except (RuntimeError, ValueError) as e:
                 r = {"error": str(e)}
@@ -303,7 +367,7 @@ def print_results(results: dict):
     rows = []
     for method, res in results.items():
         q = res.get("ratio_ours_over_baseline", {})
-        for side in ("baseline", "ours"):
+        for side in [side for side in ("baseline", "trl", "ours") if side in res]:
             r = res[side]
             if "error" in r:
                 rows.append([method, side, "FAILED", "", "", "", "", "", "", ""])
@@ -321,11 +385,11 @@ def print_results(results: dict):
                  "useful tok/step", "pad %", "tok/s ours/base", "mem ours/base"], rows,
                 title=f"Fine-tuning on Natural-Instructions prompts, {steady} steady steps per run")
     for method, res in results.items():
-        for side in ("baseline", "ours"):
+        for side in [s for s in ("baseline", "trl", "ours") if s in res]:
             r = res[side]
             print(f"  {method} {side}: " + (r["details"] if "error" not in r else f"FAILED:\n{r['error'].rstrip()}"))
     for method, res in results.items():  # on a shared CPU another process can stall a multi-threaded step ~10x
-        for side in ("baseline", "ours"):
+        for side in [s for s in ("baseline", "trl", "ours") if s in res]:
             r = res[side]
             if "error" not in r and r["time_per_fed_token_spread"] > 3:
                 print(f"  WARNING {method} {side}: time per fed token varies {r['time_per_fed_token_spread']:.1f}x "
