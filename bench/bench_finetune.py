@@ -223,9 +223,11 @@ def run_trl(method: str, shape: dict, data: dict, steps: int, threads: int | Non
     pre-tokenized examples, loss on the completions only; full or PEFT LoRA (QLoRA adds the bnb base)."""
     import datasets
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     _setup_child(threads)
+    datasets.disable_progress_bars()  # TRL's tokenize / pack passes
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
 
@@ -262,6 +264,7 @@ def run_trl(method: str, shape: dict, data: dict, steps: int, threads: int | Non
                          max_length=shape["context"], completion_only_loss=True, eval_strategy="no",
                          save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, seed=SEED)
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, peft_config=peft_config, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)
         packed = trainer.train_dataset
         trainer.train()
     n = len(timer.begins)
