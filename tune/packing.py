@@ -32,7 +32,8 @@ from tune.errors import ConfigError, DataError
 from tune.files import directory_written_aside
 from tune.losses import IGNORE_INDEX
 
-MASK_MODES = ("4d", "position_ids")
+MASK_MODES = ("4d", "document_ids", "position_ids")
+PACKED_ATTENTION = {"flex": "document_ids", "dense": "4d"}  # data.packed_attention -> mask_mode
 
 
 PACKING_VERSION = 2  # bumps invalidate cached packs (2: bulk best-fit-decreasing)
@@ -130,6 +131,8 @@ def collate_packed(examples: Sequence[Sequence[dict]], max_length: int | None, p
     input_ids (B, L) padded with pad_id; targets (B, L) with -100 on padding; position_ids restarting at 0 for
     every example (and for the padding tail); mask_mode "4d": attention_mask (B, 1, L, L) bool, causal within an
     example and never across; padding rows attend only to themselves (keeps SDPA finite; their targets are -100).
+    mask_mode "document_ids": document_ids (B, L) int64 instead, example k of a row has id k and the padding tail
+    its own id (len(pack)): O(L) per row, the model builds its mask (tune.losses.hidden_and_head).
     mask_mode "position_ids": no attention_mask (flash-attention-2 on GPU only, see the module docstring).
     """
     if mask_mode not in MASK_MODES:
@@ -154,6 +157,9 @@ def collate_packed(examples: Sequence[Sequence[dict]], max_length: int | None, p
             start += n
         position_ids[b, start:] = torch.arange(width - start)
     batch = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids}
+    if mask_mode == "document_ids":
+        padding = torch.tensor([len(pack) for pack in examples])[:, None].expand(B, width)
+        batch["document_ids"] = torch.where(segment >= 0, segment, padding)
     if mask_mode == "4d":
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]

@@ -1,0 +1,115 @@
+"""Packed attention without a dense mask: document_ids batches (flex_attention where torch can run it, else a mask
+built from them), the native GPT's positions and masks, and HF models, each against every example run alone."""
+
+import pytest
+import torch
+
+import tune.models.gpt as gpt
+from tune.losses import IGNORE_INDEX, causal_lm_loss, hidden_and_head
+from tune.models.gpt import GPT, config_from_preset
+from tune.packing import collate_packed, collate_padded
+
+VOCAB, PAD = 96, 0
+LENGTHS = (7, 5, 9)  # three examples, packed into rows of width 24 (3 padding positions)
+
+
+def make_example(n: int, gen: torch.Generator, prompt_len: int = 3) -> dict:
+    ids = torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+    return {"input_ids": ids, "targets": [-100] * (prompt_len - 1) + ids[prompt_len:] + [-100]}
+
+
+@pytest.fixture(scope="module")
+def three():
+    gen = torch.Generator().manual_seed(1)
+    return [make_example(n, gen) for n in LENGTHS]
+
+
+def native(preset: str) -> GPT:
+    """tiny-gpt2: learned positions (GPT-2 layout); tiny-modern: rope + rmsnorm + swiglu, 4 query / 2 kv heads."""
+    torch.manual_seed(0)
+    return GPT(config_from_preset(preset, vocab_size=VOCAB, block_size=32)).float().eval()
+
+
+def alone(model, examples):
+    """Per-example logits (concatenated) and summed losses, each example in a row of its own."""
+    logits, loss = [], 0.0
+    with torch.no_grad():
+        for ex in examples:
+            batch = collate_padded([ex], PAD)
+            out = model(input_ids=batch["input_ids"])
+            logits.append(out[0] if isinstance(model, GPT) else out.logits[0])
+            loss = loss + causal_lm_loss(model, batch)[0]
+    return torch.cat(logits), loss
+
+
+def packed_logits(model, batch) -> torch.Tensor:
+    hidden, head = hidden_and_head(model, batch)
+    return head(hidden)
+
+
+# -- native GPT ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-modern"])
+@pytest.mark.parametrize("path", ["flex", "document_ids_dense", "4d"])
+def test_native_packed_logits_equal_each_example_alone(three, preset, path, monkeypatch):
+    """flex: document_ids through flex_attention (its eager form, as on CPU it runs forward only); document_ids_dense:
+    the dense mask the model builds from them where flex cannot run (CPU training); 4d: the collator's mask."""
+    flex = path == "flex"
+    monkeypatch.setattr(gpt, "FLEX_DEVICES", {"cuda", "cpu"} if flex else set())
+    masks = []
+    real_attend = gpt.attend
+    monkeypatch.setattr(gpt, "attend", lambda q, k, v, mask, **kw: masks.append(type(mask).__name__)
+                        or real_attend(q, k, v, mask, **kw))
+    model = native(preset)
+    ref_logits, ref_loss = alone(model, three)
+    masks.clear()
+    batch = collate_packed([three, list(reversed(three))], 24, PAD, mask_mode="4d" if path == "4d" else "document_ids")
+    with torch.no_grad():
+        logits = packed_logits(model, batch)
+        loss, n = causal_lm_loss(model, batch)
+    assert set(masks) == {"BlockMask" if flex else "Tensor"}  # the path named is the one that ran
+    torch.testing.assert_close(logits[0, :21], ref_logits, atol=1e-5, rtol=1e-5)
+    reversed_ref = torch.cat([ref_logits[12:], ref_logits[7:12], ref_logits[:7]])
+    torch.testing.assert_close(logits[1, :21], reversed_ref, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(logits).all()  # the padding tail too
+    torch.testing.assert_close(loss, 2 * ref_loss, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-modern"])
+def test_native_distill_student_loss_on_packed_rows_is_the_sum_alone(three, preset):
+    """The distill recipe's bug: the native student ignored the packed batch's mask and position_ids, so it
+    attended across examples and saw positions running on from one example into the next."""
+    from tune.distill import kd_loss_fn
+
+    model = native(preset)
+    _, ref_loss = alone(model, three)
+    for mode in ("4d", "document_ids"):
+        batch = collate_packed([three], None, PAD, mask_mode=mode)
+        with torch.no_grad():
+            loss, n = causal_lm_loss(model, batch)
+        assert n.item() == sum(t != IGNORE_INDEX for ex in three for t in ex["targets"])
+        torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
+    # the KD loss the recipe trains with (cached teacher: the student's own top-k, so KD = 0 and only CE is left)
+    batch = collate_packed([three], None, PAD)
+    with torch.no_grad():
+        logp = torch.log_softmax(packed_logits(model, batch)[batch["targets"] != IGNORE_INDEX], -1)
+        values, ids = logp.topk(VOCAB, -1)
+        _, _, parts = kd_loss_fn(None, 0.5, 1.0, "forward_kl", 0.5, VOCAB)(
+            model, dict(batch, teacher_logprobs=values, teacher_ids=ids))
+    torch.testing.assert_close(parts["ce"], ref_loss, atol=1e-4, rtol=1e-5)
+
+
+def test_native_single_example_paths_agree_and_generate_works():
+    """No mask (SDPA is_causal), explicit positions 0..T-1 and one document id give the same logits."""
+    model = native("tiny-modern")
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(ids)
+        positions = torch.arange(10).expand(2, 10)
+        torch.testing.assert_close(model(ids, position_ids=positions), plain, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(ids, document_ids=torch.zeros(2, 10, dtype=torch.long)), plain,
+                                   atol=1e-5, rtol=1e-5)
+    steps = list(model.generate(ids[:, :4], max_new_tokens=3, temperature=1.0, top_k=1))
+    assert len(steps) == 3 and all(s.shape == (2, 1) for s in steps)
+    assert torch.equal(steps[0][:, 0], plain[:, 3].argmax(-1))  # greedy: the plain forward's next token
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, document_ids=torch.zeros(2, 10, dtype=torch.long), attention_mask=torch.ones(2, 1, 10, 10).bool())
