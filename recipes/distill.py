@@ -200,7 +200,7 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
 def run(cfg: DistillConfig):
     from accelerate.utils import set_seed
 
-    from tune.packing import NIBatches
+    from tune.packing import PACKED_ATTENTION, NIBatches
     from recipes.finetune import build_ni_datasets, load_splits
     from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
                               load_teacher, load_teacher_cache)
@@ -228,7 +228,8 @@ def run(cfg: DistillConfig):
         train_set, val_set, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
         train_examples, val_examples = train_set, val_set  # Arrow-backed, read by index
         batch_args = (train_examples, val_examples, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
-        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
+                            mask_mode=PACKED_ATTENTION[d.packed_attention])
         plain_source = NIBatches(*batch_args, **batch_kwargs)
         block_size = d.max_length
     else:

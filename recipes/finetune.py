@@ -38,6 +38,9 @@ class NIDataSection:
     max_length: int = 1024
     mask_prompt: bool = True  # loss only on the output tokens (and eos)
     packing: bool = True  # several examples per row, no attention across them
+    # how packed rows keep examples apart: flex = (B, L) document ids, flex_attention on CUDA (a mask built from the
+    # ids elsewhere); dense = a (B, 1, L, L) mask made by the collator (O(L^2) per row, no flash kernel)
+    packed_attention: Literal["flex", "dense"] = "flex"
     cache_dir: str = ".cache/ni"
     seed: int = 0
 
@@ -196,7 +199,7 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
 def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
-    from tune.packing import NIBatches
+    from tune.packing import PACKED_ATTENTION, NIBatches
     from tune.adapters import merge_adapter
     from tune.engine import Engine, make_accelerator
     from tune.hf import resolve_dtype
@@ -221,7 +224,8 @@ def run(cfg: FinetuneConfig):
 
     d = cfg.data
     source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-                       seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+                       seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
+                       mask_mode=PACKED_ATTENTION[d.packed_attention])
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
                     rebuild=lambda: build_model(cfg), run_config=cfg).fit()
 

@@ -113,3 +113,48 @@ def test_native_single_example_paths_agree_and_generate_works():
     assert torch.equal(steps[0][:, 0], plain[:, 3].argmax(-1))  # greedy: the plain forward's next token
     with pytest.raises(ValueError, match="not both"):
         model(ids, document_ids=torch.zeros(2, 10, dtype=torch.long), attention_mask=torch.ones(2, 1, 10, 10).bool())
+
+
+# -- collator / batches ------------------------------------------------------------------------------------
+def test_collate_document_ids_layout(three):
+    batch = collate_packed([three, three[:1]], 24, PAD, mask_mode="document_ids")
+    assert "attention_mask" not in batch and batch["document_ids"].dtype == torch.int64
+    assert batch["document_ids"][0].tolist() == [0] * 7 + [1] * 5 + [2] * 9 + [3] * 3  # padding tail: its own id
+    assert batch["document_ids"][1].tolist() == [0] * 7 + [1] * 17
+    dense = collate_packed([three, three[:1]], 24, PAD)
+    assert torch.equal(batch["position_ids"], dense["position_ids"]) and torch.equal(batch["input_ids"], dense["input_ids"])
+    # the mask the model builds from the ids is the collator's dense mask, except that padding positions attend
+    # causally within the tail instead of to themselves only (their targets are -100 either way)
+    built = gpt.document_dense_mask(batch["document_ids"])
+    assert torch.equal(built[0, 0, :21], dense["attention_mask"][0, 0, :21])  # real query positions
+    assert torch.equal(built[1, 0, :7], dense["attention_mask"][1, 0, :7])
+    assert not built[0, 0, 21:, :21].any() and not built[1, 0, 7:, :7].any()  # padding sees no example
+
+
+def test_ni_batches_pass_the_mask_mode(three):
+    from tune.packing import PACKED_ATTENTION, NIBatches
+
+    gen = torch.Generator().manual_seed(2)
+    data = [make_example(int(n), gen) for n in torch.randint(4, 12, (30,), generator=gen)]
+    flex = NIBatches(data, data[:6], 2, 1, seed=0, packing=True, max_length=32, pad_id=PAD,
+                     mask_mode=PACKED_ATTENTION["flex"])
+    dense = NIBatches(data, data[:6], 2, 1, seed=0, packing=True, max_length=32, pad_id=PAD,
+                      mask_mode=PACKED_ATTENTION["dense"])
+    for a, b in [(flex.step_batches(1, 0, 1)[0], dense.step_batches(1, 0, 1)[0]),
+                 (next(iter(flex.val_batches(0, 1, 1))), next(iter(dense.val_batches(0, 1, 1))))]:
+        assert set(a) == {"input_ids", "targets", "position_ids", "document_ids"}
+        assert set(b) == {"input_ids", "targets", "position_ids", "attention_mask"}
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["targets"], b["targets"])
+        assert a["document_ids"].max() >= 1  # several examples in a row
+
+
+def test_packed_attention_config_key():
+    from recipes.distill import DistillConfig
+    from recipes.finetune import FinetuneConfig
+    from tune.config import load_config
+    from tune.errors import ConfigError
+
+    assert load_config(FinetuneConfig, "lora_ni").data.packed_attention == "flex"
+    assert load_config(DistillConfig, "distill_ni", ["data.packed_attention=dense"]).data.packed_attention == "dense"
+    with pytest.raises(ConfigError, match="packed_attention"):
+        load_config(FinetuneConfig, "lora_ni", ["data.packed_attention=sparse"])
