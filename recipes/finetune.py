@@ -200,7 +200,7 @@ def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
     from tune.packing import PACKED_ATTENTION, NIBatches
-    from tune.adapters import merge_adapter
+    from tune.adapters import attention_implementation, merge_adapter
     from tune.engine import Engine, make_accelerator
     from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
@@ -221,6 +221,8 @@ def run(cfg: FinetuneConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if cfg.data.packing:
+        say(attention_implementation(cfg.base_model, cfg.data.packed_attention)[1])
 
     d = cfg.data
     source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
@@ -254,10 +256,12 @@ def run_tokenizer(cfg: FinetuneConfig):
 
 def build_model(cfg: FinetuneConfig):
     """The base model as configured (full, or wrapped with LoRA / QLoRA adapters)."""
-    from tune.adapters import add_lora, load_base_model
+    from tune.adapters import add_lora, attention_implementation, load_base_model
     from tune.hf import resolve_dtype
 
-    base = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora, cfg.train.gradient_checkpointing)
+    attn, _ = attention_implementation(cfg.base_model, cfg.data.packed_attention)
+    base = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora, cfg.train.gradient_checkpointing,
+                           attn_implementation=attn)
     return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
 
 

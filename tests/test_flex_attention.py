@@ -158,3 +158,117 @@ def test_packed_attention_config_key():
     assert load_config(DistillConfig, "distill_ni", ["data.packed_attention=dense"]).data.packed_attention == "dense"
     with pytest.raises(ConfigError, match="packed_attention"):
         load_config(FinetuneConfig, "lora_ni", ["data.packed_attention=sparse"])
+
+
+# -- HF models -----------------------------------------------------------------------------------------------
+def hf_model(name: str, impl: str):
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OpenAIGPTConfig,
+                              OpenAIGPTLMHeadModel)
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, attn_implementation=impl)
+    if name == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **small))
+    elif name == "openai-gpt":
+        model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(n_positions=64, n_embd=32, n_layer=2, n_head=4, afn="gelu", **small))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **small))
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("name,impl", [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager"),
+                                       ("llama", "flex_attention")])
+def test_hf_packed_document_ids_equal_each_example_alone(three, name, impl):
+    """GPT-2 (learned positions; transformers 5 has no flex_attention for it), Llama (rope, GQA) in every attention
+    implementation they load with on CPU: flex_attention gets a BlockMask (forward only on CPU)."""
+    model = hf_model(name, impl)
+    assert model.config._attn_implementation == impl
+    if impl == "flex_attention":  # transformers compiles flex per shape: the references run with sdpa (same weights)
+        model.set_attn_implementation("sdpa")
+    ref_logits, ref_loss = alone(model, three)
+    model.set_attn_implementation(impl)
+    batch = collate_packed([three, list(reversed(three))], 24, PAD, mask_mode="document_ids")
+    with torch.no_grad():
+        logits = packed_logits(model, batch)
+        loss, _ = causal_lm_loss(model, batch)
+    torch.testing.assert_close(logits[0, :21], ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1, :7], ref_logits[12:19], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, 2 * ref_loss, atol=1e-4, rtol=1e-5)
+
+
+def test_hf_peft_wrapped_packed_equal_alone(three):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_model("llama", "sdpa"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    _, ref_loss = alone(model, three)
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(model, collate_packed([three], None, PAD, mask_mode="document_ids"))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
+
+
+def test_openai_gpt_cannot_take_packed_rows(three):
+    """OpenAIGPTLMHeadModel (transformers 5) supports neither sdpa nor flex_attention and takes only a 2D padding
+    mask: packed rows are refused with the fix, unpacked rows train."""
+    from tune.adapters import attention_implementation
+    from tune.errors import TuneError
+
+    model = hf_model("openai-gpt", "eager")
+    for mode in ("document_ids", "4d"):
+        with pytest.raises(TuneError, match="data.packing=false"):
+            causal_lm_loss(model, collate_packed([three], None, PAD, mask_mode=mode))
+    with torch.no_grad():
+        loss, n = causal_lm_loss(model, collate_padded(three, PAD))
+    assert torch.isfinite(loss) and n.item() == sum(t != IGNORE_INDEX for ex in three for t in ex["targets"])
+
+
+def test_attention_implementation_choice(tmp_path, monkeypatch):
+    from tune.adapters import attention_implementation
+
+    for name in ("gpt2", "llama", "openai-gpt"):
+        hf_model(name, "eager").config.save_pretrained(tmp_path / name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention_implementation(tmp_path / "llama", "flex")[0] == "flex_attention"
+    assert attention_implementation(tmp_path / "llama", "dense")[0] == "sdpa"
+    impl, why = attention_implementation(tmp_path / "gpt2", "flex")
+    assert impl == "sdpa" and "GPT2LMHeadModel has no flex_attention" in why
+    assert attention_implementation(tmp_path / "openai-gpt", "flex")[0] == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    impl, why = attention_implementation(tmp_path / "llama", "flex")
+    assert impl == "sdpa" and "needs CUDA" in why
+
+
+# -- no gradient crosses examples ----------------------------------------------------------------------------
+def embedding_grads(model, batch, example: slice) -> torch.Tensor:
+    """d(loss on the targets in `example` of row 0) / d(token embeddings) for every position of row 0: (L, D)."""
+    captured = []
+    emb = model.tok_emb if isinstance(model, GPT) else model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda m, i, out: captured.append(out) or out.retain_grad())
+    targets = torch.full_like(batch["targets"], IGNORE_INDEX)
+    targets[0, example] = batch["targets"][0, example]
+    try:
+        loss, _ = causal_lm_loss(model, dict(batch, targets=targets))
+        loss.backward()
+    finally:
+        handle.remove()
+    return captured[0].grad[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="flex_attention's backward runs on CUDA only (torch 2.13)"))])
+@pytest.mark.parametrize("kind", ["native-gpt2", "native-modern", "llama"])
+def test_no_gradient_crosses_examples(three, kind, device):
+    """On CUDA the native GPT and a Llama loaded with flex_attention run flex_attention; on CPU the mask built from
+    the document ids. Control: one document id for the whole row lets the gradient through."""
+    if kind == "llama":
+        model = hf_model("llama", "flex_attention" if device == "cuda" else "sdpa").train()
+    else:
+        model = native("tiny-gpt2" if kind == "native-gpt2" else "tiny-modern").train()
+    model.to(device)
+    batch = {k: v.to(device) for k, v in collate_packed([three], 24, PAD, mask_mode="document_ids").items()}
+    grads = embedding_grads(model, batch, slice(7, 12))  # the loss of example 2 (positions 7..11)
+    assert torch.count_nonzero(grads[:7]) == 0 and torch.count_nonzero(grads[12:]) == 0  # exactly zero
+    assert grads[7:12].abs().sum() > 0
+    model.zero_grad()
+    leaky = embedding_grads(model, dict(batch, document_ids=torch.zeros_like(batch["document_ids"])), slice(7, 12))
+    assert leaky[:7].abs().sum() > 0
