@@ -63,7 +63,7 @@ def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tens
 
 
 FLEX_DEVICES = {"cuda"}  # device types where document_ids run through flex_attention (see the module docstring)
-_compiled_flex = None
+_compiled_flex = _compiled_block_mask = None  # torch.compile'd on first use on CUDA
 
 
 def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
@@ -72,9 +72,14 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
     def same_document_causal(b, h, q, k):
         return (q >= k) & (document_ids[b, q] == document_ids[b, k])
 
+    global _compiled_block_mask
     B, T = document_ids.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device,
-                             _compile=document_ids.device.type == "cuda")
+    make = create_block_mask
+    if document_ids.device.type == "cuda":  # compiled, it never materializes the (B, T, T) mask
+        if _compiled_block_mask is None:
+            _compiled_block_mask = torch.compile(create_block_mask)
+        make = _compiled_block_mask
+    return make(same_document_causal, B, None, T, T, device=document_ids.device)
 
 
 def document_dense_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -85,9 +90,12 @@ def document_dense_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q, k, v, mask, dropout_p: float, enable_gqa: bool):
-    """Causal attention over (B, H, T, head_dim) tensors: mask None (causal), a 4D bool tensor or a BlockMask."""
+    """Causal attention over (B, H, T, head_dim) tensors: mask None (causal), a 4D bool tensor or a BlockMask
+    (flex_attention has no attention dropout: ValueError if dropout_p > 0)."""
     if isinstance(mask, BlockMask):
         global _compiled_flex
+        if dropout_p:
+            raise ValueError("flex_attention has no attention dropout; use a dense mask when training with dropout")
         flex = flex_attention
         if q.device.type == "cuda" and not torch.compiler.is_compiling():  # inside a compiled region: traced as is
             if _compiled_flex is None:
