@@ -82,7 +82,7 @@ def test_native_distill_student_loss_on_packed_rows_is_the_sum_alone(three, pres
 
     model = native(preset)
     _, ref_loss = alone(model, three)
-    for mode in ("4d", "document_ids"):
+    for mode in ("4d", "document_ids", "position_ids"):  # position_ids: documents found where positions restart
         batch = collate_packed([three], None, PAD, mask_mode=mode)
         with torch.no_grad():
             loss, n = causal_lm_loss(model, batch)

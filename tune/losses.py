@@ -21,12 +21,14 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Mod
     with prompt masking most positions need no logits at all.
     """
     if hasattr(model, "hidden_states") and hasattr(model, "output_embeddings"):  # native GPT
-        mask = batch.get("attention_mask")
+        mask, documents, positions = batch.get("attention_mask"), batch.get("document_ids"), batch.get("position_ids")
         if mask is not None and mask.dim() == 2:
             # right padding (collate_padded): causal attention never reaches it from a real token
             mask = None
-        return model.hidden_states(batch["input_ids"], position_ids=batch.get("position_ids"),
-                                   document_ids=batch.get("document_ids"), attention_mask=mask), model.output_embeddings()
+        if mask is None and documents is None and positions is not None:
+            documents = documents_from_positions(positions)
+        return model.hidden_states(batch["input_ids"], position_ids=positions, document_ids=documents,
+                                   attention_mask=mask), model.output_embeddings()
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
@@ -39,6 +41,14 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Mod
         check_takes_4d_mask(lm)
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs)
     return out[0], lm.get_output_embeddings()
+
+
+def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document ids (B, L) for rows packed with position_ids only (mask_mode="position_ids"): a new example wherever
+    the positions do not continue by 1, as transformers detects packing; None when no row restarts (plain causal)."""
+    first = position_ids[:, :1] - 1
+    documents = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    return documents if bool(documents[:, -1].any()) else None
 
 
 def check_takes_4d_mask(lm: nn.Module) -> None:

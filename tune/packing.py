@@ -18,7 +18,7 @@ restart at 0 for every example, and one of (``mask_mode``):
   callers that pick flash-attention-2 themselves. "document_ids" covers that case too (hidden_and_head drops
   the mask for flash-attention models). With SDPA/eager, isolation then depends on transformers detecting the
   position resets itself (5.x does so only when no attention_mask is passed and use_cache=False, as
-  tune.losses does).
+  tune.losses does); for the native GPT tune.losses finds the restarts the same way.
 
 Resetting position_ids next to a 2D (padding) mask does NOT isolate examples.
 """
