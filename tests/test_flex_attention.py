@@ -74,6 +74,23 @@ def test_native_packed_logits_equal_each_example_alone(three, preset, path, monk
     torch.testing.assert_close(loss, 2 * ref_loss, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled flex_attention path runs on CUDA")
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-modern"])
+def test_native_flex_on_cuda_equals_each_example_alone(three, preset):
+    """The GPU path as it trains: compiled create_block_mask + compiled flex_attention, forward and backward."""
+    model = native(preset)
+    ref_logits, ref_loss = alone(model, three)
+    model.cuda().train()  # no dropout in these presets: flex_attention runs in training mode too
+    batch = {k: v.cuda() for k, v in collate_packed([three, list(reversed(three))], 24, PAD,
+                                                    mask_mode="document_ids").items()}
+    logits = packed_logits(model, batch)
+    loss, _ = causal_lm_loss(model, batch)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.testing.assert_close(logits[0, :21].cpu(), ref_logits, atol=2e-3, rtol=2e-3)  # TF32 may be on
+    torch.testing.assert_close(loss.detach().cpu(), 2 * ref_loss, atol=1e-2, rtol=1e-3)
+
+
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-modern"])
 def test_native_distill_student_loss_on_packed_rows_is_the_sum_alone(three, preset):
     """The distill recipe's bug: the native student ignored the packed batch's mask and position_ids, so it
