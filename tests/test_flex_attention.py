@@ -331,3 +331,22 @@ def test_finetune_flex_and_dense_train_the_same(tmp_path, tiny_lm, ni_texts, bas
     assert len(runs["flex"][0]) == 4
     assert runs["flex"][0] == pytest.approx(runs["dense"][0], rel=1e-5)
     assert runs["flex"][1] == pytest.approx(runs["dense"][1], rel=1e-5)
+
+
+def test_native_training_with_dropout_takes_the_dense_mask(monkeypatch):
+    """flex_attention has no attention dropout: a native model training with dropout builds the dense mask."""
+    monkeypatch.setattr(gpt, "FLEX_DEVICES", {"cuda", "cpu"})
+    masks = []
+    real_attend = gpt.attend
+    monkeypatch.setattr(gpt, "attend", lambda q, k, v, mask, **kw: masks.append(type(mask).__name__)
+                        or real_attend(q, k, v, mask, **kw))
+    model = GPT(config_from_preset("tiny-gpt1", vocab_size=VOCAB, block_size=32, dropout=0.1))
+    ids, documents = torch.randint(1, VOCAB, (1, 12)), torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        model.train()(ids, document_ids=documents)
+        assert set(masks) == {"Tensor"}
+        masks.clear()
+        model.eval()(ids, document_ids=documents)
+        assert set(masks) == {"BlockMask"}
+    with pytest.raises(ValueError, match="dropout"):
+        gpt.attend(*torch.randn(3, 1, 2, 12, 8), gpt.document_block_mask(documents), dropout_p=0.1, enable_gqa=False)
