@@ -25,13 +25,40 @@ def bnb_config(quant: QuantSection):
         bnb_4bit_quant_storage=resolve_dtype(quant.quant_storage))
 
 
+def attention_implementation(path, packed_attention: str = "dense") -> tuple[str, str]:
+    """The attn_implementation to load the HF causal LM in `path` with, and a line saying why.
+
+    flex_attention when data.packed_attention=flex, CUDA is available and the model class supports it
+    (`_supports_flex_attn`: Llama yes, GPT-2 and OpenAIGPT not in transformers 5); torch 2.13 has no flex_attention
+    backward on CPU and transformers compiles it there (slow, and some shapes fail to build), so on CPU packed
+    rows use SDPA with a mask built from their document_ids. Otherwise sdpa, or eager for a class without SDPA
+    (OpenAIGPT: it can then train unpacked rows only, tune.losses.check_takes_4d_mask).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    name = cls.__name__ if cls is not None else type(config).__name__
+    fallback = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    if packed_attention != "flex":
+        return fallback, f"attention: {fallback} (data.packed_attention={packed_attention})"
+    if cls is None or not getattr(cls, "_supports_flex_attn", False):
+        return fallback, (f"attention: {fallback}; {name} has no flex_attention in this transformers, so packed rows "
+                          "use a dense mask built from their document ids")
+    if not torch.cuda.is_available():
+        return fallback, (f"attention: {fallback}; flex_attention needs CUDA to train (torch has no CPU backward), so "
+                          "packed rows use a dense mask built from their document ids")
+    return "flex_attention", "attention: flex_attention (document-id BlockMask per packed row)"
+
+
 def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection | None = None,
                     gradient_checkpointing: bool = False, attn_implementation: str = "sdpa"):
     """The HF model to train. full: trainable weights in `dtype`; lora: frozen base in `dtype`;
     qlora: frozen 4-bit base prepared for k-bit training.
 
-    SDPA attention by default: packed batches carry a 4D block-diagonal bool mask, which SDPA applies
-    as given (tune/packing.py).
+    SDPA attention by default: dense packed batches carry a 4D block-diagonal bool mask, which SDPA applies
+    as given (tune/packing.py); attention_implementation() picks flex_attention for document_ids batches.
     """
     from transformers import AutoModelForCausalLM
 
