@@ -105,3 +105,34 @@ def test_the_launcher_passes_multinode_flags_to_torchrun():
         "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "4", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "node1:29500", "--rdzv-id", "1234", "-m", "tune.cli", "run", "finetune", "--config",
         "lora_ni", "train.lr=1e-4"]
+
+
+SBATCH = REPO / "recipes" / "slurm" / "finetune_multinode.sbatch"
+
+
+def test_slurm_example_parses_and_starts_a_real_recipe_with_the_launchers_flags(tmp_path):
+    """The sbatch script cannot run here (no SLURM): `bash -n` it, then run it with stand-ins for `scontrol` and
+    `srun` (which records the command it would start on every node) and check that command with tune's own
+    parser, flag checks and config loading."""
+    from tune.cli import build_parser, check_node_args, load_recipe_config, torchrun_command
+
+    assert subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True).returncode == 0
+    bin_dir, record = tmp_path / "bin", tmp_path / "srun_args"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-01\\ngpu-node-02\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\n")
+    for stub in ("scontrol", "srun"):
+        (bin_dir / stub).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[01-02]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO)}
+    done = subprocess.run(["bash", str(SBATCH), "train.lr=1e-3"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    argv = record.read_text().splitlines()
+    assert argv[:3] == ["--kill-on-bad-exit=1", "tune", "run"]
+    args, extra = build_parser().parse_known_args(argv[2:])
+    args.overrides += extra
+    check_node_args(args)
+    assert (args.recipe, args.config, args.nproc, args.overrides) == ("finetune", "lora_ni", 8, ["train.lr=1e-3"])
+    command = " ".join(torchrun_command(args))
+    assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint gpu-node-01:29500 --rdzv-id 4242" in command
+    load_recipe_config(args.config, args.overrides, args.recipe, check=False)  # a built-in config of that recipe
