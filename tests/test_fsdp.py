@@ -178,3 +178,25 @@ def test_fsdp_is_detected_from_accelerates_state_or_the_launchers_environment(mo
     for kind, expected in [(DistributedType.FSDP, True), (DistributedType.MULTI_GPU, False)]:  # the state decides
         monkeypatch.setattr(AcceleratorState, "_shared_state", {"distributed_type": kind})
         assert fsdp_active() == expected
+
+
+@needs_data
+@pytest.mark.slow
+def test_the_gpu_qlora_fsdp_check_runs_end_to_end_on_cpu(tmp_path):
+    """bench/qlora_fsdp_check.py --smoke (what the GPU check runs, on 2 CPU processes): it passes, with the
+    FSDP losses equal to one process's and the Linear4bit probe exact for bf16 and fp32 storage."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "bench.qlora_fsdp_check", "--out", str(tmp_path), "--smoke",
+                           "--ni-tasks", str(NI_TASKS)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "qlora_fsdp_check.json").read_text())
+    assert result["ok"] and all(result["recipe"]["checks"].values())
+    assert result["recipe"]["max_rel_loss_diff"] <= 1e-4
+    assert [(p["storage"], p["exact"]) for p in result["probe"]] == [("bf16", True), ("fp32", True)]
