@@ -136,3 +136,37 @@ def test_slurm_example_parses_and_starts_a_real_recipe_with_the_launchers_flags(
     command = " ".join(torchrun_command(args))
     assert "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint gpu-node-01:29500 --rdzv-id 4242" in command
     load_recipe_config(args.config, args.overrides, args.recipe, check=False)  # a built-in config of that recipe
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_output_dir_are_refused_before_training(recipe_configs, tmp_path):
+    """Each node with its own disk is simulated by giving node 1 another directory under the same key: the run
+    stops on every process before training, in one line naming output_dir and the fix."""
+    config, overrides = recipe_configs["pretrain"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+         "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test", "-m", "tune.cli", "run", "pretrain", "--config",
+         config, *TRAIN, *overrides, f"output_dir={tmp_path / f'disk{node}' / 'run'}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    try:
+        done = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode != 0 for p in procs)
+    errors = [line for _, stderr in done for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("is not one directory for all processes: process(es) 1 on " in e and
+                                    "put output_dir (and data.cache_dir) on a filesystem every node mounts" in e
+                                    for e in errors), errors
+    assert not any((tmp_path / f"disk{node}" / "run" / "checkpoints").exists() for node in (0, 1))
+
+
+def test_a_process_that_sees_another_lock_record_is_named():
+    from tune.run_lock import unshared_processes
+
+    lock = {"pid": 7, "host": "node1", "since": "2026-11-30 22:00:00 UTC", "command": "tune run"}
+    assert unshared_processes([lock, dict(lock), {}, {**lock, "pid": 8}]) == [2, 3]
+    assert unshared_processes([lock, dict(lock)]) == []
