@@ -2,7 +2,8 @@
 
     python -m bench.qlora_fsdp_check --out DIR --base-model HF_DIR --ni-tasks DIR [--smoke]
 
-Two checks, each a function bench/gpu_check.py can call; the JSON result goes to DIR/qlora_fsdp_check.json:
+Two checks; `check(out, ni_tasks, smoke)` runs both and returns {"ok", "detail", ...} as bench/gpu_check.py's
+CHECKS do (the JSON result also goes to DIR/qlora_fsdp_check.json):
 
 1. `probe_linear4bit_under_fully_shard(device, storage)`: one bitsandbytes Linear4bit with its 4-bit weights
    stored in `storage`, its output before and after FSDP2's `fully_shard` (1 process, MixedPrecisionPolicy in
@@ -85,6 +86,7 @@ def tiny_base(out: Path, ni_tasks: Path) -> Path:
 
     from data_prep.natural_instructions import load_task
     from data_prep.text import train_bpe_tokenizer
+    from tune.hf import quiet_third_party
 
     task = load_task(ni_tasks / TASK)
     texts = [task.definition, *[s for inst in task.instances[:200] for s in (inst.input, *inst.outputs)]]
@@ -95,7 +97,8 @@ def tiny_base(out: Path, ni_tasks: Path) -> Path:
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # each rank would draw its own masks
-    GPT2LMHeadModel(config).save_pretrained(out)
+    with quiet_third_party():  # no progress bars
+        GPT2LMHeadModel(config).save_pretrained(out)
     return out
 
 
@@ -161,6 +164,31 @@ def qlora_fsdp_check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int 
             "rel_tolerance": rel, "max_rel_loss_diff": worst, "losses": losses, "val_losses": val, "grad_norms": norms}
 
 
+def check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int | None = None) -> dict:
+    """Both checks, for bench/gpu_check.py's CHECKS (`{"ok", "detail", ...}`): the probe runs in its own process
+    (it creates a process group), bf16 and fp32 storage; then qlora_fsdp_check. Writes out/qlora_fsdp_check.json."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = smoke or not torch.cuda.is_available()
+    probe = subprocess.run([sys.executable, "-m", "bench.qlora_fsdp_check", "--probe", "bf16", "fp32"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})})
+    probes = [json.loads(line) for line in probe.stdout.splitlines() if line.startswith("{")]
+    recipe = qlora_fsdp_check(out, ni_tasks, smoke=smoke, nproc=nproc)
+    ok = recipe["ok"] and len(probes) == 2 and all(p["exact"] for p in probes)
+    failed = [name for name, passed in recipe["checks"].items() if not passed]
+    detail = (f"FSDP2 on {recipe['processes']} {recipe['device']} process(es) vs 1: max loss gap "
+              f"{recipe['max_rel_loss_diff']:.1e} (tolerance {recipe['rel_tolerance']:.0e})"
+              + (f", failed: {', '.join(failed)}" if failed else "") + "; Linear4bit under fully_shard: "
+              + (", ".join(f"{p['storage']} {'exact' if p['exact'] else 'DIFFERS by %.1e' % p['max_abs_diff']} "
+                           f"({p['nan_codes']} NaN-pattern codes)" for p in probes)
+                 or f"probe failed: {probe.stderr.strip().splitlines()[-1:]}"))
+    result = {"ok": ok, "detail": detail, "probe": probes, "recipe": recipe}
+    (out / "qlora_fsdp_check.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
@@ -168,18 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU: 2 processes (gloo) through tests/fsdp_cpu.py")
     parser.add_argument("--nproc", type=int, default=None, help="FSDP processes (default: every GPU; smoke: 2)")
     args = parser.parse_args(argv)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    probe_command = [sys.executable, "-m", "bench.qlora_fsdp_check", "--probe", "bf16", "fp32"]
-    probe = subprocess.run(probe_command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})})
-    result = {"probe": [json.loads(line) for line in probe.stdout.splitlines() if line.startswith("{")],
-              "recipe": qlora_fsdp_check(args.out, args.ni_tasks, smoke=args.smoke, nproc=args.nproc)}
-    result["ok"] = result["recipe"]["ok"] and all(p["exact"] for p in result["probe"]) and len(result["probe"]) == 2
-    (args.out / "qlora_fsdp_check.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({"ok": result["ok"], "checks": result["recipe"]["checks"],
-                      "max_rel_loss_diff": result["recipe"]["max_rel_loss_diff"], "probe": result["probe"]}, indent=2))
+    result = check(args.out, args.ni_tasks, smoke=args.smoke, nproc=args.nproc)
+    print(("ok   " if result["ok"] else "FAIL ") + result["detail"])
     return 0 if result["ok"] else 1
 
 
