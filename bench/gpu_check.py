@@ -400,6 +400,16 @@ def check_liger(ctx: Context) -> dict:
     return outcome(result["ok"], result.get("detail", ""), **{k: v for k, v in result.items() if k != "ok"})
 
 
+def check_qlora_fsdp(ctx: Context) -> dict:
+    """QLoRA under FSDP2 (bench/qlora_fsdp_check.py): one 4-bit layer unchanged by fully_shard, and the finetune
+    recipe under `accelerate launch` + fsdp.yaml on every visible GPU against one process."""
+    if ctx.smoke:  # 2 CPU processes, ~50 s: tests/test_fsdp.py runs that in the slow set
+        return {"ok": True, "skipped": "smoke", "detail": "skipped in --smoke (its CPU run: pytest -m slow tests/test_fsdp.py)"}
+    from bench.qlora_fsdp_check import check
+
+    return check(ctx.tmp("qlora_fsdp"), ctx.ni_tasks, smoke=False)
+
+
 def check_cuda_tests(ctx: Context) -> dict:
     """The test suite's CUDA-only tests (skipped on CPU CI: FlexAttention forward/backward against each example
     alone, ...): `pytest tests -k cuda`, needs pytest."""
@@ -425,6 +435,7 @@ CHECKS = {
     "optimizers": check_optimizers,
     "activation_offload": check_activation_offload,
     "liger": check_liger,
+    "qlora_fsdp": check_qlora_fsdp,
     "cuda_tests": check_cuda_tests,
 }
 
