@@ -262,3 +262,45 @@ def test_chunked_kd_without_grad_equals_with_grad():
     assert without[0].grad_fn is None
     torch.testing.assert_close(with_grad[0], without[0])
     torch.testing.assert_close(with_grad[1], without[1])
+
+
+# -- train.ce_kernel -------------------------------------------------------------------------------------
+def test_ce_kernel_liger_without_liger_is_a_one_line_validate_error(monkeypatch, capsys):
+    import importlib.util
+
+    from tune.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else
+                        real_find_spec(name, *a))
+    assert main(["validate", "demo", "train.ce_kernel=liger"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.ce_kernel=liger needs Liger-Kernel" in err, err
+    assert "pip install liger-kernel" in err and "train.ce_kernel=chunked" in err
+    assert main(["validate", "demo", "train.ce_kernel=chunked"]) == 0
+    assert main(["validate", "demo", "train.ce_kernel=fused"]) == 2
+    assert "not one of ['chunked', 'liger']" in capsys.readouterr().err
+
+
+def test_engine_picks_the_loss_from_ce_kernel(tmp_path):
+    from tune.engine import Engine, TrainConfig, make_accelerator
+    from tune.errors import ConfigError
+
+    accelerator = make_accelerator("no")
+    model = nn.Linear(2, 2)
+    engine = Engine(TrainConfig(max_steps=1), tmp_path, model, source=None, accelerator=accelerator)
+    assert engine.module.loss_fn is causal_lm_loss
+    with pytest.raises(ConfigError, match="train.ce_kernel=liger runs on CUDA only and this run is on cpu; "
+                                          "set train.ce_kernel=chunked"):
+        Engine(TrainConfig(max_steps=1, ce_kernel="liger"), tmp_path, model, source=None, accelerator=accelerator)
+
+
+def test_liger_parity_check_runs_on_cpu_with_liger_reported_skipped():
+    """bench/ce_parity.py's liger_parity, which the GPU check calls on CUDA, at its CPU shape."""
+    from bench.ce_parity import liger_parity
+
+    result = liger_parity("cpu")
+    assert result["ok"] and result["liger"].startswith("skipped: ")
+    assert [(r["kernel"], r["precision"]) for r in result["rows"]] == [
+        ("full logits", "fp32"), ("chunked", "fp32"), ("full logits", "bf16"), ("chunked", "bf16")]
+    assert result["rows"][1]["grad_rel_err"]["weight"] < 1e-5

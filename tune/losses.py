@@ -4,6 +4,7 @@ model should predict at position t, or -100 where nothing is trained (prompt, pa
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -160,6 +161,42 @@ def causal_lm_loss(model: nn.Module, batch: dict):
     """Summed next-token cross-entropy and the number of target tokens."""
     hidden, head = hidden_and_head(model, batch)
     return chunked_ce_sum(hidden, head, batch["targets"])
+
+
+def liger_loss_fn(device: torch.device):
+    """causal_lm_loss through Liger-Kernel's fused linear cross-entropy (train.ce_kernel=liger), for a run on
+    `device`. A head that is not a plain nn.Linear (fusable_head) and compiled code take chunked_ce_sum.
+    Raises ConfigError unless liger_kernel is importable and the device is CUDA (its kernels are Triton)."""
+    from tune.errors import ConfigError
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(f"train.ce_kernel=liger runs on CUDA only and this run is on {device.type}; "
+                          "set train.ce_kernel=chunked")
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ConfigError(f"train.ce_kernel=liger needs Liger-Kernel ({e}): pip install liger-kernel (or the "
+                          "gpt-tune[liger] extra), or set train.ce_kernel=chunked") from None
+    liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def loss_fn(model: nn.Module, batch: dict):
+        hidden, head = hidden_and_head(model, batch)
+        targets = batch["targets"]
+        if not fusable_head(head) or torch.compiler.is_compiling():
+            return chunked_ce_sum(hidden, head, targets)
+        mask = targets != IGNORE_INDEX
+        h, t = hidden[mask], targets[mask]
+        if t.numel() == 0:  # Liger divides by the token count when it sizes its chunks
+            return fused_linear_ce_sum(h, head.weight, head.bias, t), mask.sum()
+        return liger(head.weight, h, t, head.bias).float(), mask.sum()
+
+    return loss_fn
+
+
+def ce_loss_fn(kernel: str, device) -> Callable:
+    """The engine's cross-entropy loss for train.ce_kernel: "chunked" (causal_lm_loss) or "liger" (liger_loss_fn)."""
+    return liger_loss_fn(device) if kernel == "liger" else causal_lm_loss
 
 
 # -- knowledge distillation ------------------------------------------------------------------------
