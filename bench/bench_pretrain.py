@@ -358,8 +358,9 @@ def main(argv=None):
     peak = args.peak_tflops or default_peak_tflops()
 
     info = banner()
+    vocab = args.loss_memory or shape["vocab"]
     settings = {"size": args.size, "shape": f"{shape['n_layer']}L/{shape['n_head']}H/{shape['n_embd']}d, "
-                                            f"vocab {shape['vocab']}, seq {shape['seq']}, batch {shape['batch']}",
+                                            f"vocab {vocab}, seq {shape['seq']}, batch {shape['batch']}",
                 "steps": f"{steps} per implementation, first {warmup} intervals skipped as warm-up",
                 "optimizer": f"AdamW lr {LR}, betas {BETAS}, weight decay {WEIGHT_DECAY}, grad clip {GRAD_CLIP}",
                 "data": "random tokens, fixed length, identical for both"}
