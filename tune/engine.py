@@ -32,7 +32,7 @@ from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and to
     find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
     trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
-from tune.losses import IGNORE_INDEX, ce_loss_fn
+from tune.losses import IGNORE_INDEX, causal_lm_loss, liger_loss_fn
 from tune.report import MetricsLog  # noqa: F401 - re-exported
 from tune.run_lock import lock_run_dir
 from tune.runtime import (  # noqa: F401 - re-exported
@@ -136,12 +136,14 @@ class Engine:
         `run_config`: the recipe's whole config, saved as run_dir/config.yaml once training starts (after the
         resume checks), so a run that fails before its first step leaves no config.yaml; its `seed` (if any)
         is one of the schedule settings a resume must keep. `loss_fn` None: next-token cross-entropy computed as
-        train.ce_kernel says (tune.losses.ce_loss_fn)."""
+        train.ce_kernel says (tune.losses: causal_lm_loss, or liger_loss_fn for liger)."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
-        self.module = TrainingModule(model, loss_fn or ce_loss_fn(cfg.ce_kernel, self.accelerator.device))
+        if loss_fn is None:  # next-token cross-entropy, computed as train.ce_kernel says
+            loss_fn = liger_loss_fn(self.accelerator.device) if cfg.ce_kernel == "liger" else causal_lm_loss
+        self.module = TrainingModule(model, loss_fn)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, cfg.decay_embeddings), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
             fused=True)  # fused AdamW exists on CPU and CUDA since torch 2.4: ~6% of a small CPU step

@@ -4,7 +4,6 @@ model should predict at position t, or -100 where nothing is trained (prompt, pa
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -192,11 +191,6 @@ def liger_loss_fn(device: torch.device):
         return liger(head.weight, h, t, head.bias).float(), mask.sum()
 
     return loss_fn
-
-
-def ce_loss_fn(kernel: str, device) -> Callable:
-    """The engine's cross-entropy loss for train.ce_kernel: "chunked" (causal_lm_loss) or "liger" (liger_loss_fn)."""
-    return liger_loss_fn(device) if kernel == "liger" else causal_lm_loss
 
 
 # -- knowledge distillation ------------------------------------------------------------------------
