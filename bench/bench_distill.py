@@ -33,6 +33,9 @@ SIZES = {
     "1.1b-124m": {"teacher": dict(kind="llama", n_layer=22, n_embd=2048, mlp=5632, n_head=32, n_kv_head=4),
                   "student": dict(preset="gpt2-124m"), "vocab": 32000, "seq": 1024, "batch": 8, "steps": 40,
                   "warmup": 10},
+    "smoke": {"teacher": dict(kind="llama", n_layer=1, n_embd=32, mlp=64, n_head=2, n_kv_head=1),  # gpu_check --smoke
+              "student": dict(preset="tiny-gpt2", n_layer=1, n_head=2, n_embd=32), "vocab": 256, "seq": 32,
+              "batch": 2, "steps": 4, "warmup": 1},
 }
 
 
@@ -145,6 +148,32 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) ->
     return {"step_times": intervals(source.stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
 
 
+def measure(size: dict, timeout: float | None = None) -> dict:
+    """The three sides in fresh processes, after the teacher and its cache are built; `timeout` (seconds) for all of
+    it. Returns {"sides": {name: figures}, "ratio": {name: vs alone}, "cache_seconds": teacher pass seconds}."""
+    tokens_per_step = size["batch"] * size["seq"]
+    start = time.time()
+    left = (lambda parts: None if timeout is None else max(1.0, (timeout - (time.time() - start)) / parts))  # noqa: E731
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_dir = str(build_teacher(size["teacher"], size["vocab"], size["seq"], Path(tmp) / "teacher"))
+        print("building the teacher cache (top-64) ...", flush=True)
+        cache_file = str(Path(tmp) / "teacher_top64.safetensors")
+        cache_seconds = isolated(teacher_cache, size, teacher_dir, cache_file, timeout=left(4))
+        sides = (("student alone", None, None), ("distillation, live", teacher_dir, None),
+                 ("distillation, cached", None, cache_file))
+        for i, (name, teacher, cached) in enumerate(sides):
+            print(f"running {name} ...", flush=True)
+            r = isolated(train, size, teacher, cached, timeout=left(len(sides) - i))
+            r.update(step_stats(r["step_times"], size["warmup"], tokens_per_step))
+            results[name] = r
+    alone = results["student alone"]
+    ratio = {name: {"tokens_per_s": r["tokens_per_s"] / alone["tokens_per_s"],
+                    "peak_bytes": r["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
+             for name, r in results.items() if name != "student alone"}
+    return {"sides": results, "ratio": ratio, "cache_seconds": cache_seconds}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -157,23 +186,10 @@ def main(argv=None):
     print("Distillation vs the student alone")
     print_banner(banner(), {"size": args.size, "teacher": size["teacher"], "student": size["student"],
                             "tokens/step": f"{size['batch']} x {size['seq']}", "steps": size["steps"]})
+    res = measure(size)
+    results, ratio, cache_seconds = res["sides"], res["ratio"], res["cache_seconds"]
     tokens_per_step = size["batch"] * size["seq"]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher_dir = str(build_teacher(size["teacher"], size["vocab"], size["seq"], Path(tmp) / "teacher"))
-        print("building the teacher cache (top-64) ...", flush=True)
-        cache_file = str(Path(tmp) / "teacher_top64.safetensors")
-        cache_seconds = isolated(teacher_cache, size, teacher_dir, cache_file)
-        for name, teacher, cached in (("student alone", None, None), ("distillation, live", teacher_dir, None),
-                                      ("distillation, cached", None, cache_file)):
-            print(f"running {name} ...", flush=True)
-            r = isolated(train, size, teacher, cached)
-            r.update(step_stats(r["step_times"], size["warmup"], tokens_per_step))
-            results[name] = r
     alone = results["student alone"]
-    ratio = {name: {"tokens_per_s": r["tokens_per_s"] / alone["tokens_per_s"],
-                    "peak_bytes": r["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
-             for name, r in results.items() if name != "student alone"}
     rows = []
     for name, r in results.items():
         q = ratio.get(name)

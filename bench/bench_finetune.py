@@ -3,6 +3,7 @@ Engine, for full fine-tuning, LoRA and QLoRA, on the same model and the same exa
 
     python -m bench.bench_finetune [--size cpu|llama-1.1b] [--methods full,lora,qlora] [--steps N]
                                    [--warmup N] [--batch N] [--threads N] [--json OUT]
+                                   [--packed-attention flex,dense] [--no-baseline]
 
 On the shared 2-core CPU another process can stall a 2-thread step ~10x; --threads 1 keeps both sides steady
 (a WARNING line flags runs whose time per fed token varied > 3x between steps).
@@ -17,10 +18,12 @@ both sides load the same checkpoint.
   input_ids with prompt and padding at -100), fused AdamW, bf16 on a GPU, no gradient checkpointing;
   LoRA = peft r=16, alpha=32, dropout 0.05, all linear layers; QLoRA adds bitsandbytes nf4 with double
   quantization (bf16 compute on a GPU, fp32 on CPU) and prepare_model_for_kbit_training.
-- ours: tune.engine.Engine with tune.packing.NIBatches (packing=True, rows of max_length with a
-  block-diagonal mask) and the model from tune.adapters.load_base_model / add_lora, as recipes/finetune.py.
+- ours: tune.engine.Engine with tune.packing.NIBatches (packing=True, rows of max_length) and the model from
+  tune.adapters.load_base_model / add_lora, as recipes/finetune.py, once per --packed-attention mode (default
+  flex, the recipe's): flex = document_ids batches, the model loaded as attention_implementation() says
+  (flex_attention on CUDA where the model supports it); dense = the collator's (B, 1, L, L) mask, SDPA.
   Rows per step = baseline batch / mean examples per pack (rounded), so examples/step match as far as
-  packing allows (both are printed).
+  packing allows (both are printed). --no-baseline skips HF Trainer (e.g. for flex vs dense alone).
 
 Same lr, betas, clipping, constant schedule, no weight decay. Each (method, side) runs in a fresh process.
 Step time = interval between the starts of consecutive optimizer steps (data, forward, backward, optimizer);
@@ -52,6 +55,8 @@ SIZES = {
     "cpu": dict(arch="gpt2", n_layer=4, n_head=4, width=128, context=512, vocab=4096, batch=8, steps=30, warmup=5),
     "llama-1.1b": dict(arch="llama", n_layer=22, n_head=32, n_kv_head=4, width=2048, mlp=5632, context=2048,
                        vocab=32000, batch=8, steps=40, warmup=10),
+    "smoke": dict(arch="llama", n_layer=1, n_head=2, n_kv_head=1, width=32, mlp=64, context=256, vocab=512, batch=4,
+                  steps=4, warmup=1),  # bench.gpu_check --smoke: the GPU script's code path on CPU, seconds
 }
 METHODS = ("full", "lora", "qlora")
 LR = {"full": 5e-4, "lora": 2e-3, "qlora": 2e-3}  # as recipes/configs/*_ni.yaml
@@ -60,8 +65,9 @@ LORA, QUANT = LoraSection(r=16, alpha=32, dropout=0.05, target_modules="all-line
 
 
 # -- setup: tokenizer, examples, checkpoint ---------------------------------------------------------------
-def prepare(shape: dict, workdir: Path) -> dict:
-    """Tokenizer + prompt-masked examples + a random-init checkpoint in workdir/model."""
+def prepare(shape: dict, workdir: Path, ni_tasks: Path = NI_TASKS) -> dict:
+    """Tokenizer + prompt-masked examples (from the NI task files in `ni_tasks`) + a random-init checkpoint in
+    workdir/model."""
     from transformers.utils import logging as hf_logging
 
     from data_prep.natural_instructions import (NISplitConfig, PromptConfig, TokenizeConfig, encode_prompt,
@@ -69,7 +75,7 @@ def prepare(shape: dict, workdir: Path) -> dict:
     from data_prep.text import train_bpe_tokenizer
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards"
-    splits = split_instances(load_tasks(NI_TASKS), NISplitConfig(seed=0))
+    splits = split_instances(load_tasks(ni_tasks), NISplitConfig(seed=0))
     prompt_cfg = PromptConfig()  # Tk-Instruct: definition + 2 positive examples
     texts = [encode_prompt(task, inst.input, prompt_cfg) + inst.outputs[0] for task, inst in splits["train"]]
     tokenizer = train_bpe_tokenizer(texts, shape["vocab"])
@@ -215,6 +221,66 @@ def run_baseline(method: str, shape: dict, data: dict, steps: int, threads: int 
                        f"bf16={args.bf16}, attn={model.config._attn_implementation}"}
 
 
+def run_trl(method: str, shape: dict, data: dict, steps: int, threads: int | None) -> dict:
+    """TRL's SFTTrainer at its defaults (packing to the context, its gradient checkpointing default) on the same
+    pre-tokenized examples, loss on the completions only; full or PEFT LoRA (QLoRA adds the bnb base)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    _setup_child(threads)
+    datasets.disable_progress_bars()  # TRL's tokenize / pack passes
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.begins.append(time.perf_counter())
+
+    # completion_mask[t] = 1 where token t is trained on: our targets[t - 1] is not -100
+    rows = datasets.Dataset.from_list([{"input_ids": ex["input_ids"],
+                                        "completion_mask": [0] + [int(t != -100) for t in ex["targets"][:-1]]}
+                                       for ex in data["train"]])
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+        quant = None
+        if method == "qlora":
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(data["model_dir"], dtype=dtype, quantization_config=quant,
+                                                     device_map={"": 0} if cuda and quant else None,
+                                                     attn_implementation="sdpa")
+        peft_config = None
+        if method != "full":
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout,
+                                     target_modules=LORA.target_modules, task_type="CAUSAL_LM")
+        args = SFTConfig(output_dir=tmp, max_steps=steps, per_device_train_batch_size=max(1, shape["batch"] // 2),
+                         learning_rate=LR[method], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                         max_grad_norm=GRAD_CLIP, bf16=cuda, use_cpu=not cuda, packing=True,
+                         max_length=shape["context"], completion_only_loss=True, eval_strategy="no",
+                         save_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True, seed=SEED)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, peft_config=peft_config, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)
+        packed = trainer.train_dataset
+        trainer.train()
+    n = len(timer.begins)
+    row_tokens = sum(len(ids) for ids in packed["input_ids"]) / len(packed)  # padding-free packing: no pad inside
+    per_step = args.per_device_train_batch_size * row_tokens
+    return {"impl": "TRL SFTTrainer" + (" + PEFT" if method != "full" else "") + (" + bnb" if method == "qlora" else ""),
+            "step_times": intervals(timer.begins), "useful_tokens": [per_step] * n, "tokens_incl_padding": [per_step] * n,
+            "examples": [len(rows) / len(packed) * args.per_device_train_batch_size] * n, "peak_bytes": mem.bytes,
+            "memory_method": mem.method,
+            "details": f"packing to {shape['context']}, batch {args.per_device_train_batch_size} (TRL's anchor setting), "
+                       f"gradient_checkpointing={args.gradient_checkpointing} (TRL default), bf16={args.bf16}"}
+
+
 # -- ours: tune Engine + packing ----------------------------------------------------------------------------
 class TimedNIBatches(NIBatches):
     """NIBatches that timestamps the start of every step and counts its useful tokens and examples."""
@@ -234,30 +300,35 @@ class TimedNIBatches(NIBatches):
         return batches
 
 
-def run_ours(method: str, shape: dict, data: dict, steps: int, threads: int | None, rows: int) -> dict:
-    from tune.adapters import add_lora, load_base_model
+def run_ours(method: str, shape: dict, data: dict, steps: int, threads: int | None, rows: int,
+             packed_attention: str = "flex") -> dict:
+    from tune.adapters import add_lora, attention_implementation, load_base_model
     from tune.engine import Engine, TrainConfig
     from tune.hf import resolve_dtype
+    from tune.packing import PACKED_ATTENTION
 
     _setup_child(threads)
     cfg = TrainConfig(max_steps=steps, micro_batch_size=rows, lr=LR[method], min_lr=LR[method], warmup_steps=0,
                       lr_schedule="constant", weight_decay=0.0, betas=list(BETAS), grad_clip=GRAD_CLIP, eval_every=0,
                       eval_batches=1, save_every=0, log_every=steps, mixed_precision="auto", progress=False)
     source = TimedNIBatches(data["train"], data["val"], rows, 1, seed=SEED, packing=True,
-                            max_length=shape["context"], pad_id=data["pad_id"])
+                            max_length=shape["context"], pad_id=data["pad_id"],
+                            mask_mode=PACKED_ATTENTION[packed_attention])
+    attn, _ = attention_implementation(data["model_dir"], packed_attention)
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
-        model = load_base_model(data["model_dir"], method, resolve_dtype("auto"), QUANT, gradient_checkpointing=False)
+        model = load_base_model(data["model_dir"], method, resolve_dtype("auto"), QUANT, gradient_checkpointing=False,
+                                attn_implementation=attn)
         if method != "full":
             model = add_lora(model, LORA)
         engine = Engine(cfg, Path(tmp) / "run", model, source, log=lambda s: None)
         engine.fit()  # the final evaluation and checkpoint come after the last timestamp
     n = len(source.stamps)
-    return {"impl": "tune Engine + packing", "step_times": intervals(source.stamps), "useful_tokens": source.useful[:n],
+    return {"impl": f"tune Engine + packing ({packed_attention})", "step_times": intervals(source.stamps), "useful_tokens": source.useful[:n],
             "tokens_incl_padding": source.padded[:n], "examples": source.examples[:n], "peak_bytes": mem.bytes,
             "memory_method": mem.method,
             "details": f"{rows} packed rows of <= {shape['context']} tokens, mixed_precision="
                        f"{engine.accelerator.mixed_precision}, compile={cfg.compile}, fused AdamW, "
-                       "logits only at target positions"}
+                       f"logits only at target positions, packed_attention={packed_attention}, attn={attn}"}
 
 
 # -- summary ------------------------------------------------------------------------------------------------
@@ -276,25 +347,46 @@ def summarize(r: dict, warmup: int) -> dict:
             "examples_per_step": statistics.mean(r["examples"][:k][warmup:])}
 
 
-def compare(methods, shape: dict, data: dict, steps: int, warmup: int, rows: int, threads: int | None) -> dict:
+def sides(packed_attention: list[str], baseline: bool, trl: bool = False) -> list[tuple[str, object, tuple]]:
+    """(name, run function, extra args) per run of a method: the baseline, TRL (when `trl`), then ours once per
+    attention mode (named "ours" when there is one mode, else "ours-<mode>")."""
+    out = [("baseline", run_baseline, ())] if baseline else []
+    out += [("trl", run_trl, ())] if trl else []
+    for mode in packed_attention:
+        out.append(("ours" if len(packed_attention) == 1 else f"ours-{mode}", run_ours, (mode,)))
+    return out
+
+
+def compare(methods, shape: dict, data: dict, steps: int, warmup: int, rows: int, threads: int | None,
+            packed_attention: list[str] = ("flex",), baseline: bool = True, timeout: float | None = None,
+            trl: bool = False) -> dict:
+    """Per method, each side in a fresh process (see `sides`), each killed after `timeout` seconds.
+    Returns {method: {side: figures or {"error"}, "ratio_ours_over_baseline": ...}}."""
     results = {}
     for method in methods:
         res = {}
-        for side, fn, extra in (("baseline", run_baseline, ()), ("ours", run_ours, (rows,))):
+        for side, fn, extra in sides(list(packed_attention), baseline, trl):
             print(f"running {method} / {side} ({steps} steps) ...", flush=True)
+            extra = (rows, *extra) if fn is run_ours else extra
             try:
-                r = isolated(fn, method, shape, data, steps, threads, *extra)
+                r = isolated(fn, method, shape, data, steps, threads, *extra, timeout=timeout)
                 r.update(summarize(r, warmup))
             except (RuntimeError, ValueError) as e:
                 r = {"error": str(e)}
                 print(f"  FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
             res[side] = r
-        b, o = res["baseline"], res["ours"]
-        if "error" not in b and "error" not in o:
-            res["ratio_ours_over_baseline"] = {
-                "tokens_per_s": o["tokens_per_s"] / b["tokens_per_s"],
-                "step_s_median": o["step_s_median"] / b["step_s_median"],
-                "peak_bytes": o["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else None}
+        # ratios against the baseline, or (no baseline) of the first mode over the others
+        ours = [k for k in res if k != "baseline"]
+        ref = res.get("baseline") or res[ours[-1]]
+        for side in ours if baseline else ours[:-1]:
+            o = res[side]
+            if "error" not in o and "error" not in ref:
+                o["ratio"] = {"tokens_per_s": o["tokens_per_s"] / ref["tokens_per_s"],
+                              "step_s_median": o["step_s_median"] / ref["step_s_median"],
+                              "peak_bytes": o["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] > 0 else None,
+                              "over": "baseline" if baseline else ours[-1]}
+        if "ours" in res and "ratio" in res["ours"]:
+            res["ratio_ours_over_baseline"] = res["ours"]["ratio"]
         results[method] = res
     return results
 
@@ -302,36 +394,36 @@ def compare(methods, shape: dict, data: dict, steps: int, warmup: int, rows: int
 def print_results(results: dict):
     rows = []
     for method, res in results.items():
-        q = res.get("ratio_ours_over_baseline", {})
-        for side in ("baseline", "ours"):
-            r = res[side]
+        for side, r in res.items():
+            if side == "ratio_ours_over_baseline":
+                continue
             if "error" in r:
                 rows.append([method, side, "FAILED", "", "", "", "", "", "", ""])
                 continue
-            ratio = side == "ours" and q
+            q = r.get("ratio")
             rows.append([method, f"{side}: {r['impl']}", fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"),
                          fmt(r["peak_bytes"] / GIB, ".3f"), fmt(r["examples_per_step"], ".1f"),
                          fmt(r["useful_tokens_per_step"]), fmt(100 * r["padding_fraction"], ".0f"),
-                         f"{q['tokens_per_s']:.2f}x" if ratio else "",
-                         (fmt(q["peak_bytes"], ".2f") + "x") if ratio else ""])
-    steady = next((r["steady_steps"] for res in results.values() for r in (res["baseline"], res["ours"])
-                   if "steady_steps" in r), 0)
+                         f"{q['tokens_per_s']:.2f}x" if q else "",
+                         (fmt(q["peak_bytes"], ".2f") + "x") if q and q["peak_bytes"] else ""])
+    runs = [r for res in results.values() for k, r in res.items() if k != "ratio_ours_over_baseline"]
+    steady = next((r["steady_steps"] for r in runs if "steady_steps" in r), 0)
+    over = next((r["ratio"]["over"] for r in runs if "ratio" in r), "baseline")
     print()
     print_table(["method", "implementation", "useful tok/s", "step ms (median)", "peak GiB", "examples/step",
-                 "useful tok/step", "pad %", "tok/s ours/base", "mem ours/base"], rows,
+                 "useful tok/step", "pad %", f"tok/s vs {over}", f"mem vs {over}"], rows,
                 title=f"Fine-tuning on Natural-Instructions prompts, {steady} steady steps per run")
     for method, res in results.items():
-        for side in ("baseline", "ours"):
-            r = res[side]
-            print(f"  {method} {side}: " + (r["details"] if "error" not in r else f"FAILED:\n{r['error'].rstrip()}"))
+        for side, r in res.items():
+            if side != "ratio_ours_over_baseline":
+                print(f"  {method} {side}: " + (r["details"] if "error" not in r else f"FAILED:\n{r['error'].rstrip()}"))
     for method, res in results.items():  # on a shared CPU another process can stall a multi-threaded step ~10x
-        for side in ("baseline", "ours"):
-            r = res[side]
-            if "error" not in r and r["time_per_fed_token_spread"] > 3:
+        for side, r in res.items():
+            if side != "ratio_ours_over_baseline" and "error" not in r and r["time_per_fed_token_spread"] > 3:
                 print(f"  WARNING {method} {side}: time per fed token varies {r['time_per_fed_token_spread']:.1f}x "
                       f"between steps (step {r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f} ms): other "
                       "processes were probably competing for the CPU; rerun on an idle machine (or --threads 1)")
-    some = next((r for res in results.values() for r in res.values() if "memory_method" in r), None)
+    some = next((r for r in runs if "memory_method" in r), None)
     if some:
         print(f"  peak memory: {some['memory_method']}; pad % = share of fed tokens that are padding")
 
@@ -347,6 +439,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's; 1 is steadier on a "
                                                "busy 2-core CPU)")
     p.add_argument("--json", help="write all numbers to this JSON file")
+    p.add_argument("--packed-attention", default="flex",
+                   help="comma-separated data.packed_attention modes for ours, each its own run (flex,dense: side by side)")
+    p.add_argument("--no-baseline", action="store_true", help="skip HF Trainer (ratios: first mode over the last)")
     return p.parse_args(argv)
 
 
@@ -357,6 +452,9 @@ def main(argv=None):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SystemExit(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(METHODS)}")
+    modes = [m.strip() for m in args.packed_attention.split(",") if m.strip()]
+    if not modes or any(m not in ("flex", "dense") for m in modes) or (args.no_baseline and len(modes) < 2):
+        raise SystemExit("--packed-attention: one or more of flex,dense (two with --no-baseline)")
     if not NI_TASKS.is_dir():
         raise SystemExit(f"{NI_TASKS} not found: the benchmark needs the Natural-Instructions tasks")
     shape = dict(SIZES[args.size])
@@ -391,11 +489,12 @@ def main(argv=None):
             "optimizer": f"AdamW lr {', '.join(f'{m} {LR[m]:g}' for m in methods)}, constant, betas {BETAS}, "
                          f"no weight decay, grad clip {GRAD_CLIP}",
             "steps": f"{steps} per run, first {warmup} intervals skipped as warm-up",
+            "packed_attention": ", ".join(modes) + ("" if not args.no_baseline else " (no HF Trainer baseline)"),
             "threads": str(args.threads or torch.get_num_threads()),
         }
         print("bench_finetune")
         print_banner(info, settings)
-        results = compare(methods, shape, data, steps, warmup, rows, args.threads)
+        results = compare(methods, shape, data, steps, warmup, rows, args.threads, modes, not args.no_baseline)
     print_results(results)
     wall = time.time() - t0
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

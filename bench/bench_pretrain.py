@@ -35,6 +35,7 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 SIZES = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, seq=256, batch=4, vocab=8192, steps=15, warmup=3),
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, seq=1024, batch=12, vocab=50304, steps=50, warmup=10),
+    "smoke": dict(n_layer=2, n_head=2, n_embd=32, seq=32, batch=2, vocab=256, steps=4, warmup=1),  # gpu_check --smoke
 }
 LR, WEIGHT_DECAY, BETAS, GRAD_CLIP, SEED = 6e-4, 0.1, (0.9, 0.95), 1.0, 1234
 
@@ -213,8 +214,51 @@ def print_loss_memory(res: dict, shape: dict):
     print(f"  peak memory: {next(iter(res.values()))['full']['memory_method']}, whole run (model, AdamW, activations)")
 
 
-def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None) -> dict:
-    """Run both implementations in fresh processes and summarise them."""
+# -- reference: a compiled plain loop (nanoGPT's train.py) ----------------------------------------------
+def run_plain_loop(shape: dict, steps: int) -> dict:
+    """The same native GPT in the loop nanoGPT uses: the whole model under torch.compile (on CUDA), bf16
+    autocast, full-logits cross-entropy, fused AdamW, clipping, no host sync but at the end; runs in a subprocess."""
+    import torch.nn.functional as F
+
+    from tune.models.gpt import GPT
+
+    preload_libraries()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tokens = random_tokens(shape, steps)
+    stamps = []
+    with PeakMemory() as mem:
+        torch.manual_seed(SEED)
+        model = GPT(native_config(shape)).to(device)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS, fused=True)
+        step_fn = torch.compile(model) if cuda else model
+        for i in range(steps):
+            sync()
+            stamps.append(time.perf_counter())
+            rows = tokens[i * shape["batch"]:(i + 1) * shape["batch"]].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = step_fn(rows[:, :-1])
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        stamps.append(time.perf_counter())
+    return {"impl": "plain loop (nanoGPT-style)", "step_times": intervals(stamps), "peak_bytes": mem.bytes,
+            "memory_method": mem.method, "final_loss": loss.item(),
+            "details": f"torch.compile(whole model)={cuda}, bf16 autocast={cuda}, fused AdamW, full logits"}
+
+
+def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None, plain_loop: bool = False,
+               timeout: float | None = None) -> dict:
+    """Run the implementations in fresh processes and summarise them: the HF Trainer baseline, ours, and with
+    `plain_loop` the compiled plain loop too. `timeout`: seconds for all of them together (each gets its share).
+    Returns per side {impl, step_times, tokens_per_s, step_s_median, peak_bytes, mfu, ...} and `ratios`
+    {side: ours tokens/s / that side's}."""
     from tune.models.gpt import GPT
 
     with torch.device("meta"):
@@ -223,18 +267,29 @@ def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None) 
     flops_tok = transformer_flops_per_token(n_params, shape["n_layer"], shape["seq"], shape["n_embd"])
     tokens_per_step = shape["batch"] * shape["seq"]
     results = {}
-    for name, fn in (("baseline", run_baseline), ("ours", run_ours)):
+    sides = [("baseline", run_baseline), ("ours", run_ours)] + ([("plain_loop", run_plain_loop)] if plain_loop else [])
+    for name, fn in sides:
         print(f"running {name} ({steps} steps) ...", flush=True)
-        r = isolated(fn, shape, steps)
-        r.update(step_stats(r["step_times"], warmup, tokens_per_step))
-        r["mfu"] = mfu(r["tokens_per_s"], flops_tok, peak_tflops)
+        try:
+            r = isolated(fn, shape, steps, timeout=timeout and timeout / len(sides))
+            r.update(step_stats(r["step_times"], warmup, tokens_per_step))
+        except (RuntimeError, ValueError) as e:
+            if name == "ours" or not plain_loop:  # the standalone benchmark needs both sides
+                raise
+            r = {"error": str(e)}
+            print(f"  FAILED: {str(e).strip().splitlines()[-1]}", flush=True)
+        if "tokens_per_s" in r:
+            r["mfu"] = mfu(r["tokens_per_s"], flops_tok, peak_tflops)
         results[name] = r
     b, o = results["baseline"], results["ours"]
-    results["ratio_ours_over_baseline"] = {
-        "tokens_per_s": o["tokens_per_s"] / b["tokens_per_s"],
-        "step_s_median": o["step_s_median"] / b["step_s_median"],
-        "peak_bytes": o["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else None,
-    }
+    if "tokens_per_s" in b:
+        results["ratio_ours_over_baseline"] = {
+            "tokens_per_s": o["tokens_per_s"] / b["tokens_per_s"],
+            "step_s_median": o["step_s_median"] / b["step_s_median"],
+            "peak_bytes": o["peak_bytes"] / b["peak_bytes"] if b["peak_bytes"] > 0 else None,
+        }
+    results["ratios"] = {name: o["tokens_per_s"] / results[name]["tokens_per_s"] for name, _ in sides
+                         if name != "ours" and "tokens_per_s" in results[name]}
     results["n_params_for_flops"] = n_params
     results["flops_per_token"] = flops_tok
     results["tokens_per_step"] = tokens_per_step
@@ -245,17 +300,20 @@ def throughput(shape: dict, steps: int, warmup: int, peak_tflops: float | None) 
 def print_throughput(res: dict):
     mib = 1024 ** 2
     rows = []
-    for name in ("baseline", "ours"):
+    sides = [name for name in ("baseline", "plain_loop", "ours") if "tokens_per_s" in res.get(name, {})]
+    for name in sides:
         r = res[name]
         rows.append([f"{name}: {r['impl']}", fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"),
                      fmt(r["peak_bytes"] / mib, ",.0f"), fmt(r["mfu"] and 100 * r["mfu"], ".1f")])
     q = res["ratio_ours_over_baseline"]
     rows.append(["ours / baseline", f"{q['tokens_per_s']:.2f}x", f"{q['step_s_median']:.2f}x",
                  fmt(q["peak_bytes"], ".2f") + "x", ""])
+    if "plain_loop" in res["ratios"]:
+        rows.append(["ours / plain loop", f"{res['ratios']['plain_loop']:.2f}x", "", "", ""])
     print()
     print_table(["implementation", "tokens/s", "step ms (median)", "peak MiB", "MFU %"], rows,
                 title=f"Throughput, median over {res['ours']['steady_steps']} steady steps")
-    for name in ("baseline", "ours"):
+    for name in sides:
         print(f"  {name}: {res[name]['details']}")
     print(f"  peak memory: {res['ours']['memory_method']}")
     print(f"  FLOPs/token {res['flops_per_token'] / 1e6:,.1f} M (6N + 12LTC, N = {res['n_params_for_flops']:,} "
@@ -338,6 +396,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, help="override the size's vocabulary size")
     p.add_argument("--peak-tflops", type=float, help="peak FLOP/s for MFU (default: 989 on CUDA, none on CPU)")
     p.add_argument("--no-target", action="store_true", help="skip the time-to-target run")
+    p.add_argument("--plain-loop", action="store_true", help="also time a nanoGPT-style plain loop (compiled on CUDA)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput comparison")
     p.add_argument("--target-loss", type=float, default=1.88)
     p.add_argument("--loss-memory", metavar="V1,V2", help="only compare the full-logits and the chunked loss at "
@@ -373,7 +432,7 @@ def main(argv=None):
         print_loss_memory(res, shape)
         out["loss_memory"] = res
     elif not args.no_throughput:
-        res = throughput(shape, steps, warmup, peak)
+        res = throughput(shape, steps, warmup, peak, plain_loop=args.plain_loop)
         print_throughput(res)
         out["throughput"] = res
     if args.size == "cpu" and not args.no_target and not args.loss_memory:

@@ -32,7 +32,7 @@ class _HiddenAndHead(nn.Module):
         super().__init__()
         self.hidden, self.head = hidden, head
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, **_masks):
         return self.hidden
 
     def output_embeddings(self):

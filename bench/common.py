@@ -99,16 +99,21 @@ def _child(conn, fn, args, kwargs):
         conn.close()
 
 
-def isolated(fn, *args, **kwargs):
+def isolated(fn, *args, timeout: float | None = None, **kwargs):
     """Run fn(*args, **kwargs) in a fresh spawned process and return its (picklable) result.
 
     Each workload then starts from the same clean state: no allocator cache, compile cache or memory
-    high-water mark left over from the previous one. `fn` must be a module-level function."""
+    high-water mark left over from the previous one. `fn` must be a module-level function. With `timeout`
+    (seconds), a process still running then is killed and RuntimeError raised."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
     proc.start()
     child.close()
+    if timeout is not None and not parent.poll(timeout):
+        proc.kill()
+        proc.join()
+        raise RuntimeError(f"{fn.__name__} did not finish within its {timeout:.0f} s cap (killed)")
     try:
         status, value = parent.recv()
     except EOFError:

@@ -159,7 +159,7 @@ def validate(cfg: DistillConfig) -> None:
 
 def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
     """A fresh native GPT of the configured size, or the HF student (+ LoRA). Deterministic under the global seed."""
-    from tune.adapters import add_lora, load_base_model
+    from tune.adapters import add_lora, attention_implementation, load_base_model
     from tune.hf import resolve_dtype
     from tune.models.gpt import GPT, config_from_preset
 
@@ -167,7 +167,9 @@ def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
     if s.model is None:
         return GPT(config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                                       block_size=s.block_size or block_size, vocab_size=vocab_size))
-    model = load_base_model(s.model, s.method, resolve_dtype(s.dtype), cfg.qlora, cfg.train.gradient_checkpointing)
+    attn, _ = attention_implementation(s.model, cfg.data.packed_attention if cfg.data.kind == "ni" else "dense")
+    model = load_base_model(s.model, s.method, resolve_dtype(s.dtype), cfg.qlora, cfg.train.gradient_checkpointing,
+                            attn_implementation=attn)
     return add_lora(model, cfg.lora) if s.method in ("lora", "qlora") else model
 
 
@@ -200,7 +202,8 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
 def run(cfg: DistillConfig):
     from accelerate.utils import set_seed
 
-    from tune.packing import NIBatches
+    from tune.adapters import attention_implementation
+    from tune.packing import PACKED_ATTENTION, NIBatches
     from recipes.finetune import build_ni_datasets, load_splits
     from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
                               load_teacher, load_teacher_cache)
@@ -227,19 +230,23 @@ def run(cfg: DistillConfig):
         train_set, val_set, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
         train_examples, val_examples = train_set, val_set  # Arrow-backed, read by index
         batch_args = (train_examples, val_examples, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
-        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
+                            mask_mode=PACKED_ATTENTION[d.packed_attention])
         plain_source = NIBatches(*batch_args, **batch_kwargs)
         block_size = d.max_length
     else:
         plain_source, block_size = _text_source(cfg, accelerator), d.block_size
 
+    teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
+    if d.kind == "ni" and d.packing:
+        say(f"teacher {why}")
     teacher = None
     source = plain_source
     if t.cache:
         top_k = t.cache_top_k or vocab_size
         key = cache_key(t.model, top_k, {"train": train_examples, "val": val_examples})
         if not (Path(t.cache_dir) / key / "meta.json").is_file():
-            teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+            teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
         with accelerator.main_process_first():
             cache = build_teacher_cache(t.model, teacher, {"train": train_examples, "val": val_examples}, t.cache_dir,
                                         top_k, vocab_size, tokenizer.pad_token_id, log=say)
@@ -248,7 +255,7 @@ def run(cfg: DistillConfig):
                                       train_cache=load_teacher_cache(cache, "train", len(train_examples)),
                                       val_cache=load_teacher_cache(cache, "val", len(val_examples)))
     else:
-        teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+        teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
 
     student = make_student(cfg, vocab_size, block_size)
     say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
@@ -276,7 +283,7 @@ def run(cfg: DistillConfig):
             ce_student.eval()
             save_student(cfg, ce_student, tokenizer, run_dir / "ce_only" / "student")
             if teacher is None:
-                teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device)
+                teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
             rows = compare(cfg, {"teacher": teacher, "KD student": student, "CE-only student": ce_student},
                            plain_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
                            accelerator.device)

@@ -38,6 +38,9 @@ class NIDataSection:
     max_length: int = 1024
     mask_prompt: bool = True  # loss only on the output tokens (and eos)
     packing: bool = True  # several examples per row, no attention across them
+    # how packed rows keep examples apart: flex = (B, L) document ids, flex_attention on CUDA (a mask built from the
+    # ids elsewhere); dense = a (B, 1, L, L) mask made by the collator (O(L^2) per row, no flash kernel)
+    packed_attention: Literal["flex", "dense"] = "flex"
     cache_dir: str = ".cache/ni"
     seed: int = 0
 
@@ -196,8 +199,8 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
 def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
-    from tune.packing import NIBatches
-    from tune.adapters import merge_adapter
+    from tune.packing import PACKED_ATTENTION, NIBatches
+    from tune.adapters import attention_implementation, merge_adapter
     from tune.engine import Engine, make_accelerator
     from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
@@ -218,10 +221,13 @@ def run(cfg: FinetuneConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if cfg.data.packing:
+        say(attention_implementation(cfg.base_model, cfg.data.packed_attention)[1])
 
     d = cfg.data
     source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-                       seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id)
+                       seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
+                       mask_mode=PACKED_ATTENTION[d.packed_attention])
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
                     rebuild=lambda: build_model(cfg), run_config=cfg).fit()
 
@@ -250,10 +256,12 @@ def run_tokenizer(cfg: FinetuneConfig):
 
 def build_model(cfg: FinetuneConfig):
     """The base model as configured (full, or wrapped with LoRA / QLoRA adapters)."""
-    from tune.adapters import add_lora, load_base_model
+    from tune.adapters import add_lora, attention_implementation, load_base_model
     from tune.hf import resolve_dtype
 
-    base = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora, cfg.train.gradient_checkpointing)
+    attn, _ = attention_implementation(cfg.base_model, cfg.data.packed_attention)
+    base = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora, cfg.train.gradient_checkpointing,
+                           attn_implementation=attn)
     return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
 
 

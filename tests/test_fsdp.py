@@ -103,3 +103,100 @@ def test_unsupported_fsdp_setups_are_refused_before_training(fsdp_version, rebui
     with pytest.raises(ConfigError, match=message):
         engine.fit()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+
+QLORA = ["method=qlora", "qlora.compute_dtype=fp32"]  # CPU: fp32 compute (auto's choice here), said explicitly
+
+
+@needs_data
+@pytest.mark.slow
+def test_fsdp_qlora_matches_one_process_with_float_storage_chosen_automatically(recipe_configs, tmp_path):
+    """qlora.quant_storage=auto: uint8 on one process, fp32 (the compute dtype) under FSDP2, where the 4-bit
+    weights are then sharded like the other parameters (accelerate warns about, and leaves unsharded, 4-bit
+    weights in uint8). Same losses as one process (1e-4 relative, as above; equal to ~1e-7 here), positive
+    losses and finite grad norms at every step, the same adapter; an explicit uint8 is refused under FSDP."""
+    import json
+
+    one = run("finetune", recipe_configs, tmp_path / "one", False, QLORA)
+    config, overrides = recipe_configs["finetune"]
+    fsdp = [*overrides, "lora.dropout=0.0", "train.grad_accum_steps=1", "train.keep_checkpoints=4", *QLORA]
+    done = tune_run("finetune", config, fsdp, tmp_path / "fsdp", fsdp=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP: parameters sharded over 2 processes" in done.stdout and "Params4bit" not in done.stderr
+    two = losses(tmp_path / "fsdp")
+    assert_losses_close(one[0], two[0])
+    assert_losses_close(one[1], two[1])
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in rows if "grad_norm" in r]
+    assert len(norms) == 8 and all(0 < n < float("inf") for n in norms)
+    assert all(loss > 0 for _, loss in two[0])
+    assert_same_weights(tmp_path / "one" / "adapter", tmp_path / "fsdp" / "adapter", "adapter_model.safetensors")
+
+    refused = tune_run("finetune", config, [*fsdp, "qlora.quant_storage=uint8"], tmp_path / "uint8", fsdp=True)
+    assert refused.returncode != 0
+    assert ("error: qlora.quant_storage=uint8 cannot be sharded by FSDP (the 4-bit weights must be stored in the "
+            "compute dtype, fp32 here); set qlora.quant_storage=auto (or fp32)") in refused.stderr
+    assert not (tmp_path / "uint8" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("storage, compute, fsdp, expected", [
+    ("auto", "fp32", False, torch.uint8), ("auto", "bf16", False, torch.uint8),  # one process: as before
+    ("auto", "fp32", True, torch.float32), ("auto", "bf16", True, torch.bfloat16),  # FSDP: the compute dtype
+    ("uint8", "fp32", False, torch.uint8), ("bf16", "bf16", True, torch.bfloat16), ("fp16", "fp32", False, torch.float16),
+])
+def test_quant_storage_auto_is_the_compute_dtype_under_fsdp_only(storage, compute, fsdp, expected):
+    from tune.adapters import QuantSection, bnb_config, quant_storage
+
+    quant = QuantSection(compute_dtype=compute, quant_storage=storage)
+    assert quant_storage(quant, fsdp) == expected
+    assert bnb_config(quant, fsdp).bnb_4bit_quant_storage == expected
+
+
+@pytest.mark.parametrize("storage, compute", [("uint8", "fp32"), ("uint8", "bf16"), ("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_quant_storage_fsdp_cannot_shard_is_refused_naming_the_key_and_fix(storage, compute):
+    from tune.adapters import QuantSection, quant_storage
+    from tune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        quant_storage(QuantSection(compute_dtype=compute, quant_storage=storage), fsdp=True)
+    assert str(e.value) == (f"qlora.quant_storage={storage} cannot be sharded by FSDP (the 4-bit weights must be stored "
+                            f"in the compute dtype, {compute} here); set qlora.quant_storage=auto (or {compute})")
+
+
+def test_fsdp_is_detected_from_accelerates_state_or_the_launchers_environment(monkeypatch):
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from tune.adapters import fsdp_active
+
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # no Accelerator yet: `accelerate launch`'s variable
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not fsdp_active()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp_active()
+    for kind, expected in [(DistributedType.FSDP, True), (DistributedType.MULTI_GPU, False)]:  # the state decides
+        monkeypatch.setattr(AcceleratorState, "_shared_state", {"distributed_type": kind})
+        assert fsdp_active() == expected
+
+
+@needs_data
+@pytest.mark.slow
+def test_the_gpu_qlora_fsdp_check_runs_end_to_end_on_cpu(tmp_path):
+    """bench/qlora_fsdp_check.py --smoke (what the GPU check runs, on 2 CPU processes): it passes, with the
+    FSDP losses equal to one process's and the Linear4bit probe exact for bf16 and fp32 storage."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "bench.qlora_fsdp_check", "--out", str(tmp_path), "--smoke",
+                           "--ni-tasks", str(NI_TASKS)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "qlora_fsdp_check.json").read_text())
+    assert result["ok"] and all(result["recipe"]["checks"].values())
+    assert result["recipe"]["max_rel_loss_diff"] <= 1e-4
+    assert [(p["storage"], p["exact"]) for p in result["probe"]] == [("bf16", True), ("fp32", True)]

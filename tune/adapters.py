@@ -7,6 +7,7 @@ and does the one thing they leave to us: merging a QLoRA adapter into the *dequa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,13 +17,74 @@ from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_thir
 from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
 
-def bnb_config(quant: QuantSection):
+def fsdp_active() -> bool:
+    """True when this process trains under FSDP: Accelerate's state says so (once an Accelerator exists), or
+    `accelerate launch` with an FSDP config set ACCELERATE_USE_FSDP for it."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, str_to_bool
+
+    state = AcceleratorState._shared_state  # read, not AcceleratorState(): that would re-derive the state
+    if state:  # an Accelerator was created: it knows (tests/fsdp_cpu.py switches it to FSDP on CPU)
+        return state.get("distributed_type") == DistributedType.FSDP
+    return bool(str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")))
+
+
+def quant_storage(quant: QuantSection, fsdp: bool) -> torch.dtype:
+    """The dtype bitsandbytes packs the 4-bit weights into. auto: the compute dtype under FSDP, uint8 otherwise.
+
+    FSDP shards float tensors only, and gathers each group in one dtype: with uint8 storage FSDP2 fails, or
+    trains on destroyed 4-bit weights (loss 0, grad norm NaN; huggingface/accelerate#3983; accelerate 1.15
+    instead leaves them unsharded, whole on every process); a float storage other than the dtype of the
+    model's other parameters (the compute dtype: the 4-bit loading gives them that dtype) is cast, which
+    scrambles the packed 4-bit codes. Outside FSDP uint8 is bitsandbytes' default and the path measured on
+    one process. Raises ConfigError for a qlora.quant_storage FSDP cannot shard correctly.
+    """
+    compute = resolve_dtype(quant.compute_dtype)
+    if quant.quant_storage == "auto":
+        return compute if fsdp else torch.uint8
+    storage = resolve_dtype(quant.quant_storage)
+    if fsdp and storage != compute:
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[compute]
+        raise ConfigError(f"qlora.quant_storage={quant.quant_storage} cannot be sharded by FSDP (the 4-bit weights must "
+                          f"be stored in the compute dtype, {name} here); set qlora.quant_storage=auto (or {name})")
+    return storage
+
+
+def bnb_config(quant: QuantSection, fsdp: bool = False):
+    """transformers' BitsAndBytesConfig for `quant` (4-bit); fsdp: the model will be sharded (see quant_storage)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
-        bnb_4bit_quant_storage=resolve_dtype(quant.quant_storage))
+        bnb_4bit_quant_storage=quant_storage(quant, fsdp))
+
+
+def attention_implementation(path, packed_attention: str = "dense") -> tuple[str, str]:
+    """The attn_implementation to load the HF causal LM in `path` with, and a line saying why.
+
+    flex_attention when data.packed_attention=flex, CUDA is available and the model class supports it
+    (`_supports_flex_attn`: Llama yes, GPT-2 and OpenAIGPT not in transformers 5); torch 2.13 has no flex_attention
+    backward on CPU and transformers compiles it there (slow, and some shapes fail to build), so on CPU packed
+    rows use SDPA with a mask built from their document_ids. Otherwise sdpa, or eager for a class without SDPA
+    (OpenAIGPT: it can then train unpacked rows only, tune.losses.check_takes_4d_mask).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    name = cls.__name__ if cls is not None else type(config).__name__
+    fallback = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    if packed_attention != "flex":
+        return fallback, f"attention: {fallback} (data.packed_attention={packed_attention})"
+    if cls is None or not getattr(cls, "_supports_flex_attn", False):
+        return fallback, (f"attention: {fallback}; {name} has no flex_attention in this transformers, so packed rows "
+                          "use a dense mask built from their document ids")
+    if not torch.cuda.is_available():
+        return fallback, (f"attention: {fallback}; flex_attention needs CUDA to train (torch has no CPU backward), so "
+                          "packed rows use a dense mask built from their document ids")
+    return "flex_attention", "attention: flex_attention (document-id BlockMask per packed row)"
 
 
 def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection | None = None,
@@ -30,8 +92,8 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
     """The HF model to train. full: trainable weights in `dtype`; lora: frozen base in `dtype`;
     qlora: frozen 4-bit base prepared for k-bit training.
 
-    SDPA attention by default: packed batches carry a 4D block-diagonal bool mask, which SDPA applies
-    as given (tune/packing.py).
+    SDPA attention by default: dense packed batches carry a 4D block-diagonal bool mask, which SDPA applies
+    as given (tune/packing.py); attention_implementation() picks flex_attention for document_ids batches.
     """
     from transformers import AutoModelForCausalLM
 
@@ -41,7 +103,7 @@ def load_base_model(path, method: str, dtype: torch.dtype, quant: QuantSection |
             from peft import prepare_model_for_kbit_training
 
             device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant),
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(quant, fsdp_active()),
                                                          dtype=resolve_dtype(quant.compute_dtype),
                                                          device_map=device_map, attn_implementation=attn_implementation,
                                                          trust_remote_code=False)

@@ -4,7 +4,7 @@
     tune cp CONFIG DEST                        copy a built-in config to edit (DEST/ : into that directory)
     tune cat CONFIG [key=value ...]            print the resolved config (defaults filled in, overrides applied)
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
-    tune run RECIPE --config CONFIG [key=value ...] [--nproc N]
+    tune run RECIPE --config CONFIG [key=value ...] [--nproc N] [--nnodes M --rdzv-endpoint HOST:PORT]
     tune export RUN_DIR [--step N | --best] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
     tune generate --model DIR [--adapter DIR] --prompt TEXT | --task FILE
 """
@@ -131,12 +131,38 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (processes on this machine), got {args.nproc}")
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    check_node_args(args)
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         _, cfg = load_recipe_config(args.config, args.overrides, args.recipe)  # fail fast, before starting N processes
         return launch(args, cfg)
     module, cfg = load_recipe_config(args.config, args.overrides, args.recipe)
     module.run(cfg)
     return 0
+
+
+def check_node_args(args) -> None:
+    """Refuse multi-node flags that torchrun would reject late or misread (ConfigError, one line)."""
+    if args.nnodes < 1:
+        raise ConfigError(f"--nnodes must be >= 1 (machines taking part), got {args.nnodes}")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise ConfigError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (an address of the first node "
+                          "that every node can reach, e.g. --rdzv-endpoint node1:29500), given the same on every node")
+    if args.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", args.rdzv_endpoint):
+        raise ConfigError(f"--rdzv-endpoint must be HOST:PORT (e.g. node1:29500), got {args.rdzv_endpoint!r}")
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank must be in [0, --nnodes={args.nnodes}), got {args.node_rank}")
+
+
+def torchrun_command(args) -> list[str]:
+    """The torchrun command line that starts this `tune run` on args.nproc processes of this machine, joining
+    args.nnodes machines through a c10d rendezvous at args.rdzv_endpoint when given (torchrun's own flags)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+    if args.rdzv_endpoint:
+        command += ["--nnodes", str(args.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint,
+                    "--rdzv-id", args.rdzv_id]
+    if args.node_rank is not None:
+        command += ["--node-rank", str(args.node_rank)]
+    return [*command, "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
 
 
 # torchrun's own warnings, e.g. "W1130 19:18:42.537000 9805 torch/distributed/elastic/...] Sending process ... closing
@@ -166,8 +192,7 @@ def launch(args, cfg) -> int:
     omp_env = os.environ.get("OMP_NUM_THREADS")
     busy = busy_fraction() if requested == 0 and not omp_env else 0.0
     threads, _ = choose_num_threads(requested, usable_cores(), args.nproc, omp_env, busy)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "-m", "tune.cli", "run", args.recipe, "--config", args.config, *args.overrides]
+    command = torchrun_command(args)
     started = time.time()
     held: list[bytes] = []  # stderr after a signal, kept back until torchrun's traceback is taken out
     interrupted = threading.Event()
@@ -219,7 +244,8 @@ def launch(args, cfg) -> int:
         sys.stderr.write(b"".join(held).decode("utf-8", "replace"))
         return code
     sys.stderr.write(_SIGNAL_TRACEBACK.sub("", b"".join(held).decode("utf-8", "replace")))
-    print(interrupted_summary(cfg, args.nproc, started, signal.Signals(received[0]).name), file=sys.stderr)
+    print(interrupted_summary(cfg, args.nproc * args.nnodes, started, signal.Signals(received[0]).name),
+          file=sys.stderr)
     return 128 + received[0]
 
 
@@ -426,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a YAML file or the name of a built-in config")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (started with torch.distributed.run; works on CPU and GPUs)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines taking part; run the same command on each (needs --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes: the first node's address and a free port, the same on every node "
+                        "(torchrun's c10d rendezvous)")
+    p.add_argument("--rdzv-id", default="tune", help="the rendezvous id, the same on every node (e.g. $SLURM_JOB_ID)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this machine's rank (optional: the c10d rendezvous assigns one)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 model.dropout=0.1")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("export", help="write a run's checkpoint as its final artifact (HF model, adapter, student)")

@@ -28,8 +28,9 @@ from tune.packing import NIBatches, collate_padded, example_rows
 
 
 # -- teacher --------------------------------------------------------------------------------------
-def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
-    """The teacher as a frozen HF causal LM in eval mode: in `dtype`, or 8-bit / 4-bit (nf4) via bitsandbytes."""
+def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None, attn_implementation: str = "sdpa"):
+    """The teacher as a frozen HF causal LM in eval mode: in `dtype`, or 8-bit / 4-bit (nf4) via bitsandbytes.
+    attn_implementation: see tune.adapters.attention_implementation (the teacher sees the student's batches)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tune.hf import check_model_dir, quiet_third_party
@@ -46,7 +47,7 @@ def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None):
     if quant != "none" and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with quiet_third_party():  # a quantized teacher imports bitsandbytes
-        teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", trust_remote_code=False,
+        teacher = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, trust_remote_code=False,
                                                        **kwargs)
     teacher.eval().requires_grad_(False)
     if quant == "none" and device is not None:

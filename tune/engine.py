@@ -34,7 +34,7 @@ from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and to
 from tune.errors import ConfigError, TuneError
 from tune.losses import IGNORE_INDEX, causal_lm_loss, liger_loss_fn
 from tune.report import MetricsLog  # noqa: F401 - re-exported
-from tune.run_lock import lock_run_dir
+from tune.run_lock import check_run_dir_shared, lock_run_dir
 from tune.runtime import (  # noqa: F401 - re-exported
     STOP_SIGNALS, Interrupted, StopAtStepBoundary, apply_num_threads, busy_fraction, choose_num_threads,
     deferred_signals, restore_handlers, stop_on_signals, usable_cores)
@@ -211,6 +211,8 @@ class Engine:
             for stale in self.checkpointer.remove_stale_temp():
                 self.log_line(f"removed {stale.name}, left in {self.checkpointer.dir} by an interrupted save")
         acc.wait_for_everyone()
+        if acc.num_processes > 1:  # several nodes: each must see this run_dir, not a same-named one of its own
+            check_run_dir_shared(acc, self.run_dir)
         latest = self.checkpointer.resume_point(acc.num_processes, self.log_line) if cfg.resume else None
         if cfg.resume and latest is None:
             self.log_line(f"resume=true but no checkpoint in {self.checkpointer.dir}; starting from step 0")

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tune.errors import TuneError
+
 IGNORE_INDEX = -100
 
 
@@ -19,12 +21,64 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Mod
     with prompt masking most positions need no logits at all.
     """
     if hasattr(model, "hidden_states") and hasattr(model, "output_embeddings"):  # native GPT
-        return model.hidden_states(batch["input_ids"]), model.output_embeddings()
+        mask, documents, positions = batch.get("attention_mask"), batch.get("document_ids"), batch.get("position_ids")
+        if mask is not None and mask.dim() == 2:
+            # right padding (collate_padded): causal attention never reaches it from a real token
+            mask = None
+        if mask is None and documents is None and positions is not None:
+            documents = documents_from_positions(positions)
+        return model.hidden_states(batch["input_ids"], position_ids=positions, document_ids=documents,
+                                   attention_mask=mask), model.output_embeddings()
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     backbone = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
     kwargs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if "document_ids" in batch:
+        kwargs.pop("attention_mask", None)
+        mask = hf_document_mask(lm, batch["document_ids"])
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+    elif "attention_mask" in kwargs and kwargs["attention_mask"].dim() == 4:
+        check_takes_4d_mask(lm)
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs)
     return out[0], lm.get_output_embeddings()
+
+
+def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document ids (B, L) for rows packed with position_ids only (mask_mode="position_ids"): a new example wherever
+    the positions do not continue by 1, as transformers detects packing; None when no row restarts (plain causal)."""
+    first = position_ids[:, :1] - 1
+    documents = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    return documents if bool(documents[:, -1].any()) else None
+
+
+def check_takes_4d_mask(lm: nn.Module) -> None:
+    """TuneError unless the HF model builds its masks with transformers' mask interface (masking_utils), which
+    passes a 4D mask / BlockMask through as given. Models that support none of sdpa, flex or flash attention
+    (OpenAIGPTLMHeadModel in transformers 5) take only a 2D padding mask and would mis-broadcast a 4D one."""
+    if not any(getattr(lm, f"_supports_{kind}", False) for kind in ("sdpa", "flex_attn", "flash_attn")):
+        raise TuneError(f"{type(lm).__name__} takes only a 2D padding mask, so packed examples cannot be kept "
+                        "apart; set data.packing=false")
+
+
+def hf_document_mask(lm: nn.Module, document_ids: torch.Tensor):
+    """The attention_mask that keeps the packed examples of `document_ids` (B, L) apart in the HF model `lm`,
+    for its attention implementation: flex_attention -> a BlockMask; flash_attention_* -> None (transformers
+    then splits the rows at the position_ids restarts into variable-length sequences); eager -> the 4D additive
+    float mask (eager adds it to the scores); sdpa and others -> the 4D bool mask (B, 1, L, L).
+    TuneError for models that cannot take a 4D mask (check_takes_4d_mask)."""
+    from tune.models.gpt import document_block_mask, document_dense_mask
+
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if impl.startswith("flash_attention"):
+        return None
+    check_takes_4d_mask(lm)
+    if impl == "flex_attention":
+        return document_block_mask(document_ids)
+    dense = document_dense_mask(document_ids)
+    if impl == "eager":
+        dtype = lm.dtype if lm.dtype.is_floating_point else torch.float32
+        return torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill(~dense, torch.finfo(dtype).min)
+    return dense
 
 
 def _is_dtensor(t) -> bool:

@@ -1,20 +1,26 @@
 """Packing tokenized examples into rows: bin packing, padding/packing collators and the engine BatchSource.
 
 Packing puts several examples in one row. To keep them independent, each row gets ``position_ids`` that
-restart at 0 for every example and a 4D block-diagonal causal ``attention_mask`` (B, 1, L, L), bool,
-True = may attend. transformers 5.23 passes a 4D mask through unchanged; with SDPA (the default
-attention) the bool form gives the same logits as running each example alone, for GPT2LMHeadModel and
-LlamaForCausalLM (tests/test_packing.py). A bool mask does not depend on the compute dtype (bf16/fp16
-autocast). Eager attention *adds* the mask to the scores, so use attn_implementation="sdpa" with it.
-Resetting position_ids next to a 2D (padding) mask does NOT isolate examples.
+restart at 0 for every example, and one of (``mask_mode``):
 
-GPU note: a 4D mask makes SDPA fall back to its math / memory-efficient kernels (no flash kernel).
-With ``attn_implementation="flash_attention_2"``, mask_mode="position_ids" emits only position_ids (no
-attention_mask), which flash-attention turns into variable-length sequences (as transformers'
-DataCollatorWithFlattening does) and keeps the fast kernels. That mode is meant for flash-attention-2 on a
-GPU; with SDPA/eager, isolation then depends on transformers detecting the position resets itself (5.23
-does so only when no attention_mask is passed and use_cache=False, as tune.losses does), so "4d" is the
-default and the mode the tests verify on CPU.
+- "document_ids" (data.packed_attention=flex): ``document_ids`` (B, L) int64, one id per example (the padding tail
+  its own), O(L) per row. tune.losses.hidden_and_head turns them into the model's mask: a flex_attention
+  ``BlockMask`` (native GPT on CUDA, HF models loaded with attn_implementation="flex_attention"), no mask at all
+  for flash-attention-2 (variable-length sequences from the position_ids restarts), else the dense mask below,
+  built on the model's device. torch 2.13 has no flex_attention backward on CPU, so CPU training takes the dense
+  mask either way (tune/models/gpt.py).
+- "4d" (data.packed_attention=dense): a 4D block-diagonal causal ``attention_mask`` (B, 1, L, L), bool,
+  True = may attend. transformers 5 passes a 4D mask through unchanged; with SDPA the bool form gives the same
+  logits as running each example alone, for GPT2LMHeadModel and LlamaForCausalLM (tests/test_packing.py). A
+  bool mask does not depend on the compute dtype (bf16/fp16 autocast). Eager attention *adds* the mask to the
+  scores, so use attn_implementation="sdpa" with it. It rules out SDPA's flash kernel and costs O(L^2) memory.
+- "position_ids": position_ids only (no attention_mask), as transformers' DataCollatorWithFlattening; kept for
+  callers that pick flash-attention-2 themselves. "document_ids" covers that case too (hidden_and_head drops
+  the mask for flash-attention models). With SDPA/eager, isolation then depends on transformers detecting the
+  position resets itself (5.x does so only when no attention_mask is passed and use_cache=False, as
+  tune.losses does); for the native GPT tune.losses finds the restarts the same way.
+
+Resetting position_ids next to a 2D (padding) mask does NOT isolate examples.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from tune.errors import ConfigError, DataError
 from tune.files import directory_written_aside
 from tune.losses import IGNORE_INDEX
 
-MASK_MODES = ("4d", "position_ids")
+MASK_MODES = ("4d", "document_ids", "position_ids")
+PACKED_ATTENTION = {"flex": "document_ids", "dense": "4d"}  # data.packed_attention -> mask_mode
 
 
 PACKING_VERSION = 2  # bumps invalidate cached packs (2: bulk best-fit-decreasing)
@@ -130,6 +137,8 @@ def collate_packed(examples: Sequence[Sequence[dict]], max_length: int | None, p
     input_ids (B, L) padded with pad_id; targets (B, L) with -100 on padding; position_ids restarting at 0 for
     every example (and for the padding tail); mask_mode "4d": attention_mask (B, 1, L, L) bool, causal within an
     example and never across; padding rows attend only to themselves (keeps SDPA finite; their targets are -100).
+    mask_mode "document_ids": document_ids (B, L) int64 instead, example k of a row has id k and the padding tail
+    its own id (len(pack)): O(L) per row, the model builds its mask (tune.losses.hidden_and_head).
     mask_mode "position_ids": no attention_mask (flash-attention-2 on GPU only, see the module docstring).
     """
     if mask_mode not in MASK_MODES:
@@ -154,6 +163,9 @@ def collate_packed(examples: Sequence[Sequence[dict]], max_length: int | None, p
             start += n
         position_ids[b, start:] = torch.arange(width - start)
     batch = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids}
+    if mask_mode == "document_ids":
+        padding = torch.tensor([len(pack) for pack in examples])[:, None].expand(B, width)
+        batch["document_ids"] = torch.where(segment >= 0, segment, padding)
     if mask_mode == "4d":
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         same = (segment[:, :, None] == segment[:, None, :]) & (segment >= 0)[:, :, None]
@@ -271,7 +283,8 @@ class NIBatches:
     G = micro_batch_size * grad_accum_steps * world units, step s taking units [(s-1)*G, s*G), split into
     micro-batches of micro_batch_size units of which rank r takes r, r + world, ... So any split of the same global
     batch over processes and accumulation steps trains on the same units. A micro-batch's tensors are built
-    only when step_batches / val_batches asks for it.
+    only when step_batches / val_batches asks for it. mask_mode: how packed rows keep examples apart (collate_packed;
+    PACKED_ATTENTION maps data.packed_attention to it).
     """
 
     def __init__(self, train_examples, val_examples, micro_batch_size: int, grad_accum_steps: int, seed: int,

@@ -47,7 +47,41 @@ def lock_run_dir(run_dir: Path) -> None:
             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "command": " ".join(sys.argv)}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    os.fsync(fd)  # on a network filesystem, other nodes read it while this process keeps it open
     _held[key] = fd
+
+
+def lock_record(run_dir: Path) -> dict:
+    """What run_dir/.lock says (pid, host, since, command); {} when it is missing or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def unshared_processes(records: list[dict]) -> list[int]:
+    """The processes (by index) whose view of the lock record differs from process 0's, which took the lock."""
+    return [rank for rank, record in enumerate(records) if record != records[0]]
+
+
+def check_run_dir_shared(accelerator, run_dir: Path, attempts: int = 3) -> None:
+    """Every process must see the lock the main process (0) took on run_dir, i.e. one filesystem holds run_dir
+    for all of them: checkpoints are written by every process into one directory, so with several nodes it
+    must be shared (NFS, Lustre, ...). A collective: every process calls it after the lock, and all raise the
+    same ConfigError when one sees another directory (retried `attempts` times, 1 s apart, for slow caches)."""
+    from accelerate.utils import gather_object
+
+    for attempt in range(attempts):
+        views = gather_object([(socket.gethostname(), lock_record(run_dir))])
+        unshared = unshared_processes([record for _, record in views])
+        if not unshared:
+            return
+        if attempt < attempts - 1:
+            time.sleep(1)
+    hosts = ", ".join(sorted({views[rank][0] for rank in unshared}))
+    raise ConfigError(f"output_dir={run_dir} is not one directory for all processes: process(es) "
+                      f"{', '.join(map(str, unshared))} on {hosts} do not see the run lock process 0 took there; "
+                      "with several nodes, put output_dir (and data.cache_dir) on a filesystem every node mounts")
 
 
 def unlock_run_dir(run_dir: Path) -> None:

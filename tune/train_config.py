@@ -102,4 +102,5 @@ class QuantSection:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    quant_storage: Literal["uint8", "bf16", "fp32", "fp16"] = "uint8"  # FSDP needs it equal to the param dtype
+    # auto: the compute dtype under FSDP (which shards only float tensors), else uint8 (tune.adapters.quant_storage)
+    quant_storage: Literal["auto", "uint8", "bf16", "fp32", "fp16"] = "auto"

@@ -10,6 +10,15 @@ Switches (all in GPTConfig):
   tie_embeddings  output projection shares the token embedding matrix
 
 models/export.py maps the three supported combinations to OpenAIGPT, GPT-2 and Llama checkpoints.
+
+Attention (chosen once per forward, shared by the blocks):
+  neither mask     SDPA is_causal=True (pretraining windows, one example per row: the fast kernels)
+  attention_mask   a 4D bool mask (B, 1, T, T), True = may attend: SDPA with attn_mask (dense packed rows)
+  document_ids     (B, T) ints, one id per packed example: causal within an example, never across. On CUDA,
+                   torch's flex_attention with a BlockMask (compiled once, lazily, as the torch docs require
+                   for a fused kernel). torch 2.13's flex_attention has no backward on CPU, and its eager
+                   form materializes the scores anyway, so on other devices the same mask is built densely
+                   for SDPA (same result; FLEX_DEVICES lists where flex runs).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from tune.models.config import PRESETS, GPTConfig, config_from_preset  # noqa: F401 - re-exported
 
@@ -52,6 +62,50 @@ def rope_tables(config: GPTConfig, length: int, device=None) -> tuple[torch.Tens
     return angles.cos(), angles.sin()
 
 
+FLEX_DEVICES = {"cuda"}  # device types where document_ids run through flex_attention (see the module docstring)
+_compiled_flex = _compiled_block_mask = None  # torch.compile'd on first use on CUDA
+
+
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """flex_attention's BlockMask for packed rows: query q sees key k iff k <= q and both hold the same document id.
+    document_ids (B, T) int on the attention's device."""
+    def same_document_causal(b, h, q, k):
+        return (q >= k) & (document_ids[b, q] == document_ids[b, k])
+
+    global _compiled_block_mask
+    B, T = document_ids.shape
+    make = create_block_mask
+    if document_ids.device.type == "cuda":  # compiled, it never materializes the (B, T, T) mask
+        if _compiled_block_mask is None:
+            _compiled_block_mask = torch.compile(create_block_mask)
+        make = _compiled_block_mask
+    return make(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
+def document_dense_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """The same mask as document_block_mask, dense: (B, 1, T, T) bool, True = may attend."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+
+
+def attend(q, k, v, mask, dropout_p: float, enable_gqa: bool):
+    """Causal attention over (B, H, T, head_dim) tensors: mask None (causal), a 4D bool tensor or a BlockMask
+    (flex_attention has no attention dropout: ValueError if dropout_p > 0)."""
+    if isinstance(mask, BlockMask):
+        global _compiled_flex
+        if dropout_p:
+            raise ValueError("flex_attention has no attention dropout; use a dense mask when training with dropout")
+        flex = flex_attention
+        if q.device.type == "cuda" and not torch.compiler.is_compiling():  # inside a compiled region: traced as is
+            if _compiled_flex is None:
+                _compiled_flex = torch.compile(flex_attention)
+            flex = _compiled_flex
+        return flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p,
+                                          enable_gqa=enable_gqa)
+
+
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -69,7 +123,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.rope = config.position == "rope"
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -80,10 +134,8 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
+                   enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_drop(self.proj(y))
 
@@ -115,11 +167,11 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(config), CausalSelfAttention(config)
         self.norm2, self.mlp = make_norm(config), MLP(config)
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, mask=None):
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope)
+            x = x + self.attn(self.norm1(x), rope, mask)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope))
+        x = self.norm1(x + self.attn(x, rope, mask))
         return self.norm2(x + self.mlp(x))
 
 
@@ -165,24 +217,48 @@ class GPT(nn.Module):
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, n_embd), before the output projection."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd), before the output projection.
+
+        position_ids (B, T) index the position table / rotary tables (default 0..T-1; packed rows restart them
+        per example). document_ids (B, T) int keep packed examples apart (flex_attention on CUDA, else a dense
+        mask; see the module docstring); attention_mask (B, 1, T, T) bool, True = may attend, does the same
+        densely. With neither, attention is plainly causal. Only one of the two may be given (ValueError).
+        """
         T = input_ids.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if document_ids is not None and attention_mask is not None:
+            raise ValueError("pass document_ids or attention_mask, not both")
+        if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.dtype != torch.bool):
+            raise ValueError(f"the native GPT takes a 4D bool attention_mask (B, 1, T, T), got "
+                             f"{attention_mask.dim()}D {attention_mask.dtype}")
+        positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=input_ids.device))
+            x = x + self.pos_emb(positions)
         x = self.drop(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.config.position == "rope" else None
+        rope = None
+        if self.config.position == "rope":
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if position_ids is not None:  # (B, T, head_dim) -> (B, 1, T, head_dim), broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
+        mask = attention_mask
+        if document_ids is not None:
+            # flex has no attention dropout: training with it takes the dense mask
+            flex = document_ids.device.type in FLEX_DEVICES and not (self.training and self.config.dropout)
+            mask = document_block_mask(document_ids) if flex else document_dense_mask(document_ids)
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope, mask)
         return self.norm_f(x) if self.norm_f is not None else x
 
-    def forward(self, input_ids: torch.Tensor, **_ignored) -> torch.Tensor:
-        """Logits (B, T, vocab_size). Extra keyword arguments (e.g. attention_mask) are ignored:
-        pretraining batches are full, unpadded windows."""
-        return self.lm_head(self.hidden_states(input_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **_ignored) -> torch.Tensor:
+        """Logits (B, T, vocab_size); the keyword arguments as in hidden_states, others (use_cache, ...) ignored."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, attention_mask))
 
     def output_embeddings(self) -> nn.Linear:
         return self.lm_head

@@ -1,0 +1,660 @@
+"""The GPU check: one prepared command that proves the GPU path and measures it against the baselines.
+
+    python -m bench.gpu_check --out DIR [--ni-tasks DIR] [--budget-s 420] [--smoke]
+
+1. Dependencies, first, in seconds: every package gpt-tune needs (pyproject.toml) must import, and a CUDA
+   device must exist (unless --smoke). Otherwise it stops with the list of what is missing and the pip
+   command for it (versions from constraints.txt), exit status 2. TRL and Liger-Kernel are optional.
+2. Correctness on the device (seconds each): the engine's bf16 step against fp32, torch.compile on/off,
+   FlexAttention against the dense-mask packed path, exact resume under bf16, QLoRA forward/backward and
+   merge, a distillation step with a 4-bit teacher, 8-bit / paged AdamW, CPU activation offloading,
+   Liger's fused cross-entropy against ours (when installed). Each states its tolerance.
+3. Benchmarks at the GPU shapes of bench/ (each side in a fresh process, capped in time, skipped once
+   --budget-s is spent): GPT-2 124M pretraining against HF Trainer and a compiled plain loop; LoRA /
+   QLoRA / full fine-tuning on the real NI prompts with Llama-1.1B shapes against HF Trainer + PEFT
+   (+ TRL SFT with packing when TRL is importable); distillation 1.1B -> 124M, live and cached, against
+   the student alone.
+
+Writes DIR/gpu_check.md (the report for BENCHMARKS.md) and DIR/gpu_check.json; exit status 1 when a
+correctness check failed. --smoke runs the same script end to end on CPU with tiny shapes (CI runs it, so
+it cannot rot); its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_NI_TASKS = REPO.parent / "shared" / "data" / "natural_instructions" / "tasks"
+OPTIONAL = {"trl": "trl", "liger-kernel": "liger_kernel"}  # pip name -> module
+MODULE_OF = {"pyyaml": "yaml", "rouge-score": "rouge_score"}  # pip names whose module is named otherwise
+
+# Targets from ../shared/BENCHMARKS.md (one H100, 2026-11-23), which the report compares against.
+PLAIN_LOOP_TOKENS_S = 438_000  # GPT-2 124M, compiled nanoGPT-style loop
+LORA_NI_ANCHOR = {"impl": "TRL SFTTrainer + PEFT, packing", "tokens_per_s": 8_522, "peak_gib": 4.3}
+
+
+# -- 1. dependencies ------------------------------------------------------------------------------------------
+def required_packages() -> list[str]:
+    """The pip names of pyproject.toml's [project] dependencies."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].strip() for d in deps]
+
+
+def pinned_versions() -> dict[str, str]:
+    """{pip name (lower case): version} from constraints.txt."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith("#"):
+            name, version = line.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def missing_packages(names: list[str]) -> list[str]:
+    """The pip names among `names` whose module cannot be found."""
+    def module(name):
+        return MODULE_OF.get(name, name.replace("-", "_"))
+
+    return [n for n in names if importlib.util.find_spec(module(n)) is None]
+
+
+def check_dependencies(smoke: bool) -> list[str]:
+    """Problems that stop the check before it starts (one line each), or []."""
+    import torch  # the one package the GPU image is sure to have
+
+    problems = []
+    missing = [n for n in missing_packages(required_packages()) if n != "torch"]
+    if missing:
+        pins = pinned_versions()
+        spec = " ".join(f"{n}=={pins[n.lower()]}" if n.lower() in pins else n for n in missing)
+        problems.append(f"missing packages: {', '.join(missing)}; install them with: "
+                        f"pip install {spec}  (no internet on the machine: bring them as wheels)")
+    if not smoke and not torch.cuda.is_available():
+        problems.append("no CUDA device is visible (torch.cuda.is_available() is False); "
+                        "run with --smoke for the CPU dry run")
+    return problems
+
+
+# -- the device context ----------------------------------------------------------------------------------------
+class Context:
+    """Shapes and settings of one run: real ones on a GPU, tiny ones with --smoke."""
+
+    def __init__(self, smoke: bool, ni_tasks: Path, workdir: Path):
+        import torch
+
+        self.smoke, self.ni_tasks, self.workdir = smoke, ni_tasks, workdir
+        self.cuda = torch.cuda.is_available() and not smoke
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        # the native model of the correctness checks: GPT-2 layout (learned positions) and the modern one
+        self.native = (dict(n_layer=2, n_head=2, n_embd=64, vocab=256, seq=32, batch=2) if smoke else
+                       dict(n_layer=4, n_head=8, n_embd=512, vocab=8192, seq=512, batch=8))
+        self.steps = 4 if smoke else 12
+        self.precision = "bf16"  # CPU autocast has bf16 too, so --smoke runs the same path
+
+    def tmp(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class TokenBatches:
+    """`distinct` fixed random-token batches (every position a target) cycled by step, as the engine wants them;
+    few enough that a model memorises them, so a working step visibly lowers the loss."""
+
+    def __init__(self, vocab: int, seq: int, batch: int, distinct: int = 2, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab, (distinct + 1, batch, seq + 1), generator=g)
+
+    def _batch(self, i: int) -> dict:
+        x = self.data[i]
+        return {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
+
+    def step_batches(self, step, rank, world):
+        return [self._batch((step - 1) % (len(self.data) - 1))]
+
+    def val_batches(self, rank, world, limit):
+        yield self._batch(len(self.data) - 1)
+
+
+def native_model(ctx: Context, preset: str = "gpt2-124m"):
+    import torch
+
+    from tune.models.gpt import GPT, config_from_preset
+
+    s = ctx.native
+    torch.manual_seed(0)
+    return GPT(config_from_preset(preset, n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                                  block_size=s["seq"], vocab_size=s["vocab"], dropout=0.0))
+
+
+def train_native(ctx: Context, name: str, preset: str = "gpt2-124m", model=None, loss_fn=None, **train) -> dict:
+    """Train a native GPT on TokenBatches with the Engine; returns its per-step losses, grad norms and model."""
+    from accelerate.state import AcceleratorState
+
+    from tune.engine import Engine, TrainConfig
+    from tune.losses import causal_lm_loss
+
+    AcceleratorState._reset_state(True)  # Accelerate keeps one state per process; each run sets its own precision
+    s = ctx.native
+    settings = dict(max_steps=ctx.steps, micro_batch_size=s["batch"], lr=1e-3, min_lr=1e-4, warmup_steps=0,
+                    eval_every=0, eval_batches=1, log_every=1, mixed_precision=ctx.precision, progress=False)
+    cfg = TrainConfig(**{**settings, **train})
+    source = TokenBatches(s["vocab"], s["seq"], s["batch"])
+    model = model if model is not None else native_model(ctx, preset)
+    result = Engine(cfg, ctx.tmp(name), model, source, loss_fn=loss_fn or causal_lm_loss, log=lambda line: None).fit()
+    rows = [r for r in result.history if "loss" in r]
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "model": result.model}
+
+
+def relative_gap(a: list[float], b: list[float]) -> float:
+    """max_i |a_i - b_i| / |b_i| (inf when a value is not finite or the lengths differ)."""
+    if len(a) != len(b) or not all(math.isfinite(x) for x in a + b):
+        return math.inf
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def outcome(ok: bool, detail: str, **values) -> dict:
+    return {"ok": bool(ok), "detail": detail, **values}
+
+
+# -- 2. correctness checks ----------------------------------------------------------------------------------------
+def check_bf16_step(ctx: Context) -> dict:
+    """The engine's bf16 autocast step tracks the fp32 one: per-step losses within 2% (bf16 keeps 8 mantissa
+    bits; 12 steps of Adam compound that), all finite, and the loss falls."""
+    bf16 = train_native(ctx, "bf16")["losses"]
+    fp32 = train_native(ctx, "fp32", mixed_precision="no")["losses"]
+    gap = relative_gap(bf16, fp32)
+    return outcome(gap <= 0.02 and bf16[-1] < bf16[0], f"max relative loss gap {gap:.2e} (tolerance 2e-2); "
+                   f"loss {bf16[0]:.3f} -> {bf16[-1]:.3f}", gap=gap, bf16=bf16, fp32=fp32)
+
+
+def check_compile(ctx: Context) -> dict:
+    """train.compile (regional, per block) gives the eager losses: the first step within 1e-3 relative (bf16,
+    different fusion) and every step within 2e-2."""
+    eager = train_native(ctx, "eager", preset="tiny-modern")["losses"]
+    start = time.time()
+    compiled = train_native(ctx, "compiled", preset="tiny-modern", compile=True)["losses"]
+    gap, first = relative_gap(compiled, eager), relative_gap(compiled[:1], eager[:1])
+    return outcome(first <= 1e-3 and gap <= 0.02, f"first step gap {first:.2e} (1e-3), max gap {gap:.2e} (2e-2), "
+                   f"compiled run {time.time() - start:.0f} s incl. compilation", gap=gap, first_step_gap=first)
+
+
+def packed_batch(vocab: int, lengths: list[list[int]], attention: str, seed: int = 0) -> dict:
+    """A packed micro-batch of random examples (row b holds examples of lengths[b]) in one attention mode."""
+    import torch
+
+    from tune.packing import collate_packed
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in lengths:
+        pack = []
+        for n in row:
+            ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+            pack.append({"input_ids": ids, "targets": ids[1:] + [0]})
+        rows.append(pack)
+    width = max(sum(r) for r in lengths)
+    return collate_packed(rows, width, 0, mask_mode=attention)
+
+
+def check_flex_attention(ctx: Context) -> dict:
+    """FlexAttention (document ids, no dense mask) gives the dense-mask packed loss and gradients, for the
+    native modern layout (RoPE, GQA) and an HF Llama: loss within 1e-3 relative under bf16 (2e-5 fp32). On CPU
+    (--smoke) document ids become a dense mask, as in the recipes: the comparison then checks that conversion."""
+    import torch
+
+    from tune.losses import causal_lm_loss
+
+    lengths = [[5, 9, 12], [20, 6]] if ctx.smoke else [[300, 700, 1024, 24], [1000, 1000, 48], [2048]]
+    vocab = ctx.native["vocab"]
+    results = {}
+    for kind in ("native", "hf_llama"):
+        model = _flex_model(ctx, kind, sum(lengths[0]) if ctx.smoke else 2048)
+        losses, grads = {}, {}
+        for attention in ("dense", "flex"):
+            batch = {k: v.to(ctx.device) for k, v in packed_batch(vocab, lengths, _mask_mode(attention)).items()}
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
+                total, n = causal_lm_loss(model, batch)
+            (total / n).backward()
+            losses[attention] = (total / n).item()
+            grads[attention] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        gap = abs(losses["flex"] - losses["dense"]) / abs(losses["dense"])
+        grad_gap = float((grads["flex"] - grads["dense"]).norm() / grads["dense"].norm())
+        results[kind] = {"loss_gap": gap, "grad_gap": grad_gap, **losses}
+    tol = 1e-3 if ctx.cuda else 2e-5
+    ok = all(r["loss_gap"] <= tol and r["grad_gap"] <= 10 * tol for r in results.values())
+    return outcome(ok, "; ".join(f"{k}: loss gap {r['loss_gap']:.1e}, grad gap {r['grad_gap']:.1e}"
+                                 for k, r in results.items()) + f" (tolerance {tol:g} loss, {10 * tol:g} grad)", **results)
+
+
+def _mask_mode(attention: str) -> str:
+    from tune.packing import PACKED_ATTENTION
+
+    return PACKED_ATTENTION[attention]
+
+
+def _flex_model(ctx: Context, kind: str, context: int):
+    import torch
+
+    if kind == "native":
+        from tune.models.gpt import GPT, config_from_preset
+
+        s = ctx.native
+        torch.manual_seed(0)
+        model = GPT(config_from_preset("tiny-modern", n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                                       block_size=context, vocab_size=s["vocab"], dropout=0.0))
+        return model.to(ctx.device)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = ctx.native
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["n_embd"], intermediate_size=2 * s["n_embd"],
+                         num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                         num_key_value_heads=max(1, s["n_head"] // 2), max_position_embeddings=context)
+    # what the recipes load for data.packed_attention=flex: flex_attention on CUDA (the CPU build has no backward)
+    config._attn_implementation = "flex_attention" if ctx.cuda else "sdpa"
+    return LlamaForCausalLM(config).to(ctx.device)
+
+
+def check_resume(ctx: Context) -> dict:
+    """A run stopped halfway and resumed equals the uninterrupted run under bf16: same per-step losses and
+    final weights (bit for bit where the kernels are deterministic; the gap is reported)."""
+    import shutil
+
+    import torch
+
+    half = ctx.steps // 2
+    full = train_native(ctx, "resume_full", save_every=half)
+    # the same run as if it had stopped at `half`: its directory with only the halfway checkpoint
+    split = ctx.workdir / "resume_split"
+    shutil.copytree(ctx.workdir / "resume_full", split)
+    for checkpoint in (split / "checkpoints").glob(f"step_{ctx.steps:07d}*"):
+        shutil.rmtree(checkpoint)
+    rest = train_native(ctx, "resume_split", resume=True, save_every=half)
+    losses = rest["losses"]  # history of the resumed run: the first half read back from metrics.jsonl
+    gap = relative_gap(losses, full["losses"])
+    weights = max(float((a.float() - b.float()).abs().max())
+                  for a, b in zip(full["model"].state_dict().values(), rest["model"].state_dict().values()))
+    ok = gap <= 1e-6 and weights <= 1e-6
+    return outcome(ok, f"loss gap {gap:.1e}, max weight difference {weights:.1e} (tolerance 1e-6; 0 = bit-exact)",
+                   loss_gap=gap, weight_gap=weights, deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def tiny_hf_dir(ctx: Context, name: str, layout: str = "llama", vocab: int | None = None) -> str:
+    """A random tiny HF causal LM saved with a tokenizer-free config (ids only)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    s = ctx.native
+    out = ctx.tmp(name)
+    vocab = vocab or s["vocab"]
+    torch.manual_seed(1)
+    if layout == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=s["n_embd"] * 2, intermediate_size=s["n_embd"] * 4,
+                             num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                             num_key_value_heads=max(1, s["n_head"] // 2), max_position_embeddings=s["seq"],
+                             bos_token_id=0, eos_token_id=0)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_positions=s["seq"], n_layer=s["n_layer"], n_head=s["n_head"],
+                            n_embd=s["n_embd"] * 2, bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return str(out)
+
+
+def check_qlora(ctx: Context) -> dict:
+    """QLoRA on the device: 4-bit nf4 base + LoRA trains (finite, falling loss), the adapter merges, and the
+    merged model computes what the adapter model computes (logits within 2% of their scale: the 4-bit layer's
+    bf16 kernel against a dense bf16 matmul)."""
+    import torch
+
+    from tune.adapters import LoraSection, QuantSection, add_lora, load_base_model, merge_adapter
+    from tune.hf import resolve_dtype
+
+    base = tiny_hf_dir(ctx, "qlora_base")
+    dtype = resolve_dtype("auto") if ctx.cuda else torch.float32
+    model = add_lora(load_base_model(base, "qlora", dtype, QuantSection()), LoraSection(r=8, alpha=16, dropout=0.0))
+    run = train_native(ctx, "qlora_run", model=model, lr=2e-3)
+    adapter = ctx.tmp("qlora_adapter")
+    trained = run["model"].eval()
+    trained.save_pretrained(adapter)
+    merged_dir = merge_adapter(base, adapter, ctx.tmp("qlora_merged"), dtype=dtype, quant=QuantSection())
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(ctx.device).eval()
+    ids = TokenBatches(ctx.native["vocab"], ctx.native["seq"], 2, seed=5).data[0][:, :-1].to(ctx.device)
+    with torch.no_grad():
+        a, b = trained(input_ids=ids).logits.float(), merged(input_ids=ids).logits.float()
+    gap = float((a - b).abs().max() / a.abs().max())
+    losses = run["losses"]
+    ok = all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] and gap <= 0.02
+    return outcome(ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged vs adapter logits gap {gap:.1e} of their "
+                   "scale (tolerance 2e-2)", losses=losses, merge_gap=gap)
+
+
+def check_distill_4bit_teacher(ctx: Context) -> dict:
+    """A distillation run from a 4-bit (nf4) teacher: finite KD and CE terms, falling loss."""
+    import torch
+
+    from tune.distill import kd_loss_fn, load_teacher
+    from tune.hf import resolve_dtype
+
+    teacher_dir = tiny_hf_dir(ctx, "teacher", layout="llama")
+    dtype = resolve_dtype("auto") if ctx.cuda else torch.float32
+    teacher = load_teacher(teacher_dir, dtype, "4bit", ctx.device)
+    loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, ctx.native["vocab"])
+    run = train_native(ctx, "distill", loss_fn=loss_fn)
+    losses = run["losses"]
+    ok = all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    return outcome(ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} with the teacher in 4-bit", losses=losses)
+
+
+def check_optimizers(ctx: Context) -> dict:
+    """bitsandbytes' 8-bit and paged AdamW track torch's AdamW: final loss within 5% (8-bit states quantize the
+    moments; paged fp32 AdamW should agree to ~1e-3)."""
+    reference = train_native(ctx, "adamw")["losses"]
+    results = {}
+    for name in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        if not ctx.cuda and name.startswith("paged"):
+            results[name] = {"skipped": "paged optimizers need CUDA"}
+            continue
+        losses = train_native(ctx, name, optimizer=name)["losses"]
+        results[name] = {"final_gap": relative_gap(losses[-1:], reference[-1:]), "losses": losses}
+    gaps = {k: r["final_gap"] for k, r in results.items() if "final_gap" in r}
+    return outcome(all(g <= 0.05 for g in gaps.values()),
+                   ", ".join(f"{k} {g:.1e}" for k, g in gaps.items()) + " final-loss gap (tolerance 5e-2)"
+                   + "".join(f"; {k}: {r['skipped']}" for k, r in results.items() if "skipped" in r), **results)
+
+
+def check_activation_offload(ctx: Context) -> dict:
+    """Saved activations in pinned CPU memory change nothing numerically: losses equal to 1e-6."""
+    on = train_native(ctx, "offload_on", activation_offload=True)["losses"]
+    off = train_native(ctx, "offload_off")["losses"]
+    gap = relative_gap(on, off)
+    return outcome(gap <= 1e-6, f"loss gap {gap:.1e} (tolerance 1e-6)", gap=gap)
+
+
+def check_liger(ctx: Context) -> dict:
+    """Liger-Kernel's fused linear cross-entropy against ours (optional: needs liger-kernel and CUDA)."""
+    if importlib.util.find_spec("liger_kernel") is None or not ctx.cuda:
+        return {"ok": True, "skipped": "liger-kernel not installed" if ctx.cuda else "needs CUDA",
+                "detail": "skipped"}
+    from tune.losses import liger_parity
+
+    result = liger_parity(ctx.device)
+    return outcome(result["ok"], result.get("detail", ""), **{k: v for k, v in result.items() if k != "ok"})
+
+
+def check_qlora_fsdp(ctx: Context) -> dict:
+    """QLoRA under FSDP2 (bench/qlora_fsdp_check.py): one 4-bit layer unchanged by fully_shard, and the finetune
+    recipe under `accelerate launch` + fsdp.yaml on every visible GPU against one process."""
+    if ctx.smoke:  # 2 CPU processes, ~50 s: tests/test_fsdp.py runs that in the slow set
+        return {"ok": True, "skipped": "smoke", "detail": "skipped in --smoke (its CPU run: pytest -m slow tests/test_fsdp.py)"}
+    from bench.qlora_fsdp_check import check
+
+    return check(ctx.tmp("qlora_fsdp"), ctx.ni_tasks, smoke=False)
+
+
+def check_cuda_tests(ctx: Context) -> dict:
+    """The test suite's CUDA-only tests (skipped on CPU CI: FlexAttention forward/backward against each example
+    alone, ...): `pytest tests -k cuda`, needs pytest."""
+    import subprocess
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"ok": True, "skipped": "pytest not installed", "detail": "skipped: pytest not installed"}
+    if not ctx.cuda:
+        return {"ok": True, "skipped": "needs CUDA", "detail": "skipped: needs CUDA"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k", "cuda"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return outcome(proc.returncode == 0, f"pytest tests -k cuda: {summary}", output=proc.stdout[-4000:])
+
+
+CHECKS = {
+    "bf16_step": check_bf16_step,
+    "compile": check_compile,
+    "flex_attention": check_flex_attention,
+    "resume_bf16": check_resume,
+    "qlora": check_qlora,
+    "distill_4bit_teacher": check_distill_4bit_teacher,
+    "optimizers": check_optimizers,
+    "activation_offload": check_activation_offload,
+    "liger": check_liger,
+    "qlora_fsdp": check_qlora_fsdp,
+    "cuda_tests": check_cuda_tests,
+}
+
+
+def run_checks(ctx: Context, names: list[str]) -> dict:
+    results = {}
+    for name in names:
+        print(f"check {name} ...", flush=True)
+        start = time.time()
+        try:
+            r = CHECKS[name](ctx)
+        except Exception as e:  # a check that crashes is a failed check, and the others still run
+            r = {"ok": False, "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                 "traceback": traceback.format_exc()}
+        r["seconds"] = round(time.time() - start, 1)
+        print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['detail']} ({r['seconds']} s)", flush=True)
+        results[name] = r
+    return results
+
+
+# -- 3. benchmarks --------------------------------------------------------------------------------------------------
+def bench_pretrain(ctx: Context, cap_s: float) -> dict:
+    from bench import bench_pretrain as bp
+    from bench.common import default_peak_tflops
+
+    shape = dict(bp.SIZES["smoke" if ctx.smoke else "gpt2-124m"])
+    steps, warmup = shape.pop("steps"), shape.pop("warmup")
+    return bp.throughput(shape, steps, warmup, default_peak_tflops(), plain_loop=True, timeout=cap_s)
+
+
+def bench_finetune(ctx: Context, cap_s: float) -> dict:
+    from bench import bench_finetune as bf
+
+    shape = dict(bf.SIZES["smoke" if ctx.smoke else "llama-1.1b"])
+    steps, warmup = shape.pop("steps"), shape.pop("warmup")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = bf.prepare(shape, Path(tmp), ctx.ni_tasks)
+        rows = max(1, round(shape["batch"] / data["examples_per_pack"]))
+        methods = ("lora", "qlora") if ctx.smoke else ("lora", "qlora", "full")  # smoke: full is lora's code path
+        results = bf.compare(methods, shape, data, steps, warmup, rows, None, timeout=cap_s / (2 * len(methods) + 1),
+                             trl=importlib.util.find_spec("trl") is not None)
+    results["data"] = {k: v for k, v in data.items() if k not in ("train", "val", "model_dir")}
+    return results
+
+
+def bench_distill(ctx: Context, cap_s: float) -> dict:
+    from bench import bench_distill as bd
+
+    return bd.measure(dict(bd.SIZES["smoke" if ctx.smoke else "1.1b-124m"]), timeout=cap_s)
+
+
+BENCHES = {"pretrain": (bench_pretrain, 120), "finetune": (bench_finetune, 200), "distill": (bench_distill, 100)}
+
+
+def run_benches(ctx: Context, names: list[str], budget_s: float, started: float) -> dict:
+    results = {}
+    for name in names:
+        fn, cap = BENCHES[name]
+        left = budget_s - (time.time() - started)
+        if left < 30:
+            results[name] = {"skipped": f"time budget spent ({budget_s:.0f} s); run it alone: "
+                                        f"python -m bench.gpu_check --only {name}"}
+            print(f"bench {name}: skipped, budget spent", flush=True)
+            continue
+        print(f"bench {name} (cap {min(cap, left):.0f} s) ...", flush=True)
+        start = time.time()
+        try:
+            results[name] = fn(ctx, min(cap, left))
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            print(f"  FAILED: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}", flush=True)
+        results[name]["seconds"] = round(time.time() - start, 1)
+    return results
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def gib(x) -> str:
+    return "n/a" if x is None else f"{x / 1024 ** 3:.2f}"
+
+
+def tok_s(x) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def report_markdown(out: dict) -> str:
+    """The report: environment, the checks, and each benchmark's table with ratios and the targets."""
+    lines = [f"# GPU check, {out['date']}{' (SMOKE: CPU dry run, figures mean nothing)' if out['smoke'] else ''}", ""]
+    lines += [f"- {k}: {v}" for k, v in out["banner"].items()]
+    lines += ["", "## Correctness", "", "| check | result | detail | s |", "|---|---|---|---|"]
+    for name, r in out["checks"].items():
+        lines.append(f"| {name} | {'ok' if r['ok'] else '**FAIL**'} | {r['detail']} | {r['seconds']} |")
+    lines += ["", "## Benchmarks", ""]
+    benches = out["benches"]
+    p = benches.get("pretrain", {})
+    if "ours" in p:
+        lines += ["### GPT-2 124M pretraining (random tokens)", "", "| implementation | tokens/s | step ms | peak GiB | MFU % |",
+                  "|---|---|---|---|---|"]
+        for side in ("baseline", "plain_loop", "ours"):
+            r = p.get(side)
+            if r and "tokens_per_s" in r:
+                mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}"
+                lines.append(f"| {r['impl']} | {tok_s(r['tokens_per_s'])} | {r['step_s_median'] * 1e3:.1f} | "
+                             f"{gib(r['peak_bytes'])} | {mfu} |")
+            elif r:
+                lines.append(f"| {side} | failed: {str(r.get('error', ''))[:120]} | | | |")
+        for name, q in p.get("ratios", {}).items():
+            lines.append(f"\nours / {name}: {q:.2f}x tokens/s")
+        if "plain_loop" in p.get("ratios", {}):
+            lines.append(f"\ntarget: >= 1.3x the compiled plain loop (anchor {PLAIN_LOOP_TOKENS_S:,} tokens/s on an H100)")
+    f = benches.get("finetune", {})
+    methods = [m for m in ("lora", "qlora", "full") if m in f]
+    if methods:
+        lines += ["", "### Fine-tuning on the real NI prompts", "",
+                  "| method | implementation | useful tokens/s | peak GiB | ours / this |", "|---|---|---|---|---|"]
+        for m in methods:
+            ours = f[m].get("ours", {})
+            for side in ("baseline", "trl", "ours"):
+                r = f[m].get(side)
+                if not r:
+                    continue
+                if "tokens_per_s" not in r:
+                    lines.append(f"| {m} | {side} | failed: {str(r.get('error', ''))[:120]} | | |")
+                    continue
+                ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+                         if side != "ours" and "tokens_per_s" in ours else "")
+                lines.append(f"| {m} | {r['impl']} | {tok_s(r['tokens_per_s'])} | {gib(r['peak_bytes'])} | {ratio} |")
+        lora = f.get("lora", {}).get("ours", {})
+        if "tokens_per_s" in lora:
+            goal = 8 * LORA_NI_ANCHOR["tokens_per_s"]
+            lines.append(f"\ntarget: LoRA >= 8x the best anchor ({LORA_NI_ANCHOR['impl']}, "
+                         f"{LORA_NI_ANCHOR['tokens_per_s']:,} tokens/s at {LORA_NI_ANCHOR['peak_gib']} GiB) = "
+                         f"{goal:,} tokens/s: measured {lora['tokens_per_s'] / LORA_NI_ANCHOR['tokens_per_s']:.2f}x")
+    d = benches.get("distill", {})
+    if "sides" in d:
+        lines += ["", "### Distillation 1.1B -> 124M (random tokens)", "", "| run | tokens/s | peak GiB | / student alone |",
+                  "|---|---|---|---|"]
+        alone = d["sides"].get("student alone", {}).get("tokens_per_s")
+        for name, r in d["sides"].items():
+            if "tokens_per_s" in r:
+                ratio = f"{r['tokens_per_s'] / alone:.2f}x" if alone else ""
+                lines.append(f"| {name} | {tok_s(r['tokens_per_s'])} | {gib(r['peak_bytes'])} | {ratio} |")
+            else:
+                lines.append(f"| {name} | failed: {str(r.get('error', ''))[:120]} | | |")
+    for name, r in benches.items():
+        if "skipped" in r or "error" in r:
+            lines.append(f"\n{name}: {r.get('skipped') or 'FAILED: ' + r['error'].splitlines()[0]}")
+    lines.append(f"\nTotal {out['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for gpt_check.md and gpu_check.json")
+    p.add_argument("--ni-tasks", default=str(DEFAULT_NI_TASKS), help="the Natural-Instructions task folder "
+                                                                     "(default: ../shared/data/natural_instructions/tasks)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="seconds for everything; benchmarks beyond it are "
+                                                                 "skipped and named in the report")
+    p.add_argument("--smoke", action="store_true", help="run on CPU with tiny shapes (CI)")
+    p.add_argument("--only", help="comma-separated subset of checks and benchmarks: "
+                                  + ",".join([*CHECKS, *BENCHES]))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    started = time.time()
+    args = parse_args(argv)
+    problems = check_dependencies(args.smoke)
+    ni_tasks = Path(args.ni_tasks)
+    if not ni_tasks.is_dir():
+        problems.append(f"--ni-tasks {ni_tasks} is not a directory (the 16 NI task JSON files; "
+                        "copy ../shared/data/natural_instructions/tasks beside the checkout, or pass its path)")
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    only = [s.strip() for s in args.only.split(",")] if args.only else [*CHECKS, *BENCHES]
+    unknown = [s for s in only if s not in CHECKS and s not in BENCHES]
+    if unknown:
+        print(f"error: --only: unknown {', '.join(unknown)}; choose from {', '.join([*CHECKS, *BENCHES])}",
+              file=sys.stderr)
+        return 2
+
+    from transformers.utils import logging as hf_logging
+
+    from bench.common import banner
+
+    hf_logging.disable_progress_bar()  # save_pretrained / from_pretrained bars between the check lines
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = banner()
+    for name, module in {"peft": "peft", "bitsandbytes": "bitsandbytes", **OPTIONAL}.items():
+        info[name] = _version(module)
+    print("gpu_check" + (" --smoke" if args.smoke else ""))
+    for k, v in info.items():
+        print(f"  {k:<14} {v}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(args.smoke, ni_tasks, Path(tmp))
+        checks = run_checks(ctx, [n for n in only if n in CHECKS])
+        benches = run_benches(ctx, [n for n in only if n in BENCHES], args.budget_s, started)
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "smoke": args.smoke,
+           "banner": info, "checks": checks, "benches": benches, "seconds": time.time() - started}
+    (out_dir / "gpu_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    (out_dir / "gpu_check.md").write_text(report_markdown(out))
+    print(f"wrote {out_dir / 'gpu_check.md'} and {out_dir / 'gpu_check.json'} ({out['seconds']:.0f} s)")
+    failed = [n for n, r in checks.items() if not r["ok"]]
+    if failed:
+        print(f"FAILED checks: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        return getattr(__import__(module), "__version__", "installed")
+    except Exception as e:  # an optional package that fails to import is reported, not fatal
+        return f"fails to import: {type(e).__name__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""bench/gpu_check.py: the one prepared GPU command. --smoke runs the whole script on CPU with tiny shapes, so
+it cannot rot between the (rare) sessions that have a GPU; the dependency check fails fast with the fix."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import NI_TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_runs_every_check_and_benchmark(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out),
+                           "--ni-tasks", str(NI_TASKS)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    from bench import gpu_check
+
+    assert list(report["checks"]) == list(gpu_check.CHECKS)
+    failed = {name: r["detail"] for name, r in report["checks"].items() if not r["ok"]}
+    assert not failed
+    benches = report["benches"]
+    assert benches["pretrain"]["ours"]["tokens_per_s"] > 0 and benches["pretrain"]["plain_loop"]["tokens_per_s"] > 0
+    for method in ("lora", "qlora"):
+        assert benches["finetune"][method]["ours"]["tokens_per_s"] > 0
+        assert benches["finetune"][method]["baseline"]["tokens_per_s"] > 0
+    assert set(benches["distill"]["sides"]) == {"student alone", "distillation, live", "distillation, cached"}
+    markdown = (out / "gpu_check.md").read_text()
+    assert "SMOKE" in markdown and "| bf16_step | ok |" in markdown and "ours / plain_loop" in markdown
+
+
+def test_missing_packages_are_listed_with_the_pip_command(monkeypatch):
+    from bench import gpu_check
+
+    monkeypatch.setattr(gpu_check, "required_packages", lambda: ["torch", "datasets", "no-such-package-xyz", "pyyaml"])
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name: None if name in ("datasets", "no_such_package_xyz") else real(name))
+    problems = gpu_check.check_dependencies(smoke=True)
+    pin = gpu_check.pinned_versions()["datasets"]
+    assert len(problems) == 1
+    assert "missing packages: datasets, no-such-package-xyz" in problems[0]
+    assert f"pip install datasets=={pin} no-such-package-xyz" in problems[0]
+
+
+def test_every_dependency_maps_to_an_importable_module():
+    """The name -> module mapping covers pyproject's dependencies (all installed here)."""
+    from bench import gpu_check
+
+    assert gpu_check.missing_packages(gpu_check.required_packages()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ni-tasks", "/no/such/dir"], "--ni-tasks /no/such/dir is not a directory"),
+    (["--only", "bf16_step,nonsense"], "--only: unknown nonsense"),
+])
+def test_bad_arguments_stop_before_any_work(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(tmp_path), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
