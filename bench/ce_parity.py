@@ -66,7 +66,7 @@ def liger_parity(device="cuda") -> dict:
     doc). Liger is reported as skipped (with the reason) when liger_kernel is missing or the device is not CUDA;
     the chunked rows run anyway. Returns {"device", "shape", "tolerance", "liger" ("ran" or "skipped: why"),
     "rows": [{"kernel", "precision", "loss", "loss_rel_err", "grad_rel_err": {hidden, weight, bias},
-    "peak_gib" (None on CPU), "ms", "ok"}], "ok"}."""
+    "peak_gib" (None on CPU), "ms", "ok"}], "ok", "detail" (the rows in one line)}."""
     device = torch.device(device)
     gpu = device.type == "cuda"
     B, L, D, V = (8, 1024, 768, 50257) if gpu else (2, 64, 32, 1000)
@@ -111,9 +111,18 @@ def liger_parity(device="cuda") -> dict:
             rows.append({"kernel": name, "precision": precision, "loss": loss.item(), "loss_rel_err": loss_err,
                          "grad_rel_err": grad_err, "peak_gib": peak and peak / 2 ** 30, "ms": seconds * 1e3,
                          "ok": loss_err <= tol["loss"] and max(grad_err.values()) <= tol["grad"]})
+    parts = []
+    for r in rows:
+        memory = f", peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""
+        errors = (f": loss {r['loss_rel_err']:.1e}, grads {max(r['grad_rel_err'].values()):.1e}"
+                  f"{'' if r['ok'] else ' FAIL'}" if r["grad_rel_err"] else "")
+        parts.append(f"{r['kernel']} {r['precision']}{errors}{memory}, {r['ms']:.0f} ms")
+    if liger != "ran":
+        parts.append(f"liger {liger}")
     return {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if gpu else ""),
             "shape": {"batch": B, "seq": L, "dim": D, "vocab": V, "target_tokens": int((targets != IGNORE_INDEX).sum())},
-            "tolerance": TOLERANCE, "liger": liger, "rows": rows, "ok": all(r["ok"] for r in rows)}
+            "tolerance": TOLERANCE, "liger": liger, "rows": rows, "ok": all(r["ok"] for r in rows),
+            "detail": "; ".join(parts) + " (errors relative to full logits)"}
 
 
 def main(argv=None) -> int:
