@@ -1,6 +1,7 @@
 """Pretraining benchmark: HF Trainer + GPT2LMHeadModel vs tune's Engine + native GPT, same shape.
 
-    python -m bench.bench_pretrain [--size cpu|gpt2-124m] [--steps N] [--compile-compare] [--json OUT]
+    python -m bench.bench_pretrain [--size cpu|gpt2-124m] [--steps N] [--plain-loop] [--compile-compare] [--json OUT]
+    python -m bench.bench_pretrain --loss-memory 32000,50257 [--width 256 --seq 512 --batch 8 --steps 6]
 
 1. Throughput: both train the same GPT-2 shape on the same random-token batches for N steps; each runs
    in a fresh process. Step time = interval between the starts of consecutive optimizer steps (so it
@@ -10,6 +11,10 @@
    cold tokenizer cache) to the first evaluation at or below the target.
 3. --compile-compare: our Engine alone with train.compile off and on (each transformer block compiled), in fresh
    processes with inductor's caches disabled: tokens/s side by side, and the compile warm-up time separately.
+4. Loss memory (--loss-memory V1,V2,..., instead of 1 and 2): tune's Engine + native GPT at each vocabulary,
+   once with the plain full-logits loss (F.cross_entropy over model(x), all (B, T, V) logits at once) and once
+   with the Engine's default (train.ce_kernel=chunked: tune.losses' fused chunks), each in a fresh process:
+   peak memory and tokens/s side by side.
 """
 
 from __future__ import annotations
@@ -150,6 +155,66 @@ def run_ours(shape: dict, steps: int, compile_: bool | None = None) -> dict:
             "peak_bytes": mem.bytes, "memory_method": mem.method,
             "details": f"mixed_precision={engine.accelerator.mixed_precision}, compile={cfg.compile}, "
                        f"fused AdamW=True, log_every={cfg.log_every}"}
+
+
+def full_logits_loss(model, batch):
+    """The plain loss the fused one replaces: (B, T, V) fp32 logits of the whole batch, then F.cross_entropy."""
+    import torch.nn.functional as F
+
+    logits = model(batch["input_ids"]).float()
+    targets = batch["targets"]
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum", ignore_index=-100)
+    return loss, (targets != -100).sum()
+
+
+def run_loss_variant(shape: dict, steps: int, loss: str) -> dict:
+    """run_ours with `loss` "full" (full_logits_loss) or "chunked" (the Engine's default); in a subprocess."""
+    from tune.engine import Engine, TrainConfig
+    from tune.models.gpt import GPT
+
+    preload_libraries()
+    cfg = TrainConfig(max_steps=steps, micro_batch_size=shape["batch"], lr=LR, min_lr=LR / 10, warmup_steps=0,
+                      weight_decay=WEIGHT_DECAY, betas=list(BETAS), grad_clip=GRAD_CLIP, eval_every=0,
+                      eval_batches=1, save_every=0, log_every=10, mixed_precision="auto", progress=False)
+    source = RandomTokenSource(random_tokens(shape, steps), shape["batch"])
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
+        torch.manual_seed(SEED)
+        model = GPT(native_config(shape))
+        Engine(cfg, Path(tmp) / "run", model, source, loss_fn=full_logits_loss if loss == "full" else None,
+               log=lambda s: None).fit()
+    return {"step_times": intervals(source.stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
+
+
+def loss_memory(shape: dict, vocabs: list[int], steps: int, warmup: int) -> dict:
+    """Full-logits vs chunked loss at each vocabulary size, each run in a fresh process."""
+    results = {}
+    for vocab in vocabs:
+        at = {}
+        for loss in ("full", "chunked"):
+            print(f"running vocab {vocab}, {loss} loss ({steps} steps) ...", flush=True)
+            r = isolated(run_loss_variant, {**shape, "vocab": vocab}, steps, loss)
+            r.update(step_stats(r["step_times"], warmup, shape["batch"] * shape["seq"]))
+            at[loss] = r
+        at["ratio_chunked_over_full"] = {"peak_bytes": at["chunked"]["peak_bytes"] / at["full"]["peak_bytes"],
+                                         "tokens_per_s": at["chunked"]["tokens_per_s"] / at["full"]["tokens_per_s"]}
+        results[str(vocab)] = at
+    return results
+
+
+def print_loss_memory(res: dict, shape: dict):
+    mib = 1024 ** 2
+    rows = []
+    for vocab, at in res.items():
+        for loss in ("full", "chunked"):
+            r = at[loss]
+            rows.append([vocab, {"full": "full logits", "chunked": "chunked (fused)"}[loss], fmt(r["tokens_per_s"]),
+                         fmt(r["step_s_median"] * 1e3, ".0f"), fmt(r["peak_bytes"] / mib, ",.0f")])
+        q = at["ratio_chunked_over_full"]
+        rows.append([vocab, "chunked / full", f"{q['tokens_per_s']:.2f}x", "", f"{q['peak_bytes']:.2f}x"])
+    print()
+    print_table(["vocab", "loss", "tokens/s", "step ms (median)", "peak MiB"], rows,
+                title=f"Loss memory: {shape['n_layer']}L/{shape['n_embd']}d, seq {shape['seq']}, batch {shape['batch']}")
+    print(f"  peak memory: {next(iter(res.values()))['full']['memory_method']}, whole run (model, AdamW, activations)")
 
 
 # -- reference: a compiled plain loop (nanoGPT's train.py) ----------------------------------------------
@@ -387,6 +452,8 @@ def parse_args(argv=None):
                    help="also run our Engine with train.compile off and on, side by side (tokens/s, compile warm-up)")
     p.add_argument("--compile-repeats", type=int, default=3, help="runs per setting for --compile-compare (median)")
     p.add_argument("--target-loss", type=float, default=1.88)
+    p.add_argument("--loss-memory", metavar="V1,V2", help="only compare the full-logits and the chunked loss at "
+                   "these vocabulary sizes (comma-separated)")
     p.add_argument("--json", help="write all numbers to this JSON file")
     return p.parse_args(argv)
 
@@ -403,8 +470,9 @@ def main(argv=None):
     peak = args.peak_tflops or default_peak_tflops()
 
     info = banner()
+    vocab = args.loss_memory or shape["vocab"]
     settings = {"size": args.size, "shape": f"{shape['n_layer']}L/{shape['n_head']}H/{shape['n_embd']}d, "
-                                            f"vocab {shape['vocab']}, seq {shape['seq']}, batch {shape['batch']}",
+                                            f"vocab {vocab}, seq {shape['seq']}, batch {shape['batch']}",
                 "steps": f"{steps} per implementation, first {warmup} intervals skipped as warm-up",
                 "optimizer": f"AdamW lr {LR}, betas {BETAS}, weight decay {WEIGHT_DECAY}, grad clip {GRAD_CLIP}",
                 "data": "random tokens, fixed length, identical for both"}
@@ -412,7 +480,11 @@ def main(argv=None):
     print_banner(info, settings)
     out = {"banner": info, "settings": {**settings, "shape_dict": shape, "warmup": warmup}}
 
-    if not args.no_throughput:
+    if args.loss_memory:
+        res = loss_memory(shape, [int(v) for v in args.loss_memory.split(",")], steps, warmup)
+        print_loss_memory(res, shape)
+        out["loss_memory"] = res
+    elif not args.no_throughput:
         res = throughput(shape, steps, warmup, peak, plain_loop=args.plain_loop)
         print_throughput(res)
         out["throughput"] = res
@@ -420,7 +492,7 @@ def main(argv=None):
         res = compile_comparison(shape, steps, warmup, args.compile_repeats)
         print_compile_comparison(res)
         out["compile_comparison"] = res
-    if args.size == "cpu" and not args.no_target:
+    if args.size == "cpu" and not args.no_target and not args.loss_memory:
         if not SHAKESPEARE.is_file():
             print(f"\nTime to target skipped: {SHAKESPEARE} not found")
         else:

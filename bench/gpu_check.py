@@ -394,10 +394,10 @@ def check_liger(ctx: Context) -> dict:
     if importlib.util.find_spec("liger_kernel") is None or not ctx.cuda:
         return {"ok": True, "skipped": "liger-kernel not installed" if ctx.cuda else "needs CUDA",
                 "detail": "skipped"}
-    from tune.losses import liger_parity
+    from bench.ce_parity import liger_parity
 
     result = liger_parity(ctx.device)
-    return outcome(result["ok"], result.get("detail", ""), **{k: v for k, v in result.items() if k != "ok"})
+    return outcome(result["ok"], result["detail"], **{k: v for k, v in result.items() if k not in ("ok", "detail")})
 
 
 def check_qlora_fsdp(ctx: Context) -> dict:

@@ -209,7 +209,6 @@ def run(cfg: DistillConfig):
                               load_teacher, load_teacher_cache)
     from tune.engine import Engine, make_accelerator
     from tune.hf import load_tokenizer, resolve_dtype
-    from tune.losses import causal_lm_loss
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
@@ -277,8 +276,8 @@ def run(cfg: DistillConfig):
     if cfg.compare.ce_only:
         set_seed(cfg.seed)  # the same initial student
         ce_student = make_student(cfg, vocab_size, block_size)
-        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, loss_fn=causal_lm_loss,
-                           accelerator=accelerator, log=say, rebuild=rebuild).fit()
+        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, accelerator=accelerator, log=say,
+                           rebuild=rebuild).fit()
         if accelerator.is_main_process:
             ce_student = ce_result.model
             ce_student.eval()

@@ -134,7 +134,9 @@ def test_kl_to_the_teacher_falls_and_the_comparison_is_written(tmp_path, gpt2_ba
 
 
 @pytest_ni
-def test_alpha_zero_reproduces_plain_ce_finetuning_exactly(tmp_path, gpt2_base):
+def test_alpha_zero_reproduces_plain_ce_finetuning(tmp_path, gpt2_base):
+    """To 1e-6 relative (1.2e-7 seen), not bit for bit: fine-tuning's fused cross-entropy (tune.losses) computes the
+    same gradients as distillation's autograd CE in another rounding order (it scales them after the projection)."""
     from recipes.distill import run as distill
     from recipes.finetune import FinetuneConfig
     from recipes.finetune import run as finetune
@@ -149,8 +151,8 @@ def test_alpha_zero_reproduces_plain_ce_finetuning_exactly(tmp_path, gpt2_base):
                   "warmup_steps": 2, "eval_every": 4, "eval_batches": 4, "log_every": 1, "progress": False},
         "eval": {"enabled": False}})
     ce = finetune(cfg)
-    assert history(kd.run_dir, "loss") == history(ce.run_dir, "loss")
-    assert history(kd.run_dir, "val_loss") == history(ce.run_dir, "val_loss")
+    assert history(kd.run_dir, "loss") == pytest.approx(history(ce.run_dir, "loss"), rel=1e-6)
+    assert history(kd.run_dir, "val_loss") == pytest.approx(history(ce.run_dir, "val_loss"), rel=1e-6)
 
 
 @pytest_ni

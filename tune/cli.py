@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
-from tune.train_config import schedule_warning
+from tune.train_config import ce_kernel_problem, schedule_warning
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -73,6 +73,9 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
             module.validate(cfg)
         except ConfigProblems as e:
             raise ConfigProblems(e.problems, str(path)) from None
+    problem = ce_kernel_problem(cfg.train) if check and hasattr(cfg, "train") else None
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     warning = schedule_warning(cfg.train) if check and hasattr(cfg, "train") else None
     if warning and "LOCAL_RANK" not in os.environ:  # once: the --nproc launcher has said it for its processes
         print(warning, file=sys.stderr)

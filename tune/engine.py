@@ -32,7 +32,7 @@ from tune.checkpoint import (  # noqa: F401 - re-exported: recipes, tests and to
     find_checkpoint, is_sharded, read_checkpoint_weights, rng_state, schedule_changes, schedule_settings,
     trainable_names, trainable_state, trained_schedule)
 from tune.errors import ConfigError, TuneError
-from tune.losses import IGNORE_INDEX, causal_lm_loss
+from tune.losses import IGNORE_INDEX, causal_lm_loss, liger_loss_fn
 from tune.report import MetricsLog  # noqa: F401 - re-exported
 from tune.run_lock import check_run_dir_shared, lock_run_dir
 from tune.runtime import (  # noqa: F401 - re-exported
@@ -194,18 +194,21 @@ class FitResult:
 class Engine:
     """Trains `model` on `source` into `run_dir`. One instance per run."""
 
-    def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn = causal_lm_loss,
+    def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn | None = None,
                  accelerator=None, log: Callable[[str], None] = print, rebuild: Callable[[], nn.Module] | None = None,
                  run_config=None):
         """`rebuild()` makes a fresh, unsharded copy of the model (same structure and frozen weights): under
         FSDP, the trained model handed back in FitResult.model is that copy with the trained weights.
         `run_config`: the recipe's whole config, saved as run_dir/config.yaml once training starts (after the
         resume checks), so a run that fails before its first step leaves no config.yaml; its `seed` (if any)
-        is one of the schedule settings a resume must keep."""
+        is one of the schedule settings a resume must keep. `loss_fn` None: next-token cross-entropy computed as
+        train.ce_kernel says (tune.losses: causal_lm_loss, or liger_loss_fn for liger)."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
+        if loss_fn is None:  # next-token cross-entropy, computed as train.ce_kernel says
+            loss_fn = liger_loss_fn(self.accelerator.device) if cfg.ce_kernel == "liger" else causal_lm_loss
         self.module = TrainingModule(model, loss_fn)
         device = self.accelerator.device if cfg.optimizer in PAGED_OPTIMIZERS else None
         self.optimizer = make_optimizer(cfg, model, device)
@@ -523,7 +526,7 @@ class Engine:
         device is asynchronous): prepared by the background thread during the previous step when prefetching
         (the source is a pure function of the step, so this changes no result), else now. An exception the
         source raised for `step` is raised here, at that step, either way."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         if self._next_batches is not None and self._next_batches[0] == step:
             batches = self._next_batches[1].result()
         else:

@@ -81,11 +81,120 @@ def hf_document_mask(lm: nn.Module, document_ids: torch.Tensor):
     return dense
 
 
-def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 8192):
-    """Sum of cross-entropy over target positions, projecting at most `chunk_size` positions at a time
-    so full-vocabulary fp32 logits never exist for the whole batch. Returns (loss_sum, n_targets)."""
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # without importing torch.distributed where it is absent
+
+
+def fusable_head(head: nn.Module) -> bool:
+    """Whether the fused loss can read `head` as plain `x @ weight.T + bias`: an nn.Linear itself (not a
+    subclass such as a 4-bit or LoRA-wrapped layer, or a module FSDP shards on its own), without forward hooks,
+    whose weight is a whole tensor (not a DTensor shard)."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    return not any(_is_dtensor(p) for p in (head.weight, head.bias) if p is not None)
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so one chunk's fp32 logits take about 256 MB (at least 256 positions): 1335 at a
+    vocabulary of 50k, 2048 at 32k."""
+    return max(256, 2 ** 26 // vocab_size)
+
+
+def _linear_ce_chunks(hidden, weight, bias, targets, chunk_size: int, grads: tuple[bool, bool, bool]):
+    """The summed cross-entropy of `hidden @ weight.T + bias` against `targets` (-100 rows count nothing),
+    chunk by chunk, and (per `grads`: hidden, weight, bias) its gradients w.r.t. those inputs.
+
+    Logits are computed in the autocast dtype when autocast is on (else hidden's dtype), as nn.Linear would,
+    and the log-sum-exp in fp32. Weight and bias gradients accumulate in fp32 over the chunks; every
+    gradient is returned in its input's dtype. Memory beyond the inputs and gradients: one chunk's logits.
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    need_h, need_w, need_b = grads
+    need_b = need_b and bias is not None
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, targets.numel(), chunk_size):
+            h, t = hidden[start:start + chunk_size].to(dtype), targets[start:start + chunk_size]
+            logits = F.linear(h, w, b).float()
+            lse = torch.logsumexp(logits, -1)
+            keep = t != IGNORE_INDEX
+            safe_t = t.clamp(min=0)  # -100 rows gather some logit; `keep` zeroes their loss and gradient
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            total = total + torch.where(keep, lse - picked, 0.0).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d(sum of CE)/d logits = softmax - one_hot(target), in place of the logits
+            g = logits.sub_(lse[:, None]).exp_()
+            g.scatter_add_(1, safe_t[:, None], torch.full_like(picked[:, None], -1.0))
+            g.mul_(keep[:, None])
+            g_low = g.to(dtype)
+            if need_h:
+                grad_h[start:start + chunk_size] = g_low @ w
+            if need_w:
+                grad_w += g_low.t() @ h
+            if need_b:
+                grad_b += g.sum(0)
+    return total, (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None)
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of a linear projection (the LM head), computed chunk by chunk over positions with
+    its gradients in the same pass, so no (N, V) tensor outlives its chunk; the backward only scales the
+    stored gradients (hidden (N, D), weight (V, D), bias (V,)) by the incoming gradient. Inputs that need no
+    gradient (a frozen head under LoRA) get none computed or stored."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        total, grads = _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, tuple(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
+        return *grads, None, None
+
+
+def fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """Sum over N positions of cross-entropy(hidden @ weight.T + bias, targets), fp32 scalar.
+
+    hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 with -100 for positions that count
+    nothing. Projects `chunk_size` positions at a time (default: default_chunk_size(V)) and, when autograd
+    needs them, computes the gradients in the same pass (FusedLinearCrossEntropy): memory beyond inputs and
+    gradients is one chunk's logits, whatever N. Without grad (evaluation) it computes the loss only.
+    """
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+    return _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, (False, False, False))[0]
+
+
+def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int | None = None):
+    """Sum of cross-entropy over the target positions (targets != -100) and their number: (fp32 scalar, int64
+    scalar). hidden (B, T, D), targets (B, T).
+
+    A plain nn.Linear head (fusable_head) goes through fused_linear_ce_sum: only target positions are
+    projected, `chunk_size` at a time, with the gradients computed chunk by chunk, so peak memory does not grow
+    with vocabulary x tokens. Other heads (4-bit, LoRA-wrapped, sharded on their own by FSDP) are called
+    chunk by chunk through autograd, which keeps every chunk's logits for the backward.
+    """
     mask = targets != IGNORE_INDEX
-    if torch.compiler.is_compiling():  # boolean selection has a data-dependent shape: project every position
+    if fusable_head(head):
+        if torch.compiler.is_compiling():  # boolean selection has a data-dependent shape: pass every position
+            h, t = hidden.flatten(0, -2), targets.flatten()
+        else:
+            h, t = hidden[mask], targets[mask]
+        return fused_linear_ce_sum(h, head.weight, head.bias, t, chunk_size), mask.sum()
+    chunk_size = chunk_size or 8192
+    if torch.compiler.is_compiling():
         h, t = hidden.flatten(0, -2), targets.flatten()
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, t.numel(), chunk_size):
@@ -105,6 +214,37 @@ def causal_lm_loss(model: nn.Module, batch: dict):
     """Summed next-token cross-entropy and the number of target tokens."""
     hidden, head = hidden_and_head(model, batch)
     return chunked_ce_sum(hidden, head, batch["targets"])
+
+
+def liger_loss_fn(device: torch.device):
+    """causal_lm_loss through Liger-Kernel's fused linear cross-entropy (train.ce_kernel=liger), for a run on
+    `device`. A head that is not a plain nn.Linear (fusable_head) and compiled code take chunked_ce_sum.
+    Raises ConfigError unless liger_kernel is importable and the device is CUDA (its kernels are Triton)."""
+    from tune.errors import ConfigError
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ConfigError(f"train.ce_kernel=liger runs on CUDA only and this run is on {device.type}; "
+                          "set train.ce_kernel=chunked")
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ConfigError(f"train.ce_kernel=liger needs Liger-Kernel ({e}): pip install liger-kernel (or the "
+                          "gpt-tune[liger] extra), or set train.ce_kernel=chunked") from None
+    liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def loss_fn(model: nn.Module, batch: dict):
+        hidden, head = hidden_and_head(model, batch)
+        targets = batch["targets"]
+        if not fusable_head(head) or torch.compiler.is_compiling():
+            return chunked_ce_sum(hidden, head, targets)
+        mask = targets != IGNORE_INDEX
+        h, t = hidden[mask], targets[mask]
+        if t.numel() == 0:  # Liger divides by the token count when it sizes its chunks
+            return fused_linear_ce_sum(h, head.weight, head.bias, t), mask.sum()
+        return liger(head.weight, h, t, head.bias).float(), mask.sum()
+
+    return loss_fn
 
 
 # -- knowledge distillation ------------------------------------------------------------------------
@@ -156,6 +296,17 @@ def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.
     return divergence(s, t, kind, beta).sum(), ce
 
 
+def _kd_chunk(h, targets, student_head, temperature, kind, beta, teacher_hidden, teacher_head, cached_logprobs,
+              cached_ids, vocab_size):
+    """kd_sums for one chunk of target positions, from the student's hidden states (see chunked_kd_sums)."""
+    logits = student_head(h)
+    if cached_ids is not None:
+        return kd_sums(logits, cached_logprobs, targets, temperature, kind, beta, teacher_ids=cached_ids)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
+    return kd_sums(logits, teacher_logits, targets, temperature, kind, beta, vocab_size=vocab_size)
+
+
 def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, kind: str, beta: float,
                     teacher_hidden=None, teacher_head=None, cached=None, vocab_size: int | None = None,
                     chunk_size: int = 4096):
@@ -164,22 +315,29 @@ def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, k
 
     The teacher is live (`teacher_hidden` (B, T, D) + `teacher_head`, computed without grad) or `cached`:
     (log-probs (N, k), ids (N, k)) for the N target positions in row-major order.
+    When autograd needs gradients, each chunk runs under activation checkpointing: its logits (the student's,
+    and a live teacher's) are recomputed in the backward instead of kept, so peak memory holds one chunk's
+    logits, not the batch's (the price: each chunk's projections run twice).
     Returns (kd_sum, ce_sum, n_targets).
     """
+    from torch.utils.checkpoint import checkpoint
+
     mask = targets != IGNORE_INDEX
     h, t = student_hidden[mask], targets[mask]
     th = teacher_hidden[mask] if teacher_hidden is not None else None
+    params = [p for p in student_head.parameters() if p.requires_grad]
+    recompute = torch.is_grad_enabled() and (h.requires_grad or bool(params))
     kd = student_hidden.new_zeros((), dtype=torch.float32)
     ce = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, t.numel(), chunk_size):
         end = start + chunk_size
-        logits = student_head(h[start:end])
-        if cached is not None:
-            k_sum, c_sum = kd_sums(logits, cached[0][start:end], t[start:end], temperature, kind, beta,
-                                   teacher_ids=cached[1][start:end])
+        args = (h[start:end], t[start:end], student_head, temperature, kind, beta,
+                th[start:end] if th is not None else None, teacher_head,
+                cached[0][start:end] if cached is not None else None,
+                cached[1][start:end] if cached is not None else None, vocab_size)
+        if recompute:
+            k_sum, c_sum = checkpoint(_kd_chunk, *args, use_reentrant=False)
         else:
-            with torch.no_grad():
-                teacher_logits = teacher_head(th[start:end])
-            k_sum, c_sum = kd_sums(logits, teacher_logits, t[start:end], temperature, kind, beta, vocab_size=vocab_size)
+            k_sum, c_sum = _kd_chunk(*args)
         kd, ce = kd + k_sum, ce + c_sum
     return kd, ce, mask.sum()

@@ -6,6 +6,7 @@ and tune/adapters.py re-export them).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,6 +48,7 @@ class TrainConfig:
     keep_best: bool = False  # also keep the checkpoint of the lowest validation loss (checkpoints/best names it)
     allow_schedule_change: bool = False  # let a resume change the schedule / data order (tune.checkpoint.SCHEDULE_KEYS)
     num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.runtime.choose_num_threads)
+    ce_kernel: Literal["chunked", "liger"] = "chunked"  # fused chunks (tune.losses), or Liger-Kernel (CUDA only)
 
     def __post_init__(self):
         """Every range problem at once (ConfigProblems when several)."""
@@ -76,6 +78,15 @@ def schedule_warning(train: TrainConfig) -> str | None:
     return (f"warning: train.warmup_steps={train.warmup_steps} is more than train.max_steps={train.max_steps}: "
             f"the run ends during its warmup (the lr reaches {train.max_steps / train.warmup_steps:.0%} of "
             f"train.lr and never decays); lower train.warmup_steps for a full schedule")
+
+
+def ce_kernel_problem(train: TrainConfig) -> str | None:
+    """The problem line when train.ce_kernel=liger is chosen but Liger-Kernel is not installed, else None. A check of
+    `tune validate` / run start, not of the config itself: a run's saved config.yaml must still load elsewhere."""
+    if train.ce_kernel != "liger" or importlib.util.find_spec("liger_kernel") is not None:
+        return None
+    return ("train.ce_kernel=liger needs Liger-Kernel, which is not installed: pip install liger-kernel "
+            "(or the gpt-tune[liger] extra), or set train.ce_kernel=chunked")
 
 
 @dataclass
