@@ -26,12 +26,15 @@ def test_smoke_runs_every_check_and_benchmark(tmp_path):
     assert not failed
     benches = report["benches"]
     assert benches["pretrain"]["ours"]["tokens_per_s"] > 0 and benches["pretrain"]["plain_loop"]["tokens_per_s"] > 0
-    for method in ("lora", "qlora"):
-        assert benches["finetune"][method]["ours"]["tokens_per_s"] > 0
-        assert benches["finetune"][method]["baseline"]["tokens_per_s"] > 0
+    finetune = benches["finetune"]
+    for side in ("ours-flex", "ours-dense", "baseline"):
+        assert finetune["lora"][side]["tokens_per_s"] > 0
+    for side in ("ours", "baseline"):
+        assert finetune["qlora"][side]["tokens_per_s"] > 0
     assert set(benches["distill"]["sides"]) == {"student alone", "distillation, live", "distillation, cached"}
     markdown = (out / "gpu_check.md").read_text()
     assert "SMOKE" in markdown and "| bf16_step | ok |" in markdown and "ours / plain_loop" in markdown
+    assert "(flex)" in markdown and "(dense)" in markdown
 
 
 def test_missing_packages_are_listed_with_the_pip_command(monkeypatch):
