@@ -570,7 +570,7 @@ def report_markdown(out: dict) -> str:
             for side, r in f[m].items():
                 if side in ("ratio_ours_over_baseline", "seconds") or not isinstance(r, dict):
                     continue
-                name = r.get("impl", side) + (f" ({side[5:]})" if side.startswith("ours-") else "")
+                name = r.get("impl", side)
                 if "tokens_per_s" not in r:
                     lines.append(f"| {m} | {name} | failed: {str(r.get('error', ''))[:120]} | | |")
                     continue
