@@ -165,3 +165,16 @@ def model_dir(tmp_path):
         '{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_positions": 1024}')
     (model / "model.safetensors").write_bytes(b"")
     return model
+
+
+class ListSource:
+    """Fixed micro-batches per step, for exact comparisons."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def step_batches(self, step, rank, world):
+        return self.steps[step - 1]
+
+    def val_batches(self, rank, world, limit):
+        return self.steps[0][:limit]

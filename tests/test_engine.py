@@ -15,6 +15,7 @@ from tune.data import TokenWindows
 from tune.engine import Engine, TrainConfig, lr_lambda, param_groups
 from tune.losses import causal_lm_loss
 from tune.models.gpt import GPT, config_from_preset
+from conftest import ListSource
 
 
 def test_warmup_cosine_schedule_against_hand_values():
@@ -38,19 +39,6 @@ def test_weight_decay_only_on_matrices_not_embeddings():
     assert all(p.ndim == 1 for p in no_decay["params"] if "emb" not in names[id(p)])
     with_emb, _ = param_groups(model, 0.1, decay_embeddings=True)
     assert len(with_emb["params"]) == len(decay["params"]) + 2
-
-
-class ListSource:
-    """Fixed micro-batches per step, for exact comparisons."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def step_batches(self, step, rank, world):
-        return self.steps[step - 1]
-
-    def val_batches(self, rank, world, limit):
-        return self.steps[0][:limit]
 
 
 def _masked_batch(ids, n_targets):

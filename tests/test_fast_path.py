@@ -10,19 +10,7 @@ import torch
 from tune.engine import Engine, TrainConfig, compile_blocks
 from tune.losses import causal_lm_loss
 from tune.models.gpt import GPT, config_from_preset
-
-
-class ListSource:
-    """Fixed micro-batches per step, for exact comparisons."""
-
-    def __init__(self, steps):
-        self.steps = steps
-
-    def step_batches(self, step, rank, world):
-        return self.steps[step - 1]
-
-    def val_batches(self, rank, world, limit):
-        return self.steps[0][:limit]
+from conftest import ListSource
 
 
 def _batch(width, seed, vocab=64, rows=2):
