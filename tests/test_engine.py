@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -482,3 +483,43 @@ def test_train_num_threads_reaches_torch_in_a_recipe_run(tmp_path, monkeypatch, 
         torch.set_num_threads(before)
     out = capsys.readouterr().out
     assert "threads: 3 intra-op per process (train.num_threads=3; 1 process, " in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_update_saves_that_steps_weights_under_its_number(tmp_path, signum):
+    """A signal that arrives inside optimizer.step (between parameter groups, or after the update but before the
+    step is counted) used to stop the run there: the checkpoint then held step N's weights labelled N - 1, and the
+    resume was not exact. Now the update and the step count change together."""
+    from safetensors.torch import load_file
+
+    def run(name, interrupt_at=None):
+        torch.manual_seed(0)
+        model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16))
+        g = torch.Generator().manual_seed(1)
+        steps = [[{"input_ids": (x := torch.randint(0, 64, (2, 17), generator=g))[:, :-1], "targets": x[:, 1:]}]
+                 for _ in range(5)]
+        cfg = TrainConfig(max_steps=5, micro_batch_size=2, lr=1e-2, warmup_steps=0, eval_every=0, eval_batches=1,
+                          save_every=1, keep_checkpoints=10, progress=False)
+        engine = Engine(cfg, tmp_path / name, model, ListSource(steps), log=lambda s: None)
+        if interrupt_at is not None:
+            calls = {"n": 0}
+            update = engine.optimizer.step
+
+            def step_then_signal(*args, **kwargs):
+                out = update(*args, **kwargs)
+                calls["n"] += 1
+                if calls["n"] == interrupt_at:
+                    signal.raise_signal(signum)  # arrives after the weights moved, before the step is counted
+                return out
+
+            engine.optimizer.step = step_then_signal
+        return engine.fit()
+
+    run("full")
+    with pytest.raises(KeyboardInterrupt):
+        run("stopped", interrupt_at=3)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [f"step_{i:07d}" for i in (1, 2, 3)]
+    saved = load_file(checkpoints / "step_0000003" / "model.safetensors")
+    reference = load_file(tmp_path / "full" / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert all(torch.equal(saved[k], reference[k]) for k in reference)

@@ -36,7 +36,7 @@ from tune.losses import IGNORE_INDEX, causal_lm_loss, liger_loss_fn
 from tune.report import MetricsLog  # noqa: F401 - re-exported
 from tune.run_lock import check_run_dir_shared, lock_run_dir
 from tune.runtime import (  # noqa: F401 - re-exported
-    STOP_SIGNALS, Interrupted, StopAtStepBoundary, apply_num_threads, busy_fraction, choose_num_threads,
+    STOP_SIGNALS, Interrupted, SignalHold, StopAtStepBoundary, apply_num_threads, busy_fraction, choose_num_threads,
     deferred_signals, restore_handlers, stop_on_signals, usable_cores)
 from tune.train_config import TrainConfig  # noqa: F401 - re-exported
 
@@ -216,6 +216,7 @@ class Engine:
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         self.skipped_steps = self.skipped_in_a_row = 0
         self._step_lr = math.nan
+        self._signals = SignalHold()
         self._eval_step = 0
         # Steps between host reads of the step results (loss sums, target counts, gradient norm). 1: read every
         # step, as a CPU device costs nothing to sync. More (CUDA, torch's fused AdamW, set in fit): the results
@@ -381,6 +382,7 @@ class Engine:
                     counters["log_window"] = _add_to_window(counters["log_window"], sums, targets, grad_norm, skipped)
                 # one assignment: a Ctrl-C lands before it (the step is not counted) or after it (it is)
                 step, self.counters, self._pending, step_start_rng = step + 1, counters, pending, None
+                self._signals.release()  # held since the update began: a signal that came meanwhile is raised here
                 speed_tokens += tokens
                 if step % self.read_every == 0:
                     read_pending()
@@ -419,6 +421,7 @@ class Engine:
                 if is_last:
                     break
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGUSR1 (a preemption notice) as Interrupted
+            self._signals.release(deliver=False)
             if stop is not None:
                 stop.restore()
             if progress is not None:  # the bar's line ends before the message (it would glue onto it)
@@ -437,6 +440,7 @@ class Engine:
         except torch.OutOfMemoryError:
             raise TuneError(out_of_memory_advice(cfg, step + 1)) from None
         finally:
+            self._signals.release(deliver=False)  # first: it restores the handlers below it
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._next_batches = None
@@ -562,7 +566,9 @@ class Engine:
         if acc.num_processes == 1:
             global_targets = float(local_targets)
         else:
-            global_targets = acc.reduce(torch.tensor(float(local_targets), device=acc.device), "sum")
+            # torch.full launches a fill kernel; torch.tensor(value, device=cuda) would copy from pageable host memory,
+            # which waits for the kernels already queued (a sync per step under DDP)
+            global_targets = acc.reduce(torch.full((), float(local_targets), device=acc.device), "sum")
             global_targets = global_targets if deferred else global_targets.item()
         divisor = global_targets.clamp(min=1.0) if torch.is_tensor(global_targets) else max(global_targets, 1.0)
         sums: dict[str, torch.Tensor] = {}
@@ -580,6 +586,10 @@ class Engine:
                 sums[name] = sums.get(name, 0) + value.detach().float()
         # the norm is always measured (an infinite max_norm clips nothing) so bad gradients are caught before the update
         grad_norm = acc.clip_grad_norm_(module.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        # from here until fit() counts the step, signals wait: the update (one parameter group after another, or
+        # bitsandbytes' loop over parameters) and the step count change together, so an interrupt saves either the
+        # weights before this step under the previous number, or those after it under this one
+        self._signals.hold()
         if deferred:
             sums = {name: acc.reduce(value, "sum") for name, value in sums.items()}
             self._deferred_update(optimizer, sums["loss"], grad_norm)

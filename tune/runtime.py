@@ -69,6 +69,33 @@ def deferred_signals(deliver: bool = True):
                 signal.raise_signal(s)
 
 
+class SignalHold:
+    """SIGINT, SIGTERM and SIGUSR1 held between `hold()` and `release()`, which may sit in different functions (the
+    engine holds them from a step's optimizer update until the step is counted, so an interrupt never saves weights
+    that took part of an update under the previous step's number). `release()` puts the previous handlers back and,
+    with `deliver`, sends the held signals again. Outside the main thread both do nothing."""
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.pending: list[int] = []
+
+    def hold(self):
+        if self.previous or threading.current_thread() is not threading.main_thread():
+            return
+        self.pending = []
+        self.previous = {s: signal.signal(s, lambda signum, frame: self.pending.append(signum))
+                         for s in INTERRUPT_SIGNALS}
+
+    def release(self, deliver: bool = True):
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if deliver:
+            for s in dict.fromkeys(self.pending):
+                signal.raise_signal(s)
+        self.pending = []
+
+
 class StopAtStepBoundary:
     """Ctrl-C, SIGTERM or SIGUSR1 for a run on several processes (torchrun forwards SIGINT and SIGTERM to each):
     an exception raised wherever each process happens to be would leave one rank inside a collective (a
