@@ -163,6 +163,23 @@ def test_8bit_adamw_follows_torch_adamw_and_resumes_exactly(tmp_path):
         assert torch.equal(v, resumed_model.state_dict()[k]), k
 
 
+@pytest.mark.parametrize("first, then", [("adamw_8bit", "adamw"), ("adamw", "adamw_8bit")])
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tmp_path, first, then):
+    """Another optimizer cannot load the checkpoint's optimizer state (it crashed with KeyError
+    'param_groups.0.alpha'): refused, even with allow_schedule_change, and the run directory is left as it was."""
+    from test_engine import _run
+
+    from tune.errors import ConfigError
+
+    _run(tmp_path, "run", 4, optimizer=first)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    for allow in (False, True):
+        with pytest.raises(ConfigError, match=rf"holds the state of train.optimizer={first}, which "
+                                              rf"train.optimizer={then} cannot load; resume with train.optimizer={first}"):
+            _run(tmp_path, "run", 6, resume=True, optimizer=then, allow_schedule_change=allow)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
 @pytest.mark.parametrize("name", ["paged_adamw", "paged_adamw_8bit"])
 def test_paged_optimizers_are_refused_on_cpu(tmp_path, name):
     from tune.errors import ConfigError

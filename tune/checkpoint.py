@@ -40,6 +40,7 @@ def schedule_settings(cfg: TrainConfig, world: int, seed: int | None = None) -> 
     settings[_GLOBAL_BATCH] = cfg.micro_batch_size * cfg.grad_accum_steps * world
     if seed is not None:
         settings["seed"] = seed
+    settings["train.optimizer"] = cfg.optimizer  # not a schedule setting, but its state must match (schedule_changes)
     return settings
 
 
@@ -48,7 +49,7 @@ def trained_schedule(checkpoint: Path) -> dict | None:
     before state.json kept them, from the run's config.yaml (None when neither says)."""
     state = json.loads((checkpoint / "state.json").read_text())
     if "schedule" in state:
-        return state["schedule"]
+        return {"train.optimizer": "adamw", **state["schedule"]}  # checkpoints from before train.optimizer: AdamW
     config_file = Path(checkpoint).parent.parent / "config.yaml"
     if not config_file.is_file():
         return None
@@ -61,6 +62,7 @@ def trained_schedule(checkpoint: Path) -> dict | None:
                                * train.get("grad_accum_steps", defaults.grad_accum_steps) * state.get("world_size", 1))
     if "seed" in data:
         settings["seed"] = data["seed"]
+    settings["train.optimizer"] = train.get("optimizer", "adamw")
     return settings
 
 
@@ -68,11 +70,17 @@ def schedule_changes(checkpoint: Path, cfg: TrainConfig, world: int, seed: int |
     """What resuming `checkpoint` with `cfg` on `world` processes would change of its schedule, as
     "KEY old -> new" strings (settings that either side does not know are not compared).
 
-    Raises ConfigError naming every change unless cfg.allow_schedule_change is set."""
+    Raises ConfigError naming every change unless cfg.allow_schedule_change is set, and always for another
+    train.optimizer (one optimizer's state cannot be loaded into another's)."""
     old = trained_schedule(checkpoint)
     if old is None:
         return []
     new = schedule_settings(cfg, world, seed)
+    if old.get("train.optimizer", new["train.optimizer"]) != new["train.optimizer"]:
+        raise ConfigError(f"resuming {checkpoint}: it holds the state of train.optimizer={old['train.optimizer']}, "
+                          f"which train.optimizer={new['train.optimizer']} cannot load; resume with "
+                          f"train.optimizer={old['train.optimizer']} (or start a new run)")
+    old, new = ({k: v for k, v in d.items() if k != "train.optimizer"} for d in (old, new))
     changes = [f"{k} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]]
     if changes and not cfg.allow_schedule_change:
         raise ConfigError(f"resuming {checkpoint} would change the schedule it was trained with: {', '.join(changes)}; "
