@@ -207,12 +207,13 @@ def run(cfg: DistillConfig):
     from recipes.finetune import build_ni_datasets, load_splits
     from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
                               load_teacher, load_teacher_cache)
-    from tune.engine import Engine, make_accelerator
+    from tune.engine import Engine, check_train_device, make_accelerator
     from tune.hf import load_tokenizer, resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
+    check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     t, s, d = cfg.teacher, cfg.student, cfg.data
     tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has no pad token: padding is masked

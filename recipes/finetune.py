@@ -201,12 +201,13 @@ def run(cfg: FinetuneConfig):
 
     from tune.packing import PACKED_ATTENTION, NIBatches
     from tune.adapters import attention_implementation, merge_adapter
-    from tune.engine import Engine, make_accelerator
+    from tune.engine import Engine, check_train_device, make_accelerator
     from tune.hf import resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
+    check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.
     tokenizer = run_tokenizer(cfg)

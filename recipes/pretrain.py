@@ -170,7 +170,7 @@ def run(cfg: PretrainConfig):
 
     from data_prep.text import prepare_text_corpus
     from tune.data import TokenWindows
-    from tune.engine import Engine, make_accelerator
+    from tune.engine import Engine, check_train_device, make_accelerator
     from tune.errors import ConfigError
     from tune.hf import unknown_token_warning
     from tune.models.export import export_hf
@@ -179,6 +179,7 @@ def run(cfg: PretrainConfig):
 
     validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
+    check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.model.init_from, cfg.data.tokenizer_path])
     set_seed(cfg.seed)

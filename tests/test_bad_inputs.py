@@ -389,3 +389,16 @@ def test_generate_options_out_of_range(option, message, capsys):
     """Checked before the model is even looked at (a missing --model is not reported first)."""
     assert main(["generate", "--model", "nowhere", "--prompt", "hi", *option]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.optimizer=paged_adamw", "error: train.optimizer=paged_adamw pages optimizer states between GPU and CPU "
+                                    "memory and needs a CUDA GPU (this run is on cpu); use train.optimizer=adamw or "
+                                    "adamw_8bit\n"),
+])
+def test_a_setting_this_device_cannot_run_leaves_no_output_dir(tmp_path, capsys, setting, message):
+    """Refused right after the accelerator exists, before the recipe writes anything (pretrain used to leave .lock
+    and tokenizer/ behind)."""
+    assert main(["run", "pretrain", "--config", "demo", f"output_dir={tmp_path / 'run'}", setting]) == 2
+    assert capsys.readouterr().err.endswith(message)
+    assert not (tmp_path / "run").exists()

@@ -134,6 +134,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) 
 PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit")
 
 
+def check_train_device(cfg: TrainConfig, device) -> None:
+    """ConfigError for train settings the training `device` cannot run (a paged optimizer or train.ce_kernel=liger
+    off CUDA, liger not installed). Recipes call it right after make_accelerator, before they write anything into
+    the output directory; the Engine meets the same errors itself for direct users."""
+    device = torch.device(device)
+    if cfg.optimizer in PAGED_OPTIMIZERS and device.type != "cuda":
+        raise ConfigError(f"train.optimizer={cfg.optimizer} pages optimizer states between GPU and CPU memory and "
+                          f"needs a CUDA GPU (this run is on {device.type}); use train.optimizer=adamw or adamw_8bit")
+    if cfg.ce_kernel == "liger":
+        liger_loss_fn(device)  # raises the one-line error when it cannot run here
+
+
 def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device | None) -> torch.optim.Optimizer:
     """The optimizer train.optimizer names, over param_groups(model) with cfg's lr, betas, eps and weight decay:
     adamw is torch's fused AdamW (CPU and CUDA; ~6% of a small CPU step over the unfused one); adamw_8bit,
@@ -147,10 +159,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device | No
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
-    if cfg.optimizer in PAGED_OPTIMIZERS and torch.device(device).type != "cuda":
-        raise ConfigError(f"train.optimizer={cfg.optimizer} pages optimizer states between GPU and CPU memory and "
-                          f"needs a CUDA GPU (this run is on {torch.device(device).type}); use train.optimizer=adamw "
-                          "or adamw_8bit")
+    if cfg.optimizer in PAGED_OPTIMIZERS:
+        check_train_device(cfg, device)
     import bitsandbytes as bnb
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
