@@ -280,6 +280,10 @@ def test_ce_kernel_liger_without_liger_is_a_one_line_validate_error(monkeypatch,
     assert main(["validate", "demo", "train.ce_kernel=chunked"]) == 0
     assert main(["validate", "demo", "train.ce_kernel=fused"]) == 2
     assert "not one of ['chunked', 'liger']" in capsys.readouterr().err
+    # with the recipe's own problems: listed together, not one hiding the other
+    assert main(["validate", "demo", "train.ce_kernel=liger", "data.tokenizer_path=/no/such/tokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 problems in ") and "/no/such/tokenizer" in err and "needs Liger-Kernel" in err, err
 
 
 def test_engine_picks_the_loss_from_ce_kernel(tmp_path):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tune.config import CONFIG_DIR, load_config, read_yaml, resolve_config_path, with_validate_problems
+from tune.config import CONFIG_DIR, load_config, problem_lines, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
 from tune.train_config import ce_kernel_problem, schedule_warning
 
@@ -63,19 +63,30 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
     if recipe and declared and recipe != declared:
         raise ConfigError(f"{path} is a {declared!r} config, not {recipe!r}; run: tune run {declared} --config {config}")
     module = load_recipe(name)
+
+    def validate(cfg):
+        """The recipe's own checks, and whether train.ce_kernel can run here: every problem in one report."""
+        lines = []
+        try:
+            if hasattr(module, "validate"):
+                module.validate(cfg)
+        except ConfigError as e:
+            if not isinstance(e, ConfigProblems) and ce_kernel_problem(getattr(cfg, "train", None)) is None:
+                raise
+            lines = problem_lines(e)
+        problem = ce_kernel_problem(cfg.train) if hasattr(cfg, "train") else None
+        lines += [problem] if problem else []
+        if len(lines) > 1:
+            raise ConfigProblems(lines, str(path))
+        if lines:
+            raise ConfigError(f"{path}: {lines[0]}")
+
     try:
         cfg = load_config(module.CONFIG_CLASS, str(path), overrides)
     except ConfigError as e:  # with the recipe's own checks of the rest in the same report
-        raise (with_validate_problems(e, module.validate, str(path)) if check and hasattr(module, "validate")
-               else e) from None
-    if check and hasattr(module, "validate"):
-        try:
-            module.validate(cfg)
-        except ConfigProblems as e:
-            raise ConfigProblems(e.problems, str(path)) from None
-    problem = ce_kernel_problem(cfg.train) if check and hasattr(cfg, "train") else None
-    if problem:
-        raise ConfigError(f"{path}: {problem}")
+        raise (with_validate_problems(e, validate, str(path)) if check else e) from None
+    if check:
+        validate(cfg)
     warning = schedule_warning(cfg.train) if check and hasattr(cfg, "train") else None
     if warning and "LOCAL_RANK" not in os.environ:  # once: the --nproc launcher has said it for its processes
         print(warning, file=sys.stderr)

@@ -241,7 +241,7 @@ def _coerce(value, tp, where: str):
     return value
 
 
-def _problem_lines(error: ConfigError) -> list[str]:
+def problem_lines(error: ConfigError) -> list[str]:
     """The one-line problems of a ConfigError (a ConfigProblems holds several)."""
     return list(error.problems) if isinstance(error, ConfigProblems) else [str(error)]
 
@@ -278,7 +278,7 @@ def _build(cls, data: dict, where: str, problems: list[str], bad_keys: list[str]
         try:
             kwargs[key] = _coerce(value, tp, dotted)
         except ConfigError as e:
-            problems.extend(_problem_lines(e))
+            problems.extend(problem_lines(e))
             bad_keys.append(dotted)
     required = [name for name, f in known.items() if name not in kwargs and
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -292,7 +292,7 @@ def _build(cls, data: dict, where: str, problems: list[str], bad_keys: list[str]
         return cls(**kwargs)
     except ConfigError as e:
         # section checks name their keys in full ("train.max_steps must be >= 1"): no "train: " in front again
-        for line in _problem_lines(e):
+        for line in problem_lines(e):
             named = not where or line.startswith((f"{where}.", f"{where}="))
             problems.append(line if named else f"{where}: {line}")
         bad_keys.append(where)
@@ -371,12 +371,12 @@ def with_validate_problems(error: ConfigError, validate, source: str) -> ConfigE
     partial = getattr(error, "partial", None)
     if partial is None:
         return error
-    lines = _problem_lines(error)
+    lines = problem_lines(error)
     try:
         validate(partial)
     except TuneError as e:
         bad = [re.compile(r"(?<![\w.])" + re.escape(k) + r"(?!\w)") for k in getattr(error, "bad_keys", [])]
-        lines += [p for p in _problem_lines(e) if not any(b.search(p) for b in bad)]
+        lines += [p for p in problem_lines(e) if not any(b.search(p) for b in bad)]
     except Exception:  # noqa: BLE001 - a half-built config may trip a check: the config's own problems suffice
         pass
     return ConfigProblems(lines, source) if len(lines) > 1 else error

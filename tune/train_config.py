@@ -80,10 +80,10 @@ def schedule_warning(train: TrainConfig) -> str | None:
             f"train.lr and never decays); lower train.warmup_steps for a full schedule")
 
 
-def ce_kernel_problem(train: TrainConfig) -> str | None:
+def ce_kernel_problem(train: TrainConfig | None) -> str | None:
     """The problem line when train.ce_kernel=liger is chosen but Liger-Kernel is not installed, else None. A check of
     `tune validate` / run start, not of the config itself: a run's saved config.yaml must still load elsewhere."""
-    if train.ce_kernel != "liger" or importlib.util.find_spec("liger_kernel") is not None:
+    if train is None or train.ce_kernel != "liger" or importlib.util.find_spec("liger_kernel") is not None:
         return None
     return ("train.ce_kernel=liger needs Liger-Kernel, which is not installed: pip install liger-kernel "
             "(or the gpt-tune[liger] extra), or set train.ce_kernel=chunked")
