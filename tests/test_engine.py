@@ -523,3 +523,17 @@ def test_a_signal_during_the_update_saves_that_steps_weights_under_its_number(tm
     saved = load_file(checkpoints / "step_0000003" / "model.safetensors")
     reference = load_file(tmp_path / "full" / "checkpoints" / "step_0000003" / "model.safetensors")
     assert all(torch.equal(saved[k], reference[k]) for k in reference)
+
+
+def test_save_at_end_false_writes_no_final_checkpoint(tmp_path):
+    """Benchmarks time-cap their runs: Engine.save_at_end=False skips only the end-of-run checkpoint."""
+    g = torch.Generator().manual_seed(1)
+    steps = [[{"input_ids": (x := torch.randint(0, 64, (2, 17), generator=g))[:, :-1], "targets": x[:, 1:]}]
+             for _ in range(4)]
+    cfg = TrainConfig(max_steps=4, micro_batch_size=2, warmup_steps=0, eval_every=0, eval_batches=1, save_every=3,
+                      progress=False)
+    engine = Engine(cfg, tmp_path / "run", GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16)),
+                    ListSource(steps), log=lambda s: None)
+    engine.save_at_end = False
+    assert engine.fit().step == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000003"]
