@@ -214,6 +214,25 @@ def test_hf_packed_document_ids_equal_each_example_alone(three, name, impl):
     torch.testing.assert_close(loss, 2 * ref_loss, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,impl", [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "eager")])
+def test_hf_dense_mask_batches_equal_each_example_alone_in_every_implementation(three, name, impl):
+    """data.packed_attention=dense (a (B, 1, L, L) bool mask): eager attention adds a tensor mask to the scores, so
+    a bool one passed as it is would add 0 / 1 and attend across examples; it is converted to the additive form."""
+    model = hf_model(name, impl)
+    ref_logits, ref_loss = alone(model, three)
+    with torch.no_grad():
+        loss, _ = causal_lm_loss(model, collate_packed([three, list(reversed(three))], 24, PAD, mask_mode="4d"))
+    torch.testing.assert_close(loss, 2 * ref_loss, atol=1e-4, rtol=1e-5)
+
+
+def test_a_dense_mask_cannot_drive_flex_attention(three):
+    from tune.errors import TuneError
+
+    model = hf_model("llama", "flex_attention")
+    with pytest.raises(TuneError, match="runs flex_attention, which cannot apply a dense .* use data.packed_attention=flex"):
+        causal_lm_loss(model, collate_packed([three], 24, PAD, mask_mode="4d"))
+
+
 def test_hf_peft_wrapped_packed_equal_alone(three):
     from peft import LoraConfig, get_peft_model
 

@@ -39,6 +39,7 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Mod
             kwargs["attention_mask"] = mask
     elif "attention_mask" in kwargs and kwargs["attention_mask"].dim() == 4:
         check_takes_4d_mask(lm)
+        kwargs["attention_mask"] = dense_mask_for(lm, kwargs["attention_mask"])
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs)
     return out[0], lm.get_output_embeddings()
 
@@ -74,8 +75,18 @@ def hf_document_mask(lm: nn.Module, document_ids: torch.Tensor):
     check_takes_4d_mask(lm)
     if impl == "flex_attention":
         return document_block_mask(document_ids)
-    dense = document_dense_mask(document_ids)
-    if impl == "eager":
+    return dense_mask_for(lm, document_dense_mask(document_ids))
+
+
+def dense_mask_for(lm: nn.Module, dense: torch.Tensor) -> torch.Tensor:
+    """A 4D bool mask (B, 1, L, L), True = may attend, in the form the HF model `lm`'s attention applies as a mask:
+    as it is for sdpa; as the additive float mask for eager (which adds the mask to the scores: a bool one would add
+    0 / 1). TuneError for flex_attention, which also adds a 4D tensor mask to its scores (it needs document ids)."""
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if impl == "flex_attention":
+        raise TuneError(f"{type(lm).__name__} runs flex_attention, which cannot apply a dense (B, 1, L, L) mask; "
+                        "use data.packed_attention=flex (document ids), or load the model with sdpa attention")
+    if impl == "eager" and dense.dtype == torch.bool:
         dtype = lm.dtype if lm.dtype.is_floating_point else torch.float32
         return torch.zeros(dense.shape, dtype=dtype, device=dense.device).masked_fill(~dense, torch.finfo(dtype).min)
     return dense
