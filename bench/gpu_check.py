@@ -224,9 +224,13 @@ def check_flex_attention(ctx: Context) -> dict:
     vocab = ctx.native["vocab"]
     results = {}
     for kind in ("native", "hf_llama"):
-        model = _flex_model(ctx, kind, sum(lengths[0]) if ctx.smoke else 2048)
+        context = sum(lengths[0]) if ctx.smoke else 2048
+        # the dense side through an SDPA model, the flex side through the model the recipes load for flex, with
+        # the same weights (transformers' flex path adds a 4D bool mask to the scores instead of masking with it)
+        models = {"dense": _flex_model(ctx, kind, context, "dense")}
+        models["flex"] = _flex_model(ctx, kind, context, "flex", like=models["dense"])
         losses, grads = {}, {}
-        for attention in ("dense", "flex"):
+        for attention, model in models.items():
             batch = {k: v.to(ctx.device) for k, v in packed_batch(vocab, lengths, _mask_mode(attention)).items()}
             model.zero_grad(set_to_none=True)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.cuda):
@@ -249,10 +253,18 @@ def _mask_mode(attention: str) -> str:
     return PACKED_ATTENTION[attention]
 
 
-def _flex_model(ctx: Context, kind: str, context: int):
+def _flex_model(ctx: Context, kind: str, context: int, attention: str, like=None):
+    """The model of one side of check_flex_attention: `kind` native or hf_llama, loaded as the recipes load it
+    for data.packed_attention=`attention`; with `like`, its weights copied from that model.
+
+    The native GPT is one model for both modes (it takes FlexAttention on CUDA for document ids and SDPA for a
+    4D mask), so `like` is returned as it is. The HF Llama is loaded with attn_implementation "sdpa" for dense
+    and "flex_attention" for flex on CUDA ("sdpa" on CPU: the CPU build has no flex backward)."""
     import torch
 
     if kind == "native":
+        if like is not None:
+            return like
         from tune.models.gpt import GPT, config_from_preset
 
         s = ctx.native
@@ -267,9 +279,11 @@ def _flex_model(ctx: Context, kind: str, context: int):
     config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["n_embd"], intermediate_size=2 * s["n_embd"],
                          num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
                          num_key_value_heads=max(1, s["n_head"] // 2), max_position_embeddings=context)
-    # what the recipes load for data.packed_attention=flex: flex_attention on CUDA (the CPU build has no backward)
-    config._attn_implementation = "flex_attention" if ctx.cuda else "sdpa"
-    return LlamaForCausalLM(config).to(ctx.device)
+    config._attn_implementation = "flex_attention" if attention == "flex" and ctx.cuda else "sdpa"
+    model = LlamaForCausalLM(config).to(ctx.device)
+    if like is not None:
+        model.load_state_dict(like.state_dict())
+    return model
 
 
 def check_resume(ctx: Context) -> dict:

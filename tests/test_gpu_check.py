@@ -68,3 +68,22 @@ def test_bad_arguments_stop_before_any_work(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_flex_check_compares_an_sdpa_model_with_a_flex_model_of_the_same_weights(tmp_path):
+    """On CUDA the dense side must not go through the flex_attention HF model (it adds a bool mask to the scores)."""
+    import torch
+
+    from bench import gpu_check
+
+    ctx = gpu_check.Context(True, NI_TASKS, tmp_path)
+    ctx.cuda = True  # how the models are chosen on a GPU; nothing runs on one here
+    dense = gpu_check._flex_model(ctx, "hf_llama", 64, "dense")
+    flex = gpu_check._flex_model(ctx, "hf_llama", 64, "flex", like=dense)
+    assert dense.config._attn_implementation == "sdpa"
+    assert flex.config._attn_implementation == "flex_attention"
+    assert flex is not dense
+    for (name, a), b in zip(dense.state_dict().items(), flex.state_dict().values()):
+        assert torch.equal(a, b), name
+    native = gpu_check._flex_model(ctx, "native", 64, "dense")
+    assert gpu_check._flex_model(ctx, "native", 64, "flex", like=native) is native
