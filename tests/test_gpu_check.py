@@ -87,3 +87,29 @@ def test_flex_check_compares_an_sdpa_model_with_a_flex_model_of_the_same_weights
         assert torch.equal(a, b), name
     native = gpu_check._flex_model(ctx, "native", 64, "dense")
     assert gpu_check._flex_model(ctx, "native", 64, "flex", like=native) is native
+
+
+@pytest.mark.parametrize("failing", ["ours", "baseline"])
+def test_pretrain_throughput_under_a_cap_records_a_failed_side_and_keeps_the_others(monkeypatch, capsys, failing):
+    from bench import bench_pretrain as bp
+
+    def fake_isolated(fn, shape, steps, timeout=None):
+        if fn is {"ours": bp.run_ours, "baseline": bp.run_baseline}[failing]:
+            raise RuntimeError(f"{fn.__name__} did not finish within its cap (killed)")
+        step = {bp.run_ours: 0.1, bp.run_baseline: 0.2, bp.run_plain_loop: 0.4}[fn]
+        return {"impl": fn.__name__, "step_times": [step] * steps, "peak_bytes": 100, "memory_method": "test",
+                "details": ""}
+
+    monkeypatch.setattr(bp, "isolated", fake_isolated)
+    shape = dict(bp.SIZES["smoke"])
+    steps, warmup = shape.pop("steps"), shape.pop("warmup")
+    res = bp.throughput(shape, steps, warmup, None, plain_loop=True, timeout=30)
+    assert "killed" in res[failing]["error"]
+    kept = {"ours", "baseline", "plain_loop"} - {failing}
+    assert all(res[side]["tokens_per_s"] > 0 for side in kept)
+    assert "ratio_ours_over_baseline" not in res
+    assert res["ratios"] == ({} if failing == "ours" else {"plain_loop": pytest.approx(4.0)})
+    bp.print_throughput(res)
+    assert f"{failing}: FAILED" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="killed"):  # the standalone benchmark (no cap) needs every side
+        bp.throughput(shape, steps, warmup, None, plain_loop=True, timeout=None)
