@@ -185,3 +185,27 @@ def test_resume_and_offload_checks_run_with_deterministic_algorithms_on_cuda(mon
     assert not torch.are_deterministic_algorithms_enabled()  # restored
     assert "deterministic algorithms on (warn_only)" in results["resume_bf16"]["detail"]
     assert "deterministic" not in results["bf16_step"]["detail"]
+
+
+def test_benchmarks_do_not_write_the_final_checkpoint(monkeypatch):
+    """The Engine saves a checkpoint at the end unless save_at_end is False; the timed runs must not pay for it."""
+    import tune.engine
+    from bench import bench_distill, bench_pretrain
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fit(self):
+        seen.append(getattr(self, "save_at_end", True))
+        raise Stop
+
+    monkeypatch.setattr(tune.engine.Engine, "fit", fit)
+    shape = {k: v for k, v in bench_pretrain.SIZES["smoke"].items() if k not in ("steps", "warmup")}
+    runs = [lambda: bench_pretrain.run_ours(shape, 2), lambda: bench_pretrain.run_loss_variant(shape, 2, "full"),
+            lambda: bench_distill.train(dict(bench_distill.SIZES["smoke"]), None)]
+    for run in runs:
+        with pytest.raises(Stop):
+            run()
+    assert seen == [False] * len(runs)
