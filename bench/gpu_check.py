@@ -520,7 +520,8 @@ def run_check(ctx: Context, name: str, *args) -> dict:
     r["status"] = status(r)
     r.pop("ok", None)
     r["seconds"] = round(time.time() - start, 1)
-    print(f"  {r['status']:<7} {r['detail']} ({r['seconds']} s)", flush=True)
+    shown = r["detail"] if r["detail"].startswith(r["status"]) else f"{r['status']:<7} {r['detail']}"
+    print(f"  {shown} ({r['seconds']} s)", flush=True)
     return r
 
 
