@@ -140,6 +140,7 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) ->
             teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
             loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
         engine = Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None)
+        engine.save_at_end = False  # the final checkpoint is no part of the measurement
         stamps = time_steps(engine)
         engine.fit()
     return {"step_times": intervals(stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}

@@ -107,7 +107,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def qlora_fsdp_check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int | None = None,
-                     steps: int = 8, timeout: int = 600) -> dict:
+                     steps: int = 8, timeout: float = 600) -> dict:
     """QLoRA fine-tuning (qlora_ni, quant_storage=auto) on one process against FSDP2 on `nproc` processes (GPUs:
     all visible, via `accelerate launch --config_file recipes/accelerate/fsdp.yaml`; smoke: 2 CPU processes via
     tests/fsdp_cpu.py), the same global batch, `steps` steps of a tiny random GPT-2 on one NI task.
@@ -164,18 +164,20 @@ def qlora_fsdp_check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int 
             "rel_tolerance": rel, "max_rel_loss_diff": worst, "losses": losses, "val_losses": val, "grad_norms": norms}
 
 
-def check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int | None = None) -> dict:
+def check(out: Path, ni_tasks: Path, smoke: bool = False, nproc: int | None = None, timeout: float = 1500) -> dict:
     """Both checks, for bench/gpu_check.py's CHECKS (`{"ok", "detail", ...}`): the probe runs in its own process
-    (it creates a process group), bf16 and fp32 storage; then qlora_fsdp_check. Writes out/qlora_fsdp_check.json."""
+    (it creates a process group), bf16 and fp32 storage; then qlora_fsdp_check. Writes out/qlora_fsdp_check.json.
+    `timeout`: seconds for all three processes (the probe 20%, each recipe run 40%); one still running then is
+    killed and subprocess.TimeoutExpired raised."""
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
     cpu = smoke or not torch.cuda.is_available()
     probe = subprocess.run([sys.executable, "-m", "bench.qlora_fsdp_check", "--probe", "bf16", "fp32"], cwd=REPO,
-                           capture_output=True, text=True, timeout=300,
+                           capture_output=True, text=True, timeout=0.2 * timeout,
                            env={**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})})
     probes = [json.loads(line) for line in probe.stdout.splitlines() if line.startswith("{")]
-    recipe = qlora_fsdp_check(out, ni_tasks, smoke=smoke, nproc=nproc)
+    recipe = qlora_fsdp_check(out, ni_tasks, smoke=smoke, nproc=nproc, timeout=0.4 * timeout)
     ok = recipe["ok"] and len(probes) == 2 and all(p["exact"] for p in probes)
     failed = [name for name, passed in recipe["checks"].items() if not passed]
     detail = (f"FSDP2 on {recipe['processes']} {recipe['device']} process(es) vs 1: max loss gap "

@@ -85,6 +85,9 @@ def test_two_nodes_of_one_process_match_two_processes_on_one_node(recipe_configs
     (["--nnodes", "0"], "--nnodes must be >= 1 (machines taking part), got 0"),
     (["--nnodes", "2", "--rdzv-endpoint", "node1"], "--rdzv-endpoint must be HOST:PORT (e.g. node1:29500), got 'node1'"),
     (["--nnodes", "2", "--rdzv-endpoint", "node1:29500", "--node-rank", "2"], "--node-rank must be in [0, --nnodes=2)"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node1:70000"], "--rdzv-endpoint port must be in 1..65535 (e.g. node1:29500), "
+                                                          "got 'node1:70000'"),
+    (["--nnodes", "2", "--rdzv-endpoint", "[::1]:0"], "--rdzv-endpoint port must be in 1..65535"),
 ])
 def test_multinode_flags_are_checked_before_anything_starts(flags, message, capsys):
     from tune.cli import main
@@ -170,3 +173,29 @@ def test_a_process_that_sees_another_lock_record_is_named():
     lock = {"pid": 7, "host": "node1", "since": "2026-11-30 22:00:00 UTC", "command": "tune run"}
     assert unshared_processes([lock, dict(lock), {}, {**lock, "pid": 8}]) == [2, 3]
     assert unshared_processes([lock, dict(lock)]) == []
+
+
+def test_slurm_example_accelerate_variant_passes_the_overrides(tmp_path):
+    """The commented `accelerate launch` variant, run with a stand-in for `accelerate` on one "node": the
+    overrides given to sbatch reach tune.cli, as with the srun line."""
+    lines = SBATCH.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   export RECIPE"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line[4:].replace("srun --kill-on-bad-exit=1 ", ""))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    (bin_dir / "accelerate").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+           "RECIPE": "finetune", "CONFIG": "lora_ni", "GPUS_PER_NODE": "8", "MASTER_ADDR": "node1",
+           "MASTER_PORT": "29500"}
+    script = "\n".join(block)
+    done = subprocess.run(["bash", "-c", script, "sbatch", "train.lr=1e-3", "data.name=a b"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    argv = done.stdout.splitlines()
+    assert argv[argv.index("tune.cli") + 1:] == ["run", "finetune", "--config", "lora_ni", "train.lr=1e-3", "data.name=a b"]
+    assert argv[argv.index("--machine_rank") + 1] == "1" and argv[argv.index("--num_processes") + 1] == "16"

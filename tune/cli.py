@@ -160,6 +160,8 @@ def check_node_args(args) -> None:
                           "that every node can reach, e.g. --rdzv-endpoint node1:29500), given the same on every node")
     if args.rdzv_endpoint and not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", args.rdzv_endpoint):
         raise ConfigError(f"--rdzv-endpoint must be HOST:PORT (e.g. node1:29500), got {args.rdzv_endpoint!r}")
+    if args.rdzv_endpoint and not 1 <= int(args.rdzv_endpoint.rsplit(":", 1)[1]) <= 65535:
+        raise ConfigError(f"--rdzv-endpoint port must be in 1..65535 (e.g. node1:29500), got {args.rdzv_endpoint!r}")
     if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
         raise ConfigError(f"--node-rank must be in [0, --nnodes={args.nnodes}), got {args.node_rank}")
 
