@@ -91,17 +91,22 @@ class CrashingWindows(TokenWindows):
         return super().step_batches(step, rank, world)
 
 
-def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None, **train):
+def resume_setup(tmp_path, name, max_steps, crash_at=None, **train):
+    """(Engine, model) of the resume tests: a tiny GPT with dropout on TokenWindows that can crash inside a step."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, 5000).astype(np.uint16)
     torch.manual_seed(3)
     model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, dropout=0.1))
     source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
     source.crash_at = crash_at
-    cfg = TrainConfig(max_steps=max_steps, micro_batch_size=4, grad_accum_steps=2, warmup_steps=3, lr=3e-3,
-                      eval_batches=2, save_every=save_every, resume=resume, progress=False,
-                      **{"eval_every": 4, "log_every": 1, **train})
-    return Engine(cfg, tmp_path / name, model, source, log=lambda s: None).fit(), model
+    cfg = TrainConfig(**{"max_steps": max_steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 3,
+                         "lr": 3e-3, "eval_batches": 2, "eval_every": 4, "log_every": 1, "progress": False, **train})
+    return Engine(cfg, tmp_path / name, model, source, log=lambda s: None), model
+
+
+def _run(tmp_path, name, max_steps, resume=False, save_every=0, crash_at=None, **train):
+    engine, model = resume_setup(tmp_path, name, max_steps, crash_at, save_every=save_every, resume=resume, **train)
+    return engine.fit(), model
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

@@ -245,19 +245,9 @@ def test_activation_offload_keeps_loss_and_gradients_with_and_without_checkpoint
 def _windows_run(tmp_path, name, max_steps, read_every=1, prefetch=True, crash_at=None, **train):
     """test_engine's resume setup (tiny GPT with dropout, TokenWindows), with the engine's read interval and
     prefetching set as given. Returns (result, model, engine)."""
-    import numpy as np
+    from test_engine import resume_setup
 
-    from test_engine import CrashingWindows
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 64, 5000).astype(np.uint16)
-    torch.manual_seed(3)
-    model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, dropout=0.1))
-    source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
-    source.crash_at = crash_at
-    cfg = TrainConfig(**{"max_steps": max_steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 3,
-                         "lr": 3e-3, "eval_batches": 2, "eval_every": 4, "log_every": 3, "progress": False, **train})
-    engine = Engine(cfg, tmp_path / name, model, source, log=lambda s: None)
+    engine, model = resume_setup(tmp_path, name, max_steps, crash_at, **{"log_every": 3, **train})
     engine.read_every, engine.prefetch = read_every, prefetch
     return engine.fit(), model, engine
 
