@@ -99,8 +99,11 @@ def resume_setup(tmp_path, name, max_steps, crash_at=None, **train):
     model = GPT(config_from_preset("tiny-gpt2", vocab_size=64, block_size=16, dropout=0.1))
     source = CrashingWindows(tokens[:4000], tokens[4000:], 16, micro_batch_size=4, grad_accum_steps=2, seed=7)
     source.crash_at = crash_at
+    # one intra-op thread: train.num_threads=0 picks the idle cores at start, which on a busy machine can differ
+    # between the runs compared here, and a float32 sum over 2 threads rounds differently from one over 1
     cfg = TrainConfig(**{"max_steps": max_steps, "micro_batch_size": 4, "grad_accum_steps": 2, "warmup_steps": 3,
-                         "lr": 3e-3, "eval_batches": 2, "eval_every": 4, "log_every": 1, "progress": False, **train})
+                         "lr": 3e-3, "eval_batches": 2, "eval_every": 4, "log_every": 1, "progress": False,
+                         "num_threads": 1, **train})
     return Engine(cfg, tmp_path / name, model, source, log=lambda s: None), model
 
 
