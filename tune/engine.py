@@ -137,8 +137,11 @@ PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit")
 def check_train_device(cfg: TrainConfig, device) -> None:
     """ConfigError for train settings the training `device` cannot run (a paged optimizer or train.ce_kernel=liger
     off CUDA, liger not installed). Recipes call it right after make_accelerator, before they write anything into
-    the output directory; the Engine meets the same errors itself for direct users."""
-    device = torch.device(device)
+    the output directory; the Engine calls it too, for direct users. `device` is read only when one of those
+    settings is chosen (it may then be a callable returning it)."""
+    if cfg.optimizer not in PAGED_OPTIMIZERS and cfg.ce_kernel != "liger":
+        return
+    device = torch.device(device() if callable(device) else device)
     if cfg.optimizer in PAGED_OPTIMIZERS and device.type != "cuda":
         raise ConfigError(f"train.optimizer={cfg.optimizer} pages optimizer states between GPU and CPU memory and "
                           f"needs a CUDA GPU (this run is on {device.type}); use train.optimizer=adamw or adamw_8bit")
@@ -146,21 +149,17 @@ def check_train_device(cfg: TrainConfig, device) -> None:
         liger_loss_fn(device)  # raises the one-line error when it cannot run here
 
 
-def make_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device | None) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer train.optimizer names, over param_groups(model) with cfg's lr, betas, eps and weight decay:
     adamw is torch's fused AdamW (CPU and CUDA; ~6% of a small CPU step over the unfused one); adamw_8bit,
     paged_adamw and paged_adamw_8bit are bitsandbytes' AdamW8bit, PagedAdamW and PagedAdamW8bit (8-bit states
     quantized blockwise: ~2 bytes per parameter instead of 8; tensors under 4096 elements keep 32-bit states).
-
-    Raises ConfigError for a paged optimizer on a `device` other than CUDA (the training device; only read for
-    the paged ones): paging moves optimizer states between GPU and CPU memory (bitsandbytes 0.50 silently runs
-    them unpaged on CPU, which would only mislead)."""
+    Paged ones need CUDA: check_train_device refuses them elsewhere (bitsandbytes 0.50 silently runs them unpaged
+    on CPU, which would only mislead)."""
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
-    if cfg.optimizer in PAGED_OPTIMIZERS:
-        check_train_device(cfg, device)
     import bitsandbytes as bnb
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
@@ -217,11 +216,11 @@ class Engine:
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
+        check_train_device(cfg, lambda: self.accelerator.device)  # (test stand-ins for the accelerator have no device)
         if loss_fn is None:  # next-token cross-entropy, computed as train.ce_kernel says
             loss_fn = liger_loss_fn(self.accelerator.device) if cfg.ce_kernel == "liger" else causal_lm_loss
         self.module = TrainingModule(model, loss_fn)
-        device = self.accelerator.device if cfg.optimizer in PAGED_OPTIMIZERS else None
-        self.optimizer = make_optimizer(cfg, model, device)
+        self.optimizer = make_optimizer(cfg, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.checkpointer = Checkpointer(self.run_dir, cfg.keep_checkpoints)
         self.skipped_steps = self.skipped_in_a_row = 0

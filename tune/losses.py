@@ -61,6 +61,11 @@ def check_takes_4d_mask(lm: nn.Module) -> None:
                         "apart; set data.packing=false")
 
 
+def attention_of(lm: nn.Module) -> str:
+    """The HF model's attention implementation (sdpa, eager, flex_attention, flash_attention_2, ...)."""
+    return getattr(lm.config, "_attn_implementation", None) or "eager"
+
+
 def hf_document_mask(lm: nn.Module, document_ids: torch.Tensor):
     """The attention_mask that keeps the packed examples of `document_ids` (B, L) apart in the HF model `lm`,
     for its attention implementation: flex_attention -> a BlockMask; flash_attention_* -> None (transformers
@@ -69,7 +74,7 @@ def hf_document_mask(lm: nn.Module, document_ids: torch.Tensor):
     TuneError for models that cannot take a 4D mask (check_takes_4d_mask)."""
     from tune.models.gpt import document_block_mask, document_dense_mask
 
-    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    impl = attention_of(lm)
     if impl.startswith("flash_attention"):
         return None
     check_takes_4d_mask(lm)
@@ -82,7 +87,7 @@ def dense_mask_for(lm: nn.Module, dense: torch.Tensor) -> torch.Tensor:
     """A 4D bool mask (B, 1, L, L), True = may attend, in the form the HF model `lm`'s attention applies as a mask:
     as it is for sdpa; as the additive float mask for eager (which adds the mask to the scores: a bool one would add
     0 / 1). TuneError for flex_attention, which also adds a 4D tensor mask to its scores (it needs document ids)."""
-    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    impl = attention_of(lm)
     if impl == "flex_attention":
         raise TuneError(f"{type(lm).__name__} runs flex_attention, which cannot apply a dense (B, 1, L, L) mask; "
                         "use data.packed_attention=flex (document ids), or load the model with sdpa attention")
