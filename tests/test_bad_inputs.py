@@ -11,7 +11,8 @@ import pytest
 from tune.cli import load_recipe, main
 from tune.errors import ConfigError, DataError
 
-RECIPES = {"pretrain": "demo", "finetune": "lora_ni", "distill": "distill_ni", "evaluate": "eval_ni"}
+RECIPES = {"pretrain": "demo", "finetune": "lora_ni", "distill": "distill_ni", "evaluate": "eval_ni",
+           "classify": "gpt1_classify"}
 
 
 def numeric_fields(cls, prefix=""):

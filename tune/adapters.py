@@ -138,15 +138,17 @@ def keep_4bit_training_kernel(model) -> int:
     return len(layers)
 
 
-def add_lora(model, lora: LoraSection):
-    """Wrap `model` with trainable LoRA adapters (base weights frozen)."""
+def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None = None):
+    """Wrap `model` with trainable LoRA adapters (base weights frozen). `trainable_token_indices`: rows of the input
+    embedding trained as well (peft's TrainableTokens, which follows a tied output head), e.g. newly added tokens."""
     import warnings
 
     with quiet_third_party():
         from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                        trainable_token_indices=list(trainable_token_indices) if trainable_token_indices else None)
     with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
@@ -216,7 +218,7 @@ def untie_adapted_weights(model) -> list[str]:
 
 
 def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.float32,
-                  quant: QuantSection | None = None, tokenizer=None) -> Path:
+                  quant: QuantSection | None = None, tokenizer=None, vocab_size: int | None = None) -> Path:
     """Merge a LoRA adapter into its base and save a full HF checkpoint.
 
     For QLoRA (`quant` given) the adapter was trained on the 4-bit weights, so it is merged into those
@@ -227,6 +229,9 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
     saved untied: the adapted module gets its own merged weight, the other keeps the base's exactly,
     and the config says `tie_word_embeddings=False` (`merge_info.json` lists the modules under
     "untied"). Otherwise the checkpoint keeps the base's tying.
+
+    `vocab_size`: the base's embeddings are first grown to it as the run grew them (tune.task_heads.resize_embeddings:
+    tokens the run added, whose trained rows the adapter holds).
     """
     import warnings
 
@@ -238,6 +243,10 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
 
     with quiet_third_party():
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=False)
+    if vocab_size is not None:
+        from tune.task_heads import resize_embeddings
+
+        resize_embeddings(base, vocab_size)
     if quant is not None:
         with quiet_third_party():
             quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb_config(quant),

@@ -413,6 +413,70 @@ def cmd_generate(args) -> int:
     return 0
 
 
+PREDICT_FIELDS = {"classification": ("text",), "entailment": ("premise", "hypothesis"), "similarity": ("a", "b"),
+                  "multiple_choice": ("context", "choice")}
+
+
+def cmd_predict(args) -> int:
+    """Print the label and class probabilities (or the score, or the choice) a `tune run classify` model gives one
+    input, or write them for every row of --file as JSON lines."""
+    import json
+
+    from data_prep.task_data import SpecialTokens, TaskData, TaskRow, encode_rows, read_rows
+    from tune.task_heads import load_task_model, predict, read_task_meta
+
+    path = Path(args.model)
+    if not path.exists():
+        raise ConfigError(f"--model {args.model} does not exist (paths are relative to where you run tune)")
+    meta = read_task_meta(next((p for p in (path, path / "model", path / "adapter") if (p / "task.json").is_file()),
+                               path))
+    kind = meta["kind"]
+    given = {name: getattr(args, name) for name in ("text", "premise", "hypothesis", "a", "b", "context", "choice")
+             if getattr(args, name)}
+    needed = PREDICT_FIELDS[kind]
+    flags = " ".join(f"--{n}" for n in needed)
+    if args.file is None:
+        wrong = sorted(set(given) - set(needed))
+        if wrong or set(given) != set(needed):
+            raise ConfigError(f"this model is a {kind} model: give {flags} TEXT"
+                              + (" (repeat --choice for every candidate)" if kind == "multiple_choice" else "")
+                              + (f", not --{' --'.join(wrong)}" if wrong else "") + ", or --file ROWS")
+        fields = {("choices" if n == "choice" else n): given[n] for n in needed}
+        rows = [TaskRow(fields=fields, label=None, where="the command line")]
+    else:
+        if given:
+            raise ConfigError(f"give --file or {flags}, not both")
+        rows = read_rows(args.file, kind, dict(args.column or []), args.split, labelled=False)
+    model, tokenizer, meta = load_task_model(path, dtype=args.dtype)
+    regression = bool(meta.get("regression"))
+    data = TaskData(kind=kind, rows=rows, labels=meta.get("labels"), targets=[0] * len(rows), regression=regression)
+    examples, n_cut = encode_rows(data, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    if n_cut:
+        print(f"note: {n_cut} input(s) truncated to {meta['max_length']} tokens", file=sys.stderr)
+    out = predict(model, examples, tokenizer.pad_token_id, regression)
+    names = meta.get("labels") or (rows[0].fields["choices"] if kind == "multiple_choice" and args.file is None
+                                   else None)
+    for i, row in enumerate(rows):
+        if regression:
+            result = {"score": round(float(out[i]), 6)}
+        else:
+            probs = out[i].tolist()[:len(row.fields["choices"])] if kind == "multiple_choice" else out[i].tolist()
+            labels = row.fields["choices"] if kind == "multiple_choice" else names
+            best = max(range(len(probs)), key=probs.__getitem__)
+            result = {"label": labels[best], "index": best,
+                      "probabilities": {str(lab): round(p, 6) for lab, p in zip(labels, probs)}}
+        if args.file is None:
+            if regression:
+                print(f"score: {result['score']:.4f}")
+            else:
+                print(f"{result['label']}")
+                for lab, p in sorted(result["probabilities"].items(), key=lambda kv: -kv[1]):
+                    print(f"  {p:.4f}  {lab}")
+        else:
+            print(json.dumps({"row": row.where, **result}, ensure_ascii=False))
+    return 0
+
+
 def package_version() -> str:
     """The installed gpt-tune version ("unknown" when run from a checkout that is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -497,6 +561,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("predict", help="label / score / choice of a `tune run classify` model for one input or a file")
+    p.add_argument("--model", required=True, help="the run's model/ or adapter/ directory (or the run directory)")
+    p.add_argument("--text", help="classification: the text")
+    p.add_argument("--premise", help="entailment: the premise")
+    p.add_argument("--hypothesis", help="entailment: the hypothesis")
+    p.add_argument("--a", help="similarity: the first text")
+    p.add_argument("--b", help="similarity: the second text")
+    p.add_argument("--context", help="multiple choice: the context (question)")
+    p.add_argument("--choice", action="append", help="multiple choice: a candidate answer (repeat for each)")
+    p.add_argument("--file", help="rows to predict (.jsonl / .csv / .tsv / datasets directory); JSON lines out")
+    p.add_argument("--column", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="FIELD=COLUMN",
+                   help="with --file: our field name = your column name (repeatable)")
+    p.add_argument("--split", default="train", help="with --file of a DatasetDict directory: the split")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -116,9 +116,10 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(256, 2 ** 26 // vocab_size)
 
 
-def _linear_ce_chunks(hidden, weight, bias, targets, chunk_size: int, grads: tuple[bool, bool, bool]):
-    """The summed cross-entropy of `hidden @ weight.T + bias` against `targets` (-100 rows count nothing),
-    chunk by chunk, and (per `grads`: hidden, weight, bias) its gradients w.r.t. those inputs.
+def _linear_ce_chunks(hidden, weight, bias, targets, chunk_size: int, grads: tuple[bool, bool, bool], weights=None):
+    """The summed cross-entropy of `hidden @ weight.T + bias` against `targets` (-100 rows count nothing), each row's
+    term multiplied by `weights` (N,) when given, chunk by chunk, and (per `grads`: hidden, weight, bias) its gradients
+    w.r.t. those inputs.
 
     Logits are computed in the autocast dtype when autocast is on (else hidden's dtype), as nn.Linear would,
     and the log-sum-exp in fp32. Weight and bias gradients accumulate in fp32 over the chunks; every
@@ -139,10 +140,12 @@ def _linear_ce_chunks(hidden, weight, bias, targets, chunk_size: int, grads: tup
             h, t = hidden[start:start + chunk_size].to(dtype), targets[start:start + chunk_size]
             logits = F.linear(h, w, b).float()
             lse = torch.logsumexp(logits, -1)
-            keep = t != IGNORE_INDEX
+            keep = (t != IGNORE_INDEX).float()
+            if weights is not None:
+                keep = keep * weights[start:start + chunk_size].float()
             safe_t = t.clamp(min=0)  # -100 rows gather some logit; `keep` zeroes their loss and gradient
             picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-            total = total + torch.where(keep, lse - picked, 0.0).sum()
+            total = total + ((lse - picked) * keep).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum of CE)/d logits = softmax - one_hot(target), in place of the logits
@@ -166,36 +169,39 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     gradient (a frozen head under LoRA) get none computed or stored."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        total, grads = _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, tuple(ctx.needs_input_grad[:3]))
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, weights=None):
+        total, grads = _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, tuple(ctx.needs_input_grad[:3]),
+                                         weights)
         ctx.save_for_backward(*grads)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors]
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 def fused_linear_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        chunk_size: int | None = None) -> torch.Tensor:
-    """Sum over N positions of cross-entropy(hidden @ weight.T + bias, targets), fp32 scalar.
+                        chunk_size: int | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over N positions of cross-entropy(hidden @ weight.T + bias, targets) (times `weights`), fp32 scalar.
 
     hidden (N, D), weight (V, D), bias (V,) or None, targets (N,) int64 with -100 for positions that count
-    nothing. Projects `chunk_size` positions at a time (default: default_chunk_size(V)) and, when autograd
+    nothing, weights (N,) float or None (every position 1; constants, no gradient). Projects `chunk_size` positions at a time (default: default_chunk_size(V)) and, when autograd
     needs them, computes the gradients in the same pass (FusedLinearCrossEntropy): memory beyond inputs and
     gradients is one chunk's logits, whatever N. Without grad (evaluation) it computes the loss only.
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
-    return _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, (False, False, False))[0]
+        return FusedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, weights)
+    return _linear_ce_chunks(hidden, weight, bias, targets, chunk_size, (False, False, False), weights)[0]
 
 
-def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int | None = None):
+def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int | None = None,
+                   weights: torch.Tensor | None = None):
     """Sum of cross-entropy over the target positions (targets != -100) and their number: (fp32 scalar, int64
-    scalar). hidden (B, T, D), targets (B, T).
+    scalar). hidden (B, T, D), targets (B, T); weights (B, T) float or None: each position's term is multiplied by
+    its weight (e.g. 1 / the tokens of its sequence, for per-sequence means: tune.task_heads).
 
     A plain nn.Linear head (fusable_head) goes through fused_linear_ce_sum: only target positions are
     projected, `chunk_size` at a time, with the gradients computed chunk by chunk, so peak memory does not grow
@@ -203,26 +209,20 @@ def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
     chunk by chunk through autograd, which keeps every chunk's logits for the backward.
     """
     mask = targets != IGNORE_INDEX
-    if fusable_head(head):
-        if torch.compiler.is_compiling():  # boolean selection has a data-dependent shape: pass every position
-            h, t = hidden.flatten(0, -2), targets.flatten()
-        else:
-            h, t = hidden[mask], targets[mask]
-        return fused_linear_ce_sum(h, head.weight, head.bias, t, chunk_size), mask.sum()
-    chunk_size = chunk_size or 8192
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # boolean selection has a data-dependent shape: pass every position
         h, t = hidden.flatten(0, -2), targets.flatten()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, t.numel(), chunk_size):
-            logits = head(h[start:start + chunk_size]).float()
-            total = total + F.cross_entropy(logits, t[start:start + chunk_size], reduction="sum",
-                                            ignore_index=IGNORE_INDEX)
-        return total, mask.sum()
-    h, t = hidden[mask], targets[mask]
+        w = None if weights is None else weights.flatten()
+    else:
+        h, t = hidden[mask], targets[mask]
+        w = None if weights is None else weights[mask]
+    if fusable_head(head):
+        return fused_linear_ce_sum(h, head.weight, head.bias, t, chunk_size, w), mask.sum()
+    chunk_size = chunk_size or 8192
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, t.numel(), chunk_size):
         logits = head(h[start:start + chunk_size]).float()
-        total = total + F.cross_entropy(logits, t[start:start + chunk_size], reduction="sum")
+        ce = F.cross_entropy(logits, t[start:start + chunk_size], reduction="none", ignore_index=IGNORE_INDEX)
+        total = total + (ce if w is None else ce * w[start:start + chunk_size].float()).sum()
     return total, mask.sum()
 
 

@@ -1,0 +1,380 @@
+"""GPT-1's task heads: a linear layer on the final hidden state of the extract token, trained with an auxiliary
+language-modelling loss (Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training", 3.3).
+
+    classification   <s> text <e>                      -> W h<e>                 -> softmax over the labels
+    entailment       <s> premise <$> hypothesis <e>    -> W h<e>                 -> softmax over the labels
+    similarity       <s> a <$> b <e>, <s> b <$> a <e>  -> W (h<e>(ab) + h<e>(ba)) -> softmax (or one score)
+    multiple choice  <s> context <$> choice_k <e>      -> w . h<e>(k), one score per choice -> softmax over choices
+
+The loss of an example is  L_task + lambda * L_LM  with L_LM the mean next-token cross-entropy of its sequences
+(averaged over the example's sequences), as OpenAI's finetune-transformer-lm computes it; the engine averages over
+the examples of a step. The data side (input transformations, truncation, label sets) is data_prep/task_data.py.
+
+Batches (collate_task) hold N sequences for B examples: input_ids / attention_mask / lm_targets / lm_weights (N, L),
+extract_index, example_index, choice_index (N,), and `targets` (B,): the class or choice index (int64), or the
+score (float32, regression). The engine normalises by the number of `targets` entries, i.e. by examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tune.errors import ConfigError, DataError
+from tune.losses import IGNORE_INDEX, chunked_ce_sum, hidden_and_head
+
+KINDS = ("classification", "entailment", "similarity", "multiple_choice")
+TASK_FILE = "task.json"  # kind, labels, special tokens, how to load: next to every saved task model
+HEAD_FILE = "task_head.safetensors"  # the head's weight (and bias), keys "weight" / "bias"
+
+
+def add_task_tokens(tokenizer, start: str, delimiter: str, extract: str) -> tuple[dict[str, int], list[str]]:
+    """Register GPT-1's start / delimiter / extract tokens (and a pad token when the tokenizer has none) as special
+    tokens of `tokenizer`, in place. Tokens the vocabulary already has (Llama's `<s>`) are reused.
+
+    Returns ({"start": id, "delimiter": id, "extract": id}, the tokens that were new). Raises ConfigError when two of
+    the names are equal or the extract token is the pad token (the exported HF classifiers read the last non-pad
+    token, which must be the extract token)."""
+    names = {"start": start, "delimiter": delimiter, "extract": extract}
+    if len(set(names.values())) < 3:
+        raise ConfigError(f"task.tokens must be three different strings, got {names}")
+    vocab = tokenizer.get_vocab()
+    new = [t for t in names.values() if t not in vocab]
+    extra = {"extra_special_tokens": new} if new else {}
+    if tokenizer.pad_token is None:
+        extra["pad_token"] = "<pad>"
+        if "<pad>" not in vocab:
+            new.append("<pad>")
+    if extra:
+        tokenizer.add_special_tokens(extra, replace_extra_special_tokens=False)
+    ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in names.items()}
+    if ids["extract"] == tokenizer.pad_token_id:
+        raise ConfigError(f"task.tokens.extract={extract!r} is the tokenizer's pad token; the exported classifier reads "
+                          "the last non-pad token: choose another extract token or pad_token")
+    return ids, new
+
+
+def resize_embeddings(lm: nn.Module, vocab_size: int) -> int:
+    """Grow the input (and an untied output) embedding of the HF causal LM `lm` to `vocab_size` rows; every new row is
+    the mean of the existing rows (Hewitt 2021: new tokens start where the model's average token is, and the same
+    every time, so a LoRA adapter reloads onto exactly the rows it was trained from). Returns the rows added."""
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    old = inner.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return 0
+    inner.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (inner.get_input_embeddings(), inner.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:] = emb.weight[:old].float().mean(0).to(emb.weight.dtype)
+    return vocab_size - old
+
+
+class TaskHeadModel(nn.Module):
+    """A causal LM (HF, peft-wrapped or 4-bit) with GPT-1's task head: Dropout(p) then Linear(d_model, n_outputs) on
+    the final hidden state of each sequence's extract token. n_outputs: the labels (1 for regression); multiple
+    choice always 1 (a score per choice). The head has no bias except for multiple choice, as GPT-1's W_y and HF's
+    *ForSequenceClassification `score` (so the export is exact); multiple choice keeps HF DoubleHeads' bias."""
+
+    def __init__(self, lm: nn.Module, kind: str, n_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        if kind not in KINDS:
+            raise ConfigError(f"task.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.lm, self.kind = lm, kind
+        d_model = _hidden_size(lm)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(d_model, 1 if kind == "multiple_choice" else n_outputs, bias=kind == "multiple_choice")
+        nn.init.normal_(self.head.weight, std=0.02)  # GPT-1's initialisation
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
+        self.head.to(_first_float_dtype(lm))
+        inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self._no_split_modules = list(getattr(inner, "_no_split_modules", None) or [])  # FSDP wrap, compile_blocks
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        from tune.hf import enable_activation_checkpointing
+
+        enable_activation_checkpointing(self.lm)
+
+    def forward(self, batch: dict, with_lm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, n_outputs) — (B, C) over the choices for multiple choice, -inf where an example has fewer
+        choices —, the summed per-example LM loss (fp32 scalar) or None without `with_lm`)."""
+        hidden, lm_head = hidden_and_head(self.lm, {"input_ids": batch["input_ids"],
+                                                    "attention_mask": batch["attention_mask"]})
+        n = hidden.shape[0]
+        h = hidden[torch.arange(n, device=hidden.device), batch["extract_index"]]  # (N, d)
+        n_examples = batch["targets"].shape[0]
+        if self.kind == "similarity":  # sequences come in (a$b, b$a) pairs: their states are added
+            h = h.view(n_examples, 2, -1).sum(1)
+        out = self.head(self.dropout(h.to(self.head.weight.dtype)))
+        if self.kind == "multiple_choice":
+            n_choices = int(batch["choice_index"].max()) + 1
+            logits = out.new_full((n_examples, n_choices), float("-inf"))
+            logits[batch["example_index"], batch["choice_index"]] = out[:, 0]
+            out = logits
+        lm_sum = None
+        if with_lm:
+            lm_sum, _ = chunked_ce_sum(hidden, lm_head, batch["lm_targets"], weights=batch["lm_weights"])
+        return out, lm_sum
+
+
+def _hidden_size(lm: nn.Module) -> int:
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return inner.get_input_embeddings().weight.shape[1]
+
+
+def _first_float_dtype(lm: nn.Module) -> torch.dtype:
+    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return inner.get_input_embeddings().weight.dtype
+
+
+def task_loss_fn(lm_coef: float, regression: bool):
+    """The engine's loss function for a TaskHeadModel: (summed loss, number of examples, extras).
+
+    Per example: cross-entropy of the label (regression: squared error of the score) + lm_coef * the example's LM
+    loss (mean over its sequences of the mean next-token cross-entropy), GPT-1's L3 = L2 + lambda * L1. lm_coef=0
+    skips the LM forward part entirely: the loss is then exactly the task loss. Extras (summed; the engine reports
+    their per-example means): task_loss, lm_loss, accuracy (not for regression)."""
+
+    def loss_fn(model: nn.Module, batch: dict):
+        logits, lm_sum = model(batch, with_lm=lm_coef > 0)
+        y = batch["targets"]
+        if regression:
+            task = F.mse_loss(logits[:, 0].float(), y.float(), reduction="sum")
+        else:
+            task = F.cross_entropy(logits.float(), y, reduction="sum")
+        extras = {"task_loss": task.detach()}
+        loss = task
+        if lm_sum is not None:
+            loss = task + lm_coef * lm_sum
+            extras["lm_loss"] = lm_sum.detach()
+        if not regression:
+            extras["accuracy"] = (logits.argmax(-1) == y).sum().float()
+        return loss, torch.tensor(y.shape[0], device=y.device), extras
+
+    return loss_fn
+
+
+def collate_task(examples, kind: str, pad_id: int, regression: bool = False) -> dict:
+    """One batch from encoded examples (data_prep.task_data.EncodedExample: `sequences`, `target`).
+
+    Right-padded to the longest sequence. lm_targets[n, t] = input_ids[n, t + 1] over the sequence (every token after
+    the start token, the delimiter and extract tokens included, as GPT-1's L1 over the transformed input), and
+    lm_weights = 1 / (the sequence's targets x the example's sequences), so summing weighted token losses gives the
+    per-example mean of per-sequence means."""
+    sequences, example_index, choice_index, lm_weights = [], [], [], []
+    for b, ex in enumerate(examples):
+        expected = 2 if kind == "similarity" else 1 if kind != "multiple_choice" else None
+        if expected is not None and len(ex.sequences) != expected:
+            raise DataError(f"a {kind} example has {len(ex.sequences)} sequences, expected {expected}")
+        for c, seq in enumerate(ex.sequences):
+            sequences.append(seq)
+            example_index.append(b)
+            choice_index.append(c)
+            lm_weights.append(1.0 / (max(len(seq) - 1, 1) * len(ex.sequences)))
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    lm_targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros((n, width), dtype=torch.float32)
+    for i, seq in enumerate(sequences):
+        ids = torch.as_tensor(seq, dtype=torch.long)
+        input_ids[i, :len(seq)] = ids
+        attention_mask[i, :len(seq)] = 1
+        lm_targets[i, :len(seq) - 1] = ids[1:]
+        weights[i, :len(seq) - 1] = lm_weights[i]
+    targets = torch.tensor([ex.target for ex in examples], dtype=torch.float32 if regression else torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "lm_targets": lm_targets, "lm_weights": weights,
+            "extract_index": torch.tensor([len(s) - 1 for s in sequences]),
+            "example_index": torch.tensor(example_index), "choice_index": torch.tensor(choice_index),
+            "targets": targets}
+
+
+class TaskBatches:
+    """Engine BatchSource over encoded examples, a pure function of (seed, step): epoch e is a permutation of the
+    training examples seeded by (seed, e), cut into global batches of micro_batch_size * grad_accum_steps * world
+    examples (tune.packing.NIBatches' order, one example per unit), so resuming needs only the step."""
+
+    def __init__(self, train, val, micro_batch_size: int, grad_accum_steps: int, seed: int, pad_id: int, kind: str,
+                 regression: bool = False):
+        if not train:
+            raise DataError("the training set is empty; check data.train (or data.ni_task)")
+        self.train, self.val, self.micro, self.accum, self.seed = train, val, micro_batch_size, grad_accum_steps, seed
+        self.pad_id, self.kind, self.regression = pad_id, kind, regression
+        self._perm: tuple[int, list[int] | None] = (-1, None)
+
+    def steps_per_epoch(self, world: int = 1) -> int:
+        """Optimizer steps per pass over the training examples with `world` processes."""
+        return math.ceil(len(self.train) / (self.micro * self.accum * world))
+
+    def _example(self, position: int):
+        import numpy as np
+
+        epoch, offset = divmod(position, len(self.train))
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train)).tolist())
+        return self.train[self._perm[1][offset]]
+
+    def collate(self, examples) -> dict:
+        return collate_task(examples, self.kind, self.pad_id, self.regression)
+
+    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        n_micro = self.accum * world
+        first = (step - 1) * n_micro * self.micro
+        chosen = [self._example(p) for p in range(first, first + n_micro * self.micro)]
+        return [self.collate(chosen[m * self.micro:(m + 1) * self.micro]) for m in range(rank, n_micro, world)]
+
+    def val_batches(self, rank: int, world: int, limit: int):
+        n = min(limit, math.ceil(len(self.val) / self.micro))
+        for m in range(rank, n, world):
+            yield self.collate(self.val[m * self.micro:(m + 1) * self.micro])
+
+
+@torch.no_grad()
+def predict(model: TaskHeadModel, examples, pad_id: int, regression: bool, batch_size: int = 16,
+            device=None) -> torch.Tensor:
+    """Class probabilities (E, K) — over the choices for multiple choice, padded with 0 — or scores (E,) for
+    regression, for encoded examples, in order, with the model in eval mode (dropout off)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    outs = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_task(examples[start:start + batch_size], model.kind, pad_id, regression)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits, _ = model(batch, with_lm=False)
+        outs.append(logits[:, 0].float().cpu() if regression else logits.float().softmax(-1).cpu())
+    model.train(was_training)
+    if regression:
+        return torch.cat(outs)
+    width = max(o.shape[1] for o in outs)
+    return torch.cat([F.pad(o, (0, width - o.shape[1])) for o in outs])
+
+
+# -- saving, loading, HF export --------------------------------------------------------------------------------
+
+def save_head(model: TaskHeadModel, out: Path, meta: dict) -> None:
+    """The head's weights (HEAD_FILE) and the task description (TASK_FILE) into `out`."""
+    from safetensors.torch import save_file
+
+    tensors = {"weight": model.head.weight.detach().float().cpu().contiguous()}
+    if model.head.bias is not None:
+        tensors["bias"] = model.head.bias.detach().float().cpu().contiguous()
+    save_file(tensors, str(Path(out) / HEAD_FILE))
+    (Path(out) / TASK_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def load_head(model: TaskHeadModel, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / HEAD_FILE))
+    with torch.no_grad():
+        model.head.weight.copy_(tensors["weight"])
+        if model.head.bias is not None:
+            model.head.bias.copy_(tensors["bias"])
+
+
+def read_task_meta(directory) -> dict:
+    """TASK_FILE of a saved task model; DataError naming the directory when it is missing or unreadable."""
+    path = Path(directory) / TASK_FILE
+    if not path.is_file():
+        raise DataError(f"{directory} holds no {TASK_FILE}: give the model/ or adapter/ directory a "
+                        "`tune run classify` run saved (or the run directory)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read ({e}); the run's saved model is damaged") from None
+
+
+def load_task_model(directory, device=None, dtype: str = "auto"):
+    """(TaskHeadModel in eval mode, tokenizer, meta) from a saved task model: a full model directory (causal LM +
+    head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded). A run directory
+    is accepted too (its model/ or adapter/)."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.hf import load_tokenizer, quiet_third_party, resolve_dtype
+
+    directory = Path(directory)
+    for sub in ("model", "adapter"):
+        if not (directory / TASK_FILE).is_file() and (directory / sub / TASK_FILE).is_file():
+            directory = directory / sub
+    meta = read_task_meta(directory)
+    tokenizer = load_tokenizer(directory, "model", pad_with_eos=False)
+    torch_dtype = resolve_dtype(dtype)
+    with quiet_third_party():
+        if meta["format"] == "peft_adapter":
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch_dtype, trust_remote_code=False)
+            resize_embeddings(base, len(tokenizer))
+            lm = PeftModel.from_pretrained(base, directory)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, trust_remote_code=False)
+    model = TaskHeadModel(lm, meta["kind"], meta["n_outputs"], dropout=0.0)
+    load_head(model, directory)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer, meta
+
+
+def export_hf(model: TaskHeadModel, lm_full: nn.Module, tokenizer, meta: dict, out) -> tuple[Path, str]:
+    """A standard HF checkpoint of the task model in `out`, loadable by plain transformers, and the class it holds.
+
+    `lm_full` is the trained causal LM as plain full-precision weights (for LoRA / QLoRA: merged). Classification /
+    entailment (and regression): <Arch>ForSequenceClassification (its `score` is our head; it reads the last non-pad
+    token, which the transformation makes the extract token). Multiple choice on GPT-2 / OpenAIGPT:
+    <Arch>DoubleHeadsModel (its multiple_choice_head reads the positions given as mc_token_ids). Where transformers
+    has no class (similarity's summed orders, multiple choice on other architectures): the causal LM plus HEAD_FILE,
+    to load with load_task_model or the few lines in the README. TASK_FILE and the tokenizer go along in every case.
+    """
+    import copy
+
+    import transformers
+
+    from tune.hf import quiet_third_party
+
+    out = Path(out)
+    config = copy.deepcopy(lm_full.config)
+    arch = type(lm_full).__name__.removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+    hf_class = None
+    if model.kind in ("classification", "entailment"):
+        hf_class = getattr(transformers, f"{arch}ForSequenceClassification", None)
+        labels = meta.get("labels") or ["score"]
+        config.num_labels = len(labels)
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+        config.problem_type = "regression" if meta.get("regression") else "single_label_classification"
+        config.pad_token_id = tokenizer.pad_token_id
+    elif model.kind == "multiple_choice" and arch in ("GPT2", "OpenAIGPT"):
+        hf_class = getattr(transformers, f"{arch}DoubleHeadsModel")
+        config.num_labels = 1
+        config.summary_type, config.summary_use_proj, config.summary_proj_to_labels = "cls_index", True, True
+        config.summary_activation, config.summary_first_dropout = None, 0.0
+    with quiet_third_party():
+        if hf_class is None:
+            lm_full.save_pretrained(out, safe_serialization=True)
+            save_head(model, out, {**meta, "format": "causal_lm"})
+            tokenizer.save_pretrained(out)
+            return out, type(lm_full).__name__ + f" + {HEAD_FILE}"
+        exported = hf_class(config)
+        prefix = exported.base_model_prefix
+        getattr(exported, prefix).load_state_dict(getattr(lm_full, prefix).state_dict())
+        head = model.head
+        with torch.no_grad():
+            if model.kind == "multiple_choice":
+                exported.lm_head.weight.copy_(lm_full.get_output_embeddings().weight)
+                exported.multiple_choice_head.summary.weight.copy_(head.weight)
+                exported.multiple_choice_head.summary.bias.copy_(head.bias)
+            else:
+                exported.score.weight.copy_(head.weight)
+        exported.to(next(lm_full.parameters()).dtype)
+        exported.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / TASK_FILE).write_text(json.dumps({**meta, "format": hf_class.__name__}, indent=2, ensure_ascii=False),
+                                 encoding="utf-8")
+    return out, hf_class.__name__
