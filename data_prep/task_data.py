@@ -389,7 +389,7 @@ def to_task_data(rows: list[TaskRow], kind: str, labels: list[str] | None = None
 
 # -- Natural-Instructions tasks -----------------------------------------------------------------------
 def _ni_text(text: str) -> dict | None:
-    return {"text": text} if text.strip() else None
+    return {"text": text.strip()} if text.strip() else None
 
 
 def _split_once(text: str, sep: str) -> tuple[str, str] | None:
