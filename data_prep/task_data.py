@@ -121,14 +121,16 @@ def _jsonl_records(path: Path):
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply; a row is one flat object") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: each line must be a JSON object with the row's columns, got {type(obj).__name__}")
+            hint = " (one JSON array of rows? write one object per line: JSONL)" if isinstance(obj, list) else ""
+            raise DataError(f"{where}: each line must be a JSON object with the row's columns, got "
+                            f"{type(obj).__name__}{hint}")
         yield where, obj
 
 
 def _csv_records(path: Path, delimiter: str):
     """(where, {column: text}) per data row; the first row is the header."""
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
-    n = 0  # data rows read, blank lines included
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, strict=True)
+    n, header = 0, None  # data rows read, blank lines included
     try:
         header = next(reader, None)
         if header is None:
@@ -142,7 +144,7 @@ def _csv_records(path: Path, delimiter: str):
                                 f"({', '.join(header)}); quote fields that contain the delimiter")
             yield f"{path} data row {n}", dict(zip(header, row))
     except csv.Error as e:
-        where = f"{path} data row {n + 1}" if n or header is not None else f"{path} header"
+        where = f"{path} header" if header is None else f"{path} data row {n + 1}"
         raise DataError(f"{where}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e}); fix the quoting") from None
 
 
@@ -468,7 +470,7 @@ NI_FORMATS: dict[str, tuple[str, Callable[[str], dict | None]]] = {
 
 
 def _ni_output(task: NITask, inst: NIInstance) -> str:
-    distinct = list(dict.fromkeys(inst.outputs))
+    distinct = list(dict.fromkeys(o.strip() for o in inst.outputs))
     if len(distinct) != 1:
         raise DataError(f"{task.name}: instance {inst.id} has {len(distinct)} different outputs "
                         f"({', '.join(repr(o[:30]) for o in distinct[:3])}); a task head predicts one label per "
@@ -511,7 +513,7 @@ def ni_task_data(task: NITask, instances: list[NIInstance] | None = None, max_la
         label = _letter_index(output) if kind == "multiple_choice" else output
         rows.append(TaskRow(fields, label, f"{task.name} instance {inst.id}"))
     if kind == "multiple_choice":
-        return to_task_data(rows, kind)
+        return to_task_data(rows, kind, labels=labels)  # ConfigError if labels are given
     return to_task_data(rows, kind, labels=distinct if labels is None else labels)
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import NI_TASKS
-from data_prep.natural_instructions import NIInstance, load_task, load_tasks
+from data_prep.natural_instructions import NIInstance, load_tasks
 from data_prep.task_data import (KIND_FIELDS, NI_FORMATS, SpecialTokens, TaskData, TaskRow, encode_rows, fit_lengths,
                                  ni_qualification, ni_task_data, read_rows, sorted_labels, to_task_data)
 from data_prep.text import train_bpe_tokenizer
@@ -264,6 +264,7 @@ BAD = [  # (file name, content, kind, columns, expected message)
     ("bad.csv", "text,label\na,x\nb,\n", "classification", None, r"bad.csv data row 2: label \(column 'label'\) is missing"),
     ("bad.csv", "text,label\na,x\nb,y,z\n", "classification", None, r"bad.csv data row 2: 3 fields but the header has 2"),
     ("bad.jsonl", '[1, 2]\n', "classification", None, r"bad.jsonl line 1: each line must be a JSON object"),
+    ("bad.csv", 'text,label\n"a\n', "classification", None, r"bad.csv data row 1: malformed CSV"),
     ("bad.jsonl", '\n  \n', "classification", None, r"bad.jsonl: no rows"),
     ("bad.txt", 'a\n', "classification", None, r"bad.txt: unknown data format '.txt'"),
 ]
