@@ -539,8 +539,9 @@ def _encode_texts(tokenizer, texts: list[str], batch: int = 10_000) -> list[list
     out = []
     try:
         for start in range(0, len(texts), batch):
+            # verbose=False: no "longer than the model's maximum length" warning, encode_rows truncates
             out += tokenizer(texts[start:start + batch], add_special_tokens=False, split_special_tokens=True,
-                             return_attention_mask=False)["input_ids"]
+                             return_attention_mask=False, verbose=False)["input_ids"]
     finally:
         # transformers 5's fast tokenizers implement split_special_tokens by setting the Rust tokenizer's
         # encode_special_tokens and leave it set: code that calls the backend directly afterwards

@@ -283,6 +283,9 @@ def test_bad_dataset_dirs_and_config(tmp_path):
 
     with pytest.raises(DataError, match="does not exist"):
         read_rows(tmp_path / "missing.jsonl", "classification")
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9,x\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv: not valid UTF-8 \(byte offset 14"):
+        read_rows(tmp_path / "latin1.csv", "classification")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: not a dataset saved with save_to_disk"):
         read_rows(tmp_path / "empty", "classification")
