@@ -4,9 +4,11 @@ Each metric is a standard `evaluate` module: `tune/metrics/<name>/<name>.py` hol
 `evaluate.Metric` subclass, so `evaluate.load("path/to/tune/metrics/<name>")` (the directory, or the
 `.py` file) returns it. `load_metric(name)` does that with the path of the installed package, offline.
 
-    rouge_l      ROUGE-L F-measure x100 as in Super-NaturalInstructions, best over references, with a
-                 Unicode/CJK-aware tokenizer (see rouge_l/rouge_l.py)
-    exact_match  SQuAD-normalised exact match x100 against any reference
+    rouge_l         ROUGE-L F-measure x100 as in Super-NaturalInstructions, best over references, with a
+                    Unicode/CJK-aware tokenizer (see rouge_l/rouge_l.py)
+    exact_match     SQuAD-normalised exact match x100 against any reference
+    classification  accuracy and macro-F1 x100 of predicted class ids (task heads, `tune run classify`)
+    correlation     Pearson and Spearman (ties: average ranks) x100 of predicted scores (regression heads)
 
     >>> load_metric("rouge_l").compute(predictions=["a b"], references=[["a b", "c"]])
     {'rougeL': 100.0, 'scores': [100.0]}
@@ -22,7 +24,7 @@ from pathlib import Path
 from tune.errors import ConfigError
 
 METRICS_DIR = Path(__file__).resolve().parent
-METRIC_NAMES = ("rouge_l", "exact_match")
+METRIC_NAMES = ("rouge_l", "exact_match", "classification", "correlation")
 
 
 def metric_path(name: str) -> Path:
