@@ -77,7 +77,7 @@ class EncodedExample:
 def check_kind(kind: str) -> None:
     """ConfigError unless `kind` is one of KINDS."""
     if kind not in KINDS:
-        raise ConfigError(f"data.kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        raise ConfigError(f"task.kind must be one of {', '.join(KINDS)}; got {kind!r}")
 
 
 # -- reading files ----------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def _score(row: TaskRow) -> float:
         value = float(label)
     if value is None:
         raise DataError(f"{row.where}: regression label must be a finite number, got {label!r}; fix the row or "
-                        "set data.regression=false")
+                        "set task.regression=false")
     return value
 
 
@@ -362,29 +362,29 @@ def to_task_data(rows: list[TaskRow], kind: str, labels: list[str] | None = None
         raise DataError(f"no rows of kind {kind} to train or evaluate on; check the data file")
     if kind == "multiple_choice":
         if regression or labels is not None:
-            raise ConfigError("data.regression / data.labels do not apply to multiple_choice (the answer is a choice "
+            raise ConfigError("task.regression / task.labels do not apply to multiple_choice (the answer is a choice "
                               "index); remove them")
         return TaskData(kind, rows, None, [_choice_index(row) for row in rows])
     if regression:
         if labels is not None:
-            raise ConfigError("data.labels does not apply with data.regression=true (targets are numbers); remove it")
+            raise ConfigError("task.labels does not apply with task.regression=true (targets are numbers); remove it")
         return TaskData(kind, rows, None, [_score(row) for row in rows], regression=True)
     names = [_label_name(row) for row in rows]
     if labels is None:
         labels = sorted_labels(names)
         if len(labels) < 2:
             raise DataError(f"{rows[0].where}: every row has the label {labels[0]!r}; a classifier needs at least 2 "
-                            "labels (set data.labels to the full label set if this is an evaluation split)")
+                            "labels (set task.labels to the full label set if this is an evaluation split)")
     else:
         labels = [str(x).strip() for x in labels]
         if len(set(labels)) != len(labels) or len(labels) < 2:
-            raise ConfigError(f"data.labels must list at least 2 distinct labels, got {_shown(labels)}")
+            raise ConfigError(f"task.labels must list at least 2 distinct labels, got {_shown(labels)}")
     index = {name: i for i, name in enumerate(labels)}
     targets = []
     for row, name in zip(rows, names):
         if name not in index:
             raise DataError(f"{row.where}: label {name!r} is not in the label set {_shown(labels)}; fix the row or add "
-                            "the label to data.labels")
+                            "the label to task.labels")
         targets.append(index[name])
     return TaskData(kind, rows, labels, targets)
 
@@ -527,7 +527,7 @@ def ni_qualification(task: NITask, max_labels: int = 10) -> tuple[str | None, st
         counts = sorted({len(row.fields["choices"]) for row in data.rows})
         n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         return data.kind, f"{n} lettered options per instance; the answer letter is the choice index (A -> 0)"
-    return data.kind, f"{len(data.labels)} labels: {', '.join(data.labels)}"
+    return data.kind, f"{len(task.labels)} labels: {', '.join(task.labels)}"
 
 
 # -- input transformations ----------------------------------------------------------------------------

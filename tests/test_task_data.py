@@ -301,7 +301,7 @@ def test_bad_dataset_dirs_and_config(tmp_path):
         read_rows(tmp_path / "dd", "classification", {"text": "sentence"})
     with pytest.raises(ConfigError, match=r"data.columns.premise: not a field of kind classification"):
         read_rows(tmp_path / "dd", "classification", {"premise": "text"})
-    with pytest.raises(ConfigError, match="data.kind must be one of"):
+    with pytest.raises(ConfigError, match="task.kind must be one of"):
         read_rows(tmp_path / "dd", "regression")
 
 
@@ -320,7 +320,7 @@ def test_label_sets():
     # another split reuses the training labels, even when it lacks a class
     assert to_task_data(rows_of(["pos", "pos"]), "classification", labels=data.labels).targets == [2, 2]
     with pytest.raises(DataError, match=r"d.csv data row 2: label 'happy' is not in the label set "
-                                        r"\['Neutral', 'neg', 'pos'\]; fix the row or add the label to data.labels"):
+                                        r"\['Neutral', 'neg', 'pos'\]; fix the row or add the label to task.labels"):
         to_task_data(rows_of(["pos", "happy"]), "classification", labels=data.labels)
     with pytest.raises(DataError, match=r"d.csv data row 1: every row has the label 'pos'; a classifier needs at least 2"):
         to_task_data(rows_of(["pos", "pos"]), "classification")
@@ -338,7 +338,7 @@ def test_regression_labels():
     for bad in ("high", "nan", True):
         with pytest.raises(DataError, match=r"d.csv data row 2: regression label must be a finite number"):
             to_task_data(rows_of(["1", bad]), "classification", regression=True)
-    with pytest.raises(ConfigError, match="data.labels does not apply with data.regression=true"):
+    with pytest.raises(ConfigError, match="task.labels does not apply with task.regression=true"):
         to_task_data(rows_of(["1", "2"]), "classification", labels=["1", "2"], regression=True)
 
 

@@ -446,7 +446,7 @@ def cmd_predict(args) -> int:
     else:
         if given:
             raise ConfigError(f"give --file or {flags}, not both")
-        rows = read_rows(args.file, kind, dict(args.column or []), args.split, labelled=False)
+        rows = read_rows(args.file, kind, dict(args.column or []), args.split, with_labels=False)
     model, tokenizer, meta = load_task_model(path, dtype=args.dtype)
     regression = bool(meta.get("regression"))
     data = TaskData(kind=kind, rows=rows, labels=meta.get("labels"), targets=[0] * len(rows), regression=regression)
