@@ -527,7 +527,7 @@ def ni_qualification(task: NITask, max_labels: int = 10) -> tuple[str | None, st
         counts = sorted({len(row.fields["choices"]) for row in data.rows})
         n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         return data.kind, f"{n} lettered options per instance; the answer letter is the choice index (A -> 0)"
-    return data.kind, f"{len(task.labels)} labels: {', '.join(task.labels)}"
+    return data.kind, f"{len(data.labels)} labels: {', '.join(data.labels)}"
 
 
 # -- input transformations ----------------------------------------------------------------------------
