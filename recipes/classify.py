@@ -12,6 +12,7 @@ Spearman for scores) beside the majority class and, for NI tasks, beside generat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -317,7 +318,8 @@ def task_meta(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int], fmt: st
     return {"format": fmt, "kind": t.kind, "labels": t.labels, "regression": t.regression, "n_outputs": n_outputs,
             "tokens": {"start": t.tokens.start, "delimiter": t.tokens.delimiter, "extract": t.tokens.extract},
             "token_ids": token_ids, "max_length": cfg.data.max_length, "method": cfg.method,
-            "base_model": str(Path(cfg.base_model).resolve())}
+            "base_model": str(Path(cfg.base_model).resolve()),
+            **({"qlora": dataclasses.asdict(cfg.qlora)} if cfg.method == "qlora" else {})}
 
 
 def save_trained(cfg: ClassifyConfig, model, tokenizer, token_ids, out: Path) -> Path:
@@ -327,7 +329,10 @@ def save_trained(cfg: ClassifyConfig, model, tokenizer, token_ids, out: Path) ->
     from tune.task_heads import save_head
 
     with quiet_third_party():
-        model.lm.save_pretrained(out, **({"safe_serialization": True} if cfg.method == "full" else {}))
+        # an adapter needs no copy of the grown embedding table: resize_embeddings rebuilds the same rows on load, and
+        # the task tokens' trained rows are in the adapter (peft's trainable tokens)
+        model.lm.save_pretrained(out, **({"safe_serialization": True} if cfg.method == "full" else
+                                         {"save_embedding_layers": False}))
     tokenizer.save_pretrained(out)
     save_head(model, out, task_meta(cfg, tokenizer, token_ids, "causal_lm" if cfg.method == "full" else "peft_adapter"))
     return out

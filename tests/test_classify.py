@@ -105,3 +105,141 @@ def test_head_accuracy_beats_the_majority_class_on_two_real_ni_tasks(tmp_path, c
             accuracies.append(results["task_head"]["accuracy"])
         majority = results["majority"]["accuracy"]
         assert min(accuracies) > majority and sum(accuracies) / 3 >= majority + 8, (task.stem, accuracies, majority)
+
+
+def user_files(tmp_path: Path) -> tuple[Path, Path]:
+    """sentiment140 as a user's train.jsonl (own column names) and eval.csv."""
+    import csv
+
+    rows = sentiment_rows(60)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:48])
+    eval_path = tmp_path / "eval.csv"
+    with open(eval_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["tweet", "polarity"])
+        writer.writeheader()
+        writer.writerows(rows[48:])
+    return train, eval_path
+
+
+USER = {"data.columns": {"text": "tweet", "label": "polarity"}, "epochs": None, "warmup_ratio": None,
+        "train.max_steps": 6, "train.micro_batch_size": 4, "train.grad_accum_steps": 2, "train.warmup_steps": 1,
+        "train.lr": 1e-3}
+
+
+def test_user_files_with_column_maps_train_save_export_and_predict_the_same(tmp_path, gpt2_base, capsys):
+    """Your JSONL (train) and CSV (eval) with your own column names; the run's predictions.jsonl, the reloaded
+    model/ directory, the exported GPT2ForSequenceClassification and `tune predict` all give the same probabilities."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from data_prep.task_data import SpecialTokens, encode_rows, read_rows, to_task_data
+    from recipes.classify import run
+    from tune.task_heads import collate_task, load_task_model, predict
+
+    train, eval_path = user_files(tmp_path)
+    out = tmp_path / "run"
+    run(classify_config(out, gpt2_base, **USER, **{"data.train": str(train), "data.eval": str(eval_path),
+                                                   "train.eval_every": 3}))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["heldout_rows"] == 12 and results["labels"] == ["negative", "positive"]
+    metrics = rows_of(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics if "val_accuracy" in r] == [3, 6]  # held-out accuracy every eval_every
+    assert all(0 <= r["val_accuracy"] <= 1 for r in metrics if "val_accuracy" in r)
+    run_probs = torch.tensor([p["probabilities"] for p in rows_of(out / "predictions.jsonl")])
+
+    model, tokenizer, meta = load_task_model(out / "model")
+    assert meta["labels"] == ["negative", "positive"] and meta["format"] == "causal_lm"
+    data = to_task_data(read_rows(eval_path, "classification", {"text": "tweet", "label": "polarity"}),
+                        "classification", labels=meta["labels"])
+    examples, _ = encode_rows(data, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    torch.testing.assert_close(predict(model, examples, tokenizer.pad_token_id, False), run_probs, rtol=1e-4, atol=1e-5)
+
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf", trust_remote_code=False).eval()
+    assert type(hf).__name__ == "GPT2ForSequenceClassification" and hf.config.id2label[1] == "positive"
+    hf_tok = AutoTokenizer.from_pretrained(out / "hf", trust_remote_code=False)
+    batch = collate_task(examples, "classification", hf_tok.pad_token_id)
+    with torch.no_grad():
+        hf_probs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    torch.testing.assert_close(hf_probs, run_probs, rtol=1e-4, atol=1e-5)
+
+    text = data.rows[0].fields["text"]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), "--text", text]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    best = int(run_probs[0].argmax())
+    assert printed[0] == ["negative", "positive"][best]
+    assert float(printed[1].split()[0]) == pytest.approx(float(run_probs[0, best]), abs=1e-4)
+    assert main(["predict", "--model", str(out / "model"), "--file", str(eval_path), "--column", "text=tweet"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["index"] for x in lines] == run_probs.argmax(-1).tolist()
+    assert main(["predict", "--model", str(out), "--premise", "a", "--hypothesis", "b"]) == 2
+    assert "this model is a classification model: give --text TEXT" in capsys.readouterr().err
+
+
+def test_resume_is_exact(tmp_path, gpt2_base, monkeypatch):
+    """Stopped at step 5 (Ctrl-C: the engine saves step 4) and resumed: the same losses and final predictions as the
+    run that never stopped."""
+    from conftest import losses
+    from recipes.classify import run
+    from tune.task_heads import TaskBatches
+
+    train, eval_path = user_files(tmp_path)
+    settings = {**USER, "data.train": str(train), "data.eval": str(eval_path), "train.max_steps": 8,
+                "train.save_every": 2, "task.lm_coef": 0.5}
+    full = run(classify_config(tmp_path / "a", gpt2_base, **settings))
+    original = TaskBatches.step_batches
+
+    def dies_in_step_5(self, step, rank, world):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(self, step, rank, world)
+
+    monkeypatch.setattr(TaskBatches, "step_batches", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(classify_config(tmp_path / "b", gpt2_base, **settings))
+    monkeypatch.setattr(TaskBatches, "step_batches", original)
+    resumed = run(classify_config(tmp_path / "b", gpt2_base, **settings, **{"train.resume": True}))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert resumed.val_loss == full.val_loss
+    assert rows_of(tmp_path / "b" / "predictions.jsonl") == rows_of(tmp_path / "a" / "predictions.jsonl")
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_and_qlora_save_the_head_and_the_new_token_rows_and_reload_them(tmp_path, gpt2_base, method):
+    """Only LoRA, the head and the three task tokens' embedding rows train; the adapter directory holds them, and
+    base + adapter + head reloads to the run's predictions; the export (merged; QLoRA into the dequantized 4-bit
+    weights) predicts the same."""
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.classify import build_model, run, run_tokenizer
+    from tune.task_heads import collate_task, load_task_model, predict
+
+    train, eval_path = user_files(tmp_path)
+    out = tmp_path / method
+    cfg = classify_config(out, gpt2_base, **USER, **{"data.train": str(train), "data.eval": str(eval_path),
+                                                     "method": method, "lora.r": 4})
+    run(cfg)
+    run_probs = torch.tensor([p["probabilities"] for p in rows_of(out / "predictions.jsonl")])
+    tokenizer, token_ids, _ = run_tokenizer(cfg)
+    model = build_model(load_config(type(cfg), data={**json.loads(json.dumps(cfg.__dict__, default=vars)),
+                                                     "task": {"kind": "classification", "labels": ["a", "b"]}}),
+                        tokenizer, token_ids)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight"} <= trainable and any("trainable_tokens" in n for n in trainable)
+    assert all("lora_" in n or "trainable_tokens" in n or n == "head.weight" for n in trainable), trainable
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        rows = [k for k in f.keys() if "trainable_tokens" in k]
+        assert rows and f.get_tensor(rows[0]).shape[0] == 3  # the start, delimiter and extract rows
+    loaded, tok, meta = load_task_model(out / "adapter")
+    assert meta["format"] == "peft_adapter"
+    from data_prep.task_data import SpecialTokens, encode_rows, read_rows, to_task_data
+
+    data = to_task_data(read_rows(eval_path, "classification", {"text": "tweet", "label": "polarity"}),
+                        "classification", labels=meta["labels"])
+    examples, _ = encode_rows(data, tok, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    torch.testing.assert_close(predict(loaded, examples, tok.pad_token_id, False), run_probs, rtol=1e-4, atol=1e-4)
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf", trust_remote_code=False).eval()
+    batch = collate_task(examples, "classification", tok.pad_token_id)
+    with torch.no_grad():
+        hf_probs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    torch.testing.assert_close(hf_probs, run_probs, rtol=1e-3, atol=1e-3)

@@ -293,8 +293,8 @@ def read_task_meta(directory) -> dict:
 
 def load_task_model(directory, device=None, dtype: str = "auto"):
     """(TaskHeadModel in eval mode, tokenizer, meta) from a saved task model: a full model directory (causal LM +
-    head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded). A run directory
-    is accepted too (its model/ or adapter/)."""
+    head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded; QLoRA: loaded in
+    4 bits as trained). A run directory is accepted too (its model/ or adapter/)."""
     from transformers import AutoModelForCausalLM
 
     from tune.hf import load_tokenizer, quiet_third_party, resolve_dtype
@@ -310,7 +310,18 @@ def load_task_model(directory, device=None, dtype: str = "auto"):
         if meta["format"] == "peft_adapter":
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch_dtype, trust_remote_code=False)
+            if meta.get("qlora"):  # the 4-bit weights the adapter was trained on, on the training kernel
+                from tune.adapters import bnb_config, keep_4bit_training_kernel
+                from tune.train_config import QuantSection
+
+                quant = QuantSection(**meta["qlora"])
+                base = AutoModelForCausalLM.from_pretrained(meta["base_model"], quantization_config=bnb_config(quant),
+                                                            dtype=resolve_dtype(quant.compute_dtype),
+                                                            trust_remote_code=False)
+                keep_4bit_training_kernel(base)
+            else:
+                base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch_dtype,
+                                                            trust_remote_code=False)
             resize_embeddings(base, len(tokenizer))
             lm = PeftModel.from_pretrained(base, directory)
         else:
