@@ -243,3 +243,129 @@ def test_lora_and_qlora_save_the_head_and_the_new_token_rows_and_reload_them(tmp
     with torch.no_grad():
         hf_probs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
     torch.testing.assert_close(hf_probs, run_probs, rtol=1e-3, atol=1e-3)
+
+
+NI_TINY = {"epochs": None, "warmup_ratio": None, "train.max_steps": 3, "train.micro_batch_size": 4,
+           "train.grad_accum_steps": 1, "train.warmup_steps": 1, "data.heldout_instances": 6, "data.max_instances": 16,
+           "data.max_length": 96}
+
+
+def test_commonsenseqa_trains_as_multiple_choice_and_exports_double_heads(tmp_path, gpt2_base, capsys):
+    """CommonsenseQA's options are read from the input: one sequence per option, the answer letter's index as the
+    label; GPT2DoubleHeadsModel from the export scores the choices as the run did; `tune predict` takes --choice."""
+    import transformers
+
+    from recipes.classify import load_task_data, run
+    from tune.task_heads import collate_task
+
+    out = tmp_path / "csqa"
+    cfg = classify_config(out, gpt2_base, **NI_TINY, **{"data.ni_task": str(CSQA)})
+    run(cfg)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["kind"] == "multiple_choice" and results["labels"] is None and results["heldout_rows"] == 6
+    run_probs = torch.tensor([p["probabilities"] for p in rows_of(out / "predictions.jsonl")])
+    assert run_probs.shape == (6, 5) and torch.allclose(run_probs.sum(-1), torch.ones(6))
+    hf = transformers.GPT2DoubleHeadsModel.from_pretrained(out / "hf", trust_remote_code=False).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf", trust_remote_code=False)
+    from data_prep.task_data import SpecialTokens, encode_rows
+
+    meta = json.loads((out / "hf" / "task.json").read_text())
+    _, held, _ = load_task_data(cfg, print)
+    examples, _ = encode_rows(held, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    batch = collate_task(examples, "multiple_choice", tokenizer.pad_token_id)
+    with torch.no_grad():
+        mc = hf(input_ids=batch["input_ids"].view(6, 5, -1), mc_token_ids=batch["extract_index"].view(6, 5)).mc_logits
+    torch.testing.assert_close(mc.softmax(-1), run_probs, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    context, choices = held.rows[0].fields["context"], held.rows[0].fields["choices"]
+    assert main(["predict", "--model", str(out), "--context", context, *[a for c in choices for a in ("--choice", c)]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == choices[int(run_probs[0].argmax())]
+
+
+def test_paws_trains_as_similarity_and_exports_the_lm_with_the_head(tmp_path, gpt2_base, capsys):
+    """PAWS pairs are split at the newline into a and b; both orders are fed; no HF class sums two orders, so the
+    export is the causal LM + task_head.safetensors, and `tune predict --model RUN/hf` reads it, order-free."""
+    from recipes.classify import run
+
+    out = tmp_path / "paws"
+    run(classify_config(out, gpt2_base, **NI_TINY, **{"data.ni_task": str(PAWS)}))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["kind"] == "similarity" and results["labels"] == ["Not paraphrase", "Paraphrase"]
+    assert json.loads((out / "hf" / "task.json").read_text())["format"] == "causal_lm"
+    assert (out / "hf" / "task_head.safetensors").is_file()
+    capsys.readouterr()
+    outputs = []
+    for a, b in (("the cat sat on the mat", "on the mat sat the cat"), ("on the mat sat the cat", "the cat sat on the mat")):
+        assert main(["predict", "--model", str(out / "hf"), "--a", a, "--b", b]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+def test_ni_task_beside_the_generation_baseline_in_one_table(tmp_path, gpt2_base, capsys):
+    """eval.generation_baseline: the same base fine-tuned the generation way on the same split and steps; its exact
+    match / ROUGE-L on the same held-out instances sit in the same table and eval_results.json."""
+    from recipes.classify import run
+
+    out = tmp_path / "sst2"
+    run(classify_config(out, gpt2_base, **NI_TINY, **{"data.ni_task": str(SST2), "eval.generation_baseline": True,
+                                                      "eval.max_new_tokens": 4}))
+    results = json.loads((out / "eval_results.json").read_text())
+    generation = json.loads((out / "generation_baseline" / "eval_results.json").read_text())
+    task = generation["heldout_instances"]["tasks"][SST2.stem]
+    assert task["n"] == results["heldout_rows"] == 6
+    assert results["generation"] == {"exact_match": task["exact_match"], "rougeL": task["rougeL"], "heldout_rows": 6}
+    ours = {p["where"].rsplit(" ", 1)[-1] for p in rows_of(out / "predictions.jsonl")}
+    theirs = {p["id"] for p in generation["heldout_instances"]["predictions"]}
+    assert ours == theirs  # the same held-out instances
+    table = capsys.readouterr().out
+    assert "generation (full, tune run finetune)" in table and "majority (" in table and "exact_match" in table
+
+
+def test_epochs_and_warmup_ratio_set_the_schedule(tmp_path, gpt2_base):
+    """GPT-1's defaults: 3 epochs of 32 examples per step, warmup over 0.2% of the steps, linear decay to 0."""
+    from recipes.classify import ClassifyConfig, schedule
+
+    cfg = load_config(ClassifyConfig, data={})
+    assert (cfg.train.lr, cfg.train.micro_batch_size * cfg.train.grad_accum_steps, cfg.epochs, cfg.warmup_ratio,
+            cfg.train.lr_schedule, cfg.train.min_lr, cfg.task.lm_coef, cfg.task.head_dropout) == \
+        (6.25e-5, 32, 3.0, 0.002, "linear", 0.0, 0.5, 0.1)
+    train = schedule(cfg, n_train=10_000, world=1)
+    assert train.max_steps == 938 and train.warmup_steps == 2  # ceil(3 * 10000 / 32), ceil(0.002 * 938)
+    assert schedule(cfg, n_train=10_000, world=2).max_steps == 469
+    fixed = load_config(ClassifyConfig, data={"epochs": None, "warmup_ratio": None, "train": {"max_steps": 7}})
+    assert schedule(fixed, 10_000, 1).max_steps == 7
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"tweet": "fine"}, "train.jsonl line 3: no column 'polarity' for field label (columns there: tweet); set data.columns.label="),
+    ({"tweet": "fine", "polarity": "meh"}, "train.jsonl line 3: label 'meh' is not in the label set"),
+    ({"tweet": "", "polarity": "positive"}, "train.jsonl line 3: field text (column 'tweet') is empty"),
+])
+def test_bad_rows_are_one_line_errors_before_the_output_dir_exists(tmp_path, gpt2_base, capsys, row, message):
+    rows = sentiment_rows(4)
+    rows[2] = row
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    labels = "task.labels=[negative,positive]"
+    assert main(["run", "classify", "--config", "gpt1_classify", f"base_model={gpt2_base}", f"data.train={train}",
+                 "data.columns={text: tweet, label: polarity}", labels, "data.max_length=128",
+                 f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_export_writes_a_checkpoint_as_the_run_saves_its_end(tmp_path, gpt2_base):
+    from recipes.classify import run
+    from tune.task_heads import load_task_model, read_task_meta
+
+    train, eval_path = user_files(tmp_path)
+    out = tmp_path / "run"
+    run(classify_config(out, gpt2_base, **USER, **{"data.train": str(train), "data.eval": str(eval_path),
+                                                   "train.save_every": 3}))
+    assert main(["export", str(out), "--step", "6"]) == 0
+    exported = out / "exports" / "step_0000006"
+    assert read_task_meta(exported) == read_task_meta(out / "model")
+    a, _, _ = load_task_model(exported)
+    b, _, _ = load_task_model(out / "model")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
