@@ -286,8 +286,12 @@ def run(cfg: ClassifyConfig):
             hf_dir, hf_class = export_run(cfg, model, tokenizer, out, run_dir / "hf")
             say(f"exported {hf_class} to {hf_dir}")
         results = evaluate_run(cfg, model, tokenizer, train_data, held_data, held_set, run_dir, say)
-        if cfg.eval.generation_baseline:
-            results = add_generation_baseline(cfg, run_dir, results, say)
+    accelerator.wait_for_everyone()
+    if cfg.eval.generation_baseline:  # on every process: the finetune recipe trains on all of them
+        generation = generation_baseline(cfg, run_dir, say)
+        if accelerator.is_main_process:
+            results["generation"] = generation
+    if accelerator.is_main_process:
         write_results(run_dir, results)
         say("\n" + format_results(results))
     accelerator.wait_for_everyone()
@@ -304,6 +308,9 @@ def build_model(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int]):
     lm = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora,
                          cfg.train.gradient_checkpointing)
     resize_embeddings(lm, len(tokenizer))
+    head = lm.get_output_embeddings()
+    if cfg.task.lm_coef == 0 and head is not None and head.weight is not lm.get_input_embeddings().weight:
+        head.requires_grad_(False)  # no LM loss: an untied output head gets no gradient (DDP refuses unused parameters)
     if cfg.method in ("lora", "qlora"):
         lm = add_lora(lm, cfg.lora, trainable_token_indices=sorted(set(token_ids.values())))
     labels = cfg.task.labels or []
@@ -438,9 +445,9 @@ def _name(data, value):
     return data.labels[value] if data.labels else value
 
 
-def add_generation_baseline(cfg: ClassifyConfig, run_dir: Path, results: dict, say) -> dict:
-    """Fine-tune the same base the generation way on the same NI split (recipes.finetune, same steps and lr) and add
-    its exact match / ROUGE-L on the same held-out instances."""
+def generation_baseline(cfg: ClassifyConfig, run_dir: Path, say) -> dict:
+    """Fine-tune the same base the generation way on the same NI split (recipes.finetune, same steps and lr): its
+    exact match / ROUGE-L on the same held-out instances."""
     from recipes import finetune
 
     say("\ngeneration baseline: tune run finetune on the same split, steps and lr")
@@ -449,8 +456,7 @@ def add_generation_baseline(cfg: ClassifyConfig, run_dir: Path, results: dict, s
     gen = json.loads((Path(gen_cfg.output_dir) / "eval_results.json").read_text(encoding="utf-8"))
     task = Path(cfg.data.ni_task).stem
     row = gen["heldout_instances"]["tasks"][task]
-    return {**results, "generation": {"exact_match": row["exact_match"], "rougeL": row["rougeL"],
-                                      "heldout_rows": row["n"]}}
+    return {"exact_match": row["exact_match"], "rougeL": row["rougeL"], "heldout_rows": row["n"]}
 
 
 def write_results(run_dir: Path, results: dict) -> None:

@@ -101,6 +101,9 @@ def recipe_configs(tmp_path_factory, gpt2_base) -> dict[str, tuple[str, list[str
         "finetune": ("lora_ni", [f"base_model={gpt2_base}", "lora.r=4", "eval.enabled=false", *ni]),
         "distill": ("distill_ni", [f"teacher.model={gpt2_base}", "student.n_layer=1", "student.n_embd=32",
                                    "student.n_head=2", "compare.ce_only=false", *ni]),
+        "classify": ("classify_ni", [f"base_model={gpt2_base}", f"data.ni_task={NI_TASKS / 'task363_sst2_polarity_classification.json'}",
+                                     "epochs=null", "warmup_ratio=null", "eval.generation_baseline=false",
+                                     "data.heldout_instances=8", "data.max_instances=24", "data.max_length=128"]),
     }
 
 

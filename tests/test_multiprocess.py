@@ -15,7 +15,8 @@ from conftest import NI_TASKS, REPO, SHARED_DATA, assert_losses_close, losses, r
 
 pytestmark = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
 
-NO_DROPOUT = {"pretrain": ["model.dropout=0.0"], "finetune": ["lora.dropout=0.0"], "distill": []}  # native presets have no dropout by default
+NO_DROPOUT = {"pretrain": ["model.dropout=0.0"], "finetune": ["lora.dropout=0.0"], "distill": [],
+              "classify": ["task.head_dropout=0.0"]}  # native presets have no dropout by default
 
 
 def run(recipe, recipe_configs, out, nproc, extra=()):
@@ -27,7 +28,7 @@ def run(recipe, recipe_configs, out, nproc, extra=()):
     return losses(out)
 
 
-@pytest.mark.parametrize("recipe", ["pretrain", "finetune", "distill"])
+@pytest.mark.parametrize("recipe", ["pretrain", "finetune", "distill", "classify"])
 def test_two_processes_match_one_with_the_same_global_batch(recipe, recipe_configs, tmp_path):
     one = run(recipe, recipe_configs, tmp_path / "one", 1)
     two = run(recipe, recipe_configs, tmp_path / "two", 2)
