@@ -300,6 +300,23 @@ def test_paws_trains_as_similarity_and_exports_the_lm_with_the_head(tmp_path, gp
         assert main(["predict", "--model", str(out / "hf"), "--a", a, "--b", b]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
+    # the README's few lines for the head file give the same probabilities as `tune predict`
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm, tok = AutoModelForCausalLM.from_pretrained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
+    W = load_file(str(out / "hf" / "task_head.safetensors"))["weight"]
+    ids = lambda t: tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # noqa: E731
+    s, d, e = (tok.convert_tokens_to_ids(t) for t in ("<s>", "<$>", "<e>"))
+    a, b = ids("the cat sat on the mat"), ids("on the mat sat the cat")
+    with torch.no_grad():
+        h = sum(lm(torch.tensor([[s, *x, d, *y, e]]), output_hidden_states=True).hidden_states[-1][0, -1]
+                for x, y in ((a, b), (b, a)))
+    probs = (h @ W.T).softmax(-1)
+    printed = {line.split()[1] + (" " + line.split()[2] if len(line.split()) > 2 else ""): float(line.split()[0])
+               for line in outputs[0].splitlines()[1:]}
+    assert printed["Not paraphrase"] == pytest.approx(float(probs[0]), abs=1e-4)
+    assert printed["Paraphrase"] == pytest.approx(float(probs[1]), abs=1e-4)
 
 
 def test_ni_task_beside_the_generation_baseline_in_one_table(tmp_path, gpt2_base, capsys):
