@@ -301,12 +301,13 @@ def run(cfg: ClassifyConfig):
 def build_model(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int]):
     """The base model grown to the tokenizer's vocabulary, wrapped as configured (full, or LoRA / QLoRA with the
     task tokens' embedding rows trainable), with the head on top (always trained)."""
-    from tune.adapters import add_lora, load_base_model
+    from tune.adapters import add_lora, attention_implementation, load_base_model
     from tune.hf import resolve_dtype
     from tune.task_heads import TaskHeadModel, resize_embeddings
 
+    attn, _ = attention_implementation(cfg.base_model)  # sdpa, or eager for a class without it (OpenAIGPT)
     lm = load_base_model(cfg.base_model, cfg.method, resolve_dtype(cfg.dtype), cfg.qlora,
-                         cfg.train.gradient_checkpointing)
+                         cfg.train.gradient_checkpointing, attn_implementation=attn)
     resize_embeddings(lm, len(tokenizer))
     head = lm.get_output_embeddings()
     if cfg.task.lm_coef == 0 and head is not None and head.weight is not lm.get_input_embeddings().weight:

@@ -386,3 +386,34 @@ def test_tune_export_writes_a_checkpoint_as_the_run_saves_its_end(tmp_path, gpt2
     a, _, _ = load_task_model(exported)
     b, _, _ = load_task_model(out / "model")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("preset, hf_class", [("tiny-gpt1", "OpenAIGPTForSequenceClassification"),
+                                              ("tiny-modern", "LlamaForSequenceClassification")])
+def test_native_gpt_exports_train_with_a_head_and_export_to_their_hf_classes(tmp_path, ni_texts, preset, hf_class):
+    """Our native GPT-1 layout (post-LN, exported as OpenAIGPT, which has no SDPA in transformers 5: loaded with
+    eager attention) and modern layout (Llama, untied head) train with LoRA and export to their HF classes, whose
+    predictions equal the run's."""
+    import transformers
+
+    from data_prep.task_data import SpecialTokens, encode_rows, read_rows, to_task_data
+    from recipes.classify import run
+    from test_finetune import make_base
+    from tune.task_heads import collate_task
+
+    base = make_base(tmp_path / "base", ni_texts, preset)
+    train, eval_path = user_files(tmp_path)
+    out = tmp_path / "run"
+    run(classify_config(out, base, **USER, **{"data.train": str(train), "data.eval": str(eval_path), "method": "lora",
+                                              "lora.r": 4}))
+    run_probs = torch.tensor([p["probabilities"] for p in rows_of(out / "predictions.jsonl")])
+    hf = getattr(transformers, hf_class).from_pretrained(out / "hf", trust_remote_code=False).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf", trust_remote_code=False)
+    meta = json.loads((out / "hf" / "task.json").read_text())
+    data = to_task_data(read_rows(eval_path, "classification", {"text": "tweet", "label": "polarity"}),
+                        "classification", labels=meta["labels"])
+    examples, _ = encode_rows(data, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    batch = collate_task(examples, "classification", tokenizer.pad_token_id)
+    with torch.no_grad():
+        hf_probs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+    torch.testing.assert_close(hf_probs, run_probs, rtol=1e-4, atol=1e-4)
