@@ -242,7 +242,7 @@ def run(cfg: ClassifyConfig):
     from data_prep.task_data import SpecialTokens, encode_rows
     from tune.engine import Engine, check_train_device, make_accelerator
     from tune.recipe_utils import prepare_output_dir
-    from tune.task_heads import TaskBatches, task_loss_fn
+    from tune.task_heads import TaskBatches, task_loss_fn, val_metrics
 
     validate(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
@@ -274,9 +274,11 @@ def run(cfg: ClassifyConfig):
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     source = TaskBatches(train_set, held_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps, seed=cfg.seed,
                          pad_id=tokenizer.pad_token_id, kind=train_data.kind, regression=train_data.regression)
-    result = Engine(cfg.train, run_dir, model, source, loss_fn=task_loss_fn(cfg.task.lm_coef, train_data.regression),
+    engine = Engine(cfg.train, run_dir, model, source, loss_fn=task_loss_fn(cfg.task.lm_coef, train_data.regression),
                     accelerator=accelerator, log=say, rebuild=lambda: build_model(cfg, tokenizer, token_ids),
-                    run_config=cfg).fit()
+                    run_config=cfg)
+    engine.val_metrics = val_metrics  # held-out accuracy and macro-F1 (or Pearson) at every evaluation
+    result = engine.fit()
 
     if accelerator.is_main_process:
         model = result.model.eval()

@@ -143,7 +143,10 @@ def test_user_files_with_column_maps_train_save_export_and_predict_the_same(tmp_
     assert results["heldout_rows"] == 12 and results["labels"] == ["negative", "positive"]
     metrics = rows_of(out / "metrics.jsonl")
     assert [r["step"] for r in metrics if "val_accuracy" in r] == [3, 6]  # held-out accuracy every eval_every
-    assert all(0 <= r["val_accuracy"] <= 1 for r in metrics if "val_accuracy" in r)
+    last = [r for r in metrics if "val_accuracy" in r][-1]  # every held-out row (12 < eval_batches x micro-batch)
+    assert last["val_accuracy"] == pytest.approx(results["task_head"]["accuracy"] / 100)
+    assert last["val_macro_f1"] == pytest.approx(results["task_head"]["macro_f1"] / 100)
+    assert not any(k.startswith(("val_tp_", "val_fp_", "tp_")) for r in metrics for k in r)
     run_probs = torch.tensor([p["probabilities"] for p in rows_of(out / "predictions.jsonl")])
 
     model, tokenizer, meta = load_task_model(out / "model")

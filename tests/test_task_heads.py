@@ -237,3 +237,21 @@ def test_a_full_model_saved_with_its_head_reloads_with_the_same_predictions(tok,
     loaded, _, _ = load_task_model(tmp_path)
     torch.testing.assert_close(predict(loaded, examples, tokenizer.pad_token_id, False),
                                predict(model, examples, tokenizer.pad_token_id, False))
+
+
+def test_val_metrics_turn_mean_counts_into_macro_f1_and_moments_into_pearson():
+    """Means of per-class counts (what the engine reports) give the F1 of the sums; moments give numpy's Pearson."""
+    import numpy as np
+
+    from tune.task_heads import _eval_sums, val_metrics
+
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 2, 0, 1])
+    sums = _eval_sums(F.one_hot(pred, 4).float(), y, regression=False, kind="classification")
+    out = val_metrics({"accuracy": 4 / 7, **{k: float(v) / 7 for k, v in sums.items()}})
+    f1 = [2 * 1 / (2 * 1 + 1 + 1), 2 * 2 / (2 * 2 + 2 + 0), 2 * 1 / (2 * 1 + 0 + 2)]  # class 3: never true or predicted
+    assert out == pytest.approx({"accuracy": 4 / 7, "macro_f1": sum(f1) / 3})
+    x, t = torch.tensor([[0.5], [1.5], [2.0], [4.0]]), torch.tensor([1.0, 1.0, 3.0, 3.5])
+    sums = _eval_sums(x, t, regression=True, kind="similarity")
+    out = val_metrics({k: float(v) / 4 for k, v in sums.items()})
+    assert out["pearson"] == pytest.approx(np.corrcoef(x[:, 0].numpy(), t.numpy())[0, 1])

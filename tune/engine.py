@@ -236,6 +236,9 @@ class Engine:
         # log row, evaluation, checkpoint and the end, and every `read_every` steps. A test may set it on CPU.
         self.read_every: int | None = None
         self.prefetch = True  # prepare the next step's batches in a background thread during this step
+        # turns the validation extras (per-example or per-token means) into the metrics logged and printed with
+        # val_loss, e.g. macro-F1 from per-class counts (tune.task_heads.val_metrics); None: the extras as they are
+        self.val_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
         self._pending: list[tuple] = []  # deferred mode: (step, sums, targets, grad_norm) on device, not yet read
         self._device_stop = self._device_run = None  # deferred mode: see _deferred_update
         self._executor = self._next_batches = None
@@ -409,12 +412,16 @@ class Engine:
                     read_pending()
                     self._eval_step = step
                     last_val, val_extras = self.evaluate(module)
+                    shown = ""
+                    if self.val_metrics is not None:
+                        val_extras = self.val_metrics(val_extras)
+                        shown = "".join(f", {k} {v:.4f}" for k, v in val_extras.items())
                     row = {"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0)),
                            **{f"val_{k}": v for k, v in val_extras.items()},
                            "elapsed_s": elapsed_before + time.time() - start_time}
                     metrics.log(row)
                     history.append(row)
-                    self.log_line(f"step {step}: val_loss {last_val:.4f} (ppl {row['val_ppl']:.2f})")
+                    self.log_line(f"step {step}: val_loss {last_val:.4f} (ppl {row['val_ppl']:.2f}){shown}")
                     best_so_far = self.counters["best_val_loss"]
                     if cfg.keep_best and math.isfinite(last_val) and (best_so_far is None or last_val < best_so_far):
                         is_best = True

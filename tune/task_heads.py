@@ -138,7 +138,8 @@ def task_loss_fn(lm_coef: float, regression: bool):
     Per example: cross-entropy of the label (regression: squared error of the score) + lm_coef * the example's LM
     loss (mean over its sequences of the mean next-token cross-entropy), GPT-1's L3 = L2 + lambda * L1. lm_coef=0
     skips the LM forward part entirely: the loss is then exactly the task loss. Extras (summed; the engine reports
-    their per-example means): task_loss, lm_loss, accuracy (not for regression)."""
+    their per-example means): task_loss, lm_loss, accuracy (not for regression), and in eval mode the sums that
+    val_metrics turns into macro-F1 / Pearson."""
 
     def loss_fn(model: nn.Module, batch: dict):
         logits, lm_sum = model(batch, with_lm=lm_coef > 0)
@@ -154,9 +155,45 @@ def task_loss_fn(lm_coef: float, regression: bool):
             extras["lm_loss"] = lm_sum.detach()
         if not regression:
             extras["accuracy"] = (logits.argmax(-1) == y).sum().float()
+        if not model.training:  # evaluation: the sums val_metrics turns into macro-F1 / Pearson
+            extras.update(_eval_sums(logits.detach(), y, regression, model.kind))
         return loss, torch.tensor(y.shape[0], device=y.device), extras
 
     return loss_fn
+
+
+def _eval_sums(logits: torch.Tensor, y: torch.Tensor, regression: bool, kind: str) -> dict[str, torch.Tensor]:
+    """Per-class true / false positives and false negatives (classification, entailment, similarity), or the moment
+    sums of (prediction, target) (regression), summed over the batch; none for multiple choice."""
+    if regression:
+        x, t = logits[:, 0].float(), y.float()
+        return {"m_x": x.sum(), "m_y": t.sum(), "m_xx": (x * x).sum(), "m_yy": (t * t).sum(), "m_xy": (x * t).sum()}
+    if kind == "multiple_choice":
+        return {}
+    pred = logits.argmax(-1)
+    sums = {}
+    for c in range(logits.shape[1]):
+        hit, true = pred == c, y == c
+        sums.update({f"tp_{c}": (hit & true).sum().float(), f"fp_{c}": (hit & ~true).sum().float(),
+                     f"fn_{c}": (~hit & true).sum().float()})
+    return sums
+
+
+def val_metrics(means: dict[str, float]) -> dict[str, float]:
+    """The engine's validation extras (per-example means of the sums task_loss_fn returns) with the per-class counts
+    turned into macro_f1 (the mean over classes with a true or predicted example of 2TP / (2TP + FP + FN): ratios of
+    means equal ratios of sums) and the moments into pearson (regression). Fractions in [0, 1] (-1..1 for pearson)."""
+    out = {k: v for k, v in means.items() if not k.startswith(("tp_", "fp_", "fn_", "m_"))}
+    classes = sorted({int(k[3:]) for k in means if k.startswith("tp_")})
+    f1 = [2 * means[f"tp_{c}"] / d for c in classes
+          if (d := 2 * means[f"tp_{c}"] + means[f"fp_{c}"] + means[f"fn_{c}"]) > 0]
+    if f1:
+        out["macro_f1"] = sum(f1) / len(f1)
+    if "m_xy" in means:
+        cov = means["m_xy"] - means["m_x"] * means["m_y"]
+        var = (means["m_xx"] - means["m_x"] ** 2) * (means["m_yy"] - means["m_y"] ** 2)
+        out["pearson"] = cov / math.sqrt(var) if var > 0 else float("nan")
+    return out
 
 
 def collate_task(examples, kind: str, pad_id: int, regression: bool = False) -> dict:
