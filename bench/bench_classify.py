@@ -1,13 +1,14 @@
 """GPT-1 task heads vs generation vs the majority class on the Natural-Instructions tasks with a small label set.
 
     python -m bench.bench_classify [--base runs/shakespeare_bpe_cpu/hf] [--tasks DIR] [--epochs 10] [--lr 1e-4]
-                                   [--heldout 20] [--lm-coef 0.5,0] [--method full] [--no-generation]
+                                   [--heldout 20] [--lm-coef 0.5,0] [--seeds 1] [--method full] [--no-generation]
                                    [--json OUT] [--md OUT]
 
 For every task of --tasks that qualifies (data_prep.task_data.ni_qualification: one output per instance, 2..10
 distinct outputs), in this process, one after another:
 - task head: `tune run classify` (recipes/configs/classify_ni.yaml with these settings) once per --lm-coef value
-  (GPT-1's lambda; 0 = no auxiliary LM loss): held-out accuracy and macro-F1 (Pearson / Spearman for numeric labels);
+  (GPT-1's lambda; 0 = no auxiliary LM loss) and per seed (--seeds N: seeds 0..N-1 of the head's initialisation and
+  the data order; the table shows the mean, and the range over seeds): held-out accuracy and macro-F1;
 - generation: `tune run finetune` on the same split, base, method, steps and lr (the classify recipe's
   eval.generation_baseline, run with the first --lm-coef): exact match and ROUGE-L on the same held-out instances;
 - majority: the most frequent training label for every held-out instance.
@@ -45,7 +46,7 @@ def qualifying(tasks_dir: Path) -> list[tuple[Path, str, str]]:
     return rows
 
 
-def run_task(task: Path, args, lm_coef: float, generation: bool, out: Path) -> dict:
+def run_task(task: Path, args, lm_coef: float, generation: bool, out: Path, seed: int = 1337) -> dict:
     """One classify run (stdout to out/log.txt); its eval_results.json and the wall time in seconds."""
     from recipes.classify import ClassifyConfig, run
     from tune.config import load_config
@@ -54,7 +55,7 @@ def run_task(task: Path, args, lm_coef: float, generation: bool, out: Path) -> d
         f"base_model={args.base}", f"data.ni_task={task}", f"output_dir={out}", "overwrite=true",
         f"method={args.method}", f"epochs={args.epochs}", f"train.lr={args.lr}", f"task.lm_coef={lm_coef}",
         f"data.heldout_instances={args.heldout}", f"eval.generation_baseline={str(generation).lower()}",
-        "train.progress=false", "train.eval_every=0"])
+        "train.progress=false", "train.eval_every=0", f"seed={seed}"])
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(out.parent / f"{out.name}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
@@ -66,6 +67,12 @@ def run_task(task: Path, args, lm_coef: float, generation: bool, out: Path) -> d
 
 def pct(value) -> str:
     return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    """The mean, and with several values their range: `61.7 (55.0-70.0)`."""
+    mean = sum(values) / len(values)
+    return pct(mean) if len(values) == 1 else f"{pct(mean)} ({pct(min(values))}-{pct(max(values))})"
 
 
 def markdown(rows: list[list[str]], headers: list[str]) -> str:
@@ -83,6 +90,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--heldout", type=int, default=20)
     parser.add_argument("--lm-coef", default="0.5,0", help="comma-separated lambda values (the first also runs generation)")
+    parser.add_argument("--seeds", type=int, default=1, help="task-head runs per lambda (seeds 0..N-1)")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--json", default=None)
@@ -105,20 +113,22 @@ def main(argv=None):
         if kind is None:
             continue
         for i, coef in enumerate(coefs):
-            r = run_task(path, args, coef, generation=i == 0 and not args.no_generation,
-                         out=workdir / f"{path.stem}_lm{coef}")
-            results.setdefault(path.stem, {})[coef] = r
-            print(f"{path.stem} lm_coef={coef}: accuracy {pct(r['task_head']['accuracy'])} (majority "
-                  f"{pct(r['majority']['accuracy'])}), {r['seconds']:.0f} s", flush=True)
+            for seed in range(args.seeds):
+                r = run_task(path, args, coef, generation=i == 0 and seed == 0 and not args.no_generation,
+                             out=workdir / f"{path.stem}_lm{coef}_seed{seed}", seed=seed)
+                results.setdefault(path.stem, {}).setdefault(coef, []).append(r)
+                print(f"{path.stem} lm_coef={coef} seed {seed}: accuracy {pct(r['task_head']['accuracy'])} (majority "
+                      f"{pct(r['majority']['accuracy'])}), {r['seconds']:.0f} s", flush=True)
     headers = ["task", "kind", "held out", "majority acc"] + [f"head acc (λ={c:g})" for c in coefs] + \
         [f"head macro-F1 (λ={coefs[0]:g})", "generation EM", "generation ROUGE-L"]
     rows = []
     for name, by_coef in results.items():
-        first = by_coef[coefs[0]]
+        first = by_coef[coefs[0]][0]
         gen = first.get("generation", {})
         rows.append([name, first["kind"], str(first["heldout_rows"]), pct(first["majority"]["accuracy"])]
-                    + [pct(by_coef[c]["task_head"]["accuracy"]) for c in coefs]
-                    + [pct(first["task_head"]["macro_f1"]), pct(gen.get("exact_match")), pct(gen.get("rougeL"))])
+                    + [spread([r["task_head"]["accuracy"] for r in by_coef[c]]) for c in coefs]
+                    + [spread([r["task_head"]["macro_f1"] for r in by_coef[coefs[0]]]), pct(gen.get("exact_match")),
+                       pct(gen.get("rougeL"))])
     print()
     print_table(headers, rows, title="held-out accuracy / exact match (%), same training and held-out instances")
     if args.md:
