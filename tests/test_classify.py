@@ -171,6 +171,8 @@ def test_user_files_with_column_maps_train_save_export_and_predict_the_same(tmp_
     best = int(run_probs[0].argmax())
     assert printed[0] == ["negative", "positive"][best]
     assert float(printed[1].split()[0]) == pytest.approx(float(run_probs[0, best]), abs=1e-4)
+    assert main(["predict", "--model", str(out / "hf"), "--text", text]) == 0  # the export: its score is the head
+    assert capsys.readouterr().out.splitlines() == printed
     assert main(["predict", "--model", str(out / "model"), "--file", str(eval_path), "--column", "text=tweet"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["index"] for x in lines] == run_probs.argmax(-1).tolist()

@@ -306,10 +306,31 @@ def save_head(model: TaskHeadModel, out: Path, meta: dict) -> None:
     (Path(out) / TASK_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
+# where the head lives inside an HF class export (export_hf): our weight / bias under these keys
+HF_HEAD_KEYS = {"weight": ("score.weight", "multiple_choice_head.summary.weight"),
+                "bias": ("multiple_choice_head.summary.bias",)}
+
+
 def load_head(model: TaskHeadModel, directory: Path) -> None:
+    """The head's weights from HEAD_FILE in `directory`, or from the weights of an HF class export (its `score` /
+    `multiple_choice_head.summary`)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(directory) / HEAD_FILE))
+    directory = Path(directory)
+    if (directory / HEAD_FILE).is_file():
+        tensors = load_file(str(directory / HEAD_FILE))
+    else:
+        tensors = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                for ours, theirs in HF_HEAD_KEYS.items():
+                    for key in theirs:
+                        if key in f.keys():
+                            tensors[ours] = f.get_tensor(key)
+        if "weight" not in tensors:
+            raise DataError(f"{directory} holds neither {HEAD_FILE} nor an HF classifier head (score.weight); "
+                            "give the model/ or adapter/ directory of a `tune run classify` run")
     with torch.no_grad():
         model.head.weight.copy_(tensors["weight"])
         if model.head.bias is not None:
@@ -331,7 +352,8 @@ def read_task_meta(directory) -> dict:
 def load_task_model(directory, device=None, dtype: str = "auto"):
     """(TaskHeadModel in eval mode, tokenizer, meta) from a saved task model: a full model directory (causal LM +
     head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded; QLoRA: loaded in
-    4 bits as trained). A run directory is accepted too (its model/ or adapter/)."""
+    4 bits as trained), or the run's hf/ export (an HF classifier: its backbone is read as the causal LM, the head
+    from its `score`). A run directory is accepted too (its model/ or adapter/)."""
     from transformers import AutoModelForCausalLM
 
     from tune.hf import load_tokenizer, quiet_third_party, resolve_dtype
