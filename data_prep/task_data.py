@@ -128,13 +128,24 @@ def _jsonl_records(path: Path):
 
 
 def _csv_records(path: Path, delimiter: str):
-    """(where, {column: text}) per data row; the first row is the header."""
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter, strict=True)
+    """(where, {column: text}) per data row; the first row is the header. A TSV that does not parse with CSV quoting
+    (GLUE-style TSVs do not quote, so a field may start with a stray `"`) is read with its fields as they are."""
+    text = _decode(path)
+    quoting = csv.QUOTE_MINIMAL
+    if delimiter == "\t":
+        try:
+            list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True))
+        except csv.Error:
+            quoting = csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, quoting=quoting)
     n, header = 0, None  # data rows read, blank lines included
     try:
         header = next(reader, None)
         if header is None:
             return
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:
+            raise DataError(f"{path} header: column {repeated[0]!r} appears more than once; give every column its own name")
         for row in reader:
             n += 1
             if not row:  # a blank line
@@ -148,7 +159,8 @@ def _csv_records(path: Path, delimiter: str):
         raise DataError(f"{where}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e}); fix the quoting") from None
 
 
-def _dataset_records(path: Path, split: str | None, columns: list[str]):
+def _dataset_records(path: Path, split: str | None, columns: list[str], default_split: str = "train",
+                     split_key: str = "data.split"):
     """(where, {column: value}) per row of a `datasets` directory, ClassLabel integers as their names."""
     from datasets import ClassLabel, DatasetDict, load_from_disk
 
@@ -159,13 +171,13 @@ def _dataset_records(path: Path, split: str | None, columns: list[str]):
         raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .jsonl, .csv or .tsv file "
                         "or a save_to_disk folder") from None
     if isinstance(ds, DatasetDict):
-        split = "train" if split is None else split
+        split = default_split if split is None else split
         if split not in ds:
-            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set data.split to one of them")
+            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set {split_key} to one of them")
         ds, name = ds[split], f"{path} [{split}]"
     else:
         if split is not None:
-            raise DataError(f"{path}: a single Dataset, not a DatasetDict with splits; drop data.split={split!r}")
+            raise DataError(f"{path}: a single Dataset, not a DatasetDict with splits; drop {split_key}={split!r}")
         name = str(path)
     present = [c for c in columns if c in ds.column_names]
     table = ds.select_columns(present).to_dict()
@@ -208,13 +220,48 @@ def _choices(value, where: str, column: str, from_csv: bool) -> list[str]:
     return [_text(v, where, f"choices[{k}]", column) for k, v in enumerate(value)]
 
 
-def _missing(where: str, field: str, column: str, columns) -> DataError:
+def _missing(where: str, field: str, column: str, columns, hint: str = "data.columns.{field}=<column>") -> DataError:
     return DataError(f"{where}: no column '{column}' for field {field} (columns there: {', '.join(map(str, columns))}); "
-                     f"set data.columns.{field}=<column>")
+                     f"set {hint.format(field=field)}")
+
+
+def _looks_like_ni_task(path: Path) -> bool:
+    """Whether a .json file is a Natural-Instructions task (one JSON object with Definition and Instances)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    first = head.lstrip().split("\n", 1)[0]
+    try:
+        json.loads(first)
+        return False  # a complete object on the first line: JSONL
+    except ValueError:
+        return first.startswith("{") and '"Definition"' in head
+
+
+def dataset_label_names(path: PathLike, label_column: str = "label", split: str | None = None,
+                        default_split: str = "train") -> list[str] | None:
+    """The ClassLabel names (in class-id order) of the label column of a `datasets` directory, or None (not a
+    directory, no such column, not a ClassLabel): the label set a run should keep, so class ids match the dataset's."""
+    from datasets import ClassLabel, DatasetDict, load_from_disk
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    try:
+        ds = load_from_disk(str(path))
+    except Exception:  # read_rows reports an unreadable folder
+        return None
+    if isinstance(ds, DatasetDict):
+        ds = ds.get(default_split if split is None else split)
+    feature = ds.features.get(label_column) if ds is not None else None
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
 def read_rows(path: PathLike, kind: str, columns: dict[str, str] | None = None, split: str | None = None,
-              with_labels: bool = True) -> list[TaskRow]:
+              with_labels: bool = True, default_split: str = "train", keys: dict[str, str] | None = None
+              ) -> list[TaskRow]:
     """The rows of a data file for task kind `kind`, in file order.
 
     Formats: JSONL (`.jsonl`, or `.json` with one object per line), CSV / TSV (`.csv` / `.tsv`, a header row), or a
@@ -224,6 +271,8 @@ def read_rows(path: PathLike, kind: str, columns: dict[str, str] | None = None, 
     is a list (JSONL / datasets) or, in CSV / TSV, a JSON list string. Rows are named (TaskRow.where) by the file
     and "line N" (JSONL: the file's line), "data row N" (CSV / TSV: the header not counted) or "row N" (datasets),
     all 1-based. with_labels=False: the label column is not read (TaskRow.label is None), e.g. for prediction.
+    `default_split`: the split of a DatasetDict when `split` is None. `keys`: how messages name the settings, by
+    "split" and "column" (default data.split and data.columns.FIELD=COLUMN; `tune predict` passes its flags).
 
     Raises DataError naming the file, row and field for: an unreadable / non-UTF-8 file, an unknown format, a
     malformed JSON line or CSV row, a missing column (listing the columns there), a value of the wrong type, empty
@@ -231,17 +280,20 @@ def read_rows(path: PathLike, kind: str, columns: dict[str, str] | None = None, 
     ConfigError for an unknown kind or a `columns` key that is not a field of the kind.
     """
     check_kind(kind)
+    keys = {"split": "data.split", "column": "data.columns.{field}=<column>", **(keys or {})}
     path = Path(path)
     mapping = _column_map(kind, columns)
     if not with_labels:
         del mapping["label"]
     suffix = path.suffix.lower()
     if path.is_dir():
-        records = _dataset_records(path, split, list(mapping.values()))
+        records = _dataset_records(path, split, list(mapping.values()), default_split, keys["split"])
     elif not path.exists():
         raise DataError(f"{path}: data file does not exist; check the path (relative paths are taken from {Path.cwd()})")
     elif suffix in JSONL_SUFFIXES:
         records = ((where, obj, None) for where, obj in _jsonl_records(path))
+        if suffix == ".json" and _looks_like_ni_task(path):
+            raise DataError(f"{path} is a Natural-Instructions task file, not rows; give it as data.ni_task")
     elif suffix in CSV_DELIMITERS:
         records = ((where, obj, None) for where, obj in _csv_records(path, CSV_DELIMITERS[suffix]))
     else:
@@ -253,7 +305,8 @@ def read_rows(path: PathLike, kind: str, columns: dict[str, str] | None = None, 
         fields = {}
         for name, column in mapping.items():
             if column not in record:
-                raise _missing(where, name, column, record.keys() if all_columns is None else all_columns)
+                raise _missing(where, name, column, record.keys() if all_columns is None else all_columns,
+                               keys["column"])
             value = record[column]
             if name == "label":
                 if value is None or (from_csv and not value.strip()):
@@ -326,6 +379,11 @@ def _choice_index(row: TaskRow) -> int:
         if len(matches) > 1:
             raise DataError(f"{row.where}: label {label!r} equals choices {matches[0]} and {matches[1]}; make the "
                             "choices distinct or give the answer as a 0-based index")
+        as_index = int(label) if re.fullmatch(r"\s*\d+\s*", label) else None
+        if matches and as_index is not None and as_index < len(choices) and as_index != matches[0]:
+            raise DataError(f"{row.where}: label {label!r} is both choice {as_index} (as an index) and the text of choice "
+                            f"{matches[0]}; give the answer unambiguously: in JSONL as a number (an index) or the "
+                            "choice's text, or make the choices distinct from the indices")
         if matches:
             return matches[0]
         if re.fullmatch(r"\s*-?\d+\s*", label):  # CSV / TSV hold an index as text

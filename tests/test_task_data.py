@@ -524,3 +524,32 @@ def test_correlation_metric_hand_computed():
     assert out["spearman"] == pytest.approx(100.0) and out["pearson"] < 90
     out = metric.compute(predictions=[2.0, 2.0, 2.0], references=[1.0, 2.0, 3.0])  # constant: undefined
     assert math.isnan(out["pearson"]) and math.isnan(out["spearman"])
+
+
+def test_review_cases_tsv_without_quoting_repeated_header_ni_file_ambiguous_choice_and_classlabel_order(tmp_path):
+    """GLUE-style TSV (a field starting with a stray quote) reads as written; a repeated header column, an NI task
+    file given as rows, and a CSV multiple-choice label that is both an index and another choice's text are one-line
+    errors; a datasets ClassLabel's names come back in class-id order."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    from data_prep.task_data import dataset_label_names
+
+    tsv = tmp_path / "glue.tsv"
+    tsv.write_text('text\tlabel\n"quoted start and no end\t1\nplain\t0\n', encoding="utf-8")
+    rows = read_rows(tsv, "classification")
+    assert [r.fields["text"] for r in rows] == ['"quoted start and no end', "plain"]
+    bad = tmp_path / "dup.csv"
+    bad.write_text("text,text,label\na,b,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match="dup.csv header: column 'text' appears more than once"):
+        read_rows(bad, "classification")
+    with pytest.raises(DataError, match="is a Natural-Instructions task file, not rows; give it as data.ni_task"):
+        read_rows(NI_TASKS / "task363_sst2_polarity_classification.json", "classification")
+    mc = tmp_path / "mc.csv"
+    mc.write_text('context,choices,label\nWhat is 0+0?,"[""2"", ""0"", ""1""]",1\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"mc.csv data row 1: label '1' is both choice 1 \(as an index\) and the text of choice 2"):
+        to_task_data(read_rows(mc, "multiple_choice"), "multiple_choice")
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["positive", "negative"])})
+    DatasetDict({"train": Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features)}).save_to_disk(
+        str(tmp_path / "dd"))
+    assert dataset_label_names(tmp_path / "dd") == ["positive", "negative"]
+    assert dataset_label_names(tsv) is None
