@@ -173,6 +173,14 @@ def test_user_files_with_column_maps_train_save_export_and_predict_the_same(tmp_
     assert float(printed[1].split()[0]) == pytest.approx(float(run_probs[0, best]), abs=1e-4)
     assert main(["predict", "--model", str(out / "hf"), "--text", text]) == 0  # the export: its score is the head
     assert capsys.readouterr().out.splitlines() == printed
+    # plain transformers: the exported tokenizer's template adds <s> ... <e>, so a pipeline gives the run's numbers
+    from transformers import pipeline
+
+    text = text.strip()  # (the run strips field text; this row ends in a space)
+    scores = pipeline("text-classification", model=str(out / "hf"), top_k=None, device="cpu")([text])[0]
+    by_label = {x["label"]: x["score"] for x in scores}
+    assert hf_tok(text)["input_ids"] == batch["input_ids"][0, :int(batch["attention_mask"][0].sum())].tolist()
+    assert by_label["positive"] == pytest.approx(float(run_probs[0, 1]), abs=1e-4)
     assert main(["predict", "--model", str(out / "model"), "--file", str(eval_path), "--column", "text=tweet"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["index"] for x in lines] == run_probs.argmax(-1).tolist()

@@ -392,6 +392,27 @@ def load_task_model(directory, device=None, dtype: str = "auto"):
     return model.eval(), tokenizer, meta
 
 
+def with_template(tokenizer, meta: dict):
+    """A copy of `tokenizer` whose encoding of one text is `<s> text <e>` and of a pair `<s> a <$> b <e>` (a tokenizers
+    TemplateProcessing post-processor, saved with it), so plain transformers use (pipeline("text-classification"),
+    tokenizer(premise, hypothesis)) feeds the exported model GPT-1's transformation. The original is unchanged: the
+    recipe builds sequences from ids. Tokenizers without a Rust backend are returned as they are."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    names, ids = meta.get("tokens"), meta.get("token_ids")
+    if backend is None or not names or not ids:
+        return tokenizer
+    s, d, e = names["start"], names["delimiter"], names["extract"]
+    backend.post_processor = TemplateProcessing(
+        single=f"{s} $A {e}", pair=f"{s} $A {d} $B:0 {e}",
+        special_tokens=[(s, ids["start"]), (d, ids["delimiter"]), (e, ids["extract"])])
+    return tokenizer
+
+
 def export_hf(model: TaskHeadModel, lm_full: nn.Module, tokenizer, meta: dict, out) -> tuple[Path, str]:
     """A standard HF checkpoint of the task model in `out`, loadable by plain transformers, and the class it holds.
 
@@ -400,7 +421,8 @@ def export_hf(model: TaskHeadModel, lm_full: nn.Module, tokenizer, meta: dict, o
     token, which the transformation makes the extract token). Multiple choice on GPT-2 / OpenAIGPT:
     <Arch>DoubleHeadsModel (its multiple_choice_head reads the positions given as mc_token_ids). Where transformers
     has no class (similarity's summed orders, multiple choice on other architectures): the causal LM plus HEAD_FILE,
-    to load with load_task_model or the few lines in the README. TASK_FILE and the tokenizer go along in every case.
+    to load with load_task_model or the few lines in the README. TASK_FILE and the tokenizer go along in every case,
+    the tokenizer with GPT-1's transformation as its template (with_template).
     """
     import copy
 
@@ -429,7 +451,7 @@ def export_hf(model: TaskHeadModel, lm_full: nn.Module, tokenizer, meta: dict, o
         if hf_class is None:
             lm_full.save_pretrained(out, safe_serialization=True)
             save_head(model, out, {**meta, "format": "causal_lm"})
-            tokenizer.save_pretrained(out)
+            with_template(tokenizer, meta).save_pretrained(out)
             return out, type(lm_full).__name__ + f" + {HEAD_FILE}"
         exported = hf_class(config)
         prefix = exported.base_model_prefix
@@ -444,7 +466,7 @@ def export_hf(model: TaskHeadModel, lm_full: nn.Module, tokenizer, meta: dict, o
                 exported.score.weight.copy_(head.weight)
         exported.to(next(lm_full.parameters()).dtype)
         exported.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with_template(tokenizer, meta).save_pretrained(out)
     (out / TASK_FILE).write_text(json.dumps({**meta, "format": hf_class.__name__}, indent=2, ensure_ascii=False),
                                  encoding="utf-8")
     return out, hf_class.__name__
