@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,8 @@ class TokensSection:
 @dataclass
 class TaskSection:
     kind: Literal["classification", "entailment", "similarity", "multiple_choice"] = "classification"
-    labels: list[str] | None = None  # the label set, in class-id order; default: the distinct training labels
+    # the label set, in class-id order; default: a datasets ClassLabel's names, else the distinct training labels
+    labels: list[str | int | float] | None = None
     regression: bool = False  # one score per example (MSE; Pearson / Spearman), e.g. similarity ratings
     lm_coef: float = 0.5  # lambda of the auxiliary LM loss; 0 trains on the task loss alone
     head_dropout: float = 0.1  # dropout on the extract token's state before the head (GPT-1: 0.1)
@@ -44,8 +46,8 @@ class TaskSection:
 class ClassifyDataSection:
     train: str | None = None  # a .jsonl / .csv / .tsv file or a `datasets` directory (save_to_disk)
     eval: str | None = None  # held-out rows in the same form; default: data.heldout_fraction of data.train
-    split: str = "train"  # the split of a DatasetDict directory in data.train
-    eval_split: str = "validation"  # the split of a DatasetDict directory in data.eval
+    split: str | None = None  # the split of a DatasetDict directory in data.train (null: "train")
+    eval_split: str | None = None  # the split of a DatasetDict directory in data.eval (null: "validation")
     columns: dict[str, str] = field(default_factory=dict)  # our field -> your column, e.g. {text: sentence, label: y}
     heldout_fraction: float = 0.1
     ni_task: str | None = None  # a Natural-Instructions task file instead of data.train (small label sets only)
@@ -88,7 +90,7 @@ class ClassifyConfig:
     method: Literal["full", "lora", "qlora"] = "full"
     base_model: str = "runs/gpt1/hf"  # any local HF causal-LM directory (our pretrain export, GPT-2, Llama, ...)
     tokenizer: str | None = None  # default: the base model's directory
-    pad_token: str | None = None  # default: the tokenizer's, else a new <pad> token
+    pad_token: str | None = None  # for tokenizers without one, e.g. its eos token (padding is masked)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     output_dir: str = "runs/classify"
     seed: int = 1337
@@ -158,22 +160,34 @@ def load_task_data(cfg: ClassifyConfig, say):
     training label set."""
     from data_prep.task_data import ni_task_data, read_rows, to_task_data
 
+    from data_prep.task_data import dataset_label_names
+    from tune.errors import DataError
+
     d, t = cfg.data, cfg.task
     if d.ni_task:
+        from data_prep.natural_instructions import load_task
         from recipes.finetune import load_splits
 
+        n_instances = len(load_task(d.ni_task).instances)
+        if d.heldout_instances >= n_instances:
+            raise DataError(f"data.ni_task={d.ni_task} has {n_instances} instances: data.heldout_instances="
+                            f"{d.heldout_instances} leaves none to train on; set it below {n_instances}")
         splits = load_splits(generation_config(cfg, Path(cfg.output_dir)))
         task = splits["train"][0][0]
         train = ni_task_data(task, [i for _, i in splits["train"]], max_labels=d.max_labels, labels=t.labels)
         held = ni_task_data(task, [i for _, i in splits["heldout_instances"]], max_labels=d.max_labels,
                             labels=train.labels)
-        if train.kind != t.kind:
-            say(f"{task.name}: a {train.kind} task (task.kind={t.kind} is ignored for NI tasks)")
+        say(f"{task.name}: a {train.kind} task with {len(train.labels or [])} labels"
+            + (" (NI tasks set their own kind and labels: task.kind / task.regression are not used)"
+               if t.kind != train.kind or t.regression else ""))
         return train, held, splits
+    label_column = d.columns.get("label", "label")
+    labels = t.labels or (None if t.regression else dataset_label_names(d.train, label_column, d.split))
     rows = read_rows(d.train, t.kind, d.columns, d.split)
-    train = to_task_data(rows, t.kind, t.labels, t.regression)
+    train = to_task_data(rows, t.kind, labels, t.regression)
     if d.eval:
-        held_rows = read_rows(d.eval, t.kind, d.columns, d.eval_split)
+        held_rows = read_rows(d.eval, t.kind, d.columns, d.eval_split, default_split="validation",
+                              keys={"split": "data.eval_split"})
     else:
         import random
 
@@ -181,8 +195,6 @@ def load_task_data(cfg: ClassifyConfig, say):
         random.Random(d.seed).shuffle(order)
         n_held = max(1, round(len(rows) * d.heldout_fraction))
         if n_held >= len(rows):
-            from tune.errors import DataError
-
             raise DataError(f"data.train={d.train} has {len(rows)} rows: too few to hold out "
                             f"data.heldout_fraction={d.heldout_fraction} of them; give data.eval")
         held_set = set(order[:n_held])
@@ -254,17 +266,22 @@ def run(cfg: ClassifyConfig):
     special = SpecialTokens(**token_ids)
     train_set, n_cut = encode_rows(train_data, tokenizer, special, cfg.data.max_length)
     held_set, n_cut_held = encode_rows(held_data, tokenizer, special, cfg.data.max_length)
+    for warning in data_warnings(train_data, train_set, tokenizer, cfg):
+        say(warning)
     cfg = replace(cfg, task=replace(cfg.task, kind=train_data.kind, labels=train_data.labels,
                                     regression=train_data.regression),
                   train=schedule(cfg, len(train_set), accelerator.num_processes))
+    check_resumed_task(cfg)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.base_model, cfg.tokenizer])
     set_seed(cfg.seed)
     labels = train_data.labels
     say(f"{train_data.kind}: {len(train_set)} training rows, {len(held_set)} held out"
         + (f", {len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})" if labels else "")
         + f"; truncated to data.max_length={cfg.data.max_length}: {n_cut} training and {n_cut_held} held-out rows")
-    say(f"schedule: {cfg.train.max_steps} steps of {cfg.train.micro_batch_size * cfg.train.grad_accum_steps} "
-        f"examples, warmup {cfg.train.warmup_steps}, lr {cfg.train.lr} ({cfg.train.lr_schedule})")
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
+    say(f"schedule: {cfg.train.max_steps} steps of {per_step} examples ({accelerator.num_processes} process"
+        f"{'es' * (accelerator.num_processes > 1)}), warmup {cfg.train.warmup_steps}, lr {cfg.train.lr} "
+        f"({cfg.train.lr_schedule})")
     if new_tokens:
         say(f"new tokens (embedding rows trained): {', '.join(new_tokens)}")
 
@@ -282,6 +299,8 @@ def run(cfg: ClassifyConfig):
 
     if accelerator.is_main_process:
         model = result.model.eval()
+        for stale in ("model", "adapter", "hf"):  # an earlier run's artifacts (overwrite=true) never mix with these
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
         out = save_trained(cfg, model, tokenizer, token_ids, run_dir / ("model" if cfg.method == "full" else "adapter"))
         say(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {out}")
         if cfg.export:
@@ -298,6 +317,43 @@ def run(cfg: ClassifyConfig):
         say("\n" + format_results(results))
     accelerator.wait_for_everyone()
     return result
+
+
+def data_warnings(data, examples, tokenizer, cfg: ClassifyConfig) -> list[str]:
+    """`warning:` lines about the training rows: text the tokenizer cannot represent (its unk token), and number labels
+    that look like scores trained as classes (task.regression=true is probably meant)."""
+    from tune.hf import unknown_token_id, unknown_token_warning
+
+    warnings = []
+    unk = unknown_token_id(tokenizer)
+    if unk is not None:
+        tokens = [t for ex in examples for seq in ex.sequences for t in seq]
+        warning = unknown_token_warning(sum(t == unk for t in tokens) / max(len(tokens), 1),
+                                        cfg.tokenizer or cfg.base_model)
+        if warning:
+            warnings.append(warning)
+    values = _numeric(data.labels) if data.labels else None
+    if values is not None and (any(v != int(v) for v in values) or len(values) > max(20, len(data.rows) // 2)):
+        warnings.append(f"warning: the {len(values)} labels are numbers ({', '.join(data.labels[:5])}, ...) and are "
+                        "trained as that many classes; for scores set task.regression=true")
+    return warnings
+
+
+def check_resumed_task(cfg: ClassifyConfig) -> None:
+    """ConfigError when train.resume continues a run trained on another task kind, label set or scores / classes: its
+    head would be read with another meaning (or not fit)."""
+    from tune.config import read_yaml
+    from tune.errors import ConfigError
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not cfg.train.resume or not saved.is_file():
+        return
+    before = read_yaml(saved).get("task", {})
+    now = {"kind": cfg.task.kind, "labels": cfg.task.labels, "regression": cfg.task.regression}
+    changed = [f"task.{k}: {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+    if changed:
+        raise ConfigError(f"train.resume: output_dir={cfg.output_dir} trained a head for other data ({'; '.join(changed)});"
+                          " resume with the same data, or start afresh with overwrite=true or another output_dir")
 
 
 def build_model(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int]):
@@ -463,8 +519,16 @@ def generation_baseline(cfg: ClassifyConfig, run_dir: Path, say) -> dict:
 
 
 def write_results(run_dir: Path, results: dict) -> None:
+    """eval_results.json, strict JSON: an undefined metric (NaN, e.g. a correlation of constant predictions) is null."""
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        return [strict(v) for v in value] if isinstance(value, list) else value
+
     tmp = run_dir / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(strict(results), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     tmp.replace(run_dir / "eval_results.json")
 
 

@@ -3,6 +3,7 @@ with a tiny base pretrained here, exact resume, LoRA / QLoRA saving and reloadin
 the HF export and `tune predict` giving the run's own predictions, users' files with column maps, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,66 @@ def test_native_gpt_exports_train_with_a_head_and_export_to_their_hf_classes(tmp
     with torch.no_grad():
         hf_probs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
     torch.testing.assert_close(hf_probs, run_probs, rtol=1e-4, atol=1e-4)
+
+
+def test_review_cases(tmp_path, gpt2_base, capsys):
+    """What a newcomer hit: a held-out count that leaves nothing to train, a resume onto other labels, an ordinary word
+    as a task token, number labels that look like scores, a regression run's undefined baseline correlation (strict
+    JSON null), an earlier run's hf/ left beside a run with export=false, a moved LoRA base, --column misuse, and a
+    one-choice question for `tune predict`."""
+    from recipes.classify import run
+    from tune.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match=r"has 114 instances: data.heldout_instances=114 leaves none to train on"):
+        run(classify_config(tmp_path / "x", gpt2_base, **{"data.ni_task": str(SST2), "data.heldout_instances": 114}))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match=r"task.tokens.start='e' is an ordinary token"):
+        run(classify_config(tmp_path / "x", gpt2_base, **{"data.ni_task": str(SST2), "task.tokens.start": "e"}))
+
+    train, eval_path = user_files(tmp_path)
+    out = tmp_path / "run"
+    run(classify_config(out, gpt2_base, **USER, **{"data.train": str(train), "data.eval": str(eval_path)}))
+    numbers = write_jsonl(tmp_path / "numbers.jsonl", [{"tweet": r["tweet"], "polarity": ["0", "1", "2"][i % 3]}
+                                                       for i, r in enumerate(sentiment_rows(30))])
+    with pytest.raises(ConfigError, match=r"trained a head for other data \(task.labels: \['negative', 'positive'\] -> "
+                                          r"\['0', '1', '2'\]\)"):
+        run(classify_config(out, gpt2_base, **USER, **{"data.train": str(numbers), "train.resume": True}))
+    capsys.readouterr()
+    run(classify_config(out, gpt2_base, **USER, **{"data.train": str(numbers), "overwrite": True, "export": False}))
+    assert not (out / "hf").exists()  # the earlier run's export (other labels) is gone
+    assert json.loads((out / "model" / "task.json").read_text())["labels"] == ["0", "1", "2"]
+
+    scores = write_jsonl(tmp_path / "scores.jsonl", [{"a": r["tweet"], "b": r["tweet"][::-1], "label": i / 7}
+                                                     for i, r in enumerate(sentiment_rows(24))])
+    plain = {**USER, "data.columns": {}}
+    run(classify_config(tmp_path / "sim", gpt2_base, **plain, **{"data.train": str(scores), "task.kind": "similarity"}))
+    assert re.search(r"warning: the \d+ labels are numbers .* for scores set task.regression=true", capsys.readouterr().out)
+    run(classify_config(tmp_path / "reg", gpt2_base, **plain, **{"data.train": str(scores), "task.kind": "similarity",
+                                                                 "task.regression": True}))
+    text = (tmp_path / "reg" / "eval_results.json").read_text()
+    results = json.loads(text)
+    assert "NaN" not in text and results["majority"]["pearson"] is None
+    assert set(results["task_head"]) >= {"pearson", "spearman", "mse"}
+
+    lora = tmp_path / "lora"
+    moved = tmp_path / "moved_base"
+    import shutil
+
+    shutil.copytree(gpt2_base, moved)
+    run(classify_config(lora, moved, **USER, **{"data.train": str(train), "data.eval": str(eval_path),
+                                                "method": "lora", "lora.r": 4}))
+    shutil.move(moved, tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(lora), "--text", "hello"]) == 2
+    assert "is a LoRA adapter of the base" in capsys.readouterr().err
+    assert main(["predict", "--model", str(lora), "--text", "hello", "--base", str(tmp_path / "elsewhere")]) == 0
+    assert main(["predict", "--model", str(lora), "--text", "hello", "--column", "text=tweet"]) == 2
+    assert "--column and --split apply to --file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(lora), "--file", str(train), "--column", "text"])
+    assert "expected FIELD=COLUMN" in capsys.readouterr().err
+    csqa_rows = write_jsonl(tmp_path / "mc.jsonl", [{"context": "q", "choices": ["only one"]}])
+    run(classify_config(tmp_path / "mc", gpt2_base, **NI_TINY, **{"data.ni_task": str(CSQA)}))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "mc"), "--file", str(csqa_rows)]) == 2
+    assert "multiple choice needs at least 2 different choices" in capsys.readouterr().err

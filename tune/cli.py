@@ -417,6 +417,14 @@ PREDICT_FIELDS = {"classification": ("text",), "entailment": ("premise", "hypoth
                   "multiple_choice": ("context", "choice")}
 
 
+def column_pair(text: str) -> tuple[str, str]:
+    """`FIELD=COLUMN` of `tune predict --column`, as a pair; argparse reports anything else as a usage error."""
+    field, sep, column = text.partition("=")
+    if not sep or not field.strip() or not column.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=COLUMN (e.g. text=sentence), got {text!r}")
+    return field.strip(), column.strip()
+
+
 def cmd_predict(args) -> int:
     """Print the label and class probabilities (or the score, or the choice) a `tune run classify` model gives one
     input, or write them for every row of --file as JSON lines."""
@@ -436,6 +444,8 @@ def cmd_predict(args) -> int:
     needed = PREDICT_FIELDS[kind]
     flags = " ".join(f"--{n}" for n in needed)
     if args.file is None:
+        if args.column or args.split:
+            raise ConfigError("--column and --split apply to --file")
         wrong = sorted(set(given) - set(needed))
         if wrong or set(given) != set(needed):
             raise ConfigError(f"this model is a {kind} model: give {flags} TEXT"
@@ -446,8 +456,14 @@ def cmd_predict(args) -> int:
     else:
         if given:
             raise ConfigError(f"give --file or {flags}, not both")
-        rows = read_rows(args.file, kind, dict(args.column or []), args.split, with_labels=False)
-    model, tokenizer, meta = load_task_model(path, dtype=args.dtype)
+        rows = read_rows(args.file, kind, dict(args.column or []), args.split, with_labels=False,
+                         keys={"split": "--split", "column": "--column {field}=COLUMN"})
+    if kind == "multiple_choice":
+        for row in rows:
+            choices = row.fields["choices"]
+            if len(choices) < 2 or len(set(choices)) < len(choices):
+                raise ConfigError(f"{row.where}: multiple choice needs at least 2 different choices, got {choices}")
+    model, tokenizer, meta = load_task_model(path, dtype=args.dtype, base_model=args.base)
     regression = bool(meta.get("regression"))
     data = TaskData(kind=kind, rows=rows, labels=meta.get("labels"), targets=[0] * len(rows), regression=regression)
     examples, n_cut = encode_rows(data, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
@@ -571,9 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="multiple choice: the context (question)")
     p.add_argument("--choice", action="append", help="multiple choice: a candidate answer (repeat for each)")
     p.add_argument("--file", help="rows to predict (.jsonl / .csv / .tsv / datasets directory); JSON lines out")
-    p.add_argument("--column", action="append", type=lambda s: tuple(s.split("=", 1)), metavar="FIELD=COLUMN",
+    p.add_argument("--column", action="append", type=column_pair, metavar="FIELD=COLUMN",
                    help="with --file: our field name = your column name (repeatable)")
-    p.add_argument("--split", default="train", help="with --file of a DatasetDict directory: the split")
+    p.add_argument("--split", default=None, help="with --file of a DatasetDict directory: the split (default train)")
+    p.add_argument("--base", default=None, help="LoRA / QLoRA adapters: the base model directory, when it moved "
+                                                "since training (default: the path the run recorded)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.set_defaults(func=cmd_predict)
     return parser

@@ -421,7 +421,9 @@ class Engine:
                            "elapsed_s": elapsed_before + time.time() - start_time}
                     metrics.log(row)
                     history.append(row)
-                    self.log_line(f"step {step}: val_loss {last_val:.4f} (ppl {row['val_ppl']:.2f}){shown}")
+                    # a perplexity means nothing for a loss that is not a per-token cross-entropy (val_metrics' users)
+                    ppl = f" (ppl {row['val_ppl']:.2f})" if self.val_metrics is None else ""
+                    self.log_line(f"step {step}: val_loss {last_val:.4f}{ppl}{shown}")
                     best_so_far = self.counters["best_val_loss"]
                     if cfg.keep_best and math.isfinite(last_val) and (best_so_far is None or last_val < best_so_far):
                         is_best = True

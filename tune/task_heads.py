@@ -38,12 +38,17 @@ def add_task_tokens(tokenizer, start: str, delimiter: str, extract: str) -> tupl
     tokens of `tokenizer`, in place. Tokens the vocabulary already has (Llama's `<s>`) are reused.
 
     Returns ({"start": id, "delimiter": id, "extract": id}, the tokens that were new). Raises ConfigError when two of
-    the names are equal or the extract token is the pad token (the exported HF classifiers read the last non-pad
-    token, which must be the extract token)."""
+    the names are equal, one is an ordinary vocabulary token (text would produce it), or the extract token is the pad
+    token (the exported HF classifiers read the last non-pad token, which must be the extract token)."""
     names = {"start": start, "delimiter": delimiter, "extract": extract}
     if len(set(names.values())) < 3:
         raise ConfigError(f"task.tokens must be three different strings, got {names}")
     vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    for key, tok in names.items():
+        if tok in vocab and tok not in special:
+            raise ConfigError(f"task.tokens.{key}={tok!r} is an ordinary token of the tokenizer's vocabulary (text uses "
+                              "it); choose a string the vocabulary does not have, e.g. the default <s>, <$>, <e>")
     new = [t for t in names.values() if t not in vocab]
     extra = {"extra_special_tokens": new} if new else {}
     if tokenizer.pad_token is None:
@@ -349,10 +354,10 @@ def read_task_meta(directory) -> dict:
         raise DataError(f"{path}: cannot be read ({e}); the run's saved model is damaged") from None
 
 
-def load_task_model(directory, device=None, dtype: str = "auto"):
+def load_task_model(directory, device=None, dtype: str = "auto", base_model=None):
     """(TaskHeadModel in eval mode, tokenizer, meta) from a saved task model: a full model directory (causal LM +
     head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded; QLoRA: loaded in
-    4 bits as trained), or the run's hf/ export (an HF classifier: its backbone is read as the causal LM, the head
+    4 bits as trained; `base_model` overrides that path), or the run's hf/ export (an HF classifier: its backbone is read as the causal LM, the head
     from its `score`). A run directory is accepted too (its model/ or adapter/)."""
     from transformers import AutoModelForCausalLM
 
@@ -368,6 +373,13 @@ def load_task_model(directory, device=None, dtype: str = "auto"):
     with quiet_third_party():
         if meta["format"] == "peft_adapter":
             from peft import PeftModel
+
+            base_path = Path(base_model or meta["base_model"])
+            if not (base_path / "config.json").is_file():
+                raise DataError(f"{directory} is a LoRA adapter of the base {base_path}, which "
+                                f"{'does not exist' if not base_path.exists() else 'holds no config.json'}; give the "
+                                "base's directory (tune predict --base DIR)")
+            meta = {**meta, "base_model": str(base_path)}
 
             if meta.get("qlora"):  # the 4-bit weights the adapter was trained on, on the training kernel
                 from tune.adapters import bnb_config, keep_4bit_training_kernel
