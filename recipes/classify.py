@@ -137,6 +137,12 @@ def validate(cfg: ClassifyConfig) -> None:
         problems.add("data.eval applies to data.train; an NI task holds out data.heldout_instances of its own")
     if cfg.eval.generation_baseline and not d.ni_task:
         problems.add("eval.generation_baseline compares on NI tasks (data.ni_task); your rows have no generation target")
+    from data_prep.task_data import KIND_FIELDS
+
+    fields = (*KIND_FIELDS[cfg.task.kind], "label")
+    for key in cfg.data.columns:
+        if key not in fields:
+            problems.add(f"data.columns.{key}: not a field of task.kind={cfg.task.kind} (fields: {', '.join(fields)})")
     if cfg.task.regression and cfg.task.kind == "multiple_choice":
         problems.add("task.regression=true does not apply to multiple_choice (a choice index is no score)")
     if cfg.task.labels is not None and (len(cfg.task.labels) < 2 or len(set(cfg.task.labels)) < len(cfg.task.labels)):
