@@ -274,6 +274,7 @@ def run(cfg: ClassifyConfig):
     held_set, n_cut_held = encode_rows(held_data, tokenizer, special, cfg.data.max_length)
     for warning in data_warnings(train_data, train_set, tokenizer, cfg):
         say(warning)
+    given_train = cfg.train
     cfg = replace(cfg, task=replace(cfg.task, kind=train_data.kind, labels=train_data.labels,
                                     regression=train_data.regression),
                   train=schedule(cfg, len(train_set), accelerator.num_processes))
@@ -284,6 +285,12 @@ def run(cfg: ClassifyConfig):
     say(f"{train_data.kind}: {len(train_set)} training rows, {len(held_set)} held out"
         + (f", {len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})" if labels else "")
         + f"; truncated to data.max_length={cfg.data.max_length}: {n_cut} training and {n_cut_held} held-out rows")
+    defaults = GPT1TrainConfig()
+    for key, setting in (("max_steps", "epochs"), ("warmup_steps", "warmup_ratio")):
+        given = getattr(given_train, key)
+        if getattr(cfg, setting) is not None and given != getattr(defaults, key) and given != getattr(cfg.train, key):
+            say(f"note: train.{key}={given} is replaced by {setting}={getattr(cfg, setting)} "
+                f"({getattr(cfg.train, key)}); set {setting}=null to use train.{key}")
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     say(f"schedule: {cfg.train.max_steps} steps of {per_step} examples ({accelerator.num_processes} process"
         f"{'es' * (accelerator.num_processes > 1)}), warmup {cfg.train.warmup_steps}, lr {cfg.train.lr} "

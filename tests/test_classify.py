@@ -494,3 +494,13 @@ def test_review_cases(tmp_path, gpt2_base, capsys):
     capsys.readouterr()
     assert main(["predict", "--model", str(tmp_path / "mc"), "--file", str(csqa_rows)]) == 2
     assert "multiple choice needs at least 2 different choices" in capsys.readouterr().err
+
+
+def test_a_given_max_steps_replaced_by_epochs_is_said(tmp_path, gpt2_base, capsys):
+    from recipes.classify import run
+
+    run(classify_config(tmp_path / "run", gpt2_base, **{**NI_TINY, "epochs": 0.5, "train.max_steps": 50,
+                                                         "data.ni_task": str(SST2), "export": False}))
+    out = capsys.readouterr().out
+    assert "note: train.max_steps=50 is replaced by epochs=0.5 (2); set epochs=null to use train.max_steps" in out
+    assert "schedule: 2 steps of 4 examples (1 process)" in out  # ceil(0.5 * 16 / 4)
