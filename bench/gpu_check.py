@@ -9,8 +9,8 @@
 2. The fast correctness checks on the device (seconds each, no time cap): the engine's bf16 step against
    fp32, torch.compile on/off, FlexAttention against the dense-mask packed path, exact resume under bf16,
    QLoRA forward/backward and merge, a distillation step with a 4-bit teacher, 8-bit / paged AdamW, CPU
-   activation offloading, Liger's fused cross-entropy against ours (when installed). Each states its
-   tolerance.
+   activation offloading, Liger's fused cross-entropy against ours (when installed), the classify recipe (GPT-1
+   task head) end to end in bf16 with its HF export. Each states its tolerance.
 3. Benchmarks at the GPU shapes of bench/ (each side in a fresh process), capped at shares of the budget left
    (pretraining 25%, fine-tuning 55%, distillation 20%): GPT-2 124M pretraining against HF Trainer and a
    compiled plain loop; LoRA / QLoRA / full fine-tuning on the real NI prompts with Llama-1.1B shapes against
@@ -422,6 +422,68 @@ def check_liger(ctx: Context) -> dict:
     return outcome(result["ok"], result["detail"], **{k: v for k, v in result.items() if k not in ("ok", "detail")})
 
 
+def check_classify(ctx: Context) -> dict:
+    """The classify recipe (GPT-1 task head + auxiliary LM loss) end to end in bf16 on the device, on a real NI task
+    (Sentiment140): a random GPT-2 layout base of the checks' size with a BPE tokenizer trained on the task's
+    inputs, 5 epochs (2 with --smoke), then its HF export. ok when the training losses are finite and the exported
+    GPT2ForSequenceClassification gives the run's held-out probabilities (within 1e-3). Reports the wall time, steps
+    per second and the held-out accuracy beside the majority class (a random base: the figures are the recipe's
+    speed on the device, not a result)."""
+    import torch
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    from data_prep.task_data import SpecialTokens, encode_rows
+    from data_prep.text import train_bpe_tokenizer
+    from recipes.classify import ClassifyConfig, load_task_data, run
+    from tune.config import load_config
+    from tune.task_heads import collate_task
+
+    task = ctx.ni_tasks / "task195_sentiment140_classification.json"
+    if not task.is_file():
+        return {"skipped": f"{task.name} not in --ni-tasks", "detail": f"skipped: {task.name} not in --ni-tasks"}
+    s = ctx.native
+    texts = [i["input"] for i in json.loads(task.read_text(encoding="utf-8"))["Instances"]]
+    tokenizer = train_bpe_tokenizer(texts, 512 if ctx.smoke else 4096)
+    base = ctx.tmp("classify_base")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=s["seq"], n_layer=s["n_layer"],
+                               n_head=s["n_head"], n_embd=s["n_embd"], bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = ctx.tmp("classify_run")
+    cfg = load_config(ClassifyConfig, data={
+        "output_dir": str(out), "base_model": str(base), "overwrite": True, "epochs": 2 if ctx.smoke else 5,
+        "data": {"ni_task": str(task), "heldout_instances": 30, "max_length": s["seq"]},
+        "train": {"mixed_precision": ctx.precision, "lr": 1e-3, "micro_batch_size": 8, "grad_accum_steps": 1,
+                  "eval_every": 0, "progress": False, "log_every": 1}})
+    AcceleratorState._reset_state(True)
+    start = time.time()
+    run(cfg)
+    seconds = time.time() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    results = json.loads((out / "eval_results.json").read_text())
+    run_probs = torch.tensor([json.loads(line)["probabilities"]
+                              for line in (out / "predictions.jsonl").read_text().splitlines()])
+    hf = AutoModelForSequenceClassification.from_pretrained(out / "hf").to(ctx.device).eval()
+    meta = json.loads((out / "hf" / "task.json").read_text())
+    _, held, _ = load_task_data(cfg, lambda *a, **k: None)
+    examples, _ = encode_rows(held, tokenizer, SpecialTokens(**meta["token_ids"]), meta["max_length"])
+    batch = collate_task(examples, "classification", tokenizer.pad_token_id)
+    with torch.no_grad():
+        hf_probs = hf(input_ids=batch["input_ids"].to(ctx.device),
+                      attention_mask=batch["attention_mask"].to(ctx.device)).logits.float().softmax(-1).cpu()
+    gap = float((hf_probs - run_probs).abs().max())
+    ok = bool(losses) and all(math.isfinite(x) for x in losses) and gap <= 1e-3
+    return outcome(ok, f"{len(losses)} bf16 steps in {seconds:.1f} s end to end (export and evaluation included), "
+                   f"held-out accuracy {results['task_head']['accuracy']:.1f} (majority "
+                   f"{results['majority']['accuracy']:.1f}, random base); export vs run probabilities gap {gap:.1e} "
+                   "(tolerance 1e-3)", seconds=seconds, steps=len(losses), losses=losses, gap=gap,
+                   accuracy=results["task_head"]["accuracy"], majority=results["majority"]["accuracy"])
+
+
 def check_qlora_fsdp(ctx: Context, timeout_s: float) -> dict:
     """QLoRA under FSDP2 (bench/qlora_fsdp_check.py): one 4-bit layer unchanged by fully_shard, and the finetune
     recipe under `accelerate launch` + fsdp.yaml on every visible GPU against one process, all within
@@ -467,6 +529,7 @@ FAST_CHECKS = {
     "optimizers": check_optimizers,
     "activation_offload": check_activation_offload,
     "liger": check_liger,
+    "classify_bf16": check_classify,
 }
 LONG_CHECKS = {"qlora_fsdp": check_qlora_fsdp, "cuda_tests": check_cuda_tests}  # fn(ctx, timeout_s)
 CHECKS = {**FAST_CHECKS, **LONG_CHECKS}
