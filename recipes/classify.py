@@ -164,9 +164,7 @@ def validate(cfg: ClassifyConfig) -> None:
 def load_task_data(cfg: ClassifyConfig, say):
     """(train TaskData, held-out TaskData, NI split or None): rows read and labelled; the held-out rows use the
     training label set."""
-    from data_prep.task_data import ni_task_data, read_rows, to_task_data
-
-    from data_prep.task_data import dataset_label_names
+    from data_prep.task_data import dataset_label_names, ni_task_data, read_rows, to_task_data
     from tune.errors import DataError
 
     d, t = cfg.data, cfg.task
@@ -254,11 +252,27 @@ def schedule(cfg: ClassifyConfig, n_train: int, world: int) -> TrainConfig:
     return train
 
 
+def schedule_lines(cfg: ClassifyConfig, given: TrainConfig, world: int) -> list[str]:
+    """The schedule the run uses (cfg.train after `schedule`), and a note for each train.* value the user gave that
+    epochs / warmup_ratio replaced (`given`: cfg.train before `schedule`)."""
+    train, defaults, lines = cfg.train, GPT1TrainConfig(), []
+    for key, setting in (("max_steps", "epochs"), ("warmup_steps", "warmup_ratio")):
+        value = getattr(given, key)
+        if getattr(cfg, setting) is not None and value != getattr(defaults, key) and value != getattr(train, key):
+            lines.append(f"note: train.{key}={value} is replaced by {setting}={getattr(cfg, setting)} "
+                         f"({getattr(train, key)}); set {setting}=null to use train.{key}")
+    per_step = train.micro_batch_size * train.grad_accum_steps * world
+    lines.append(f"schedule: {train.max_steps} steps of {per_step} examples ({world} process{'es' * (world > 1)}), "
+                 f"warmup {train.warmup_steps}, lr {train.lr} ({train.lr_schedule})")
+    return lines
+
+
 def run(cfg: ClassifyConfig):
     from accelerate.utils import set_seed
 
     from data_prep.task_data import SpecialTokens, encode_rows
     from tune.engine import Engine, check_train_device, make_accelerator
+    from tune.evaluation import write_json_atomic
     from tune.recipe_utils import prepare_output_dir
     from tune.task_heads import TaskBatches, task_loss_fn, val_metrics
 
@@ -285,16 +299,8 @@ def run(cfg: ClassifyConfig):
     say(f"{train_data.kind}: {len(train_set)} training rows, {len(held_set)} held out"
         + (f", {len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''})" if labels else "")
         + f"; truncated to data.max_length={cfg.data.max_length}: {n_cut} training and {n_cut_held} held-out rows")
-    defaults = GPT1TrainConfig()
-    for key, setting in (("max_steps", "epochs"), ("warmup_steps", "warmup_ratio")):
-        given = getattr(given_train, key)
-        if getattr(cfg, setting) is not None and given != getattr(defaults, key) and given != getattr(cfg.train, key):
-            say(f"note: train.{key}={given} is replaced by {setting}={getattr(cfg, setting)} "
-                f"({getattr(cfg.train, key)}); set {setting}=null to use train.{key}")
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
-    say(f"schedule: {cfg.train.max_steps} steps of {per_step} examples ({accelerator.num_processes} process"
-        f"{'es' * (accelerator.num_processes > 1)}), warmup {cfg.train.warmup_steps}, lr {cfg.train.lr} "
-        f"({cfg.train.lr_schedule})")
+    for line in schedule_lines(cfg, given_train, accelerator.num_processes):
+        say(line)
     if new_tokens:
         say(f"new tokens (embedding rows trained): {', '.join(new_tokens)}")
 
@@ -326,7 +332,7 @@ def run(cfg: ClassifyConfig):
         if accelerator.is_main_process:
             results["generation"] = generation
     if accelerator.is_main_process:
-        write_results(run_dir, results)
+        write_json_atomic(run_dir / "eval_results.json", results)  # strict JSON: an undefined metric is null
         say("\n" + format_results(results))
     accelerator.wait_for_everyone()
     return result
@@ -385,16 +391,18 @@ def build_model(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int]):
         head.requires_grad_(False)  # no LM loss: an untied output head gets no gradient (DDP refuses unused parameters)
     if cfg.method in ("lora", "qlora"):
         lm = add_lora(lm, cfg.lora, trainable_token_indices=sorted(set(token_ids.values())))
-    labels = cfg.task.labels or []
-    n_outputs = 1 if cfg.task.regression or cfg.task.kind == "multiple_choice" else len(labels)
-    return TaskHeadModel(lm, cfg.task.kind, n_outputs, dropout=cfg.task.head_dropout)
+    return TaskHeadModel(lm, cfg.task.kind, n_outputs(cfg.task), dropout=cfg.task.head_dropout)
+
+
+def n_outputs(task: TaskSection) -> int:
+    """The head's outputs: one per label, or one score (regression; one per choice for multiple choice)."""
+    return 1 if task.regression or task.kind == "multiple_choice" else len(task.labels or [])
 
 
 def task_meta(cfg: ClassifyConfig, tokenizer, token_ids: dict[str, int], fmt: str) -> dict:
     """What a saved task model needs besides weights (tune.task_heads.TASK_FILE)."""
     t = cfg.task
-    n_outputs = 1 if t.regression or t.kind == "multiple_choice" else len(t.labels or [])
-    return {"format": fmt, "kind": t.kind, "labels": t.labels, "regression": t.regression, "n_outputs": n_outputs,
+    return {"format": fmt, "kind": t.kind, "labels": t.labels, "regression": t.regression, "n_outputs": n_outputs(t),
             "tokens": {"start": t.tokens.start, "delimiter": t.tokens.delimiter, "extract": t.tokens.extract},
             "token_ids": token_ids, "max_length": cfg.data.max_length, "method": cfg.method,
             "base_model": str(Path(cfg.base_model).resolve()),
@@ -420,8 +428,6 @@ def save_trained(cfg: ClassifyConfig, model, tokenizer, token_ids, out: Path) ->
 def export_run(cfg: ClassifyConfig, model, tokenizer, saved: Path, out: Path) -> tuple[Path, str]:
     """The standard HF checkpoint of the trained task model (tune.task_heads.export_hf); LoRA / QLoRA adapters are
     merged first (QLoRA: into the dequantized 4-bit weights it trained on)."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -529,20 +535,6 @@ def generation_baseline(cfg: ClassifyConfig, run_dir: Path, say) -> dict:
     task = Path(cfg.data.ni_task).stem
     row = gen["heldout_instances"]["tasks"][task]
     return {"exact_match": row["exact_match"], "rougeL": row["rougeL"], "heldout_rows": row["n"]}
-
-
-def write_results(run_dir: Path, results: dict) -> None:
-    """eval_results.json, strict JSON: an undefined metric (NaN, e.g. a correlation of constant predictions) is null."""
-    def strict(value):
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        return [strict(v) for v in value] if isinstance(value, list) else value
-
-    tmp = run_dir / "eval_results.json.tmp"
-    tmp.write_text(json.dumps(strict(results), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
-    tmp.replace(run_dir / "eval_results.json")
 
 
 def format_results(results: dict) -> str:

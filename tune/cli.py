@@ -431,13 +431,12 @@ def cmd_predict(args) -> int:
     import json
 
     from data_prep.task_data import SpecialTokens, TaskData, TaskRow, encode_rows, read_rows
-    from tune.task_heads import load_task_model, predict, read_task_meta
+    from tune.task_heads import load_task_model, predict, read_task_meta, task_model_dir
 
     path = Path(args.model)
     if not path.exists():
         raise ConfigError(f"--model {args.model} does not exist (paths are relative to where you run tune)")
-    meta = read_task_meta(next((p for p in (path, path / "model", path / "adapter") if (p / "task.json").is_file()),
-                               path))
+    meta = read_task_meta(task_model_dir(path))
     kind = meta["kind"]
     given = {name: getattr(args, name) for name in ("text", "premise", "hypothesis", "a", "b", "context", "choice")
              if getattr(args, name)}

@@ -17,6 +17,7 @@ the task's first positive example, and "copy input" predicts the instance's inpu
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -305,11 +306,19 @@ def format_table(results: dict) -> str:
 
 
 def write_json_atomic(path, data) -> Path:
-    """Write JSON to `path` through a temporary file renamed into place (never a half-written file)."""
+    """Write JSON to `path` through a temporary file renamed into place (never a half-written file). Strict JSON: a
+    non-finite float (an undefined metric, e.g. the correlation of constant predictions) is written as null."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        return [strict(v) for v in value] if isinstance(value, (list, tuple)) else value
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(strict(data), indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8")
     tmp.replace(path)
     return path
 

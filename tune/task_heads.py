@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from tune.errors import ConfigError, DataError
 from tune.losses import IGNORE_INDEX, chunked_ce_sum, hidden_and_head
+from tune.packing import NIBatches
 
 KINDS = ("classification", "entailment", "similarity", "multiple_choice")
 TASK_FILE = "task.json"  # kind, labels, special tokens, how to load: next to every saved task model
@@ -237,44 +238,21 @@ def collate_task(examples, kind: str, pad_id: int, regression: bool = False) -> 
             "targets": targets}
 
 
-class TaskBatches:
-    """Engine BatchSource over encoded examples, a pure function of (seed, step): epoch e is a permutation of the
-    training examples seeded by (seed, e), cut into global batches of micro_batch_size * grad_accum_steps * world
-    examples (tune.packing.NIBatches' order, one example per unit), so resuming needs only the step."""
+class TaskBatches(NIBatches):
+    """Engine BatchSource over encoded examples: tune.packing.NIBatches' order (a pure function of (seed, step): epoch
+    e a permutation of the examples seeded by (seed, e), cut into global batches of micro_batch_size *
+    grad_accum_steps * world examples), one example per unit, each micro-batch built by collate_task."""
 
     def __init__(self, train, val, micro_batch_size: int, grad_accum_steps: int, seed: int, pad_id: int, kind: str,
                  regression: bool = False):
         if not train:
             raise DataError("the training set is empty; check data.train (or data.ni_task)")
-        self.train, self.val, self.micro, self.accum, self.seed = train, val, micro_batch_size, grad_accum_steps, seed
-        self.pad_id, self.kind, self.regression = pad_id, kind, regression
-        self._perm: tuple[int, list[int] | None] = (-1, None)
+        super().__init__(train, val, micro_batch_size, grad_accum_steps, seed, packing=False, max_length=0,
+                         pad_id=pad_id)
+        self.kind, self.regression = kind, regression
 
-    def steps_per_epoch(self, world: int = 1) -> int:
-        """Optimizer steps per pass over the training examples with `world` processes."""
-        return math.ceil(len(self.train) / (self.micro * self.accum * world))
-
-    def _example(self, position: int):
-        import numpy as np
-
-        epoch, offset = divmod(position, len(self.train))
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train)).tolist())
-        return self.train[self._perm[1][offset]]
-
-    def collate(self, examples) -> dict:
-        return collate_task(examples, self.kind, self.pad_id, self.regression)
-
-    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
-        n_micro = self.accum * world
-        first = (step - 1) * n_micro * self.micro
-        chosen = [self._example(p) for p in range(first, first + n_micro * self.micro)]
-        return [self.collate(chosen[m * self.micro:(m + 1) * self.micro]) for m in range(rank, n_micro, world)]
-
-    def val_batches(self, rank: int, world: int, limit: int):
-        n = min(limit, math.ceil(len(self.val) / self.micro))
-        for m in range(rank, n, world):
-            yield self.collate(self.val[m * self.micro:(m + 1) * self.micro])
+    def _collate(self, examples, units) -> dict:
+        return collate_task([examples[int(i)] for unit in units for i in unit], self.kind, self.pad_id, self.regression)
 
 
 @torch.no_grad()
@@ -354,6 +332,16 @@ def read_task_meta(directory) -> dict:
         raise DataError(f"{path}: cannot be read ({e}); the run's saved model is damaged") from None
 
 
+def task_model_dir(path) -> Path:
+    """`path` itself when it holds TASK_FILE, else its model/ or adapter/ that does (a run directory), else `path`
+    (read_task_meta then names what is missing)."""
+    path = Path(path)
+    for candidate in (path, path / "model", path / "adapter"):
+        if (candidate / TASK_FILE).is_file():
+            return candidate
+    return path
+
+
 def load_task_model(directory, device=None, dtype: str = "auto", base_model=None):
     """(TaskHeadModel in eval mode, tokenizer, meta) from a saved task model: a full model directory (causal LM +
     head) or a LoRA / QLoRA adapter directory (its base is read from the path the run recorded; QLoRA: loaded in
@@ -363,10 +351,7 @@ def load_task_model(directory, device=None, dtype: str = "auto", base_model=None
 
     from tune.hf import load_tokenizer, quiet_third_party, resolve_dtype
 
-    directory = Path(directory)
-    for sub in ("model", "adapter"):
-        if not (directory / TASK_FILE).is_file() and (directory / sub / TASK_FILE).is_file():
-            directory = directory / sub
+    directory = task_model_dir(directory)
     meta = read_task_meta(directory)
     tokenizer = load_tokenizer(directory, "model", pad_with_eos=False)
     torch_dtype = resolve_dtype(dtype)
@@ -380,19 +365,12 @@ def load_task_model(directory, device=None, dtype: str = "auto", base_model=None
                                 f"{'does not exist' if not base_path.exists() else 'holds no config.json'}; give the "
                                 "base's directory (tune predict --base DIR)")
             meta = {**meta, "base_model": str(base_path)}
-
-            if meta.get("qlora"):  # the 4-bit weights the adapter was trained on, on the training kernel
-                from tune.adapters import bnb_config, keep_4bit_training_kernel
-                from tune.train_config import QuantSection
-
-                quant = QuantSection(**meta["qlora"])
-                base = AutoModelForCausalLM.from_pretrained(meta["base_model"], quantization_config=bnb_config(quant),
-                                                            dtype=resolve_dtype(quant.compute_dtype),
-                                                            trust_remote_code=False)
-                keep_4bit_training_kernel(base)
-            else:
-                base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch_dtype,
-                                                            trust_remote_code=False)
+            from tune.adapters import attention_implementation, load_base_model
+            from tune.train_config import QuantSection
+            # loaded as the run loaded it to train (QLoRA: the same 4-bit weights, on the training kernel)
+            method = "qlora" if meta.get("qlora") else "lora"
+            base = load_base_model(base_path, method, torch_dtype, QuantSection(**meta.get("qlora", {})),
+                                   attn_implementation=attention_implementation(base_path)[0])
             resize_embeddings(base, len(tokenizer))
             lm = PeftModel.from_pretrained(base, directory)
         else:
