@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from tune.errors import ConfigError, DataError
-from tune.files import directory_written_aside
+from tune.files import directory_written_aside, read_utf8
 
 FORMAT_VERSION = 2  # 2: cache keys hash instances in chunks (issue 11)
 PathLike = Union[str, os.PathLike]
@@ -57,14 +57,7 @@ class NITask:
 
 
 def _read_json(path: Path):
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read task file ({e.strerror}); check the path") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the file as UTF-8") from None
+    text = read_utf8(path, "task file")
     try:
         data = json.loads(text)  # accepts NaN, which some SNI headers contain ("URL": [NaN])
     except json.JSONDecodeError as e:
@@ -169,12 +162,7 @@ def load_task(path: PathLike) -> NITask:
 def read_split_file(path: PathLike) -> list[tuple[int, str]]:
     """(line number, task name) of a split file: one name per line, '#' comments and blank lines ignored."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read split file ({e.strerror}); check the path") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}); re-encode the split file as UTF-8") from None
+    text = read_utf8(path, "split file")
     names = []
     for lineno, line in enumerate(text.splitlines(), 1):
         name = line.split("#", 1)[0].strip()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from tune.errors import ConfigError, DataError
+from tune.files import read_utf8
 
 from .natural_instructions import NIInstance, NITask
 
@@ -95,20 +96,9 @@ def _column_map(kind: str, columns: dict[str, str] | None) -> dict[str, str]:
     return {name: columns.get(name, name) for name in names}
 
 
-def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read data file ({e.strerror}); check the path") from None
-    try:
-        return data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column's name
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the file as UTF-8") from None
-
-
 def _jsonl_records(path: Path):
     """(where, object) per non-blank line."""
-    for lineno, line in enumerate(_decode(path).splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(path, "data file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {lineno}"
@@ -130,7 +120,7 @@ def _jsonl_records(path: Path):
 def _csv_records(path: Path, delimiter: str):
     """(where, {column: text}) per data row; the first row is the header. A TSV that does not parse with CSV quoting
     (GLUE-style TSVs do not quote, so a field may start with a stray `"`) is read with its fields as they are."""
-    text = _decode(path)
+    text = read_utf8(path, "data file")
     quoting = csv.QUOTE_MINIMAL
     if delimiter == "\t":
         try:

@@ -1,4 +1,4 @@
-"""Writing a directory so that readers only ever see it complete."""
+"""Reading a user's text file with one-line errors; writing a directory so that readers only ever see it complete."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from tune.errors import DataError
+
+
+def read_utf8(path, what: str) -> str:
+    """The text of the user's file `path` (a `what`: "task file", "data file", ...), a leading byte-order mark
+    dropped. DataError naming the file and the fix when it cannot be read or is not UTF-8 (with the byte offset)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror}); check the path") from None
+    try:
+        return data.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not part of the first column's name
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start}: {e.reason}); re-encode the {what} as "
+                        "UTF-8") from None
 
 
 @contextmanager
