@@ -227,9 +227,25 @@ def chunked_ce_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
 
 
 def causal_lm_loss(model: nn.Module, batch: dict):
-    """Summed next-token cross-entropy and the number of target tokens."""
+    """Summed next-token cross-entropy and the number of target tokens; for a native MoE GPT also its router losses
+    (with_router_losses)."""
     hidden, head = hidden_and_head(model, batch)
-    return chunked_ce_sum(hidden, head, batch["targets"])
+    return with_router_losses(model, *chunked_ce_sum(hidden, head, batch["targets"]))
+
+
+def with_router_losses(model: nn.Module, loss_sum: torch.Tensor, n_targets: torch.Tensor):
+    """(loss_sum, n_targets) as they are for a dense model; for a native MoE GPT (tune.models.gpt.MoE), after its
+    forward: loss_sum + n_targets · (router_aux_coef · aux + router_z_coef · z), and extras router_aux, router_z
+    and expert_frac_<i> (each times n_targets, so the engine's per-token means are token-weighted averages over the
+    micro-batches)."""
+    router = model.router_losses() if hasattr(model, "router_losses") else None
+    if router is None:
+        return loss_sum, n_targets
+    config, n = model.config, n_targets.float()
+    loss = loss_sum + n * (config.router_aux_coef * router["aux"] + config.router_z_coef * router["z"])
+    extras = {"router_aux": (router["aux"] * n).detach(), "router_z": (router["z"] * n).detach()}
+    extras.update({f"expert_frac_{i}": f * n for i, f in enumerate(router["expert_fraction"])})
+    return loss, n_targets, extras
 
 
 def liger_loss_fn(device: torch.device):

@@ -36,6 +36,13 @@ class GPTConfig:
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+    # Mixture of Experts (0: dense). n_experts MLPs (each of mlp_hidden, the configured mlp kind) per MoE block, a
+    # top-k softmax router with the chosen gates renormalised (Mixtral), dropless; every moe_every-th block is MoE
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    router_aux_coef: float = 0.01  # Switch-Transformer load-balancing loss weight
+    router_z_coef: float = 0.0  # ST-MoE router z-loss weight
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -54,6 +61,15 @@ class GPTConfig:
             raise ConfigError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError("model.position=rope needs an even head size (n_embd / n_head)")
+        if self.n_experts < 0 or self.n_experts == 1:
+            raise ConfigError(f"model.n_experts must be 0 (dense) or >= 2, got {self.n_experts}")
+        if self.n_experts and not 1 <= self.moe_top_k <= self.n_experts:
+            raise ConfigError(f"model.moe_top_k must be in [1, model.n_experts={self.n_experts}], got {self.moe_top_k}")
+        if self.moe_every < 1:
+            raise ConfigError(f"model.moe_every must be >= 1, got {self.moe_every}")
+        for name in ("router_aux_coef", "router_z_coef"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name in ("rope_theta", "norm_eps"):
@@ -81,6 +97,10 @@ PRESETS: dict[str, dict] = {
     "tiny-gpt1": dict(_GPT1, **_TINY),
     "tiny-gpt2": dict(_GPT2, **_TINY),
     "tiny-modern": dict(_MODERN, **_TINY, n_kv_head=2),
+    # Mixtral-style: the modern layout with 8 SwiGLU experts per block, top-2 routing
+    "moe": dict(_MODERN, n_layer=12, n_head=12, n_kv_head=4, n_embd=768, block_size=2048, vocab_size=32000,
+                n_experts=8, moe_top_k=2),
+    "tiny-moe": dict(_MODERN, **_TINY, n_kv_head=2, n_experts=4, moe_top_k=2),
 }
 
 

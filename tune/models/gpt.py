@@ -160,12 +160,89 @@ class MLP(nn.Module):
         return self.drop(self.proj(h))
 
 
-class Block(nn.Module):
+class MoE(nn.Module):
+    """Mixture of Experts in place of the MLP (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2021; Mixtral,
+    Jiang et al. 2024): a linear router scores the n_experts experts per token, the top-k are kept and their softmax
+    probabilities renormalised to sum to 1 (Mixtral's gates), and the token's output is the gate-weighted sum of those
+    experts' MLPs (each an MLP of mlp_hidden, SwiGLU or GELU as the config says). Dropless: no capacity limit, every
+    token reaches all k of its experts.
+
+    Dispatch: the N·k (token, expert) assignments are sorted by expert, and each expert runs one matmul on its
+    contiguous slice of tokens (gather, expert MLP, gate-weighted index_add back): a loop over experts, never over
+    tokens, so the work is N·k expert-MLP rows whatever n_experts is (plus an O(N·k log N·k) sort).
+
+    After each forward: `aux_loss`, the load-balancing loss n_experts · Σ_i f_i · P_i with f_i the fraction of tokens
+    that have expert i among their top k (Σ_i f_i = k) and P_i the mean router probability of expert i (the Switch
+    loss; for k > 1 the form of transformers' load_balancing_loss_func, per layer; k at perfect balance);
+    `z_loss`, the router z-loss mean(logsumexp(logits)²) (ST-MoE, Zoph et al. 2022); `expert_fraction` (n_experts,),
+    the share of the N·k assignments each expert got (1/n_experts each when balanced).
+    """
+
     def __init__(self, config: GPTConfig):
+        super().__init__()
+        E, d, h = config.n_experts, config.n_embd, config.mlp_hidden
+        self.n_experts, self.top_k = E, config.moe_top_k
+        self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.router = nn.Linear(d, E, bias=False)
+        # experts' weights stacked, nn.Linear layout (out x in): fc is [gate; up] for SwiGLU
+        self.fc = nn.Parameter(torch.empty(E, h * (2 if self.swiglu else 1), d))
+        self.proj = nn.Parameter(torch.empty(E, d, h))
+        self.fc_bias = nn.Parameter(torch.zeros(E, self.fc.shape[1])) if config.bias else None
+        self.proj_bias = nn.Parameter(torch.zeros(E, d)) if config.bias else None
+        nn.init.normal_(self.fc, std=0.02)
+        nn.init.normal_(self.proj, std=0.02 / math.sqrt(2 * config.n_layer))  # GPT-2's scaled residual init
+        self.drop = nn.Dropout(config.dropout)
+        self.aux_loss = self.z_loss = self.expert_fraction = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E) in fp32, and each token's k experts (N, k) with their renormalised gates (N, k)."""
+        logits = self.router(x).float()
+        top, experts = logits.softmax(-1).topk(self.top_k, dim=-1)
+        return logits, experts, top / top.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, experts, gates = self.route(x)
+        flat = experts.flatten()  # (N*k,): assignment a is token a // k
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        out = None
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            assignments = order[start:start + n]
+            start += n
+            tokens = assignments // self.top_k
+            h = F.linear(x[tokens], self.fc[e], None if self.fc_bias is None else self.fc_bias[e])
+            if self.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate=self.gelu_approximate)
+            y = F.linear(h, self.proj[e], None if self.proj_bias is None else self.proj_bias[e])
+            y = y * gates.flatten()[assignments, None].to(y.dtype)
+            if out is None:
+                out = torch.zeros(x.shape[0], shape[-1], dtype=y.dtype, device=x.device)
+            out = out.index_add(0, tokens, y)
+        n_tokens = x.shape[0]
+        fraction = counts.float() / n_tokens  # f_i: tokens with expert i among their top k
+        probs = logits.softmax(-1)
+        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
+        self.z_loss = logits.logsumexp(-1).pow(2).mean()
+        self.expert_fraction = (fraction / self.top_k).detach()
+        return self.drop(out.view(shape))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.pre_norm = config.norm_placement == "pre"
         self.norm1, self.attn = make_norm(config), CausalSelfAttention(config)
-        self.norm2, self.mlp = make_norm(config), MLP(config)
+        moe = config.n_experts > 0 and layer % config.moe_every == config.moe_every - 1
+        self.norm2, self.mlp = make_norm(config), (MoE(config) if moe else MLP(config))
 
     def forward(self, x, rope=None, mask=None):
         if self.pre_norm:
@@ -184,7 +261,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config) if config.norm_placement == "pre" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
@@ -262,6 +339,19 @@ class GPT(nn.Module):
 
     def output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
+
+    def router_losses(self) -> dict[str, torch.Tensor] | None:
+        """After a forward: the load-balancing loss and z-loss averaged over the MoE layers, and each expert's share
+        of the assignments averaged over them (`expert_fraction` (n_experts,)); None for a dense model."""
+        layers = self.moe_layers()
+        if not layers or layers[0].aux_loss is None:
+            return None
+        return {"aux": torch.stack([m.aux_loss for m in layers]).mean(),
+                "z": torch.stack([m.z_loss for m in layers]).mean(),
+                "expert_fraction": torch.stack([m.expert_fraction for m in layers]).mean(0)}
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None):

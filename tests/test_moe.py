@@ -1,0 +1,103 @@
+"""Mixture of Experts in the native GPT (issue 14, first part): routing, dropless dispatch, the load-balancing and
+z losses against hand-computed values, and the router losses in the training loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tune.errors import ConfigError
+from tune.losses import causal_lm_loss
+from tune.models.config import GPTConfig, config_from_preset
+from tune.models.gpt import GPT, MoE
+
+
+def moe_layer(n_experts=4, top_k=2, mlp="swiglu", bias=False, seed=0) -> MoE:
+    torch.manual_seed(seed)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=8, mlp_hidden=16, vocab_size=32, block_size=16, mlp=mlp,
+                       activation="gelu", bias=bias, n_experts=n_experts, moe_top_k=top_k)
+    layer = MoE(config)
+    for p in (layer.fc, layer.proj):
+        torch.nn.init.normal_(p, std=0.3)  # large enough that experts differ visibly
+    return layer
+
+
+def expert_mlp(layer: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
+    h = x @ layer.fc[e].T + (layer.fc_bias[e] if layer.fc_bias is not None else 0)
+    if layer.swiglu:
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h)
+    return h @ layer.proj[e].T + (layer.proj_bias[e] if layer.proj_bias is not None else 0)
+
+
+def test_router_picks_the_top_k_experts_with_gates_renormalised_over_them():
+    layer = moe_layer(n_experts=4, top_k=2)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, 8))  # logits = the first 4 features of the token
+    x = torch.zeros(2, 8)
+    x[0, :4] = torch.tensor([1.0, 3.0, 0.0, 2.0])
+    x[1, :4] = torch.tensor([0.0, 0.0, 5.0, 4.0])
+    logits, experts, gates = layer.route(x)
+    assert experts.tolist() == [[1, 3], [2, 3]]
+    # softmax restricted to the two chosen logits: e^3 / (e^3 + e^2), e^2 / (e^3 + e^2)
+    expected = torch.tensor([[1 / (1 + torch.e ** -1), 1 / (1 + torch.e)]] * 2)
+    torch.testing.assert_close(gates, expected)
+
+
+@pytest.mark.parametrize("mlp, bias, top_k", [("swiglu", False, 2), ("gelu", True, 2), ("swiglu", False, 1),
+                                              ("swiglu", False, 4)])
+def test_dropless_dispatch_equals_each_token_through_its_k_experts(mlp, bias, top_k):
+    """The sorted, per-expert dispatch gives every token exactly the gate-weighted sum of its k experts' outputs,
+    computed here token by token (no token dropped, whatever the load: 37 tokens on 4 experts)."""
+    layer = moe_layer(n_experts=4, top_k=top_k, mlp=mlp, bias=bias).eval()
+    x = torch.randn(37, 8)
+    out = layer(x)
+    _, experts, gates = layer.route(x)
+    for t in range(37):
+        expected = sum(gates[t, j] * expert_mlp(layer, int(experts[t, j]), x[t]) for j in range(top_k))
+        torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-6)
+    assert float(layer.expert_fraction.sum()) == pytest.approx(1.0)
+
+
+def test_load_balancing_and_z_loss_equal_hand_computed_values():
+    """4 tokens, 2 experts, top-1, logits set by hand: f = (3/4, 1/4), P = the mean softmax; aux = 2 · Σ f_i P_i;
+    z = mean(logsumexp²)."""
+    layer = moe_layer(n_experts=2, top_k=1)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2, 8))
+    x = torch.zeros(4, 8)
+    x[:, :2] = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]])  # token 2: a tie -> expert 0
+    layer(x)
+    p = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]).softmax(-1)
+    f = torch.tensor([3 / 4, 1 / 4])
+    torch.testing.assert_close(layer.aux_loss, 2 * (f * p.mean(0)).sum())
+    lse = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]).logsumexp(-1)
+    torch.testing.assert_close(layer.z_loss, lse.pow(2).mean())
+    torch.testing.assert_close(layer.expert_fraction, f)
+
+
+def test_training_loss_adds_the_router_losses_per_token_and_logs_expert_fractions():
+    torch.manual_seed(0)
+    config = config_from_preset("tiny-moe", router_aux_coef=0.05, router_z_coef=0.001)
+    model = GPT(config)
+    assert sum(isinstance(b.mlp, MoE) for b in model.blocks) == config.n_layer
+    x = torch.randint(0, config.vocab_size, (2, 12))
+    loss, n, extras = causal_lm_loss(model, {"input_ids": x, "targets": x})
+    ce = F.cross_entropy(model(x).flatten(0, 1), x.flatten(), reduction="sum")
+    r = model.router_losses()
+    torch.testing.assert_close(loss, ce + 24 * (0.05 * r["aux"] + 0.001 * r["z"]), rtol=1e-5, atol=1e-4)
+    assert int(n) == 24 and set(extras) == {"router_aux", "router_z", *(f"expert_frac_{i}" for i in range(4))}
+    assert sum(float(extras[f"expert_frac_{i}"]) for i in range(4)) == pytest.approx(24.0)
+    loss.backward()
+    assert all(float(m.router.weight.grad.abs().sum()) > 0 for m in model.moe_layers())
+
+
+def test_every_kth_block_and_config_checks():
+    config = config_from_preset("tiny-moe", n_layer=4, moe_every=2)
+    assert [isinstance(b.mlp, MoE) for b in GPT(config).blocks] == [False, True, False, True]
+    assert GPT(config_from_preset("tiny-modern")).router_losses() is None
+    for bad, message in (({"n_experts": 1}, "n_experts must be 0"), ({"moe_top_k": 5}, "moe_top_k must be in"),
+                         ({"moe_every": 0}, "moe_every must be >= 1"), ({"router_aux_coef": -1}, "router_aux_coef")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_preset("tiny-moe", **bad)
