@@ -101,3 +101,37 @@ def test_every_kth_block_and_config_checks():
                          ({"moe_every": 0}, "moe_every must be >= 1"), ({"router_aux_coef": -1}, "router_aux_coef")):
         with pytest.raises(ConfigError, match=message):
             config_from_preset("tiny-moe", **bad)
+
+
+def test_export_to_mixtral_gives_equal_logits_generates_and_imports_back(tmp_path):
+    """MixtralForCausalLM (transformers' own class, no remote code) computes our logits (fp32, 1e-5), generates, and
+    the checkpoint imports back into the same native weights."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.models.export import export_hf, import_hf
+
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny-moe", n_experts=4, moe_top_k=2, tie_embeddings=False)).eval()
+    for layer in model.moe_layers():
+        torch.nn.init.normal_(layer.router.weight, std=0.5)  # routing that differs from token to token
+    out = export_hf(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-5, atol=1e-5)
+        generated = hf.generate(x[:, :4], max_new_tokens=6, do_sample=False)
+    assert generated.shape == (2, 10)
+    back = import_hf(out)
+    assert back.config.n_experts == 4 and back.config.moe_top_k == 2
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_moe_models_without_a_mixtral_layout_refuse_to_export():
+    from tune.models.export import hf_layout
+
+    with pytest.raises(ConfigError, match="exports to HF Mixtral only"):
+        hf_layout(config_from_preset("tiny-moe", n_layer=2, moe_every=2))
+    with pytest.raises(ConfigError, match="exports to HF Mixtral only"):
+        hf_layout(config_from_preset("tiny-gpt2", n_experts=4))

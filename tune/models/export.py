@@ -3,6 +3,7 @@
   post-LN, learned positions, LayerNorm, GELU  -> OpenAIGPTLMHeadModel ("openai-gpt")
   pre-LN,  learned positions, LayerNorm, GELU  -> GPT2LMHeadModel      ("gpt2")
   pre-norm, RoPE, RMSNorm, SwiGLU, no biases    -> LlamaForCausalLM     ("llama")
+  the same with SwiGLU experts in every block   -> MixtralForCausalLM   ("mixtral")
 
 Each layout is a table of (native name, HF name, how the tensor changes). GPT-1/2 store their
 linear layers as Conv1D, i.e. transposed; the native fused qkv / gate-up matrices are split for Llama.
@@ -23,12 +24,17 @@ from tune.models.gpt import GPT, GPTConfig
 def hf_layout(config: GPTConfig) -> str:
     """Which HF architecture can hold this config exactly; a ConfigError naming the mismatch otherwise."""
     gpt_like = config.position == "learned" and config.norm == "layernorm" and config.mlp == "gelu" and config.bias
+    llama_like = config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
+    if config.n_experts:
+        if llama_like and config.norm_placement == "pre" and not config.bias and config.moe_every == 1:
+            return "mixtral"
+        raise ConfigError("an MoE model exports to HF Mixtral only: rope/rmsnorm/swiglu/pre-norm without bias and "
+                          f"experts in every block (model.moe_every=1); got {config}")
     if gpt_like and config.n_kv_head == config.n_head:
         if config.norm_placement == "pre":
             return "gpt2"
         if config.mlp_hidden == 4 * config.n_embd and config.tie_embeddings and config.activation == "gelu_tanh":
             return "openai-gpt"
-    llama_like = config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
     if llama_like and config.norm_placement == "pre" and not config.bias:
         return "llama"
     raise ConfigError(
@@ -40,7 +46,7 @@ def hf_layout(config: GPTConfig) -> str:
 
 def hf_config(config: GPTConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     """The transformers config object for the native config."""
-    from transformers import GPT2Config, LlamaConfig, OpenAIGPTConfig
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig, OpenAIGPTConfig
 
     layout = hf_layout(config)
     ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
@@ -55,6 +61,16 @@ def hf_config(config: GPTConfig, bos_token_id=None, eos_token_id=None, pad_token
                           activation_function="gelu_new" if config.activation == "gelu_tanh" else "gelu",
                           layer_norm_epsilon=config.norm_eps,
                           tie_word_embeddings=config.tie_embeddings, **drop, **ids)
+    if layout == "mixtral":
+        return MixtralConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd,
+                             intermediate_size=config.mlp_hidden, num_hidden_layers=config.n_layer,
+                             num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+                             max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+                             rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+                             num_local_experts=config.n_experts, num_experts_per_tok=config.moe_top_k,
+                             router_aux_loss_coef=config.router_aux_coef, sliding_window=None,
+                             attention_dropout=config.dropout, tie_word_embeddings=config.tie_embeddings,
+                             hidden_act="silu", **ids)
     # Llama has no embedding/residual dropout; only attention dropout carries over.
     return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.n_embd, intermediate_size=config.mlp_hidden,
                        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
@@ -80,6 +96,21 @@ def native_config_from_hf(hf) -> GPTConfig:
             mlp="gelu", activation="gelu" if act == "gelu" else "gelu_tanh", bias=True, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
             dropout=hf.resid_pdrop,
         )
+    if kind == "mixtral":
+        rope = hf.rope_parameters or {}
+        if hf.hidden_act != "silu" or rope.get("rope_type", "default") != "default" or hf.sliding_window:
+            raise ConfigError("Mixtral checkpoint with a non-SiLU activation, scaled RoPE or a sliding window cannot "
+                              "be imported")
+        if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // hf.num_attention_heads):
+            raise ConfigError("Mixtral checkpoint with head_dim != hidden_size / num_attention_heads cannot be imported")
+        return GPTConfig(
+            vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers,
+            n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
+            mlp_hidden=hf.intermediate_size, position="rope", rope_theta=rope.get("rope_theta", 10000.0),
+            norm="rmsnorm", norm_eps=hf.rms_norm_eps, norm_placement="pre", mlp="swiglu", bias=False,
+            tie_embeddings=bool(hf.tie_word_embeddings), dropout=hf.attention_dropout,
+            n_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok, router_aux_coef=hf.router_aux_loss_coef,
+        )
     if kind == "llama":
         if hf.attention_bias or hf.mlp_bias or hf.hidden_act != "silu":
             raise ConfigError("Llama checkpoint with biases or a non-SiLU activation cannot be imported")
@@ -95,7 +126,8 @@ def native_config_from_hf(hf) -> GPTConfig:
             norm="rmsnorm", norm_eps=hf.rms_norm_eps, norm_placement="pre", mlp="swiglu", bias=False,
             tie_embeddings=bool(hf.tie_word_embeddings), dropout=hf.attention_dropout,
         )
-    raise ConfigError(f"cannot import model_type {kind!r} into the native GPT; supported: gpt2, openai-gpt, llama")
+    raise ConfigError(f"cannot import model_type {kind!r} into the native GPT; supported: gpt2, openai-gpt, llama, "
+                      "mixtral")
 
 
 def _name_map(config: GPTConfig) -> list[tuple[str, str]]:
@@ -119,8 +151,13 @@ def _name_map(config: GPTConfig) -> list[tuple[str, str]]:
             n, h = f"blocks.{i}", f"model.layers.{i}"
             pairs += [(f"{n}.norm1.weight", f"{h}.input_layernorm.weight"),
                       (f"{n}.norm2.weight", f"{h}.post_attention_layernorm.weight"),
-                      (f"{n}.attn.proj.weight", f"{h}.self_attn.o_proj.weight"),
-                      (f"{n}.mlp.proj.weight", f"{h}.mlp.down_proj.weight")]
+                      (f"{n}.attn.proj.weight", f"{h}.self_attn.o_proj.weight")]
+            if layout == "mixtral":  # stacked experts: the same (E, out, in) layout and [gate; up] order as ours
+                pairs += [(f"{n}.mlp.router.weight", f"{h}.mlp.gate.weight"),
+                          (f"{n}.mlp.fc", f"{h}.mlp.experts.gate_up_proj"),
+                          (f"{n}.mlp.proj", f"{h}.mlp.experts.down_proj")]
+            else:
+                pairs.append((f"{n}.mlp.proj.weight", f"{h}.mlp.down_proj.weight"))
     if not config.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight"))
     return pairs
@@ -135,15 +172,16 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     for native, hf in _name_map(config):
         w = sd[native]
         out[hf] = w.t().contiguous() if conv1d and w.ndim == 2 and native.startswith("blocks.") else w.clone()
-    if layout == "llama":
+    if layout in ("llama", "mixtral"):
         q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         for i in range(config.n_layer):
             qw, kw, vw = sd[f"blocks.{i}.attn.qkv.weight"].split([q, kv, kv])
-            gate, up = sd[f"blocks.{i}.mlp.fc.weight"].chunk(2)
             h = f"model.layers.{i}"
             out.update({f"{h}.self_attn.q_proj.weight": qw.clone(), f"{h}.self_attn.k_proj.weight": kw.clone(),
-                        f"{h}.self_attn.v_proj.weight": vw.clone(), f"{h}.mlp.gate_proj.weight": gate.clone(),
-                        f"{h}.mlp.up_proj.weight": up.clone()})
+                        f"{h}.self_attn.v_proj.weight": vw.clone()})
+            if layout == "llama":
+                gate, up = sd[f"blocks.{i}.mlp.fc.weight"].chunk(2)
+                out.update({f"{h}.mlp.gate_proj.weight": gate.clone(), f"{h}.mlp.up_proj.weight": up.clone()})
     return out
 
 
@@ -157,13 +195,14 @@ def from_hf_state_dict(config: GPTConfig, hf_sd: dict[str, torch.Tensor]) -> dic
             raise DataError(f"checkpoint is missing tensor {hf!r} expected for a {layout} model")
         w = hf_sd[hf]
         sd[native] = w.t().contiguous() if conv1d and w.ndim == 2 and native.startswith("blocks.") else w
-    if layout == "llama":
+    if layout in ("llama", "mixtral"):
         for i in range(config.n_layer):
             h = f"model.layers.{i}"
             sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
                 [hf_sd[f"{h}.self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
-            sd[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf_sd[f"{h}.mlp.gate_proj.weight"],
-                                                         hf_sd[f"{h}.mlp.up_proj.weight"]], dim=0)
+            if layout == "llama":
+                sd[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf_sd[f"{h}.mlp.gate_proj.weight"],
+                                                             hf_sd[f"{h}.mlp.up_proj.weight"]], dim=0)
     if config.tie_embeddings:
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     return sd
