@@ -27,12 +27,19 @@ class ModelSection:
     activation: str | None = None  # gelu_tanh (GPT-1/2) | gelu (exact; faster on CPU, exports to GPT-2)
     tie_embeddings: bool | None = None
     rope_theta: float | None = None
+    n_experts: int | None = None  # Mixture of Experts: experts per MoE block (0: dense); see tune.models.gpt.MoE
+    moe_top_k: int | None = None  # experts per token
+    moe_every: int | None = None  # every k-th block is MoE (HF export: 1)
+    router_aux_coef: float | None = None  # load-balancing loss weight
+    router_z_coef: float | None = None  # router z-loss weight
 
     def __post_init__(self):
         from tune.config import check_ranges
 
         check_ranges("model.", self, {"block_size": ">= 1", "n_layer": ">= 1", "n_head": ">= 1", "n_kv_head": ">= 1",
-                                      "n_embd": ">= 1", "mlp_hidden": ">= 1", "dropout": "[0, 1)", "rope_theta": "> 0"})
+                                      "n_embd": ">= 1", "mlp_hidden": ">= 1", "dropout": "[0, 1)", "rope_theta": "> 0",
+                                      "n_experts": ">= 0", "moe_top_k": ">= 1", "moe_every": ">= 1",
+                                      "router_aux_coef": ">= 0", "router_z_coef": ">= 0"})
         if self.init_from is None:  # the preset and its overrides make a valid model (errors name the file)
             self.native_config()
 
@@ -44,6 +51,8 @@ class ModelSection:
                                   n_kv_head=self.n_kv_head, n_embd=self.n_embd, mlp_hidden=self.mlp_hidden,
                                   dropout=self.dropout, activation=self.activation,
                                   tie_embeddings=self.tie_embeddings, rope_theta=self.rope_theta,
+                                  n_experts=self.n_experts, moe_top_k=self.moe_top_k, moe_every=self.moe_every,
+                                  router_aux_coef=self.router_aux_coef, router_z_coef=self.router_z_coef,
                                   vocab_size=vocab_size)
 
 
@@ -92,7 +101,8 @@ def corpus_paths(data: TextDataSection) -> list[str] | str:
     return resolved if isinstance(data.corpus, list) else resolved[0]
 
 
-SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta", "activation")
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta", "activation",
+              "n_experts", "moe_top_k")
 
 
 def init_from_shape(hf_config: dict) -> dict:
@@ -101,10 +111,12 @@ def init_from_shape(hf_config: dict) -> dict:
     of a GPT-2, activation of a Llama) is None. Mirrors tune.models.export.native_config_from_hf."""
     c = hf_config
     kind = c.get("model_type")
-    if kind == "llama":
+    if kind in ("llama", "mixtral"):
         heads = c.get("num_attention_heads", 32)
         rope = c.get("rope_parameters") or {}
-        return {"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
+        experts = {"n_experts": c.get("num_local_experts", 8), "moe_top_k": c.get("num_experts_per_tok", 2)} \
+            if kind == "mixtral" else {"n_experts": 0, "moe_top_k": None}
+        return {**experts,"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
                 "n_kv_head": c.get("num_key_value_heads") or heads, "n_embd": c.get("hidden_size", 4096),
                 "mlp_hidden": c.get("intermediate_size", 11008),
                 "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
@@ -113,7 +125,8 @@ def init_from_shape(hf_config: dict) -> dict:
     n_embd = c.get("n_embd", 768)
     heads = c.get("n_head", 12)
     activation = "gelu" if kind == "gpt2" and c.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
-    return {"n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads, "n_embd": n_embd,
+    return {"n_experts": 0, "moe_top_k": None, "n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads,
+            "n_embd": n_embd,
             "mlp_hidden": c.get("n_inner") or 4 * n_embd, "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
             "rope_theta": None, "activation": activation,
             "block_size": c.get("n_positions", 1024 if kind == "gpt2" else 512),
@@ -270,6 +283,12 @@ def validate(cfg: PretrainConfig) -> None:
               if c != "builtin:demo"]
     problems.extend(check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
                                                       "data.tokenizer_path": cfg.data.tokenizer_path}))
+    if cfg.export and cfg.model.init_from is None:  # the end of the run writes an HF checkpoint: its layout must exist
+        from tune.models.export import hf_layout
+
+        config = problems.call(cfg.model.native_config)
+        if config is not None and problems.call(hf_layout, config) is None:
+            problems.errors[-1] = type(problems.errors[-1])(f"{problems.errors[-1]}; or set export=false")
     if cfg.model.init_from is not None and cfg.model.init_from.strip() and \
             problems.call(check_model_dir, cfg.model.init_from, "model.init_from") is not None:
         problems.extend(init_from_problems(cfg.model, init_from_shape(read_model_config(cfg.model.init_from))))

@@ -135,3 +135,17 @@ def test_moe_models_without_a_mixtral_layout_refuse_to_export():
         hf_layout(config_from_preset("tiny-moe", n_layer=2, moe_every=2))
     with pytest.raises(ConfigError, match="exports to HF Mixtral only"):
         hf_layout(config_from_preset("tiny-gpt2", n_experts=4))
+
+
+def test_active_parameters_count_top_k_of_the_experts_and_eval_loss_is_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny-moe", n_experts=4, moe_top_k=1))
+    expert = sum(m.fc.numel() + m.proj.numel() for m in model.moe_layers())
+    assert model.num_active_parameters() == model.num_parameters() - expert * 3 // 4
+    dense = GPT(config_from_preset("tiny-modern"))
+    assert dense.num_active_parameters() == dense.num_parameters()
+    model.eval()
+    x = torch.randint(0, 256, (2, 8))
+    loss, n, extras = causal_lm_loss(model, {"input_ids": x, "targets": x})
+    torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), x.flatten(), reduction="sum"))
+    assert "router_aux" in extras

@@ -235,14 +235,17 @@ def causal_lm_loss(model: nn.Module, batch: dict):
 
 def with_router_losses(model: nn.Module, loss_sum: torch.Tensor, n_targets: torch.Tensor):
     """(loss_sum, n_targets) as they are for a dense model; for a native MoE GPT (tune.models.gpt.MoE), after its
-    forward: loss_sum + n_targets · (router_aux_coef · aux + router_z_coef · z), and extras router_aux, router_z
+    forward: in training loss_sum + n_targets · (router_aux_coef · aux + router_z_coef · z) (in eval mode loss_sum
+    alone, so val_loss is the cross-entropy), and extras router_aux, router_z
     and expert_frac_<i> (each times n_targets, so the engine's per-token means are token-weighted averages over the
     micro-batches)."""
     router = model.router_losses() if hasattr(model, "router_losses") else None
     if router is None:
         return loss_sum, n_targets
     config, n = model.config, n_targets.float()
-    loss = loss_sum + n * (config.router_aux_coef * router["aux"] + config.router_z_coef * router["z"])
+    loss = loss_sum  # evaluation: the cross-entropy alone, comparable with a dense model's validation loss
+    if model.training:
+        loss = loss_sum + n * (config.router_aux_coef * router["aux"] + config.router_z_coef * router["z"])
     extras = {"router_aux": (router["aux"] * n).detach(), "router_z": (router["z"] * n).detach()}
     extras.update({f"expert_frac_{i}": f * n for i, f in enumerate(router["expert_fraction"])})
     return loss, n_targets, extras

@@ -294,6 +294,13 @@ class GPT(nn.Module):
             n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         return n
 
+    def num_active_parameters(self) -> int:
+        """Parameters a token passes through: every parameter except the experts it is not routed to (an MoE layer's
+        experts count top_k / n_experts); num_parameters() for a dense model."""
+        inactive = sum(sum(p.numel() for p in (m.fc, m.proj, m.fc_bias, m.proj_bias) if p is not None)
+                       * (m.n_experts - m.top_k) / m.n_experts for m in self.moe_layers())
+        return self.num_parameters() - int(inactive)
+
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -372,8 +379,10 @@ def describe(config: GPTConfig, model: GPT) -> str:
     """One line for logs: the architecture and its parameter count."""
     return (
         f"GPT {config.n_layer}L/{config.n_head}H/{config.n_embd}d ctx={config.block_size} vocab={config.vocab_size} "
-        f"{config.position}/{config.norm}-{config.norm_placement}/{config.mlp}: "
-        f"{model.num_parameters() / 1e6:.2f}M parameters"
+        f"{config.position}/{config.norm}-{config.norm_placement}/{config.mlp}"
+        + (f", MoE {config.n_experts} experts top-{config.moe_top_k}" if config.n_experts else "")
+        + f": {model.num_parameters() / 1e6:.2f}M parameters"
+        + (f" ({model.num_active_parameters() / 1e6:.2f}M active per token)" if config.n_experts else "")
     )
 
 
