@@ -149,3 +149,56 @@ def test_active_parameters_count_top_k_of_the_experts_and_eval_loss_is_cross_ent
     loss, n, extras = causal_lm_loss(model, {"input_ids": x, "targets": x})
     torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), x.flatten(), reduction="sum"))
     assert "router_aux" in extras
+
+
+def pretrain_moe(out, corpus, **train):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    return run(load_config(PretrainConfig, data={
+        "output_dir": str(out), "model": {"preset": "tiny-moe", "block_size": 32},
+        "data": {"corpus": str(corpus), "tokenizer": "char", "cache_dir": str(out.parent / "cache")},
+        "train": {"max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "eval_every": 4,
+                  "eval_batches": 2, "progress": False, "log_every": 1, "num_threads": 1, **train},
+        "sample": {"num_samples": 0}, "export": False}))
+
+
+def test_moe_pretraining_resumes_exactly_and_logs_router_metrics(tmp_path, shakespeare_slice, monkeypatch):
+    import json
+
+    from tune.data import TokenWindows as TokenBatches
+
+    full = pretrain_moe(tmp_path / "a", shakespeare_slice, save_every=3)
+    original = TokenBatches.step_batches
+
+    def dies_in_step_7(self, step, rank, world):
+        if step == 7:
+            raise KeyboardInterrupt
+        return original(self, step, rank, world)
+
+    monkeypatch.setattr(TokenBatches, "step_batches", dies_in_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_moe(tmp_path / "b", shakespeare_slice, save_every=3)
+    monkeypatch.setattr(TokenBatches, "step_batches", original)
+    resumed = pretrain_moe(tmp_path / "b", shakespeare_slice, save_every=3, resume=True)
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"}
+    assert [r["loss"] for r in rows["b"] if "loss" in r] == [r["loss"] for r in rows["a"] if "loss" in r]
+    assert resumed.val_loss == full.val_loss
+    train_rows = [r for r in rows["a"] if "loss" in r]
+    assert all(r["router_aux"] >= 1.0 and abs(sum(r[f"expert_frac_{i}"] for i in range(4)) - 1) < 1e-5
+               for r in train_rows)  # balanced: aux = top_k = 2; a single expert taking all: 4
+
+
+def test_two_processes_match_one_for_an_moe_model(tmp_path, shakespeare_slice):
+    """Routing and the router losses are per micro-batch and token-weighted, so 2 processes x 1 accumulation step
+    train like 1 process x 2 (as the dense models in test_multiprocess.py)."""
+    from conftest import assert_losses_close, losses, tune_run
+
+    common = [f"data.corpus={shakespeare_slice}", "data.tokenizer=char", f"data.cache_dir={tmp_path / 'cache'}",
+              "model.preset=tiny-moe", "model.block_size=32", "sample.num_samples=0", "export=false"]
+    one = tune_run("pretrain", "demo", [*common, "train.grad_accum_steps=2"], tmp_path / "one", nproc=1)
+    two = tune_run("pretrain", "demo", [*common, "train.grad_accum_steps=1"], tmp_path / "two", nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert_losses_close(a[0], b[0])
+    assert_losses_close(a[1], b[1])
