@@ -202,3 +202,31 @@ def test_two_processes_match_one_for_an_moe_model(tmp_path, shakespeare_slice):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert_losses_close(a[0], b[0])
     assert_losses_close(a[1], b[1])
+
+
+def test_lora_on_the_exported_mixtral_adapts_attention_and_experts(tmp_path):
+    """peft's all-linear on MixtralForCausalLM: LoRA on q/k/v/o and on the stacked expert weights and router
+    (target_parameters); their base weights stay frozen, and a LoRA step changes the logits. Expert LoRA takes no
+    dropout in peft: a one-line error naming lora.dropout."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import LoraSection, add_lora
+    from tune.models.export import export_hf
+
+    torch.manual_seed(0)
+    out = export_hf(GPT(config_from_preset("tiny-moe")), tmp_path / "hf")
+    with pytest.raises(ConfigError, match="lora.dropout=0.05: LoRA on this model's expert weights"):
+        add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.05))
+    model = add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.0))
+    targets = set(model.peft_config["default"].target_parameters or [])
+    assert {"gate_up_proj", "down_proj"} <= targets
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in trainable) and any("self_attn" in n for n in trainable)
+    x = torch.randint(0, 256, (2, 16))
+    before = model(x).logits.detach()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.allclose(model(x).logits, before)

@@ -157,6 +157,9 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
         try:
             return get_peft_model(model, config)
         except ValueError as e:
+            if "lora_dropout" in str(e):  # peft adapts fused MoE expert weights (nn.Parameter) without dropout only
+                raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on this model's expert weights (an MoE, e.g. "
+                                  "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
 
 
