@@ -50,7 +50,7 @@ def test_native_model_config_numbers_have_ranges():
             with pytest.raises(ConfigError, match=f"model.{f.name}"):
                 GPTConfig(**{f.name: -1})
             checked += 1
-    assert checked == 10
+    assert checked == 15
 
 
 ISSUE_CASES = [  # (config, override, the error's text): the issue's cases and at least one key per section

@@ -8,13 +8,16 @@ from tune.errors import ConfigError
 from tune.models.export import export_hf, hf_layout, import_hf
 from tune.models.gpt import GPT, PRESETS, config_from_preset
 
-EXPECTED_CLASS = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+EXPECTED_CLASS = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                  "mixtral": "MixtralForCausalLM"}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_export_round_trip_logits(preset, tmp_path):
     torch.manual_seed(0)
     overrides = {} if preset.startswith("tiny") else {"vocab_size": 1000}  # full-width layers, small vocab: fast
+    if preset == "moe":
+        overrides["n_layer"] = 2  # 8 full-width experts per block: 2 blocks keep it to seconds
     model = GPT(config_from_preset(preset, **overrides)).eval()
     x = torch.randint(0, model.config.vocab_size, (2, 48))
     export_hf(model, tmp_path / "hf")

@@ -97,7 +97,7 @@ def test_every_kth_block_and_config_checks():
     config = config_from_preset("tiny-moe", n_layer=4, moe_every=2)
     assert [isinstance(b.mlp, MoE) for b in GPT(config).blocks] == [False, True, False, True]
     assert GPT(config_from_preset("tiny-modern")).router_losses() is None
-    for bad, message in (({"n_experts": 1}, "n_experts must be 0"), ({"moe_top_k": 5}, "moe_top_k must be in"),
+    for bad, message in (({"n_experts": 1}, "n_experts must be 0"), ({"moe_top_k": 5}, "moe_top_k must be >= 1, at most model.n_experts=4"),
                          ({"moe_every": 0}, "moe_every must be >= 1"), ({"router_aux_coef": -1}, "router_aux_coef")):
         with pytest.raises(ConfigError, match=message):
             config_from_preset("tiny-moe", **bad)

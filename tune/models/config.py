@@ -63,8 +63,9 @@ class GPTConfig:
             raise ConfigError("model.position=rope needs an even head size (n_embd / n_head)")
         if self.n_experts < 0 or self.n_experts == 1:
             raise ConfigError(f"model.n_experts must be 0 (dense) or >= 2, got {self.n_experts}")
-        if self.n_experts and not 1 <= self.moe_top_k <= self.n_experts:
-            raise ConfigError(f"model.moe_top_k must be in [1, model.n_experts={self.n_experts}], got {self.moe_top_k}")
+        if self.moe_top_k < 1 or (self.n_experts and self.moe_top_k > self.n_experts):
+            limit = f", at most model.n_experts={self.n_experts}" if self.n_experts else ""
+            raise ConfigError(f"model.moe_top_k must be >= 1{limit}, got {self.moe_top_k}")
         if self.moe_every < 1:
             raise ConfigError(f"model.moe_every must be >= 1, got {self.moe_every}")
         for name in ("router_aux_coef", "router_z_coef"):
