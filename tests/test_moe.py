@@ -230,3 +230,14 @@ def test_lora_on_the_exported_mixtral_adapts_attention_and_experts(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert not torch.allclose(model(x).logits, before)
+
+
+def test_report_plots_each_experts_share_for_an_moe_run(tmp_path):
+    from tune.report import expert_fractions, write_report
+
+    rows = [{"step": s, "loss": 3.0 - s / 10, "expert_frac_0": 0.5 + s / 100, "expert_frac_1": 0.5 - s / 100}
+            for s in (1, 2, 3)] + [{"step": 3, "val_loss": 2.8}]
+    assert expert_fractions(rows) == {0: [(1, 0.51), (2, 0.52), (3, 0.53)], 1: [(1, 0.49), (2, 0.48), (3, 0.47)]}
+    assert expert_fractions([{"step": 1, "loss": 1.0}]) == {}
+    out = write_report(rows, tmp_path / "report.png")
+    assert out.is_file() and out.stat().st_size > 10_000

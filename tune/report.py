@@ -10,8 +10,20 @@ import time
 from pathlib import Path
 
 
+def expert_fractions(rows: list[dict]) -> dict[int, list[tuple[int, float]]]:
+    """expert index -> [(step, share of the router's assignments)] from the training rows of an MoE run (empty for a
+    dense model): the curves that show a collapsing router (one expert taking most tokens)."""
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("expert_frac_"):
+                curves.setdefault(int(key.rsplit("_", 1)[1]), []).append((r["step"], value))
+    return dict(sorted(curves.items()))
+
+
 def write_report(rows: list[dict], path: Path, title: str | None = None) -> Path | None:
-    """Plot train loss (and val loss, if any) against step. Returns the path, or None with no data."""
+    """Plot train loss (and val loss, if any) against step, and for an MoE run each expert's share of the routed
+    tokens below it. Returns the path, or None with no data."""
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
@@ -21,7 +33,19 @@ def write_report(rows: list[dict], path: Path, title: str | None = None) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    experts = expert_fractions(rows)
+    if experts:
+        fig, (ax, ax_experts) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True,
+                                             gridspec_kw={"height_ratios": [2, 1]})
+        for i, curve in experts.items():
+            ax_experts.plot(*zip(*curve), label=f"expert {i}", linewidth=1)
+        ax_experts.axhline(1 / len(experts), color="gray", linestyle="--", linewidth=1, label="balanced")
+        ax_experts.set_ylabel("share of routed tokens")
+        ax_experts.set_xlabel("step")
+        ax_experts.grid(alpha=0.3)
+        ax_experts.legend(fontsize="small", ncol=min(len(experts) + 1, 5))
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
