@@ -284,7 +284,7 @@ def validate(cfg: PretrainConfig) -> None:
     problems.extend(check_output_dir(cfg.output_dir, {"data.corpus": corpus, "model.init_from": cfg.model.init_from,
                                                       "data.tokenizer_path": cfg.data.tokenizer_path}))
     if cfg.export and cfg.model.init_from is None:  # the end of the run writes an HF checkpoint: its layout must exist
-        from tune.models.export import hf_layout
+        from tune.models.config import hf_layout  # without torch: tune validate stays light
 
         config = problems.call(cfg.model.native_config)
         if config is not None and problems.call(hf_layout, config) is None:

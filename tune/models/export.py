@@ -18,30 +18,8 @@ import torch
 
 from tune.errors import ConfigError, DataError
 from tune.hf import quiet_third_party
+from tune.models.config import hf_layout  # noqa: F401 - re-exported: callers import it from here
 from tune.models.gpt import GPT, GPTConfig
-
-
-def hf_layout(config: GPTConfig) -> str:
-    """Which HF architecture can hold this config exactly; a ConfigError naming the mismatch otherwise."""
-    gpt_like = config.position == "learned" and config.norm == "layernorm" and config.mlp == "gelu" and config.bias
-    llama_like = config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
-    if config.n_experts:
-        if llama_like and config.norm_placement == "pre" and not config.bias and config.moe_every == 1:
-            return "mixtral"
-        raise ConfigError("an MoE model exports to HF Mixtral only: rope/rmsnorm/swiglu/pre-norm without bias and "
-                          f"experts in every block (model.moe_every=1); got {config}")
-    if gpt_like and config.n_kv_head == config.n_head:
-        if config.norm_placement == "pre":
-            return "gpt2"
-        if config.mlp_hidden == 4 * config.n_embd and config.tie_embeddings and config.activation == "gelu_tanh":
-            return "openai-gpt"
-    if llama_like and config.norm_placement == "pre" and not config.bias:
-        return "llama"
-    raise ConfigError(
-        "this model combination has no standard HF layout: use learned/layernorm/gelu/bias (post-LN -> OpenAIGPT with "
-        "tied embeddings, gelu_tanh and mlp_hidden=4*n_embd, pre-LN -> GPT-2) or rope/rmsnorm/swiglu/pre-norm without bias (Llama); "
-        f"got {config}"
-    )
 
 
 def hf_config(config: GPTConfig, bos_token_id=None, eos_token_id=None, pad_token_id=None):
