@@ -357,6 +357,11 @@ class Settings:
     device: str = "cuda"
     targets_per_row: float = 1.0  # share of positions that carry a loss target (1: pretraining windows)
     ce_chunk: int | None = None  # positions per fused cross-entropy chunk (None: tune.losses.default_chunk_size)
+    teacher: ModelShape | None = None  # distillation: the frozen teacher (None: none, or read from a cache)
+    teacher_dtype: str = "fp32"
+    teacher_quant: str = "none"  # none | 8bit | 4bit
+    kd_chunk: int = 4096  # kd.chunk_size
+    distill: bool = False  # the KD loss (chunked_kd_sums) instead of the fused cross-entropy
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -387,6 +392,11 @@ def lora_params(s: ModelShape, st: Settings) -> int:
                     n += lin.out_features
             if st.lora_bias == "all" and lin.bias:
                 n += lin.out_features
+    if s.family == "mixtral" and st.lora_targets == "all-linear":
+        # peft (0.21) also adapts the stacked expert tensors, per expert: gate_up_proj at rank 2r (it holds two
+        # matrices), down_proj at rank r
+        d, m = s.d_model, s.mlp_hidden
+        n += s.n_moe_layers * s.n_experts * (2 * st.lora_r * (d + 2 * m) + st.lora_r * (m + d))
     if st.lora_bias == "all" and s.norm == "layernorm":  # LayerNorm biases are biases too
         n += (2 * s.n_layer + (1 if s.pre_norm else 0)) * s.d_model
     return n
@@ -494,6 +504,8 @@ class MemoryPlan:
     teacher_bytes: int = 0
     transient_bytes: int = 0
     trainable_params: int = 0
+    fsdp_gather_bytes: int = 0  # FSDP: the blocks gathered whole at a time (the current one and the prefetched next)
+    kv_cache_bytes: int = 0  # inference
 
     @property
     def peak_bytes(self) -> int:
@@ -502,8 +514,18 @@ class MemoryPlan:
         at its end (each layer's gradients appear as its activations are freed), so the two overlap little:
         the peak takes the larger of them, not their sum (checked against measurements: bench/bench_plan.py)."""
         during_step = max(self.activations_bytes + self.logits_bytes + self.transient_bytes + self.autocast_copies_bytes,
-                          self.grads_bytes)
-        return (self.weights_bytes + self.optimizer_bytes + self.adapter_bytes + self.teacher_bytes + during_step)
+                          self.grads_bytes) + self.kv_cache_bytes
+        return (self.weights_bytes + self.optimizer_bytes + self.adapter_bytes + self.teacher_bytes
+                + self.fsdp_gather_bytes + during_step)
+
+    def rows(self) -> dict[str, int]:
+        """The table's rows, bytes."""
+        return {"weights": self.weights_bytes, "gradients": self.grads_bytes, "AdamW state": self.optimizer_bytes,
+                "LoRA adapter + grads + AdamW": self.adapter_bytes, "activations": self.activations_bytes,
+                "KV cache": self.kv_cache_bytes,
+                "loss: logits chunk + saved grads": self.logits_bytes + self.transient_bytes,
+                "autocast bf16 weight copies": self.autocast_copies_bytes, "teacher": self.teacher_bytes,
+                "FSDP gathered blocks": self.fsdp_gather_bytes, "peak (estimate)": self.peak_bytes}
 
 
 def optimizer_bytes_per_param(optimizer: str, param_bytes: int) -> float:
@@ -547,9 +569,12 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
         autocast_copies = act * counts.linear + act * (counts.embedding_token if s.tied else s.vocab_size * s.d_model)
 
     if st.method == "inference":
+        # generation: keys and values of every layer for the batch at full length; the logits of the last position
+        # only (fp32); one block's activations of the prompt's forward at a time
         kv_bytes = 2 * s.n_layer * s.n_kv_head * s.head_dim * tokens * act
-        return MemoryPlan("inference", weights, note, 0, 0, 0, kv_bytes, chunk * s.vocab_size * 4, 0,
-                          trainable_params=0)
+        block = tokens * activation_bytes_per_token_layer(s, replace(st, method="lora", lora_dropout=0.0))
+        return MemoryPlan("inference", weights, note, 0, 0, 0, int(block), st.micro_batch_size * s.vocab_size * 4,
+                          trainable_params=0, kv_cache_bytes=int(kv_bytes))
 
     # activations kept for backward
     if st.gradient_checkpointing and s.family != "native":
@@ -573,5 +598,333 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
     transient = 8 * chunk * s.vocab_size + targets * s.d_model * act
     if st.method == "qlora":  # one block linear dequantised at a time
         transient += max(l.in_features * l.out_features for l in layer_linears(s)) * act
+    gather = 0
+    if st.fsdp and st.processes > 1:  # FSDP2 all-gathers one block before it runs and prefetches the next
+        block = max(param_counts(s).per_layer)
+        gather = 2 * block * (wb if st.method != "qlora" else 1)
+    teacher = teacher_bytes(st, targets) if st.teacher is not None else 0
+    if st.distill:
+        # chunked_kd_sums (tune/losses.py) recomputes each chunk in the backward (checkpointed), so nothing of the
+        # loss is kept; per chunk: both models' logits, their log-softmaxes and probabilities (fp32)
+        vocab_t = st.teacher.vocab_size if st.teacher is not None else 0
+        logits = 0
+        transient = 3 * 4 * min(st.kd_chunk, max(targets, 1)) * (s.vocab_size + vocab_t) + targets * s.d_model * act
     return MemoryPlan(st.method, int(weights), note, int(grads), int(optimizer), int(adapter), int(activations),
-                      int(logits), int(autocast_copies), 0, int(transient), trainable_params=trainable)
+                      int(logits), int(autocast_copies), int(teacher), int(transient), trainable_params=trainable,
+                      fsdp_gather_bytes=int(gather))
+
+
+def teacher_bytes(st: Settings, targets: int) -> int:
+    """A frozen distillation teacher: its weights (teacher.dtype; 8bit: LLM.int8() block linears; 4bit: nf4 with
+    double quantisation, as tune.distill.load_teacher loads it) and its final hidden states of the target positions,
+    kept for the chunked KD loss (its forward runs without grad: one block's activations at a time)."""
+    t = st.teacher
+    counts = param_counts(t)
+    dtype_bytes = DTYPE_BYTES[st.teacher_dtype]
+    if st.teacher_quant == "none":
+        weights = counts.total * dtype_bytes
+    else:
+        q_bytes = q_params = 0
+        for i in range(t.n_layer):
+            for lin in layer_linears(t, t.is_moe_layer(i)):
+                n = lin.in_features * lin.out_features
+                q_bytes += int8_bytes(lin.in_features, lin.out_features) if st.teacher_quant == "8bit" else \
+                    nf4_bytes(n, True)
+                q_params += n
+        weights = q_bytes + (counts.total - q_params) * (2 if st.teacher_quant == "8bit" else dtype_bytes)
+    return weights + targets * t.d_model * DTYPE_BYTES[st.compute_dtype]
+
+
+# -- a recipe config -> the plan -------------------------------------------------------------------------------------
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclass
+class RunFacts:
+    """What a recipe config says about the run, read without torch."""
+    recipe: str
+    shape: ModelShape
+    method: str  # full | lora | qlora | inference
+    seq_len: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    max_steps: int
+    weights_dtype: str
+    compute_dtype: str
+    autocast: bool
+    settings: Settings
+    notes: list[str] = field(default_factory=list)
+
+
+def _dtype(name: str, device: str) -> str:
+    """tune.hf.resolve_dtype without torch: auto is bf16 on a GPU (assumed to have bf16), fp32 on a CPU."""
+    return ("bf16" if device == "cuda" else "fp32") if name == "auto" else name
+
+
+def _precision(train, device: str) -> str:
+    """tune.engine.make_accelerator's mixed precision: auto is bf16 on a GPU, none on a CPU."""
+    mp = train.mixed_precision
+    return ("bf16" if device == "cuda" else "no") if mp == "auto" else mp
+
+
+def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: bool = False) -> RunFacts:
+    """The model, method, sizes and precisions a validated recipe config trains with (on `device`, over
+    `processes` processes). Reads a native preset or an HF config.json; never weights or data."""
+    notes: list[str] = []
+    teacher = None
+    teacher_dtype, teacher_quant = "fp32", "none"
+    distill = False
+    lora = getattr(cfg, "lora", None)
+    quant = getattr(cfg, "qlora", None)
+    if recipe == "pretrain":
+        m = cfg.model
+        if m.init_from:
+            shape = read_hf_shape(m.init_from, "model.init_from")
+        else:
+            vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size else None
+            shape = shape_from_native(m.native_config(vocab), f"preset {m.preset}")
+            if vocab is None:
+                notes.append(f"vocabulary: the preset's {shape.vocab_size:,} (the run sizes it to the tokenizer it "
+                             f"trains: set data.vocab_size for a BPE tokenizer)")
+        method, seq_len = "full", m.block_size or shape.context
+        weights = "fp32"  # the native GPT trains fp32 master weights; autocast computes in bf16
+        if cfg.train.gradient_checkpointing:
+            notes.append("train.gradient_checkpointing has no effect on the native GPT (it has no "
+                         "gradient_checkpointing_enable): activations are planned without it")
+    elif recipe in ("finetune", "classify"):
+        shape = read_hf_shape(cfg.base_model, "base_model")
+        method, seq_len = cfg.method, cfg.data.max_length
+        weights = _dtype(cfg.dtype, device)
+        if recipe == "classify":
+            notes.append("classify: the task head (n_embd x labels) is not counted; its loss reads one position per "
+                         "example")
+    elif recipe == "distill":
+        t, s = cfg.teacher, cfg.student
+        teacher_shape = read_hf_shape(t.model, "teacher.model")
+        if s.model is not None:
+            shape = read_hf_shape(s.model, "student.model")
+        else:
+            from tune.models.config import config_from_preset
+
+            seq = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
+            native = config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                                        block_size=s.block_size or seq, vocab_size=teacher_shape.vocab_size)
+            shape = shape_from_native(native, f"preset {s.preset} (teacher's vocabulary)")
+        method = s.method
+        seq_len = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
+        weights = _dtype(s.dtype, device) if s.model is not None else "fp32"
+        distill = True
+        if t.cache:
+            notes.append("teacher.cache=true: the teacher runs once before training and is not in memory during it")
+        else:
+            teacher, teacher_dtype, teacher_quant = teacher_shape, _dtype(t.dtype, device), t.quant
+        lora = cfg.lora
+    elif recipe == "evaluate":
+        shape = read_hf_shape(cfg.model, "model")
+        method, weights = "inference", _dtype(cfg.dtype, device)
+        seq_len = min(shape.context, (cfg.generation.max_prompt_tokens or shape.context)
+                      + cfg.generation.max_new_tokens)
+        compute = weights
+        st = Settings(method="inference", micro_batch_size=cfg.generation.batch_size, seq_len=seq_len,
+                      weights_dtype=weights, compute_dtype=compute, autocast=False, device=device)
+        notes.append("evaluate: inference only (weights + KV cache of a batch at full context)")
+        return RunFacts(recipe, shape, "inference", seq_len, cfg.generation.batch_size, 1, 0, weights, compute,
+                        False, st, notes)
+    else:
+        raise ConfigError(f"tune plan does not know recipe {recipe!r}")
+    precision = _precision(cfg.train, device)
+    autocast = precision in ("bf16", "fp16")
+    compute = precision if autocast else weights
+    if method == "qlora":
+        compute = _dtype(quant.compute_dtype, device) if quant.compute_dtype != "auto" else \
+            ("bf16" if device == "cuda" else "fp32")
+    train = cfg.train
+    if fsdp and processes == 1:
+        fsdp = False
+    st = Settings(method=method, micro_batch_size=train.micro_batch_size, seq_len=seq_len, weights_dtype=weights,
+                  compute_dtype=compute, autocast=autocast and weights == "fp32",
+                  gradient_checkpointing=train.gradient_checkpointing,
+                  optimizer=train.optimizer, lora_r=lora.r if lora else 16, lora_dropout=lora.dropout if lora else 0.0,
+                  lora_targets=lora.target_modules if lora else "all-linear", lora_bias=lora.bias if lora else "none",
+                  quant=quant.quant_type if quant else "nf4", double_quant=quant.double_quant if quant else True,
+                  processes=processes, fsdp=fsdp, device=device, teacher=teacher, teacher_dtype=teacher_dtype,
+                  teacher_quant=teacher_quant, kd_chunk=cfg.kd.chunk_size if distill else 4096, distill=distill)
+    if recipe in ("finetune", "distill") and getattr(cfg.data, "mask_prompt", False):
+        notes.append("activations and loss assume every position is a target (prompt masking only lowers the loss "
+                     "part) and rows packed full to the sequence length: an upper bound")
+    return RunFacts(recipe, shape, method, seq_len, train.micro_batch_size, train.grad_accum_steps, train.max_steps,
+                    weights, compute, st.autocast, st, notes)
+
+
+def gpu_peak_tflops(gpu: str | None, peak_tflops: float | None) -> tuple[str, float]:
+    """(name, dense bf16 TFLOP/s) of --gpu (GPU_PEAK_TFLOPS, case-insensitive) or --peak-tflops; ConfigError for an
+    unknown name or a peak that is not > 0."""
+    if peak_tflops is not None:
+        if not (peak_tflops > 0 and math.isfinite(peak_tflops)):
+            raise ConfigError(f"--peak-tflops must be > 0 (TFLOP/s of one device), got {peak_tflops}")
+        return (gpu or "custom"), float(peak_tflops)
+    name = gpu or "H100"
+    for known, value in GPU_PEAK_TFLOPS.items():
+        if known.lower() == name.lower().replace(" ", ""):
+            return known, value
+    raise ConfigError(f"--gpu {name!r} is unknown; choose one of {', '.join(GPU_PEAK_TFLOPS)} or give "
+                      "--peak-tflops X (dense bf16 TFLOP/s)")
+
+
+def check_mfu(mfu: float) -> float:
+    if not (0 < mfu <= 1):
+        raise ConfigError(f"--mfu must be in (0, 1] (model FLOPs utilisation, e.g. 0.4), got {mfu}")
+    return mfu
+
+
+def plan_run(facts: RunFacts, gpu: str | None = None, peak_tflops: float | None = None, mfu: float = DEFAULT_MFU
+             ) -> dict:
+    """The whole plan of a run as a JSON-ready dict (bytes, FLOPs, seconds): parameters, compute, memory per
+    method (full / lora / qlora side by side for HF models; the configured one first-class) and what fits."""
+    s, st = facts.shape, facts.settings
+    counts = param_counts(s)
+    gpu_name, peak = gpu_peak_tflops(gpu, peak_tflops)
+    check_mfu(mfu)
+    n_flops = flops_params(s)
+    attn = 12 * s.n_layer * facts.seq_len * s.d_attn
+    world = st.processes
+    tokens_per_step = facts.micro_batch_size * facts.grad_accum_steps * world * facts.seq_len
+    tokens = tokens_per_step * facts.max_steps
+    methods = [facts.method] if facts.method == "inference" else \
+        (["full"] if s.family == "native" else list(METHODS))
+    memory = {}
+    for method in methods:
+        plan = memory_plan(s, replace(st, method=method, fsdp=False, processes=1))
+        memory[method] = {**plan.rows(), "trainable_params": plan.trainable_params, "weights_note": plan.weights_note}
+    if world > 1 and facts.method != "inference":
+        plan = memory_plan(s, replace(st, fsdp=True))
+        memory[f"{facts.method} FSDP x{world}"] = {**plan.rows(), "trainable_params": plan.trainable_params,
+                                                   "weights_note": plan.weights_note}
+    configured = memory_plan(s, replace(st, fsdp=False, processes=1)) if facts.method != "inference" else None
+    trainable = configured.trainable_params if configured else 0
+    if facts.method in ("lora", "qlora"):
+        flops_per_token = lora_flops_per_token(n_flops, trainable, s.n_layer, facts.seq_len, s.d_attn)
+    else:
+        flops_per_token = transformer_flops_per_token(n_flops, s.n_layer, facts.seq_len, s.d_attn)
+    total_flops = flops_per_token * tokens
+    result = {
+        "recipe": facts.recipe, "model": s.source, "family": s.family, "method": facts.method,
+        "params": {"total": counts.total, "trainable": trainable, "active": counts.active,
+                   "embedding": counts.embedding, "non_embedding": counts.total - counts.embedding,
+                   "flops_params": n_flops},
+        "shape": {"n_layer": s.n_layer, "d_model": s.d_model, "n_head": s.n_head, "n_kv_head": s.n_kv_head,
+                  "mlp_hidden": s.mlp_hidden, "vocab_size": s.vocab_size, "n_experts": s.n_experts,
+                  "top_k": s.top_k},
+        "run": {"seq_len": facts.seq_len, "micro_batch_size": facts.micro_batch_size,
+                "grad_accum_steps": facts.grad_accum_steps, "processes": world, "steps": facts.max_steps,
+                "tokens_per_step": tokens_per_step, "tokens": tokens, "weights_dtype": facts.weights_dtype,
+                "compute_dtype": facts.compute_dtype, "device": st.device,
+                "gradient_checkpointing": st.gradient_checkpointing},
+        "compute": {"flops_per_token": flops_per_token, "flops_per_token_6n": 6 * n_flops,
+                    "attention_flops_per_token": attn, "c_6nd_flops": 6 * n_flops * tokens,
+                    "total_flops": total_flops, "chinchilla_tokens": chinchilla_tokens(counts.active),
+                    "gpu": gpu_name, "peak_tflops": peak, "mfu": mfu,
+                    "wall_time_s": total_flops / (peak * 1e12 * mfu * world) if tokens else 0.0},
+        "memory_bytes": memory,
+        "what_fits": what_fits(counts.total),
+        "notes": facts.notes,
+    }
+    return result
+
+
+def what_fits(n_params: int) -> dict:
+    """Inference weight memory of n_params at 16 / 8 / 4 bits (bytes), and with nf4 + double quantisation."""
+    out = inference_weight_bytes(n_params)
+    out["nf4+dq"] = int(n_params * (0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NESTED_BLOCK)))
+    return out
+
+
+def format_size_answer(n_params: int) -> str:
+    """The "what fits" answer for a bare parameter count (tune plan --model-size)."""
+    fits = what_fits(n_params)
+    lines = [f"{_count(n_params)} parameters: inference weight memory (weights only; KV cache and activations extra)"]
+    for name, label in (("fp16", "fp16 / bf16   2 bytes/param"), ("int8", "int8          1 byte/param"),
+                        ("int4", "int4          0.5 bytes/param"),
+                        ("nf4+dq", "nf4 + dq      0.5 + 1/64 + 4/16384 bytes/param (bitsandbytes)")):
+        lines.append(f"  {label:<62} {fits[name] / GB:>10,.1f} GB  ({fits[name] / GIB:,.1f} GiB)")
+    return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as readable text: parameters, compute, the memory table (GiB per process), what fits."""
+    p, r, c, s = plan["params"], plan["run"], plan["compute"], plan["shape"]
+    out = [f"model      {plan['model']}",
+           f"           {s['n_layer']} layers, d_model {s['d_model']}, {s['n_head']} heads ({s['n_kv_head']} kv), "
+           f"mlp {s['mlp_hidden']}, vocab {s['vocab_size']:,}"
+           + (f", {s['n_experts']} experts top-{s['top_k']}" if s["n_experts"] else ""),
+           f"recipe     {plan['recipe']}, method {plan['method']}; {r['device']}, weights {r['weights_dtype']}, "
+           f"compute {r['compute_dtype']}"
+           + (", gradient checkpointing" if r["gradient_checkpointing"] else ""),
+           "",
+           "parameters",
+           f"  total            {p['total']:>16,}  ({_count(p['total'])})",
+           f"  trainable        {p['trainable']:>16,}  ({100 * p['trainable'] / p['total']:.2f}%)",
+           f"  active per token {p['active']:>16,}" + ("  (MoE: experts not routed to excluded)"
+                                                       if p["active"] != p["total"] else ""),
+           f"  non-embedding    {p['non_embedding']:>16,}"]
+    if plan["method"] != "inference":
+        out += ["",
+                f"compute (global batch {r['micro_batch_size']} x {r['grad_accum_steps']} accum x {r['processes']} "
+                f"proc x {r['seq_len']} tokens)",
+                f"  FLOPs/token      {c['flops_per_token']:>16,.0f}  (6N = {c['flops_per_token_6n']:,.0f} + attention "
+                f"12·L·T·d = {c['attention_flops_per_token']:,.0f}"
+                + ("; frozen base: 4N + 6·N_lora" if plan["method"] in ("lora", "qlora") else "") + ")",
+                f"  tokens/step      {r['tokens_per_step']:>16,}",
+                f"  tokens (run)     {r['tokens']:>16,}  = {r['steps']:,} steps",
+                f"  C = 6·N·D        {c['c_6nd_flops']:>16.3e}  FLOPs   (N = {_count(p['flops_params'])} matmul "
+                f"params; with attention{' and the frozen base' if plan['method'] in ('lora', 'qlora') else ''}: "
+                f"{c['total_flops']:.3e})",
+                f"  Chinchilla D     {c['chinchilla_tokens']:>16,}  tokens (20 per parameter; this run: "
+                f"{r['tokens'] / max(1, c['chinchilla_tokens']):.3g}x)",
+                f"  wall time        {_duration(c['wall_time_s']):>16}  on {r['processes']} x {c['gpu']} "
+                f"({c['peak_tflops']:g} TFLOP/s bf16 dense) at MFU {c['mfu']:g}"]
+    mem = plan["memory_bytes"]
+    cols = list(mem)
+    header = [f"{col}{' *' if col == plan['method'] else ''}" for col in cols]
+    rows = [k for k in next(iter(mem.values())) if k not in ("trainable_params", "weights_note")]
+    unit, scale = ("GiB (2^30 bytes)", GIB) if max(m["peak (estimate)"] for m in mem.values()) >= GIB else \
+        ("MiB (2^20 bytes)", 2 ** 20)
+    out += ["", f"memory per process, {unit}{'; * = configured method' if len(cols) > 1 else ''}",
+            "  " + f"{'':<34}" + "".join(f"{h:>16}" for h in header)]
+    for row in rows:
+        if all(mem[col][row] == 0 for col in cols):
+            continue
+        if row == "peak (estimate)":
+            out.append("  " + "-" * (34 + 16 * len(cols)))
+        out.append("  " + f"{row:<34}" + "".join(f"{mem[col][row] / scale:>16.2f}" for col in cols))
+    for col in cols:
+        out.append(f"  {col}: weights {mem[col]['weights_note']}")
+    out.append("  peak = weights + optimizer + teacher + max(activations + loss, gradients): see tune/plan.py")
+    fits = plan["what_fits"]
+    unit, scale = ("GB", GB) if fits["fp16"] >= GB else ("MB", 10 ** 6)
+    out += ["", f"what fits: inference weights of {_count(p['total'])} parameters: "
+            + ", ".join(f"{k} {fits[k] / scale:,.2f} {unit}" for k in ("fp16", "int8", "int4", "nf4+dq"))
+            + f" ({unit} = 10^{9 if unit == 'GB' else 6} bytes; KV cache and activations extra)"]
+    out += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(out)
+
+
+def plan_json(plan: dict) -> str:
+    return json.dumps(plan, indent=2)
