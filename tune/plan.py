@@ -334,6 +334,26 @@ def int8_bytes(n_in: int, n_out: int) -> int:
     return n_in * n_out + 4 * n_out
 
 
+def checkpoint_tensor_bytes(s: ModelShape, storage: str, double_quant: bool = True, rest_dtype: str = "fp32") -> int:
+    """Bytes of the tensors of an HF safetensors checkpoint of `s` (the file minus its 8-byte length and JSON
+    header), a tied matrix stored once. storage: fp32 | bf16 | fp16 (every tensor), or int8 / nf4 / fp4 as
+    transformers' save_pretrained writes a bitsandbytes model: the block linears quantised (int8: weight, fp32 SCB
+    per row, a 1-byte weight_format; 4-bit: nf4_bytes) and every other tensor in `rest_dtype`. The 4-bit files also
+    hold one small JSON `quant_state` tensor per weight (its length varies with the float it records), not counted
+    here."""
+    counts = param_counts(s)
+    if storage in DTYPE_BYTES and storage != "int8":
+        return counts.total * DTYPE_BYTES[storage]
+    q_bytes = q_params = 0
+    for i in range(s.n_layer):
+        for lin in layer_linears(s, s.is_moe_layer(i)):
+            n = lin.in_features * lin.out_features
+            q_params += n
+            q_bytes += int8_bytes(lin.in_features, lin.out_features) + 1 if storage == "int8" else \
+                nf4_bytes(n, double_quant)
+    return q_bytes + (counts.total - q_params) * DTYPE_BYTES[rest_dtype]
+
+
 # -- the run's settings -------------------------------------------------------------------------------------------
 @dataclass
 class Settings:
@@ -565,8 +585,10 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
         # peft keeps adapters in fp32 (autocast_adapter_dtype) whatever the base dtype
         adapter = int(trainable * (4 + 4 + optimizer_bytes_per_param(st.optimizer, 4))) // world
     autocast_copies = 0
-    if st.autocast and st.method == "full":  # autocast caches a bf16 copy of each trainable weight it casts
-        autocast_copies = act * counts.linear + act * (counts.embedding_token if s.tied else s.vocab_size * s.d_model)
+    if st.autocast and st.method == "full":
+        # autocast caches the bf16 copy of every trainable weight a linear casts, for the forward and backward (the
+        # head is cast by the fused loss itself, transiently)
+        autocast_copies = act * counts.linear
 
     if st.method == "inference":
         # generation: keys and values of every layer for the batch at full length; the logits of the last position
@@ -596,6 +618,8 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
     # one chunk: its fp32 logits and the same-sized temporary of torch.logsumexp (x - max(x)), 8 bytes per logit
     # (in bf16 the bf16 logits are freed by then); the gathered hidden states of the target positions
     transient = 8 * chunk * s.vocab_size + targets * s.d_model * act
+    if DTYPE_BYTES[st.compute_dtype] != DTYPE_BYTES[st.weights_dtype if st.method != "qlora" else "fp32"]:
+        transient += s.vocab_size * s.d_model * act  # the fused loss's cast of the head weight
     if st.method == "qlora":  # one block linear dequantised at a time
         transient += max(l.in_features * l.out_features for l in layer_linears(s)) * act
     gather = 0
