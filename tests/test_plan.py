@@ -315,3 +315,20 @@ def test_bad_input_is_one_line_error(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_readme_example_output_is_what_tune_plan_prints(capsys):
+    """The README's `tune plan` example: its command run here prints every line the README shows."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### tune plan"):]
+    command, shown = re.findall(r"```(?:bash)?\n(.*?)```", section, re.S)[:2]
+    argv = shlex.split(command.strip())
+    assert argv[:2] == ["tune", "plan"]
+    assert main(argv[1:]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for line in shown.splitlines():
+        if line.strip() != "...":
+            assert line in printed, line
