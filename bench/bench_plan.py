@@ -193,9 +193,11 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
     print_banner(banner(), {"batch": f"{args.micro_batch_size} x {args.seq_len} tokens", "steps": args.steps,
-                            "mixed_precision": args.mixed_precision})
+                            "mixed_precision": args.mixed_precision,
+                            "checkpointing": args.gradient_checkpointing})
     from tune.plan import param_counts, read_hf_shape
 
     rows = []
@@ -206,7 +208,7 @@ def main(argv=None):
             n = param_counts(read_hf_shape(model_dir, "model")).total
             for method in args.methods:
                 r = compare(model_dir, method, args.micro_batch_size, args.seq_len, args.steps, args.mixed_precision,
-                            warm_up)
+                            warm_up, gradient_checkpointing=args.gradient_checkpointing)
                 p = r["plan"]
                 rows.append([f"{size} ({n / 1e6:.1f}M)", method, fmt(p["weights_bytes"] / 2**20, ",.1f"),
                              fmt((p["grads_bytes"] + p["optimizer_bytes"] + p["adapter_bytes"]) / 2**20, ",.1f"),

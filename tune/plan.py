@@ -123,7 +123,8 @@ def layer_linears(s: ModelShape, moe: bool = False) -> list[Linear]:
         mlp = [Linear("c_fc", d, s.mlp_hidden, True, "fc"), Linear("c_proj", s.mlp_hidden, d, True, "down")]
     elif s.family == "native":
         att = [Linear("qkv", d, qo + 2 * kv, b, "attn"), Linear("proj", d, d, b, "proj")]
-        mlp = [Linear("fc", d, s.mlp_hidden * (2 if s.swiglu else 1), b, "fc"), Linear("proj", s.mlp_hidden, d, b, "down")]
+        mlp = [Linear("fc", d, s.mlp_hidden * (2 if s.swiglu else 1), b, "fc"),
+               Linear("proj", s.mlp_hidden, d, b, "down")]
     else:  # llama, mixtral and what is read like them
         ob = b if s.o_bias is None else s.o_bias
         mb = b if s.mlp_bias is None else s.mlp_bias
@@ -254,9 +255,11 @@ def shape_from_hf(config: dict, source: str) -> ModelShape:
     if kind in ("gpt2", "openai-gpt"):
         d = c.get("n_embd", 768)
         act = c.get("activation_function" if kind == "gpt2" else "afn", "gelu_new" if kind == "gpt2" else "gelu")
-        return ModelShape(source=source, family=kind, vocab_size=c.get("vocab_size", 50257 if kind == "gpt2" else 40478),
-                          n_layer=c.get("n_layer", 12), d_model=d, n_head=c.get("n_head", 12), n_kv_head=c.get("n_head", 12),
-                          head_dim=d // c.get("n_head", 12), mlp_hidden=c.get("n_inner") or 4 * d, swiglu=False,
+        heads = c.get("n_head", 12)
+        return ModelShape(source=source, family=kind,
+                          vocab_size=c.get("vocab_size", 50257 if kind == "gpt2" else 40478),
+                          n_layer=c.get("n_layer", 12), d_model=d, n_head=heads, n_kv_head=heads,
+                          head_dim=d // heads, mlp_hidden=c.get("n_inner") or 4 * d, swiglu=False,
                           position_table=c.get("n_positions", 1024 if kind == "gpt2" else 512),
                           tied=bool(c.get("tie_word_embeddings", True)), bias=True, norm="layernorm",
                           pre_norm=kind == "gpt2", activation_saves=4 if act == "gelu_new" else 1,
@@ -268,7 +271,8 @@ def shape_from_hf(config: dict, source: str) -> ModelShape:
     shape = ModelShape(source=source, family=kind if kind in _LLAMA_LIKE else "other",
                        vocab_size=c.get("vocab_size", 32000), n_layer=c.get("num_hidden_layers", 32), d_model=d,
                        n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads,
-                       head_dim=c.get("head_dim") or d // heads, mlp_hidden=c.get("intermediate_size", 11008 if kind != "mixtral" else 14336),
+                       head_dim=c.get("head_dim") or d // heads,
+                       mlp_hidden=c.get("intermediate_size", 14336 if kind == "mixtral" else 11008),
                        swiglu=True, position_table=0, tied=bool(c.get("tie_word_embeddings", False)),
                        bias=bool(c.get("attention_bias", kind == "qwen2")), norm="rmsnorm",
                        o_bias=False if kind == "qwen2" else None, mlp_bias=bool(c.get("mlp_bias", False)),
@@ -451,7 +455,9 @@ def activation_bytes_per_token_layer(s: ModelShape, st: Settings, moe: bool = Fa
     """
     h, m, a, kv = s.d_model, s.mlp_hidden, s.d_attn, s.n_kv_head * s.head_dim
     act = DTYPE_BYTES[st.compute_dtype]
-    resid = DTYPE_BYTES["fp32"] if st.autocast else DTYPE_BYTES[st.weights_dtype]
+    # the residual stream: fp32 under autocast (fp32 master weights) and in QLoRA (prepare_model_for_kbit_training
+    # casts the embeddings and norms to fp32), else the weights' dtype
+    resid = DTYPE_BYTES["fp32"] if st.autocast or st.method == "qlora" else DTYPE_BYTES[st.weights_dtype]
     full = st.method == "full"
     lins = layer_linears(s, moe)
     elements = 0.0  # in the activation dtype
@@ -533,8 +539,9 @@ class MemoryPlan:
         and one chunk of logits) peak at the start of the backward pass, while the gradients are complete only
         at its end (each layer's gradients appear as its activations are freed), so the two overlap little:
         the peak takes the larger of them, not their sum (checked against measurements: bench/bench_plan.py)."""
-        during_step = max(self.activations_bytes + self.logits_bytes + self.transient_bytes + self.autocast_copies_bytes,
-                          self.grads_bytes) + self.kv_cache_bytes
+        loss_and_activations = (self.activations_bytes + self.logits_bytes + self.transient_bytes
+                                 + self.autocast_copies_bytes)
+        during_step = max(loss_and_activations, self.grads_bytes) + self.kv_cache_bytes
         return (self.weights_bytes + self.optimizer_bytes + self.adapter_bytes + self.teacher_bytes
                 + self.fsdp_gather_bytes + during_step)
 
@@ -601,12 +608,12 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
     # activations kept for backward
     if st.gradient_checkpointing and s.family != "native":
         # each block keeps only its input; one block's activations exist at a time (recomputed in backward)
-        per_layer_input = s.d_model * (4 if st.autocast else wb)
+        per_layer_input = s.d_model * (4 if st.autocast or st.method == "qlora" else wb)
         biggest = max(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
         activations = tokens * (s.n_layer * per_layer_input + biggest)
     else:
         activations = tokens * sum(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
-    resid = 4 if st.autocast else wb
+    resid = 4 if st.autocast or st.method == "qlora" else wb
     activations += tokens * s.d_model * resid * (1 if s.pre_norm else 0)  # the final norm's input
     if s.embd_dropout > 0:
         activations += tokens * s.d_model  # its mask
