@@ -111,6 +111,9 @@ def test_flops_per_token_against_hand_values():
     n = L * (12 * d * d + 13 * d) + 2 * d + V * d
     assert plan.flops_params(shape) == n
     assert plan.transformer_flops_per_token(n, L, T, d) == 6 * n + 12 * L * T * d == 5_743_104
+    from bench import common
+
+    assert common.transformer_flops_per_token is plan.transformer_flops_per_token  # one formula for the benchmarks
     assert plan.lora_flops_per_token(n, 1000, L, T, d) == 4 * n + 6000 + 12 * L * T * d
     # MoE: only the routed experts count (tiny-moe: 4 experts, top 2)
     moe = plan.shape_from_native(config_from_preset("tiny-moe"), "m")
