@@ -532,16 +532,23 @@ class MemoryPlan:
     trainable_params: int = 0
     fsdp_gather_bytes: int = 0  # FSDP: the blocks gathered whole at a time (the current one and the prefetched next)
     kv_cache_bytes: int = 0  # inference
+    recompute_bytes: int = 0  # gradient checkpointing: one block's activations, recomputed during the backward
 
     @property
     def peak_bytes(self) -> int:
         """Weights, optimizer state and teacher stay all step; the activations (with the loss's saved gradients
-        and one chunk of logits) peak at the start of the backward pass, while the gradients are complete only
-        at its end (each layer's gradients appear as its activations are freed), so the two overlap little:
-        the peak takes the larger of them, not their sum (checked against measurements: bench/bench_plan.py)."""
-        loss_and_activations = (self.activations_bytes + self.logits_bytes + self.transient_bytes
-                                 + self.autocast_copies_bytes)
-        during_step = max(loss_and_activations, self.grads_bytes) + self.kv_cache_bytes
+        and one chunk of logits) peak at the end of the forward pass, while the gradients are complete only at the
+        end of the backward (each layer's gradients appear as its activations are freed), so the two overlap
+        little: the peak takes the larger of them, not their sum. With gradient checkpointing the forward keeps
+        only each block's input, and the backward holds one recomputed block while the gradients fill up.
+        (Checked against measurements: bench/bench_plan.py.)"""
+        kept = self.activations_bytes + self.autocast_copies_bytes
+        forward = kept + self.logits_bytes + self.transient_bytes  # the loss's chunk, at the end of the forward
+        # the backward: with checkpointing, one block recomputed (and the gradients of its MLP's hidden tensors,
+        # which exist together during its backward) while the gradients fill up (all there by the end); the loss's
+        # saved gradients are used up first
+        backward = kept + self.recompute_bytes + self.grads_bytes if self.recompute_bytes else self.grads_bytes
+        during_step = max(forward, backward) + self.kv_cache_bytes
         return (self.weights_bytes + self.optimizer_bytes + self.adapter_bytes + self.teacher_bytes
                 + self.fsdp_gather_bytes + during_step)
 
@@ -549,7 +556,7 @@ class MemoryPlan:
         """The table's rows, bytes."""
         return {"weights": self.weights_bytes, "gradients": self.grads_bytes, "AdamW state": self.optimizer_bytes,
                 "LoRA adapter + grads + AdamW": self.adapter_bytes, "activations": self.activations_bytes,
-                "KV cache": self.kv_cache_bytes,
+                "KV cache": self.kv_cache_bytes, "recomputed block (checkpointing)": self.recompute_bytes,
                 "loss: logits chunk + saved grads": self.logits_bytes + self.transient_bytes,
                 "autocast bf16 weight copies": self.autocast_copies_bytes, "teacher": self.teacher_bytes,
                 "FSDP gathered blocks": self.fsdp_gather_bytes, "peak (estimate)": self.peak_bytes}
@@ -606,11 +613,14 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
                           trainable_params=0, kv_cache_bytes=int(kv_bytes))
 
     # activations kept for backward
+    recompute = 0
     if st.gradient_checkpointing and s.family != "native":
         # each block keeps only its input; one block's activations exist at a time (recomputed in backward)
         per_layer_input = s.d_model * (4 if st.autocast or st.method == "qlora" else wb)
-        biggest = max(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
-        activations = tokens * (s.n_layer * per_layer_input + biggest)
+        recompute = tokens * max(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
+        mlp_tensors = 4 if s.swiglu else s.activation_saves + 1  # the MLP's saved (tokens, mlp_hidden) tensors
+        recompute += tokens * mlp_tensors * s.mlp_hidden * act * (s.top_k if s.n_experts else 1)
+        activations = tokens * s.n_layer * per_layer_input
     else:
         activations = tokens * sum(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
     resid = 4 if st.autocast or st.method == "qlora" else wb
@@ -642,7 +652,7 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
         transient = 3 * 4 * min(st.kd_chunk, max(targets, 1)) * (s.vocab_size + vocab_t) + targets * s.d_model * act
     return MemoryPlan(st.method, int(weights), note, int(grads), int(optimizer), int(adapter), int(activations),
                       int(logits), int(autocast_copies), int(teacher), int(transient), trainable_params=trainable,
-                      fsdp_gather_bytes=int(gather))
+                      fsdp_gather_bytes=int(gather), recompute_bytes=int(recompute))
 
 
 def teacher_bytes(st: Settings, targets: int) -> int:
@@ -947,7 +957,8 @@ def format_plan(plan: dict) -> str:
         out.append("  " + f"{row:<34}" + "".join(f"{mem[col][row] / scale:>16.2f}" for col in cols))
     for col in cols:
         out.append(f"  {col}: weights {mem[col]['weights_note']}")
-    out.append("  peak = weights + optimizer + teacher + max(activations + loss, gradients): see tune/plan.py")
+    out.append("  peak = weights + optimizer + teacher + max(activations + loss, gradients [+ recomputed block with "
+               "checkpointing]): see MemoryPlan.peak_bytes in tune/plan.py")
     fits = plan["what_fits"]
     unit, scale = ("GB", GB) if fits["fp16"] >= GB else ("MB", 10 ** 6)
     out += ["", f"what fits: inference weights of {_count(p['total'])} parameters: "
