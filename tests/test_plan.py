@@ -242,6 +242,16 @@ def test_chunk_size_agrees_with_the_loss():
         assert plan.default_chunk_size(vocab) == default_chunk_size(vocab)
 
 
+def test_planned_lora_peak_within_15_percent_of_measured(tmp_path):
+    """The fast one (~15 s): LoRA on a 4 x 256 GPT-2 (vocab 4096), 2 steps of 2 x 256 tokens, measured as the slow
+    test below measures (two steps: the planner plans the steady state, with AdamW's state already there)."""
+    from bench.bench_plan import TINY, compare, write_model
+
+    model_dir = write_model(tmp_path / "mini", dict(n_layer=4, n_embd=256, n_head=4, vocab_size=4096, n_positions=256))
+    r = compare(model_dir, "lora", 2, 256, steps=2, warm_up_dir=write_model(tmp_path / "tiny", TINY))
+    assert 0.85 <= r["ratio"] <= 1.15, (r["planned_bytes"], r["measured_bytes"])
+
+
 @pytest.mark.slow
 def test_planned_peak_memory_within_15_percent_of_measured(tmp_path):
     """Full, LoRA and QLoRA fine-tuning of a 14M GPT-2 (6 x 384, vocab 8192; 4 x 256 tokens) on CPU, three steps
