@@ -10,10 +10,12 @@ their sources:
 
   parameters      counted layer by layer from the shapes (tests: exact against the built models)
   FLOPs / token   6·N + 12·L·T·d_attn (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's estimate_mfu);
-                  Kaplan et al. 2020 (Table 1) write the attention term 6·L·T·d_attn, halving it for the causal
-                  mask; we keep PaLM's convention, which MFU figures use
+                  Kaplan et al. 2020 (Table 1) count the context term 2·L·T·d_attn per forward token (6·L·T·d_attn
+                  to train), half of PaLM's; we keep PaLM's convention, which MFU figures (and bench/) use
   compute         C ≈ 6·N·D (Kaplan et al. 2020, section 2.1); Chinchilla-optimal D ≈ 20·N (Hoffmann et al.
-                  2022, Table 3: 20.2 tokens per parameter at 1B...10B)
+                  2022, Table 3: 1B parameters -> 20.2B tokens, 10B -> 205B)
+  peak            weights + optimizer (+ teacher) + the larger of the forward's end (activations + loss chunk)
+                  and the backward's (gradients; with checkpointing one recomputed block): MemoryPlan.peak_bytes
   activations     the tensors autograd saves for the backward pass, per layer and token (Korthikanti et al. 2022,
                   "Reducing Activation Recomputation in Large Transformer Models", section 4.1), re-derived for
                   what OUR code keeps: SDPA / flash attention (no T×T scores), the fused chunked cross-entropy of
@@ -523,7 +525,7 @@ class MemoryPlan:
     weights_note: str
     grads_bytes: int
     optimizer_bytes: int
-    adapter_bytes: int  # LoRA weights + their gradients + AdamW state (included in the rows above? no: apart)
+    adapter_bytes: int  # LoRA weights + their gradients + AdamW state (not in the weights / grads / AdamW rows)
     activations_bytes: int
     logits_bytes: int
     autocast_copies_bytes: int = 0
