@@ -302,6 +302,8 @@ def test_plan_text_marks_the_method_and_shows_compute(gpt2_config_dir, capsys):
                  "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "qlora *" in out and "A100 (312 TFLOP/s" in out and "MFU 0.5" in out and "= 10 steps" in out
+    # qlora_ni trains 512-token rows; this GPT-2 has 96 positions: planned, but said
+    assert "sequence length 512 is longer than the model's learned position table (96)" in out
 
 
 def test_plan_does_not_import_torch(gpt2_config_dir):

@@ -775,6 +775,9 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
                         False, st, notes)
     else:
         raise ConfigError(f"tune plan does not know recipe {recipe!r}")
+    if shape.position_table and seq_len > shape.position_table:
+        notes.append(f"sequence length {seq_len} is longer than the model's learned position table "
+                     f"({shape.position_table}): tune validate / tune run refuse this config")
     precision = _precision(cfg.train, device)
     autocast = precision in ("bf16", "fp16")
     compute = precision if autocast else weights
