@@ -34,7 +34,7 @@ SIZES = {  # GPT-2 layout (what `tune run pretrain` exports); vocabulary 8192
     "medium": dict(n_layer=8, n_embd=512, n_head=8, vocab_size=8192, n_positions=512),
     "large": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, n_positions=512),
 }
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora", "distill")  # distill: the student trained fully from the "medium" teacher
 
 
 def write_model(directory, size: dict) -> str:
@@ -50,17 +50,21 @@ def write_model(directory, size: dict) -> str:
 
 def planned_peak_bytes(model_dir, method: str, micro_batch_size: int, seq_len: int, device: str = "cpu",
                        mixed_precision: str = "no", lora_r: int = 16, lora_dropout: float = 0.05,
-                       gradient_checkpointing: bool = False) -> dict:
-    """tune plan's memory plan for the same setup as measure_peak (a GPT-2 directory), as a dict of rows."""
+                       gradient_checkpointing: bool = False, teacher_dir: str | None = None) -> dict:
+    """tune plan's memory plan for the same setup as measure_peak (a GPT-2 directory), as a dict of rows.
+    method "distill": the student trained fully with the KD loss from the frozen teacher in `teacher_dir`."""
     from tune.plan import Settings, memory_plan, read_hf_shape
 
     shape = read_hf_shape(model_dir, "model")
     bf16 = mixed_precision == "bf16"
+    distill = method == "distill"
+    method = "full" if distill else method
     st = Settings(method=method, micro_batch_size=micro_batch_size, seq_len=seq_len,
                   weights_dtype="bf16" if bf16 and method != "full" else "fp32",
                   compute_dtype="bf16" if bf16 else "fp32", autocast=bf16 and method == "full",
                   gradient_checkpointing=gradient_checkpointing, lora_r=lora_r, lora_dropout=lora_dropout,
-                  device=device)
+                  device=device, distill=distill, teacher=read_hf_shape(teacher_dir, "teacher") if distill else None,
+                  teacher_dtype="bf16" if bf16 else "fp32")
     plan = memory_plan(shape, st)
     return {**vars(plan), "peak_bytes": plan.peak_bytes}
 
@@ -95,7 +99,8 @@ def _status_kib(key: str) -> int:
 
 def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: int, steps: int = 3,
                  mixed_precision: str = "no", lora_r: int = 16, lora_dropout: float = 0.05,
-                 gradient_checkpointing: bool = False, warm_up_dir: str | None = None) -> dict:
+                 gradient_checkpointing: bool = False, warm_up_dir: str | None = None,
+                 teacher_dir: str | None = None) -> dict:
     """Peak memory of `steps` training steps (run it through bench.common.isolated: a fresh process). Returns
     {"peak_bytes", "method" (how it was measured), "trainable_params"}.
 
@@ -108,7 +113,8 @@ def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: in
     import torch
 
     if warm_up_dir is not None:
-        _train_steps(warm_up_dir, method, 1, 16, 1, mixed_precision, lora_r, lora_dropout, gradient_checkpointing)
+        _train_steps(warm_up_dir, method, 1, 16, 1, mixed_precision, lora_r, lora_dropout, gradient_checkpointing,
+                     teacher_dir=warm_up_dir if teacher_dir else None)
     import gc
 
     gc.collect()
@@ -120,7 +126,7 @@ def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: in
     else:
         start = _status_kib("VmRSS") * 1024
     trainable = _train_steps(model_dir, method, micro_batch_size, seq_len, steps, mixed_precision, lora_r,
-                             lora_dropout, gradient_checkpointing, reset_peak=not cuda)
+                             lora_dropout, gradient_checkpointing, reset_peak=not cuda, teacher_dir=teacher_dir)
     if cuda:
         return {"peak_bytes": torch.cuda.max_memory_allocated() - start, "trainable_params": trainable,
                 "method": "CUDA max_memory_allocated"}
@@ -129,9 +135,12 @@ def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: in
 
 
 def _train_steps(model_dir: str, method: str, micro_batch_size: int, seq_len: int, steps: int, mixed_precision: str,
-                 lora_r: int, lora_dropout: float, gradient_checkpointing: bool, reset_peak: bool = False) -> int:
+                 lora_r: int, lora_dropout: float, gradient_checkpointing: bool, reset_peak: bool = False,
+                 teacher_dir: str | None = None) -> int:
     """Load the model as the finetune recipe does and train `steps` steps with the Engine; the trainable count.
-    reset_peak: reset the process's peak RSS once the model is loaded (CPU)."""
+    reset_peak: reset the process's peak RSS once the model is loaded (CPU). method "distill": full training with
+    the distill recipe's loss (tune.distill.kd_loss_fn, alpha 0.5, forward KL) from the teacher in `teacher_dir`,
+    loaded by tune.distill.load_teacher."""
     import gc
 
     import torch
@@ -143,6 +152,13 @@ def _train_steps(model_dir: str, method: str, micro_batch_size: int, seq_len: in
     vocab = read_model_config(model_dir)["vocab_size"]
     dtype = torch.bfloat16 if mixed_precision == "bf16" and method != "full" else torch.float32
     quant = QuantSection(compute_dtype="bf16" if mixed_precision == "bf16" else "fp32")
+    loss_fn = teacher = None
+    if method == "distill":
+        from tune.distill import kd_loss_fn, load_teacher
+
+        method = "full"
+        teacher = load_teacher(teacher_dir, dtype)
+        loss_fn = kd_loss_fn(teacher, 0.5, 1.0, "forward_kl", 0.5, vocab)
     model = load_base_model(model_dir, method, dtype, quant, gradient_checkpointing)
     if method in ("lora", "qlora"):
         model = add_lora(model, LoraSection(r=lora_r, dropout=lora_dropout))
@@ -150,7 +166,7 @@ def _train_steps(model_dir: str, method: str, micro_batch_size: int, seq_len: in
         # transformers leaves weights in the safetensors file's mmap: file pages count in RSS only once touched, and
         # those the 4-bit quantisation read stay counted while mapped. Copies in anonymous memory, the mmap released:
         # RSS then holds the weights exactly once, from the start
-        for t in [*model.parameters(), *model.buffers()]:
+        for t in [*model.parameters(), *model.buffers(), *(teacher.parameters() if teacher else [])]:
             t.data = t.data.clone()
         gc.collect()
     if reset_peak:
@@ -161,7 +177,8 @@ def _train_steps(model_dir: str, method: str, micro_batch_size: int, seq_len: in
                       eval_batches=1, log_every=1, progress=False, mixed_precision=mixed_precision,
                       gradient_checkpointing=gradient_checkpointing, num_threads=0)
     with tempfile.TemporaryDirectory() as run_dir:
-        engine = Engine(cfg, run_dir, model, RandomTokens(vocab, micro_batch_size, seq_len), log=lambda s: None)
+        engine = Engine(cfg, run_dir, model, RandomTokens(vocab, micro_batch_size, seq_len), loss_fn=loss_fn,
+                        log=lambda s: None)
         engine.save_at_end = False
         engine.prefetch = False
         engine.fit()
@@ -169,18 +186,20 @@ def _train_steps(model_dir: str, method: str, micro_batch_size: int, seq_len: in
 
 
 def compare(model_dir: str, method: str, micro_batch_size: int, seq_len: int, steps: int = 3,
-            mixed_precision: str = "no", warm_up_dir: str | None = None, **kwargs) -> dict:
+            mixed_precision: str = "no", warm_up_dir: str | None = None, teacher_dir: str | None = None,
+            **kwargs) -> dict:
     """Planned and measured peak of one setup (measured in a fresh process with the mmap threshold set)."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc in the spawned child at its start
     try:
         measured = isolated(measure_peak, model_dir, method, micro_batch_size, seq_len, steps, mixed_precision,
-                            warm_up_dir=warm_up_dir, **kwargs)
+                            warm_up_dir=warm_up_dir, teacher_dir=teacher_dir, **kwargs)
     finally:
         os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = planned_peak_bytes(model_dir, method, micro_batch_size, seq_len, device, mixed_precision, **kwargs)
+    plan = planned_peak_bytes(model_dir, method, micro_batch_size, seq_len, device, mixed_precision,
+                              teacher_dir=teacher_dir, **kwargs)
     return {"method": method, "planned_bytes": plan["peak_bytes"], "measured_bytes": measured["peak_bytes"],
             "ratio": plan["peak_bytes"] / measured["peak_bytes"], "plan": plan, "measured_with": measured["method"]}
 
@@ -203,22 +222,25 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         warm_up = write_model(Path(tmp) / "tiny", TINY)
+        teacher = write_model(Path(tmp) / "teacher", SIZES["medium"]) if "distill" in args.methods else None
         for size in args.sizes:
             model_dir = write_model(Path(tmp) / size, SIZES[size])
             n = param_counts(read_hf_shape(model_dir, "model")).total
             for method in args.methods:
                 r = compare(model_dir, method, args.micro_batch_size, args.seq_len, args.steps, args.mixed_precision,
-                            warm_up, gradient_checkpointing=args.gradient_checkpointing)
+                            warm_up, teacher_dir=teacher if method == "distill" else None,
+                            gradient_checkpointing=args.gradient_checkpointing)
                 p = r["plan"]
-                rows.append([f"{size} ({n / 1e6:.1f}M)", method, fmt(p["weights_bytes"] / 2**20, ",.1f"),
+                rows.append([f"{size} ({n / 1e6:.1f}M)", method,
+                             fmt((p["weights_bytes"] + p["teacher_bytes"]) / 2**20, ",.1f"),
                              fmt((p["grads_bytes"] + p["optimizer_bytes"] + p["adapter_bytes"]) / 2**20, ",.1f"),
                              fmt((p["activations_bytes"] + p["logits_bytes"] + p["transient_bytes"]) / 2**20, ",.1f"),
                              fmt(r["planned_bytes"] / 2**20, ",.1f"), fmt(r["measured_bytes"] / 2**20, ",.1f"),
                              f"{r['ratio']:.2f}"])
-                print_table(["model", "method", "weights MiB", "grads+optim MiB", "act+logits MiB", "planned MiB",
+                print_table(["model", "method", "weights (+teacher) MiB", "grads+optim MiB", "act+logits MiB", "planned MiB",
                              "measured MiB", "planned/measured"], rows[-1:])
     print()
-    print_table(["model", "method", "weights MiB", "grads+optim MiB", "act+logits MiB", "planned MiB", "measured MiB",
+    print_table(["model", "method", "weights (+teacher) MiB", "grads+optim MiB", "act+logits MiB", "planned MiB", "measured MiB",
                  "planned/measured"], rows, title=f"peak memory per process, measured with: {r['measured_with']}")
 
 
