@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, problem_lines, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
+from tune.plan import GPU_PEAK_TFLOPS
 from tune.train_config import ce_kernel_problem, schedule_warning
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -495,9 +496,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-GPU_NAMES = ("H100", "H200", "A100", "L40S", "A10", "...")
-
-
 def cmd_plan(args) -> int:
     """Print the plan of a config (tune/plan.py): no torch for native presets and HF config.json files."""
     from tune import plan
@@ -628,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="a config file or built-in config name (or use --model-size)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for tune run")
     p.add_argument("--model-size", help="no config: the inference weight memory of this many parameters (70B, 350M)")
-    p.add_argument("--gpu", default=None, help=f"for the wall time: one of {', '.join(GPU_NAMES)} (default H100)")
+    p.add_argument("--gpu", default=None, help=f"for the wall time: one of {', '.join(GPU_PEAK_TFLOPS)} (default H100)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 TFLOP/s instead of --gpu")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the wall time")
     p.add_argument("--processes", type=int, default=1, help="training processes (data parallel; adds an FSDP column)")
