@@ -23,7 +23,7 @@ import torch
 
 from tune.errors import ConfigError, DataError, TuneError
 from tune.files import directory_written_aside
-from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head
+from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head, with_router_losses
 from tune.packing import NIBatches, collate_padded, example_rows
 
 
@@ -97,7 +97,7 @@ def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta:
             kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
                                         teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                         vocab_size=vocab_size, chunk_size=chunk_size)
-        return scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()}
+        return with_router_losses(model, scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()})
 
     return loss_fn
 
