@@ -104,7 +104,23 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
         problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
+    if base is not None and cfg.method != "full":
+        problems.call(check_moe_lora_dropout, cfg.lora, base)
     problems.raise_if_any()
+
+
+def check_moe_lora_dropout(lora, base: Path) -> None:
+    """ConfigError when LoRA would reach the expert weights of an MoE base (all-linear or lora.target_parameters)
+    with lora.dropout > 0, which peft does not support there (config.json read as JSON)."""
+    from tune.errors import ConfigError
+    from tune.hf import read_model_config
+
+    config = read_model_config(base)
+    experts = (lora.target_modules == "all-linear" or lora.target_parameters) and \
+        (config.get("num_local_experts") or config.get("num_experts"))
+    if experts and lora.dropout > 0:
+        raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on the expert weights of base_model (an MoE, "
+                          f"{config.get('model_type')}) takes no dropout in peft; set lora.dropout=0")
 
 
 def check_task_paths(d: NIDataSection, problems) -> None:
@@ -222,6 +238,11 @@ def run(cfg: FinetuneConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    experts = [p for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n]
+    if cfg.method == "qlora" and experts:
+        say(f"note: the MoE expert weights ({sum(p.numel() for p in experts):,} parameters) stay in "
+            f"{str(experts[0].dtype).removeprefix('torch.')}: bitsandbytes quantizes linear layers only, and they are "
+            "3-D parameters (attention is 4-bit)")
     if cfg.data.packing:
         say(attention_implementation(cfg.base_model, cfg.data.packed_attention)[1])
 

@@ -15,8 +15,8 @@ from tune.train_config import TrainConfig
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny-gpt2"  # gpt1 | gpt2-124m | modern | tiny-gpt1 | tiny-gpt2 | tiny-modern
-    init_from: str | None = None  # an HF GPT-2 / OpenAIGPT / Llama directory to continue pretraining
+    preset: str = "tiny-gpt2"  # gpt1 | gpt2-124m | modern | moe | tiny-gpt1 | tiny-gpt2 | tiny-modern | tiny-moe
+    init_from: str | None = None  # an HF GPT-2 / OpenAIGPT / Llama / Mixtral directory to continue pretraining
     block_size: int | None = None  # the keys below override the preset when set
     n_layer: int | None = None
     n_head: int | None = None

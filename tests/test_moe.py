@@ -1,6 +1,8 @@
 """Mixture of Experts in the native GPT (issue 14, first part): routing, dropless dispatch, the load-balancing and
 z losses against hand-computed values, and the router losses in the training loss."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,6 +237,29 @@ def test_lora_on_the_exported_mixtral_adapts_attention_and_experts(tmp_path):
     assert not torch.allclose(model(x).logits, before)
 
 
+def test_lora_target_parameters_choose_the_experts_and_names_that_match_nothing_are_errors(tmp_path):
+    """lora.target_parameters adapts exactly the named expert weights (not the router, which all-linear also takes);
+    an expert weight put in target_modules, or a name matching nothing, is a one-line error (peft itself would skip
+    it silently as long as another name matches)."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import LoraSection, add_lora
+    from tune.models.export import export_hf
+
+    out = export_hf(GPT(config_from_preset("tiny-moe")), tmp_path / "hf")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(
+        r=4, dropout=0.0, target_modules=["q_proj", "v_proj"], target_parameters=["gate_up_proj", "down_proj"]))
+    adapted = {n.rsplit(".", 1)[-1] for n in model.targeted_parameter_names}
+    assert adapted == {"gate_up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in model.targeted_module_names} == {"q_proj", "v_proj"}
+    with pytest.raises(ConfigError, match="lora.target_modules: 'gate_up_proj' is a parameter .* lora.target_parameters"):
+        add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.0,
+                                                                          target_modules=["q_proj", "gate_up_proj"]))
+    with pytest.raises(ConfigError, match="lora.target_modules: 'qproj' matches no linear layer"):
+        add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.0,
+                                                                          target_modules=["q_proj", "qproj"]))
+
+
 def test_report_plots_each_experts_share_for_an_moe_run(tmp_path):
     from tune.report import expert_fractions, write_report
 
@@ -337,3 +362,45 @@ def test_compiled_moe_blocks_do_not_recompile_per_step_and_give_the_eager_losses
         losses.append([r["loss"] for r in result.history if "loss" in r])
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 5
     assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+
+
+def test_qlora_finetune_of_an_exported_mixtral_logs_its_router_and_says_the_experts_stay_unquantized(
+        tmp_path, ni_texts, capsys):
+    """The finetune recipe on our exported Mixtral: lora.dropout > 0 with the experts targeted is caught by validate
+    (nothing written); with dropout 0, QLoRA says the 3-D expert weights stay unquantized, and the run logs the
+    router's aux loss and expert shares (HF's load-balancing loss, added in training)."""
+    from recipes.finetune import run, validate
+    from test_finetune import finetune_config, make_base
+
+    base = make_base(tmp_path / "moe_base", ni_texts, "tiny-moe")
+    steps = {"train.max_steps": 3, "train.micro_batch_size": 2, "train.grad_accum_steps": 1}
+    with pytest.raises(ConfigError, match=r"lora.dropout=0.05: LoRA on the expert weights of base_model \(an MoE, "
+                                          r"mixtral\) takes no dropout in peft; set lora.dropout=0"):
+        validate(finetune_config(tmp_path / "bad", base, "qlora", **steps, **{"lora.dropout": 0.05}))
+    assert not (tmp_path / "bad" / "qlora").exists()
+    result = run(finetune_config(tmp_path / "ok", base, "qlora", **steps, **{"lora.dropout": 0}))
+    assert "note: the MoE expert weights (" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 3 and all(r["router_aux"] > 0 for r in trained)
+    assert sum(v for k, v in trained[0].items() if k.startswith("expert_frac_")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resuming_with_another_model_shape_is_a_one_line_error_that_keeps_the_run(tmp_path, shakespeare_slice):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    out = tmp_path / "run"
+    pretrain_moe(out, shakespeare_slice, max_steps=4, save_every=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cfg = load_config(PretrainConfig, data={
+        "output_dir": str(out), "model": {"preset": "tiny-moe", "block_size": 32, "n_experts": 8},
+        "data": {"corpus": str(shakespeare_slice), "tokenizer": "char", "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "resume": True, "allow_schedule_change": True,
+                  "progress": False, "num_threads": 1}, "sample": {"num_samples": 0}, "export": False})
+    with pytest.raises(ConfigError, match=r"blocks.0.mlp.fc has shape \[4, 384, 64\] in the checkpoint but "
+                                          r"\[8, 384, 64\] in the model this config builds; resume with the run's own "
+                                          r"model settings"):
+        run(cfg)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before

@@ -9,7 +9,7 @@ Switches (all in GPTConfig):
   n_kv_head       fewer key/value heads than query heads (grouped-query attention)
   tie_embeddings  output projection shares the token embedding matrix
 
-models/export.py maps the three supported combinations to OpenAIGPT, GPT-2 and Llama checkpoints.
+models/export.py maps the supported combinations to OpenAIGPT, GPT-2, Llama and (MoE) Mixtral checkpoints.
 
 Attention (chosen once per forward, shared by the blocks):
   neither mask     SDPA is_causal=True (pretraining windows, one example per row: the fast kernels)
