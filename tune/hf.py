@@ -287,8 +287,8 @@ def experts_note(model, quant: str) -> str | None:
         return None
     total = sum(p.numel() for p in model.parameters())
     return (f"note: quant={quant} leaves this MoE's {count} fused expert weights ({elements / max(total, 1):.0%} of "
-            "the parameters) unquantized: bitsandbytes replaces nn.Linear layers only (attention and router are "
-            "quantized)")
+            "the parameters) unquantized: bitsandbytes replaces nn.Linear layers only (here the attention "
+            "projections), so the experts take as much memory as without quant")
 
 
 def silence_int8_cast_message() -> None:
@@ -297,6 +297,25 @@ def silence_int8_cast_message() -> None:
     logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropKernelsHint) for f in logger.filters):
         logger.addFilter(_DropKernelsHint())
+
+
+def fit_cpu_4bit_kernel(model) -> int:
+    """Keep the 4-bit layers bitsandbytes' CPU inference kernel cannot take on its dequantize-then-matmul path.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a Linear4bit the first time it runs in eval mode without
+    gradients; the repacking needs in_features to be a multiple of the 4-bit block (64) and out_features of 32, and
+    otherwise fails inside the forward (RuntimeError from a reshape), e.g. on a model 32 wide. Returns the number
+    of layers switched."""
+    import bitsandbytes as bnb
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            if state is None or state.shape[1] % state.blocksize or state.shape[0] % 32:
+                module.support_avx512bf16_for_cpu = False
+                switched += 1
+    return switched
 
 
 def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None, quant: str | None = None,
@@ -346,6 +365,8 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
             hf_logging.enable_progress_bar()
     if "int8" in (quant, stored):
         silence_int8_cast_message()
+    elif (quant or stored) in ("nf4", "fp4"):
+        fit_cpu_4bit_kernel(model)
     note = experts_note(model, quant or stored) if (quant or stored) else None
     if note:
         print(note, file=sys.stderr)
