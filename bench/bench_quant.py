@@ -19,7 +19,8 @@ adapter on top of the quantized base), and measured:
 - ROUGE-L / exact match of the LoRA model: `tune run evaluate` (recipes.evaluate.run) with `quant=`, on
   --eval-instances held-out instances of each of the 16 tasks (exclude_train_of the fine-tune run), greedy,
   max_new_tokens 24, as eval_ni.yaml.
-Deltas are against fp32.
+Deltas are against fp32. Last, the weight memory alone of a random GPT-2 124M-shaped model (--parts: which tables),
+where the quantized linear layers are most of the weights (in the 4096-token BPE model the embeddings are 43%).
 """
 
 from __future__ import annotations
@@ -144,6 +145,27 @@ def measure_ni(base: str, adapter: str, run_dir: str, precision: str, instances:
             "tokens_per_s": generation_speed(model, load_tokenizer(base), 24)}
 
 
+def make_gpt2_124m(workdir: str) -> str:
+    """A random-init HF export in the gpt2_124m preset's layout (GPT2Config's defaults: 12 x 768, vocab 50257)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(workdir) / "gpt2_124m"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(out)
+    return str(out)
+
+
+def measure_memory(model_dir: str, precision: str) -> dict:
+    """get_memory_footprint of `model_dir` in `precision`, the layers bitsandbytes leaves alone in fp32 and in bf16."""
+    from tune.hf import load_model
+
+    if precision in ("fp32", "bf16"):
+        return {"fp32_rest": load_model(model_dir, dtype=precision).get_memory_footprint(), "bf16_rest": None}
+    return {rest: load_model(model_dir, dtype=dtype, quant=precision).get_memory_footprint()
+            for rest, dtype in (("fp32_rest", "fp32"), ("bf16_rest", "bf16"))}
+
+
 def train_lora(base: str, steps: int, run_dir: str, threads: int) -> str:
     """`tune run finetune --config lora_ni` on `base` for `steps` steps; the adapter directory."""
     import contextlib
@@ -165,24 +187,8 @@ def mib(x: int) -> str:
     return f"{x / 2**20:.2f}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default=str(DEFAULT_BASE))
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter of --base from `tune run finetune` (its run "
-                                                        "directory must hold config.yaml); default: train one")
-    parser.add_argument("--lora-steps", type=int, default=150)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--val-windows", type=int, default=16)
-    parser.add_argument("--eval-instances", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    precisions = [p.strip() for p in args.precisions.split(",")]
-    print_banner(banner(), {"base": args.base, "threads": args.threads, "new tokens": args.new_tokens})
-    workdir = tempfile.mkdtemp(prefix="bench_quant_")
-    base_results = {p: isolated(measure_base, args.base, p, args.new_tokens, args.val_windows, args.threads, workdir)
-                    for p in precisions}
+def print_base(args, base_results: dict) -> None:
+    """The table of the pretrained base: weights, generation tokens/s and val loss, with ratios / deltas to fp32."""
     ref = base_results.get("fp32")
     rows = [[p, mib(r["memory_bytes"]), mib(r["disk_bytes"]),
              f"{r['memory_bytes'] / ref['memory_bytes']:.2f}x" if ref else "", f"{r['tokens_per_s']:.1f}",
@@ -192,6 +198,9 @@ def main(argv=None):
                  "delta"], rows, title=f"\n{args.base}: weights, greedy generation ({args.new_tokens} tokens, batch 1), "
                                        f"Tiny Shakespeare val loss ({args.val_windows} x 512 tokens)")
 
+
+def measure_all_ni(args, precisions: list[str], workdir: str) -> dict:
+    """The LoRA fine-tune (--adapter, or trained here) evaluated in every precision; prints its table."""
     run_dir = str(Path(args.adapter).parent) if args.adapter else str(Path(workdir) / "lora_ni")
     adapter = args.adapter
     if adapter is None:
@@ -209,8 +218,48 @@ def main(argv=None):
     print_table(["precision", "memory MiB", "gen tokens/s", "ROUGE-L", "delta", "EM", "delta", "eval s"], rows,
                 title=f"\nLoRA fine-tune on NI (base + adapter on top): evaluate recipe, {n} held-out instances of "
                       "the 16 tasks, greedy, 24 new tokens")
+    return ni_results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter of --base from `tune run finetune` (its run "
+                                                        "directory must hold config.yaml); default: train one")
+    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--val-windows", type=int, default=16)
+    parser.add_argument("--eval-instances", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--parts", default="base,ni,124m",
+                        help="which tables: base (the pretrained model), ni (its LoRA fine-tune), 124m (weight memory "
+                             "of a GPT-2 124M-shaped model)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    print_banner(banner(), {"base": args.base, "threads": args.threads, "new tokens": args.new_tokens})
+    workdir = tempfile.mkdtemp(prefix="bench_quant_")
+    parts = {p.strip() for p in args.parts.split(",")}
+    base_results, ni_results, memory = {}, {}, {}
+    if "base" in parts:
+        base_results = {p: isolated(measure_base, args.base, p, args.new_tokens, args.val_windows, args.threads,
+                                    workdir) for p in precisions}
+        print_base(args, base_results)
+    if "ni" in parts:
+        ni_results = measure_all_ni(args, precisions, workdir)
+    if "124m" in parts:
+        model_dir = isolated(make_gpt2_124m, workdir)
+        memory = {p: isolated(measure_memory, model_dir, p) for p in precisions}
+        ref = memory["fp32"]["fp32_rest"] if "fp32" in memory else None
+        rows = [[p, mib(r["fp32_rest"]), f"{r['fp32_rest'] / ref:.2f}x" if ref else "",
+                 mib(r["bf16_rest"]) if r["bf16_rest"] else "", f"{r['bf16_rest'] / ref:.2f}x" if ref and r["bf16_rest"]
+                 else ""] for p, r in memory.items()]
+        print_table(["precision", "MiB (rest fp32)", "vs fp32", "MiB (rest bf16)", "vs fp32"], rows,
+                    title="\nweights in memory of the gpt2_124m layout (12 x 768, vocab 50257; random init: memory "
+                          "only); rest = embeddings, norms, biases, which bitsandbytes leaves in the load dtype")
     if args.json:
-        write_json(args.json, {"settings": vars(args), "base": base_results, "ni": ni_results})
+        write_json(args.json, {"settings": vars(args), "base": base_results, "ni": ni_results, "gpt2_124m": memory})
 
 
 if __name__ == "__main__":
