@@ -1,7 +1,7 @@
 """Quantized inference of the models this toolkit produces: fp32 / bf16 / int8 / nf4 / fp4 side by side.
 
-    python -m bench.bench_quant [--base DIR] [--adapter DIR | --lora-steps 150] [--new-tokens 64]
-                                [--val-windows 16] [--eval-instances 5] [--threads 1] [--json OUT]
+    python -m bench.bench_quant [--base DIR] [--adapter DIR | --lora-steps 300] [--new-tokens 64]
+                                [--val-windows 16] [--eval-instances 10] [--threads 1] [--parts base,ni,124m] [--json OUT]
 
 Models: --base, an HF export of `tune run pretrain` (default ../ci-clone/runs/shakespeare_bpe_cpu/hf, the CPU BPE
 Tiny-Shakespeare model), and a LoRA fine-tune of it on the 16 Natural-Instructions tasks (--adapter, or trained
@@ -210,9 +210,9 @@ def measure_all_ni(args, precisions: list[str], workdir: str) -> dict:
     ni_results = {p: isolated(measure_ni, args.base, adapter, run_dir, p, args.eval_instances, args.threads, workdir)
                   for p in precisions}
     ref = ni_results.get("fp32")
-    rows = [[p, mib(r["memory_bytes"]), f"{r['tokens_per_s']:.1f}", f"{100 * r['rougeL']:.2f}",
-             f"{100 * (r['rougeL'] - ref['rougeL']):+.2f}" if ref else "", f"{100 * r['exact_match']:.2f}",
-             f"{100 * (r['exact_match'] - ref['exact_match']):+.2f}" if ref else "", f"{r['generation_s']:.1f}"]
+    rows = [[p, mib(r["memory_bytes"]), f"{r['tokens_per_s']:.1f}", f"{r['rougeL']:.2f}",  # scores are x100
+             f"{r['rougeL'] - ref['rougeL']:+.2f}" if ref else "", f"{r['exact_match']:.2f}",
+             f"{r['exact_match'] - ref['exact_match']:+.2f}" if ref else "", f"{r['generation_s']:.1f}"]
             for p, r in ni_results.items()]
     n = next(iter(ni_results.values()))["n_instances"]
     print_table(["precision", "memory MiB", "gen tokens/s", "ROUGE-L", "delta", "EM", "delta", "eval s"], rows,
@@ -226,10 +226,10 @@ def main(argv=None):
     parser.add_argument("--base", default=str(DEFAULT_BASE))
     parser.add_argument("--adapter", default=None, help="a LoRA adapter of --base from `tune run finetune` (its run "
                                                         "directory must hold config.yaml); default: train one")
-    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--lora-steps", type=int, default=300)  # lora_ni.yaml's
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--val-windows", type=int, default=16)
-    parser.add_argument("--eval-instances", type=int, default=5)
+    parser.add_argument("--eval-instances", type=int, default=10)  # all 10 held out per task
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--parts", default="base,ni,124m",
