@@ -311,6 +311,10 @@ def test_bad_quantize_inputs_are_one_line_errors(tmp_path, lm64, lora_adapter, q
     bert.mkdir()
     (bert / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
     (bert / "model.safetensors").write_bytes(b"")
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: pretrain\n")
+    (run / "hf" / "config.json").write_text("{}")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
@@ -321,6 +325,7 @@ def test_bad_quantize_inputs_are_one_line_errors(tmp_path, lm64, lora_adapter, q
         ([str(quantized["nf4"]), str(tmp_path / "o3")], "is already quantized (nf4"),
         ([str(lm64), str(lm64)], "would replace MODEL_DIR"),
         ([str(tmp_path / "nothing"), str(tmp_path / "o4")], "does not exist"),
+        ([str(run), str(tmp_path / "o4")], f"is a run directory, not a model; use {run / 'hf'}"),
         ([str(lm64), str(tmp_path / "o5"), "--adapter", str(tmp_path)], "is not a peft adapter directory"),
     ]
     for args, message in cases:

@@ -434,6 +434,12 @@ def check_quantize_args(args) -> None:
     if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
         raise ConfigError(f"MODEL_DIR {src} is a peft adapter, not a model; give the base model it was trained on and "
                           f"the adapter to merge first: tune quantize BASE_MODEL {out} --adapter {src}")
+    if (src / "config.yaml").is_file() and not (src / "config.json").is_file():
+        found = [name for name in RUN_ARTIFACTS if (src / name / "config.json").is_file()]
+        hint = (f"use {src / found[0]}" if found else
+                f"give its base model and --adapter {src / 'adapter'}" if (src / "adapter").is_dir() else
+                "give the model directory it wrote")
+        raise ConfigError(f"MODEL_DIR {src} is a run directory, not a model; {hint}")
     check_model_dir(src, "MODEL_DIR")
     stored = stored_quant(src)
     if stored is not None:
