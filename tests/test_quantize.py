@@ -231,6 +231,46 @@ def test_quantize_merges_an_adapter_first(lm64, lora_adapter, tmp_path, ids, cap
     assert (quant - adapted).abs().max() < (base - adapted).abs().max()  # the adapter is in the weights
 
 
+def test_quantize_merges_a_qlora_adapter_into_the_dequantized_base(lm64, lora_adapter, tmp_path, ids, capsys):
+    """An adapter whose run trained it as QLoRA (its config.yaml: method qlora) is merged into the dequantized nf4
+    weights it learned against: the int8 checkpoint then computes what the adapter on the nf4 base computes, within
+    the int8 tolerance (3% of the logit scale)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tune.hf import load_model
+
+    run = tmp_path / "qlora_run"
+    shutil.copytree(lora_adapter, run / "adapter")
+    (run / "config.yaml").write_text("recipe: finetune\nmethod: qlora\nqlora:\n  quant_type: nf4\n  double_quant: true\n"
+                                     "  compute_dtype: fp32\n  quant_storage: auto\n")
+    out = tmp_path / "merged"
+    assert main(["quantize", str(lm64), str(out), "--adapter", str(run / "adapter"), "--quant", "int8"]) == 0
+    assert "(dequantized 4-bit base, as QLoRA trained it)" in capsys.readouterr().out
+    qlora = logits(load_model(lm64, str(run / "adapter"), dtype="fp32", quant="nf4"), ids)
+    quant = logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids)
+    lora = logits(load_model(lm64, str(lora_adapter), dtype="fp32"), ids)
+    assert (quant - qlora).abs().max() <= 0.03 * qlora.abs().max()
+    assert (quant - qlora).abs().max() < (lora - qlora).abs().max()  # closer to the 4-bit base than the fp32 one
+
+
+def test_quantize_options_reach_the_checkpoint(lm64, tmp_path, capsys):
+    out = tmp_path / "fp4"
+    assert main(["quantize", str(lm64), str(out), "--quant", "fp4", "--no-double-quant", "--dtype", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["load_in_4bit"], config["bnb_4bit_quant_type"], config["bnb_4bit_use_double_quant"],
+            config["bnb_4bit_compute_dtype"]) == (True, "fp4", False, "float32")
+    info = json.loads((out / "quantize_info.json").read_text())
+    assert (info["quant"], info["double_quant"], info["adapter"]) == ("fp4", False, None)
+    before, after = info["weight_bytes_before"] / 2**20, info["weight_bytes_after"] / 2**20
+    assert f"wrote {out}: fp4 weights {before:.1f} MiB -> {after:.1f} MiB on disk" in printed
+    assert main(["quantize", str(lm64), str(out), "--quant", "int8", "--force"]) == 0  # --force replaces it
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_8bit"] is True
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
 def write_eval_config(path: Path, model: Path, output_dir: Path, **extra) -> Path:
     lines = ["recipe: evaluate", f"model: {model}", f"output_dir: {output_dir}", "dtype: fp32",
              *(f"{k}: {v}" for k, v in extra.items()),
