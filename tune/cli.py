@@ -484,7 +484,6 @@ def cmd_quantize(args) -> int:
 
     check_quantize_args(args)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     src, out = Path(args.model_dir), Path(args.out)
     compute = resolve_dtype(args.dtype)
@@ -499,7 +498,6 @@ def cmd_quantize(args) -> int:
             print(f"merged {args.adapter} into {src}" + (" (dequantized 4-bit base, as QLoRA trained it)"
                                                         if qlora else ""), flush=True)
         kwargs = {"device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
-        hf_logging.disable_progress_bar()
         try:
             with quiet_third_party():
                 model = AutoModelForCausalLM.from_pretrained(
