@@ -213,6 +213,20 @@ def test_adapter_on_a_quantized_base_is_peft_on_the_4bit_base(lm64, lora_adapter
     assert (ours - no_adapter).abs().max() > 1e-2  # the adapter is applied
 
 
+def test_cli_generate_quant_with_an_adapter_is_the_quantized_model(lm64, lora_adapter, capsys):
+    """`tune generate --quant nf4 --adapter A --temperature 0` streams the greedy continuation of that very model."""
+    from tune.evaluation import generate_predictions, load_tokenizer
+    from tune.hf import load_model
+
+    prompt = "Definition: answer yes or no."
+    assert main(["generate", "--model", str(lm64), "--adapter", str(lora_adapter), "--quant", "nf4", "--dtype", "fp32",
+                 "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    model = load_model(lm64, str(lora_adapter), dtype="fp32", quant="nf4")
+    expected = generate_predictions(model, load_tokenizer(lm64), [prompt], batch_size=1, max_new_tokens=6)[0]
+    assert expected.strip() and out.startswith(prompt) and out[len(prompt):].strip() == expected.strip()
+
+
 def test_quantize_merges_an_adapter_first(lm64, lora_adapter, tmp_path, ids, capsys):
     """`tune quantize BASE OUT --adapter A --quant int8` = the adapter model, within the int8 tolerance above."""
     from transformers import AutoModelForCausalLM
