@@ -8,7 +8,8 @@
    TRL and Liger-Kernel are optional.
 2. The fast correctness checks on the device (seconds each, no time cap): the engine's bf16 step against
    fp32, torch.compile on/off, FlexAttention against the dense-mask packed path, exact resume under bf16,
-   QLoRA forward/backward and merge, a distillation step with a 4-bit teacher, 8-bit / paged AdamW, CPU
+   QLoRA forward/backward and merge, a distillation step with a 4-bit teacher, int8 / nf4 inference (load,
+   generate, logits against the unquantized model, `tune quantize` reload), 8-bit / paged AdamW, CPU
    activation offloading, Liger's fused cross-entropy against ours (when installed), the classify recipe (GPT-1
    task head) end to end in bf16 with its HF export, a Mixture-of-Experts GPT in bf16 against fp32 with its Mixtral
    export. Each states its tolerance.
@@ -423,6 +424,49 @@ def check_distill_4bit_teacher(ctx: Context) -> dict:
     return outcome(ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} with the teacher in 4-bit", losses=losses)
 
 
+def check_quant_generate(ctx: Context) -> dict:
+    """Quantized inference on the device (tests/test_quantize.py's tolerances): a random GPT-2-layout model loaded
+    int8 and nf4 by tune.hf.load_model generates greedily, its logits stay within 3% (int8) / 15% (nf4) of the
+    logit scale of the unquantized model's (LLM.int8's absmax rounding; 4-bit levels are ~16x coarser), and the
+    `tune quantize` checkpoint reloads with the logits of the direct quantized load (1e-2 of their scale)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from tune.cli import main as tune_main
+    from tune.hf import load_model
+
+    base = tiny_hf_dir(ctx, "quant_base", layout="gpt2")
+    ids = TokenBatches(ctx.native["vocab"], ctx.native["seq"], 2, seed=7).data[0][:, :32].to(ctx.device)
+    with torch.no_grad():
+        reference = load_model(base, dtype="fp32", device=ctx.device)(input_ids=ids).logits.float()
+    scale = float(reference.abs().max())
+    tolerance = {"int8": 0.03, "nf4": 0.15}
+    results, ok = {}, True
+    for kind, limit in tolerance.items():
+        model = load_model(base, dtype="auto" if ctx.cuda else "fp32", device=ctx.device, quant=kind)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+            start = time.perf_counter()
+            out = model.generate(ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+            speed = 16 / (time.perf_counter() - start)
+        gap = float((logits - reference).abs().max()) / scale
+        saved = ctx.workdir / f"quantized_{kind}"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = tune_main(["quantize", base, str(saved), "--quant", kind, "--force"])
+        with torch.no_grad():
+            reloaded = load_model(saved, device=ctx.device)(input_ids=ids).logits.float() if code == 0 else None
+        reload_gap = float((reloaded - logits).abs().max()) / scale if reloaded is not None else math.inf
+        results[kind] = {"gap": gap, "reload_gap": reload_gap, "tokens_per_s": speed,
+                         "memory_bytes": model.get_memory_footprint()}
+        ok = ok and 0 < gap <= limit and reload_gap <= 1e-2 and out.shape[1] == 24 and bool(logits.isfinite().all())
+    detail = "; ".join(f"{k}: logits gap {r['gap']:.1e} of scale (tolerance {tolerance[k]:.2f}), reload gap "
+                       f"{r['reload_gap']:.1e} (1e-2), {r['tokens_per_s']:.0f} tokens/s greedy"
+                       for k, r in results.items())
+    return outcome(ok, detail, **results)
+
+
 def check_optimizers(ctx: Context) -> dict:
     """bitsandbytes' 8-bit and paged AdamW track torch's AdamW: final loss within 5% (8-bit states quantize the
     moments; paged fp32 AdamW should agree to ~1e-3)."""
@@ -563,6 +607,7 @@ FAST_CHECKS = {
     "resume_bf16": check_resume,
     "qlora": check_qlora,
     "distill_4bit_teacher": check_distill_4bit_teacher,
+    "quant_generate": check_quant_generate,
     "optimizers": check_optimizers,
     "activation_offload": check_activation_offload,
     "liger": check_liger,

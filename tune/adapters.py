@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
+from tune.hf import bnb_config as hf_bnb_config
 from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
 from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
@@ -51,13 +52,10 @@ def quant_storage(quant: QuantSection, fsdp: bool) -> torch.dtype:
 
 
 def bnb_config(quant: QuantSection, fsdp: bool = False):
-    """transformers' BitsAndBytesConfig for `quant` (4-bit); fsdp: the model will be sharded (see quant_storage)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
-        bnb_4bit_quant_storage=quant_storage(quant, fsdp))
+    """transformers' BitsAndBytesConfig for QLoRA's `quant` section (4-bit, through tune.hf.bnb_config); fsdp: the
+    model will be sharded (see quant_storage)."""
+    return hf_bnb_config(quant.quant_type, resolve_dtype(quant.compute_dtype), quant.double_quant,
+                         quant_storage(quant, fsdp))
 
 
 def attention_implementation(path, packed_attention: str = "dense") -> tuple[str, str]:
