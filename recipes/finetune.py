@@ -218,7 +218,7 @@ def run(cfg: FinetuneConfig):
     from tune.packing import PACKED_ATTENTION, NIBatches
     from tune.adapters import attention_implementation, merge_adapter
     from tune.engine import Engine, check_train_device, make_accelerator
-    from tune.hf import resolve_dtype
+    from tune.hf import experts_note, resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
@@ -238,11 +238,8 @@ def run(cfg: FinetuneConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    experts = [p for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n]
-    if cfg.method == "qlora" and experts:
-        say(f"note: the MoE expert weights ({sum(p.numel() for p in experts):,} parameters) stay in "
-            f"{str(experts[0].dtype).removeprefix('torch.')}: bitsandbytes quantizes linear layers only, and they are "
-            "3-D parameters (attention is 4-bit)")
+    if cfg.method == "qlora" and (note := experts_note(model, cfg.qlora.quant_type)):
+        say(note)
     if cfg.data.packing:
         say(attention_implementation(cfg.base_model, cfg.data.packed_attention)[1])
 
