@@ -8,16 +8,18 @@
    TRL and Liger-Kernel are optional.
 2. The fast correctness checks on the device (seconds each, no time cap): the engine's bf16 step against
    fp32, torch.compile on/off, FlexAttention against the dense-mask packed path, exact resume under bf16,
-   QLoRA forward/backward and merge, a distillation step with a 4-bit teacher, 8-bit / paged AdamW, CPU
+   QLoRA forward/backward and merge, a distillation step with a 4-bit teacher, int8 / nf4 inference (load,
+   generate, logits against the unquantized model, `tune quantize` reload), 8-bit / paged AdamW, CPU
    activation offloading, Liger's fused cross-entropy against ours (when installed), the classify recipe (GPT-1
-   task head) end to end in bf16 with its HF export, `tune plan`'s peak memory against max_memory_allocated for
-   full / LoRA / QLoRA (bench/bench_plan.py; three fresh processes, the slowest fast check). Each states its
-   tolerance.
+   task head) end to end in bf16 with its HF export, a Mixture-of-Experts GPT in bf16 against fp32 with its Mixtral
+   export, `tune plan`'s peak memory against max_memory_allocated for full / LoRA / QLoRA (bench/bench_plan.py;
+   three fresh processes, the slowest fast check). Each states its tolerance.
 3. Benchmarks at the GPU shapes of bench/ (each side in a fresh process), capped at shares of the budget left
    (pretraining 25%, fine-tuning 55%, distillation 20%): GPT-2 124M pretraining against HF Trainer and a
    compiled plain loop; LoRA / QLoRA / full fine-tuning on the real NI prompts with Llama-1.1B shapes against
    HF Trainer + PEFT (+ TRL SFT with packing when TRL is importable); distillation 1.1B -> 124M, live and
-   cached, against the student alone.
+   cached, against the student alone. Opt-in (`--only moe`, about 3 minutes): bench/bench_moe.py at its gpu size,
+   the MoE against dense models with its active and its total parameters on Tiny Shakespeare (--corpus).
 4. The long checks with what is left of --budget-s (each skipped, and named so, under 60 s): QLoRA under
    FSDP2 (bench/qlora_fsdp_check.py) and the test suite's CUDA tests plus the fast-path / flex / loss test
    files on the GPU.
@@ -46,6 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NI_TASKS = REPO.parent / "shared" / "data" / "natural_instructions" / "tasks"
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 OPTIONAL = {"trl": "trl", "liger-kernel": "liger_kernel"}  # pip name -> module
 MODULE_OF = {"pyyaml": "yaml", "rouge-score": "rouge_score"}  # pip names whose module is named otherwise
 
@@ -102,10 +105,10 @@ def check_dependencies(smoke: bool) -> list[str]:
 class Context:
     """Shapes and settings of one run: real ones on a GPU, tiny ones with --smoke."""
 
-    def __init__(self, smoke: bool, ni_tasks: Path, workdir: Path):
+    def __init__(self, smoke: bool, ni_tasks: Path, workdir: Path, corpus: Path = DEFAULT_CORPUS):
         import torch
 
-        self.smoke, self.ni_tasks, self.workdir = smoke, ni_tasks, workdir
+        self.smoke, self.ni_tasks, self.workdir, self.corpus = smoke, ni_tasks, workdir, corpus
         self.cuda = torch.cuda.is_available() and not smoke
         self.device = torch.device("cuda" if self.cuda else "cpu")
         # the native model of the correctness checks: GPT-2 layout (learned positions) and the modern one
@@ -141,19 +144,21 @@ class TokenBatches:
         yield self._batch(len(self.data) - 1)
 
 
-def native_model(ctx: Context, preset: str = "gpt2-124m"):
+def native_model(ctx: Context, preset: str = "gpt2-124m", **overrides):
     import torch
 
     from tune.models.gpt import GPT, config_from_preset
 
     s = ctx.native
     torch.manual_seed(0)
-    return GPT(config_from_preset(preset, n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
-                                  block_size=s["seq"], vocab_size=s["vocab"], dropout=0.0))
+    return GPT(config_from_preset(preset, **{**dict(n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                                                   block_size=s["seq"], vocab_size=s["vocab"], dropout=0.0),
+                                             **overrides}))
 
 
 def train_native(ctx: Context, name: str, preset: str = "gpt2-124m", model=None, loss_fn=None, **train) -> dict:
-    """Train a native GPT on TokenBatches with the Engine; returns its per-step losses, grad norms and model."""
+    """Train a native GPT on TokenBatches with the Engine; returns its per-step losses, grad norms, metrics rows and
+    model."""
     from accelerate.state import AcceleratorState
 
     from tune.engine import Engine, TrainConfig
@@ -168,7 +173,8 @@ def train_native(ctx: Context, name: str, preset: str = "gpt2-124m", model=None,
     model = model if model is not None else native_model(ctx, preset)
     result = Engine(cfg, ctx.tmp(name), model, source, loss_fn=loss_fn or causal_lm_loss, log=lambda line: None).fit()
     rows = [r for r in result.history if "loss" in r]
-    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "model": result.model}
+    return {"losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows], "rows": rows,
+            "model": result.model}
 
 
 def relative_gap(a: list[float], b: list[float]) -> float:
@@ -202,6 +208,37 @@ def check_compile(ctx: Context) -> dict:
     gap, first = relative_gap(compiled, eager), relative_gap(compiled[:1], eager[:1])
     return outcome(first <= 1e-3 and gap <= 0.02, f"first step gap {first:.2e} (1e-3), max gap {gap:.2e} (2e-2), "
                    f"compiled run {time.time() - start:.0f} s incl. compilation", gap=gap, first_step_gap=first)
+
+
+def check_moe(ctx: Context) -> dict:
+    """A Mixture-of-Experts GPT (modern layout, 8 SwiGLU experts, top-2) on the device: the bf16 step tracks the fp32
+    one (per-step losses within 3%: bf16 can flip a near-tied top-2 choice, where a token then meets other experts),
+    the loss falls, the logged expert shares sum to 1 at every step, and its MixtralForCausalLM export computes the
+    trained model's logits on the device (fp32, 1e-4: the two dispatch orders sum the experts differently)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tune.models.export import export_hf
+
+    moe = dict(n_experts=8, moe_top_k=2, tie_embeddings=False)
+    bf16 = train_native(ctx, "moe_bf16", preset="tiny-moe", model=native_model(ctx, "tiny-moe", **moe))
+    fp32 = train_native(ctx, "moe_fp32", preset="tiny-moe", model=native_model(ctx, "tiny-moe", **moe),
+                        mixed_precision="no")
+    gap = relative_gap(bf16["losses"], fp32["losses"])
+    share_sums = [sum(v for k, v in r.items() if k.startswith("expert_frac_")) for r in bf16["rows"]]
+    share_gap = max(abs(x - 1) for x in share_sums)
+    model = fp32["model"].float().eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_hf(model.cpu(), ctx.tmp("moe_hf"))).to(ctx.device).eval()
+    model.to(ctx.device)
+    x = torch.randint(0, ctx.native["vocab"], (2, ctx.native["seq"]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits_gap = (hf(x.to(ctx.device)).logits - model(x.to(ctx.device))).abs().max().item()
+    losses = bf16["losses"]
+    ok = gap <= 0.03 and losses[-1] < losses[0] and share_gap <= 1e-3 and logits_gap <= 1e-4
+    return outcome(ok, f"max relative loss gap bf16/fp32 {gap:.2e} (tolerance 3e-2); loss {losses[0]:.3f} -> "
+                   f"{losses[-1]:.3f}; expert shares sum to 1 within {share_gap:.1e}; Mixtral export logits within "
+                   f"{logits_gap:.1e} (tolerance 1e-4)", gap=gap, logits_gap=logits_gap, bf16=losses,
+                   fp32=fp32["losses"])
 
 
 def packed_batch(vocab: int, lengths: list[list[int]], attention: str, seed: int = 0) -> dict:
@@ -388,6 +425,49 @@ def check_distill_4bit_teacher(ctx: Context) -> dict:
     return outcome(ok, f"loss {losses[0]:.3f} -> {losses[-1]:.3f} with the teacher in 4-bit", losses=losses)
 
 
+def check_quant_generate(ctx: Context) -> dict:
+    """Quantized inference on the device (tests/test_quantize.py's tolerances): a random GPT-2-layout model loaded
+    int8 and nf4 by tune.hf.load_model generates greedily, its logits stay within 3% (int8) / 15% (nf4) of the
+    logit scale of the unquantized model's (LLM.int8's absmax rounding; 4-bit levels are ~16x coarser), and the
+    `tune quantize` checkpoint reloads with the logits of the direct quantized load (1e-2 of their scale)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from tune.cli import main as tune_main
+    from tune.hf import load_model
+
+    base = tiny_hf_dir(ctx, "quant_base", layout="gpt2")
+    ids = TokenBatches(ctx.native["vocab"], ctx.native["seq"], 2, seed=7).data[0][:, :32].to(ctx.device)
+    with torch.no_grad():
+        reference = load_model(base, dtype="fp32", device=ctx.device)(input_ids=ids).logits.float()
+    scale = float(reference.abs().max())
+    tolerance = {"int8": 0.03, "nf4": 0.15}
+    results, ok = {}, True
+    for kind, limit in tolerance.items():
+        model = load_model(base, dtype="auto" if ctx.cuda else "fp32", device=ctx.device, quant=kind)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+            start = time.perf_counter()
+            out = model.generate(ids[:1, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+            speed = 16 / (time.perf_counter() - start)
+        gap = float((logits - reference).abs().max()) / scale
+        saved = ctx.workdir / f"quantized_{kind}"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = tune_main(["quantize", base, str(saved), "--quant", kind, "--force"])
+        with torch.no_grad():
+            reloaded = load_model(saved, device=ctx.device)(input_ids=ids).logits.float() if code == 0 else None
+        reload_gap = float((reloaded - logits).abs().max()) / scale if reloaded is not None else math.inf
+        results[kind] = {"gap": gap, "reload_gap": reload_gap, "tokens_per_s": speed,
+                         "memory_bytes": model.get_memory_footprint()}
+        ok = ok and 0 < gap <= limit and reload_gap <= 1e-2 and out.shape[1] == 24 and bool(logits.isfinite().all())
+    detail = "; ".join(f"{k}: logits gap {r['gap']:.1e} of scale (tolerance {tolerance[k]:.2f}), reload gap "
+                       f"{r['reload_gap']:.1e} (1e-2), {r['tokens_per_s']:.0f} tokens/s greedy"
+                       for k, r in results.items())
+    return outcome(ok, detail, **results)
+
+
 def check_optimizers(ctx: Context) -> dict:
     """bitsandbytes' 8-bit and paged AdamW track torch's AdamW: final loss within 5% (8-bit states quantize the
     moments; paged fp32 AdamW should agree to ~1e-3)."""
@@ -555,10 +635,12 @@ FAST_CHECKS = {
     "resume_bf16": check_resume,
     "qlora": check_qlora,
     "distill_4bit_teacher": check_distill_4bit_teacher,
+    "quant_generate": check_quant_generate,
     "optimizers": check_optimizers,
     "activation_offload": check_activation_offload,
     "liger": check_liger,
     "classify_bf16": check_classify,
+    "moe_bf16": check_moe,
     "plan_memory": check_plan_memory,
 }
 LONG_CHECKS = {"qlora_fsdp": check_qlora_fsdp, "cuda_tests": check_cuda_tests}  # fn(ctx, timeout_s)
@@ -671,8 +753,20 @@ def bench_distill(ctx: Context, cap_s: float) -> dict:
     return bd.measure(dict(bd.SIZES["smoke" if ctx.smoke else "1.1b-124m"]), timeout=cap_s)
 
 
+def bench_moe(ctx: Context, cap_s: float) -> dict:
+    """bench/bench_moe.py at its gpu size (bf16): the MoE against dense models with its active and its total
+    parameters, on Tiny Shakespeare (--corpus). Opt-in (--only moe): its three runs take about 3 minutes."""
+    from bench import bench_moe as bm
+
+    if not ctx.corpus.is_file():
+        return {"skipped": f"--corpus {ctx.corpus}: no such file (Tiny Shakespeare's input.txt)"}
+    return bm.compare("smoke" if ctx.smoke else "gpu", corpus=str(ctx.corpus), timeout=cap_s / 3)
+
+
 # benchmark -> (function, its share of the budget left when the benchmarks start)
-BENCHES = {"pretrain": (bench_pretrain, 0.25), "finetune": (bench_finetune, 0.55), "distill": (bench_distill, 0.20)}
+BENCHES = {"pretrain": (bench_pretrain, 0.25), "finetune": (bench_finetune, 0.55), "distill": (bench_distill, 0.20),
+           "moe": (bench_moe, 0.5)}
+OPT_IN = ("moe",)  # run only when --only names them: they do not fit the default budget beside the others
 
 
 def run_benches(ctx: Context, names: list[str], budget_s: float, started: float) -> dict:
@@ -776,6 +870,14 @@ def report_markdown(out: dict) -> str:
                 lines.append(f"| {name} | {tok_s(r['tokens_per_s'])} | {gib(r['peak_bytes'])} | {ratio} |")
             else:
                 lines.append(f"| {name} | failed: {str(r.get('error', ''))[:120]} | | |")
+    m = benches.get("moe", {})
+    if "results" in m:
+        from bench.bench_moe import HEADERS, table_rows
+
+        lines += ["", f"### Mixture of Experts vs dense (Tiny Shakespeare characters, {m['settings']['steps']} steps, "
+                      f"same time = {m['time_cap_s']:.0f} s)", "", "| " + " | ".join(HEADERS) + " |",
+                  "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(m)]
     for name, r in benches.items():
         if "skipped" in r or "error" in r:
             lines.append(f"\n{name}: {r.get('skipped') or 'FAILED: ' + r['error'].splitlines()[0]}")
@@ -815,6 +917,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for gpu_check.md and gpu_check.json")
     p.add_argument("--ni-tasks", default=str(DEFAULT_NI_TASKS), help="the Natural-Instructions task folder "
                                                                      "(default: ../shared/data/natural_instructions/tasks)")
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS),
+                   help="Tiny Shakespeare's input.txt, for the opt-in moe benchmark (default: ../shared/data/...)")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="seconds for everything (default 480: fits a 600 s device command with start-up): the fast "
                         "checks, then the benchmarks capped at shares of what is left, then qlora_fsdp and cuda_tests "
@@ -842,7 +946,8 @@ def main(argv=None) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    only = [s.strip() for s in args.only.split(",")] if args.only else [*CHECKS, *BENCHES]
+    only = ([s.strip() for s in args.only.split(",")] if args.only else
+            [*CHECKS, *(name for name in BENCHES if name not in OPT_IN)])
     unknown = [s for s in only if s not in CHECKS and s not in BENCHES]
     if unknown:
         print(f"error: --only: unknown {', '.join(unknown)}; choose from {', '.join([*CHECKS, *BENCHES])}",
@@ -864,7 +969,7 @@ def main(argv=None) -> int:
     for k, v in info.items():
         print(f"  {k:<14} {v}")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(args.smoke, ni_tasks, Path(tmp))
+        ctx = Context(args.smoke, ni_tasks, Path(tmp), Path(args.corpus))
         checks = {name: run_check(ctx, name) for name in only if name in FAST_CHECKS}
         _release_device_memory()  # the benchmarks' fresh processes get the GPU memory the checks cached
         benches = run_benches(ctx, [n for n in only if n in BENCHES], args.budget_s, started)

@@ -65,6 +65,9 @@ class EvaluateConfig:
     tokenizer: str | None = None  # default: the model directory
     output_dir: str = "runs/eval"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # load the model quantized through bitsandbytes (int8: LLM.int8; nf4 / fp4: 4-bit computing in `dtype`), the
+    # adapter on top; null: as stored (a `tune quantize` checkpoint loads quantized without it)
+    quant: Literal["int8", "nf4", "fp4"] | None = None
     data: EvalDataSection = field(default_factory=EvalDataSection)
     prompt: EvalPromptSection = field(default_factory=EvalPromptSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
@@ -78,13 +81,17 @@ def validate(cfg: EvaluateConfig) -> None:
     """Cheap checks (no weights loaded, no torch): directories, the model's config, sizes. Every problem is
     reported, in one ConfigError."""
     from tune.errors import Problems
-    from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code
+    from tune.hf import check_adapter_dir, check_model_dir, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_output_dir, empty_path_problems, task_source_paths
 
     problems = Problems()
     problems.extend(empty_path_problems(cfg, ["output_dir", "model", "adapter", "tokenizer", "data.tasks",
                                               "data.tasks_dir", "data.exclude_train_of"]))
-    problems.call(check_model_dir, cfg.model, "model")
+    if problems.call(check_model_dir, cfg.model, "model") is not None and cfg.quant is not None:
+        stored = stored_quant(cfg.model)
+        if stored not in (None, cfg.quant):
+            problems.add(f"quant={cfg.quant}: model={cfg.model} is already quantized ({stored}, its config.json has "
+                         "quantization_config); drop quant to load it as saved, or quantize the full-precision model")
     if cfg.adapter:
         problems.call(check_adapter_dir, cfg.adapter, "adapter")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
@@ -162,12 +169,13 @@ def run(cfg: EvaluateConfig) -> dict:
     skipped = sum(1 for task in tasks for inst in task.instances if (task.name, inst.id) in exclude)
     tokenizer_dir = cfg.tokenizer or cfg.model
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_model(cfg.model, cfg.adapter, cfg.dtype)
+    model = load_model(cfg.model, cfg.adapter, cfg.dtype, quant=cfg.quant)
     check_vocab(model, tokenizer, tokenizer_dir)
     device = next(model.parameters()).device
     apply_num_threads(0, key="OMP_NUM_THREADS")
     n = cfg.data.max_instances_per_task
     print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
+          + (f", quantized {cfg.quant}" if cfg.quant else "")
           + f" on {len(pairs)} instances of {len({t.name for t, _ in pairs})} tasks ({device})"
           + (f"; {skipped} instances skipped as trained on by {cfg.data.exclude_train_of}" if exclude else ""),
           flush=True)
@@ -185,7 +193,8 @@ def run(cfg: EvaluateConfig) -> dict:
     results = evaluate_tasks(model, tokenizer, pairs, prompt_cfg, batch_size=g.batch_size,
                              max_new_tokens=g.max_new_tokens, device=device, max_prompt_tokens=g.max_prompt_tokens,
                              stop_at_newline=g.stop_at_newline, log=lambda m: print(m, flush=True))
-    results = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": tokenizer_dir, "tasks_source": cfg.data.tasks,
+    results = {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant, "tokenizer": tokenizer_dir,
+               "tasks_source": cfg.data.tasks,
                "instances_scored": scored, "excluded_trained_instances": skipped, **results}
     print(format_table(results))
     if results["n_prompts_fewer_demos"] or results["n_prompts_truncated"]:

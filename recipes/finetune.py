@@ -104,7 +104,23 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.call(check_positions, "data.max_length", cfg.data.max_length, "base_model", cfg.base_model)
     if cfg.method == "full" and cfg.merge:
         problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
+    if base is not None and cfg.method != "full":
+        problems.call(check_moe_lora_dropout, cfg.lora, base)
     problems.raise_if_any()
+
+
+def check_moe_lora_dropout(lora, base: Path) -> None:
+    """ConfigError when LoRA would reach the expert weights of an MoE base (all-linear or lora.target_parameters)
+    with lora.dropout > 0, which peft does not support there (config.json read as JSON)."""
+    from tune.errors import ConfigError
+    from tune.hf import read_model_config
+
+    config = read_model_config(base)
+    experts = (lora.target_modules == "all-linear" or lora.target_parameters) and \
+        (config.get("num_local_experts") or config.get("num_experts"))
+    if experts and lora.dropout > 0:
+        raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on the expert weights of base_model (an MoE, "
+                          f"{config.get('model_type')}) takes no dropout in peft; set lora.dropout=0")
 
 
 def check_task_paths(d: NIDataSection, problems) -> None:
@@ -202,7 +218,7 @@ def run(cfg: FinetuneConfig):
     from tune.packing import PACKED_ATTENTION, NIBatches
     from tune.adapters import attention_implementation, merge_adapter
     from tune.engine import Engine, check_train_device, make_accelerator
-    from tune.hf import resolve_dtype
+    from tune.hf import experts_note, resolve_dtype
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
@@ -222,6 +238,8 @@ def run(cfg: FinetuneConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if cfg.method == "qlora" and (note := experts_note(model, cfg.qlora.quant_type)):
+        say(note)
     if cfg.data.packing:
         say(attention_implementation(cfg.base_model, cfg.data.packed_attention)[1])
 

@@ -15,8 +15,8 @@ from tune.train_config import TrainConfig
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny-gpt2"  # gpt1 | gpt2-124m | modern | tiny-gpt1 | tiny-gpt2 | tiny-modern
-    init_from: str | None = None  # an HF GPT-2 / OpenAIGPT / Llama directory to continue pretraining
+    preset: str = "tiny-gpt2"  # gpt1 | gpt2-124m | modern | moe | tiny-gpt1 | tiny-gpt2 | tiny-modern | tiny-moe
+    init_from: str | None = None  # an HF GPT-2 / OpenAIGPT / Llama / Mixtral directory to continue pretraining
     block_size: int | None = None  # the keys below override the preset when set
     n_layer: int | None = None
     n_head: int | None = None
@@ -102,7 +102,7 @@ def corpus_paths(data: TextDataSection) -> list[str] | str:
 
 
 SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "tie_embeddings", "rope_theta", "activation",
-              "n_experts", "moe_top_k")
+              "n_experts", "moe_top_k", "moe_every")
 
 
 def init_from_shape(hf_config: dict) -> dict:
@@ -114,8 +114,8 @@ def init_from_shape(hf_config: dict) -> dict:
     if kind in ("llama", "mixtral"):
         heads = c.get("num_attention_heads", 32)
         rope = c.get("rope_parameters") or {}
-        experts = {"n_experts": c.get("num_local_experts", 8), "moe_top_k": c.get("num_experts_per_tok", 2)} \
-            if kind == "mixtral" else {"n_experts": 0, "moe_top_k": None}
+        experts = {"n_experts": c.get("num_local_experts", 8), "moe_top_k": c.get("num_experts_per_tok", 2),
+                   "moe_every": 1} if kind == "mixtral" else {"n_experts": 0, "moe_top_k": None, "moe_every": None}
         return {**experts,"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
                 "n_kv_head": c.get("num_key_value_heads") or heads, "n_embd": c.get("hidden_size", 4096),
                 "mlp_hidden": c.get("intermediate_size", 11008),
@@ -125,7 +125,7 @@ def init_from_shape(hf_config: dict) -> dict:
     n_embd = c.get("n_embd", 768)
     heads = c.get("n_head", 12)
     activation = "gelu" if kind == "gpt2" and c.get("activation_function", "gelu_new") == "gelu" else "gelu_tanh"
-    return {"n_experts": 0, "moe_top_k": None, "n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads,
+    return {"n_experts": 0, "moe_top_k": None, "moe_every": None, "n_layer": c.get("n_layer", 12), "n_head": heads, "n_kv_head": heads,
             "n_embd": n_embd,
             "mlp_hidden": c.get("n_inner") or 4 * n_embd, "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
             "rope_theta": None, "activation": activation,
@@ -150,7 +150,8 @@ def init_from_problems(m: ModelSection, shape: dict) -> list[str]:
 
 
 def load_init_checkpoint(cfg: PretrainConfig):
-    """The native model imported from model.init_from, with block_size and dropout checked/applied."""
+    """The native model imported from model.init_from, with block_size and dropout checked/applied and the router
+    loss weights (training settings, not shape: HF Mixtral keeps router_aux_loss_coef and no z-loss) set when given."""
     from tune.errors import ConfigError
     from tune.hf import read_model_config
     from tune.models.export import import_hf
@@ -160,6 +161,9 @@ def load_init_checkpoint(cfg: PretrainConfig):
     if problems:
         raise ConfigError(problems[0])
     model = import_hf(m.init_from)
+    for key in ("router_aux_coef", "router_z_coef"):
+        if getattr(m, key) is not None:
+            setattr(model.config, key, getattr(m, key))
     if m.dropout is not None:
         import torch
 

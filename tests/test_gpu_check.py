@@ -39,6 +39,20 @@ def test_smoke_runs_every_check_and_benchmark(tmp_path):
     assert "| cuda_tests | *skipped* | skipped: needs CUDA |" in markdown
     assert "all checks ok, no benchmark errors (skipped: liger, qlora_fsdp, cuda_tests)" in proc.stdout
     assert "(flex)" in markdown and "(dense)" in markdown
+    assert "moe" not in benches  # opt-in: --only moe
+
+
+def test_the_opt_in_moe_benchmark_and_check_run_with_only(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out), "--only",
+                           "moe_bf16,moe", "--ni-tasks", str(NI_TASKS)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["checks"]["moe_bf16"]["status"] == "ok", report["checks"]["moe_bf16"]
+    results = report["benches"]["moe"]["results"]
+    assert len(results) == 3 and all(r["tokens_per_s"] > 0 for r in results.values())
+    assert "### Mixture of Experts vs dense" in (out / "gpu_check.md").read_text()
 
 
 def test_missing_packages_are_listed_with_the_pip_command(monkeypatch):

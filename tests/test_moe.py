@@ -1,6 +1,8 @@
 """Mixture of Experts in the native GPT (issue 14, first part): routing, dropless dispatch, the load-balancing and
 z losses against hand-computed values, and the router losses in the training loss."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,7 @@ def test_router_picks_the_top_k_experts_with_gates_renormalised_over_them():
     torch.testing.assert_close(gates, expected)
 
 
-@pytest.mark.parametrize("mlp, bias, top_k", [("swiglu", False, 2), ("gelu", True, 2), ("swiglu", False, 1),
+@pytest.mark.parametrize("mlp, bias, top_k", [("swiglu", False, 2), ("gelu", True, 2), ("swiglu", False, 3),
                                               ("swiglu", False, 4)])
 def test_dropless_dispatch_equals_each_token_through_its_k_experts(mlp, bias, top_k):
     """The sorted, per-expert dispatch gives every token exactly the gate-weighted sum of its k experts' outputs,
@@ -61,20 +63,20 @@ def test_dropless_dispatch_equals_each_token_through_its_k_experts(mlp, bias, to
 
 
 def test_load_balancing_and_z_loss_equal_hand_computed_values():
-    """4 tokens, 2 experts, top-1, logits set by hand: f = (3/4, 1/4), P = the mean softmax; aux = 2 · Σ f_i P_i;
-    z = mean(logsumexp²)."""
-    layer = moe_layer(n_experts=2, top_k=1)
+    """4 tokens, 3 experts, top-2, logits set by hand: the chosen pairs are {0,2}, {0,2}, {1,2}, {1,2}, so
+    f = (2/4, 2/4, 4/4) (Σ f = k), P = the mean softmax; aux = 3 · Σ f_i P_i; z = mean(logsumexp²); each expert's
+    share of the 8 assignments f / k."""
+    layer = moe_layer(n_experts=3, top_k=2)
+    logits = torch.tensor([[2.0, 0.0, 1.0], [1.0, 0.0, 3.0], [0.0, 0.5, 0.2], [0.0, 3.0, 2.0]])
     with torch.no_grad():
-        layer.router.weight.copy_(torch.eye(2, 8))
+        layer.router.weight.copy_(torch.eye(3, 8))
     x = torch.zeros(4, 8)
-    x[:, :2] = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]])  # token 2: a tie -> expert 0
+    x[:, :3] = logits
     layer(x)
-    p = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]).softmax(-1)
-    f = torch.tensor([3 / 4, 1 / 4])
-    torch.testing.assert_close(layer.aux_loss, 2 * (f * p.mean(0)).sum())
-    lse = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 3.0]]).logsumexp(-1)
-    torch.testing.assert_close(layer.z_loss, lse.pow(2).mean())
-    torch.testing.assert_close(layer.expert_fraction, f)
+    f = torch.tensor([2 / 4, 2 / 4, 4 / 4])
+    torch.testing.assert_close(layer.aux_loss, 3 * (f * logits.softmax(-1).mean(0)).sum())
+    torch.testing.assert_close(layer.z_loss, logits.logsumexp(-1).pow(2).mean())
+    torch.testing.assert_close(layer.expert_fraction, f / 2)
 
 
 def test_training_loss_adds_the_router_losses_per_token_and_logs_expert_fractions():
@@ -98,7 +100,9 @@ def test_every_kth_block_and_config_checks():
     assert [isinstance(b.mlp, MoE) for b in GPT(config).blocks] == [False, True, False, True]
     assert GPT(config_from_preset("tiny-modern")).router_losses() is None
     for bad, message in (({"n_experts": 1}, "n_experts must be 0"), ({"moe_top_k": 5}, "moe_top_k must be >= 1, at most model.n_experts=4"),
-                         ({"moe_every": 0}, "moe_every must be >= 1"), ({"router_aux_coef": -1}, "router_aux_coef")):
+                         ({"moe_every": 0}, "moe_every must be >= 1"), ({"router_aux_coef": -1}, "router_aux_coef"),
+                         ({"moe_every": 3, "n_layer": 2}, "moe_every=3 > model.n_layer=2: no block would be MoE"),
+                         ({"moe_top_k": 1}, "moe_top_k=1: .* a top-1 gate is always 1")):
         with pytest.raises(ConfigError, match=message):
             config_from_preset("tiny-moe", **bad)
 
@@ -129,19 +133,20 @@ def test_export_to_mixtral_gives_equal_logits_generates_and_imports_back(tmp_pat
 
 
 def test_moe_models_without_a_mixtral_layout_refuse_to_export():
+    """The refusal names the keys that differ from Mixtral's layout, in one line (no config dump)."""
     from tune.models.export import hf_layout
 
-    with pytest.raises(ConfigError, match="exports to HF Mixtral only"):
+    with pytest.raises(ConfigError, match=r"exports to HF Mixtral only .*; this one has moe_every=2$"):
         hf_layout(config_from_preset("tiny-moe", n_layer=2, moe_every=2))
-    with pytest.raises(ConfigError, match="exports to HF Mixtral only"):
+    with pytest.raises(ConfigError, match=r"this one has position=learned, norm=layernorm, mlp=gelu, bias=True$"):
         hf_layout(config_from_preset("tiny-gpt2", n_experts=4))
 
 
 def test_active_parameters_count_top_k_of_the_experts_and_eval_loss_is_cross_entropy():
     torch.manual_seed(0)
-    model = GPT(config_from_preset("tiny-moe", n_experts=4, moe_top_k=1))
+    model = GPT(config_from_preset("tiny-moe", n_experts=4, moe_top_k=3))
     expert = sum(m.fc.numel() + m.proj.numel() for m in model.moe_layers())
-    assert model.num_active_parameters() == model.num_parameters() - expert * 3 // 4
+    assert model.num_active_parameters() == model.num_parameters() - expert // 4
     dense = GPT(config_from_preset("tiny-modern"))
     assert dense.num_active_parameters() == dense.num_parameters()
     model.eval()
@@ -232,6 +237,29 @@ def test_lora_on_the_exported_mixtral_adapts_attention_and_experts(tmp_path):
     assert not torch.allclose(model(x).logits, before)
 
 
+def test_lora_target_parameters_choose_the_experts_and_names_that_match_nothing_are_errors(tmp_path):
+    """lora.target_parameters adapts exactly the named expert weights (not the router, which all-linear also takes);
+    an expert weight put in target_modules, or a name matching nothing, is a one-line error (peft itself would skip
+    it silently as long as another name matches)."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import LoraSection, add_lora
+    from tune.models.export import export_hf
+
+    out = export_hf(GPT(config_from_preset("tiny-moe")), tmp_path / "hf")
+    model = add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(
+        r=4, dropout=0.0, target_modules=["q_proj", "v_proj"], target_parameters=["gate_up_proj", "down_proj"]))
+    adapted = {n.rsplit(".", 1)[-1] for n in model.targeted_parameter_names}
+    assert adapted == {"gate_up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in model.targeted_module_names} == {"q_proj", "v_proj"}
+    with pytest.raises(ConfigError, match="lora.target_modules: 'gate_up_proj' is a parameter .* lora.target_parameters"):
+        add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.0,
+                                                                          target_modules=["q_proj", "gate_up_proj"]))
+    with pytest.raises(ConfigError, match="lora.target_modules: 'qproj' matches no linear layer"):
+        add_lora(AutoModelForCausalLM.from_pretrained(out), LoraSection(r=4, dropout=0.0,
+                                                                          target_modules=["q_proj", "qproj"]))
+
+
 def test_report_plots_each_experts_share_for_an_moe_run(tmp_path):
     from tune.report import expert_fractions, write_report
 
@@ -241,3 +269,139 @@ def test_report_plots_each_experts_share_for_an_moe_run(tmp_path):
     assert expert_fractions([{"step": 1, "loss": 1.0}]) == {}
     out = write_report(rows, tmp_path / "report.png")
     assert out.is_file() and out.stat().st_size > 10_000
+
+
+def test_continued_pretraining_from_mixtral_takes_the_router_weights_and_refuses_a_shape_change(tmp_path):
+    """model.init_from=<Mixtral>: router_aux_coef / router_z_coef given in the config replace the checkpoint's (HF
+    keeps router_aux_loss_coef only); moe_every != 1 would change its shape: one-line error."""
+    from recipes.pretrain import PretrainConfig, load_init_checkpoint
+    from tune.config import load_config
+    from tune.models.export import export_hf
+
+    out = export_hf(GPT(config_from_preset("tiny-moe", tie_embeddings=False)), tmp_path / "hf")
+
+    def config(**model):
+        return load_config(PretrainConfig, data={"output_dir": str(tmp_path / "run"),
+                                                 "model": {"init_from": str(out), **model}})
+
+    assert load_init_checkpoint(config()).config.router_aux_coef == 0.01  # the checkpoint's
+    model = load_init_checkpoint(config(router_aux_coef=0.5, router_z_coef=1e-3))
+    assert (model.config.router_aux_coef, model.config.router_z_coef) == (0.5, 1e-3)
+    with pytest.raises(ConfigError, match="model.moe_every=2 would change the shape of init_from"):
+        load_init_checkpoint(config(moe_every=2))
+
+
+def test_an_hf_moe_trains_with_its_own_router_loss_as_transformers_computes_it():
+    """Fine-tuning an HF Mixtral (e.g. our export): the engine loss equals MixtralForCausalLM's own loss with
+    output_router_logits (CE + router_aux_loss_coef · load_balancing_loss_func), expert shares logged; in eval mode
+    the cross-entropy alone."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           router_aux_loss_coef=0.02)
+    model = MixtralForCausalLM(config).train()
+    x = torch.randint(0, 64, (2, 10))
+    targets = torch.cat([x[:, 1:], torch.full((2, 1), -100)], 1)
+    loss, n, extras = causal_lm_loss(model, {"input_ids": x, "targets": targets})
+    reference = model(input_ids=x, labels=x, output_router_logits=True)
+    torch.testing.assert_close(loss / n, reference.loss)
+    torch.testing.assert_close(extras["router_aux"] / n, reference.aux_loss.detach())
+    assert sum(extras[f"expert_frac_{i}"] for i in range(4)) / n == pytest.approx(1.0)
+    model.eval()
+    with torch.no_grad():
+        loss, n = causal_lm_loss(model, {"input_ids": x, "targets": targets})
+        torch.testing.assert_close(loss / n, model(input_ids=x, labels=x).loss)
+
+
+def test_distilling_into_an_moe_student_adds_its_router_losses():
+    from tune.distill import kd_loss_fn
+
+    torch.manual_seed(0)
+    teacher = GPT(config_from_preset("tiny-modern")).eval()
+    student = GPT(config_from_preset("tiny-moe", router_aux_coef=0.1, router_z_coef=0.01)).train()
+    x = torch.randint(0, 256, (2, 12))
+    loss, n, extras = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, 256)(student, {"input_ids": x, "targets": x})
+    router = student.router_losses()
+    expected = 0.5 * 4 * extras["kd"] + 0.5 * extras["ce"] + n * (0.1 * router["aux"] + 0.01 * router["z"])
+    torch.testing.assert_close(loss, expected)
+    assert {"kd", "ce", "router_aux", "router_z", "expert_frac_0"} <= set(extras)
+
+
+@pytest.mark.slow
+def test_compiled_moe_blocks_do_not_recompile_per_step_and_give_the_eager_losses(tmp_path):
+    """train.compile with MoE: the expert dispatch (tokens per expert change every step) runs eager inside the
+    compiled blocks, so after the first step no step compiles a new graph (before, each step's token counts
+    recompiled until dynamo's recompile limit), and the losses equal the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from conftest import ListSource
+    from tune.engine import Engine, TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    steps = [[{"input_ids": (x := torch.randint(0, 64, (2, 24), generator=g)), "targets": x}] for _ in range(6)]
+    graphs = []
+
+    def counting_loss(model, batch):
+        out = causal_lm_loss(model, batch)
+        if torch.is_grad_enabled():  # a training forward (the final evaluation, without grad, is another graph)
+            graphs.append(counters["stats"]["unique_graphs"])
+        return out
+
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        graphs.clear()
+        torch.manual_seed(0)
+        model = GPT(config_from_preset("tiny-moe", vocab_size=64, block_size=32, n_layer=2))
+        cfg = TrainConfig(max_steps=6, micro_batch_size=2, warmup_steps=1, lr=3e-3, eval_every=0, log_every=1,
+                          progress=False, mixed_precision="no", compile=compile_)
+        result = Engine(cfg, tmp_path / name, model, ListSource(steps), counting_loss, log=lambda s: None).fit()
+        losses.append([r["loss"] for r in result.history if "loss" in r])
+    assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 5
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+
+
+def test_qlora_finetune_of_an_exported_mixtral_logs_its_router_and_says_the_experts_stay_unquantized(
+        tmp_path, ni_texts, capsys):
+    """The finetune recipe on our exported Mixtral: lora.dropout > 0 with the experts targeted is caught by validate
+    (nothing written); with dropout 0, QLoRA says the 3-D expert weights stay unquantized, and the run logs the
+    router's aux loss and expert shares (HF's load-balancing loss, added in training)."""
+    from recipes.finetune import run, validate
+    from test_finetune import finetune_config, make_base
+
+    base = make_base(tmp_path / "moe_base", ni_texts, "tiny-moe")
+    steps = {"train.max_steps": 3, "train.micro_batch_size": 2, "train.grad_accum_steps": 1}
+    with pytest.raises(ConfigError, match=r"lora.dropout=0.05: LoRA on the expert weights of base_model \(an MoE, "
+                                          r"mixtral\) takes no dropout in peft; set lora.dropout=0"):
+        validate(finetune_config(tmp_path / "bad", base, "qlora", **steps, **{"lora.dropout": 0.05}))
+    assert not (tmp_path / "bad" / "qlora").exists()
+    result = run(finetune_config(tmp_path / "ok", base, "qlora", **steps, **{"lora.dropout": 0}))
+    printed = capsys.readouterr().out
+    assert "note: quant=nf4 leaves this MoE's 4 fused expert weights (" in printed, printed[:3000]
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 3 and all(r["router_aux"] > 0 for r in trained)
+    assert sum(v for k, v in trained[0].items() if k.startswith("expert_frac_")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resuming_with_another_model_shape_is_a_one_line_error_that_keeps_the_run(tmp_path, shakespeare_slice):
+    from recipes.pretrain import PretrainConfig, run
+    from tune.config import load_config
+
+    out = tmp_path / "run"
+    pretrain_moe(out, shakespeare_slice, max_steps=4, save_every=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cfg = load_config(PretrainConfig, data={
+        "output_dir": str(out), "model": {"preset": "tiny-moe", "block_size": 32, "n_experts": 8},
+        "data": {"corpus": str(shakespeare_slice), "tokenizer": "char", "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "resume": True, "allow_schedule_change": True,
+                  "progress": False, "num_threads": 1}, "sample": {"num_samples": 0}, "export": False})
+    with pytest.raises(ConfigError, match=r"blocks.0.mlp.fc has shape \[4, 384, 64\] in the checkpoint but "
+                                          r"\[8, 384, 64\] in the model this config builds; resume with the run's own "
+                                          r"model settings"):
+        run(cfg)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before

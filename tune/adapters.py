@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tune.errors import ConfigError
+from tune.hf import bnb_config as hf_bnb_config
 from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
 from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
 
@@ -51,13 +52,10 @@ def quant_storage(quant: QuantSection, fsdp: bool) -> torch.dtype:
 
 
 def bnb_config(quant: QuantSection, fsdp: bool = False):
-    """transformers' BitsAndBytesConfig for `quant` (4-bit); fsdp: the model will be sharded (see quant_storage)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
-        bnb_4bit_quant_storage=quant_storage(quant, fsdp))
+    """transformers' BitsAndBytesConfig for QLoRA's `quant` section (4-bit, through tune.hf.bnb_config); fsdp: the
+    model will be sharded (see quant_storage)."""
+    return hf_bnb_config(quant.quant_type, resolve_dtype(quant.compute_dtype), quant.double_quant,
+                         quant_storage(quant, fsdp))
 
 
 def attention_implementation(path, packed_attention: str = "dense") -> tuple[str, str]:
@@ -147,20 +145,43 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
         from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                        target_modules=lora.target_modules, target_parameters=lora.target_parameters,
+                        task_type="CAUSAL_LM",
                         trainable_token_indices=list(trainable_token_indices) if trainable_token_indices else None)
     with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
         # merge_adapter unties it on merge, so its warning about merging does not apply
         warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter.*")
+        # peft's own MoE target mapping (Mixtral + all-linear) sets rank/alpha patterns for expert parameters and then
+        # warns that they match no module: they are applied to the parameters (checked in tests/test_moe.py)
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         try:
-            return get_peft_model(model, config)
+            wrapped = get_peft_model(model, config)
         except ValueError as e:
             if "lora_dropout" in str(e):  # peft adapts fused MoE expert weights (nn.Parameter) without dropout only
                 raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on this model's expert weights (an MoE, e.g. "
                                   "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
+    check_lora_targets(wrapped, lora)
+    return wrapped
+
+
+def check_lora_targets(model, lora: LoraSection) -> None:
+    """ConfigError naming the first entry of lora.target_modules / lora.target_parameters that adapted nothing (peft
+    only fails when no entry matches at all), with the fix: an MoE's 3-D expert weights are parameters, not modules."""
+    modules, parameters = model.targeted_module_names, getattr(model, "targeted_parameter_names", [])
+    param_names = [name for name, _ in model.named_parameters()]
+    for key, wanted, adapted in (("target_modules", lora.target_modules, modules),
+                                 ("target_parameters", lora.target_parameters, parameters)):
+        for name in wanted if isinstance(wanted, list) else []:
+            if any(a == name or a.endswith("." + name) for a in adapted):
+                continue
+            if key == "target_modules" and any(p.endswith("." + name) for p in param_names):
+                raise ConfigError(f"lora.target_modules: {name!r} is a parameter (an MoE's expert weights), not a "
+                                  f"linear layer; put it in lora.target_parameters")
+            raise ConfigError(f"lora.{key}: {name!r} matches no {'linear layer' if key == 'target_modules' else 'parameter'}"
+                              f" of the model; check the names (e.g. q_proj, v_proj) or use target_modules=all-linear")
 
 
 def dequantized_weights(model) -> dict[str, torch.Tensor]:

@@ -284,9 +284,12 @@ class Checkpointer:
 
     @staticmethod
     def load(path: Path, accelerator, model: nn.Module, optimizer, scheduler) -> dict:
+        """Restore model, optimizer, scheduler and RNG states from checkpoint `path`; a ConfigError (before anything
+        changes) when a weight's shape differs from the model the config built."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         weights = read_checkpoint_weights(path, model)
+        check_shapes(path, weights, model)
         # every rank reads the whole tensors; under FSDP each keeps its own shard of them
         set_model_state_dict(model, weights, options=_full_options(strict=False))
         set_optimizer_state_dict(model, optimizer, _load_plain(path / "optimizer.pt"), options=_full_options())
@@ -466,3 +469,15 @@ def _tensor_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
+
+
+def check_shapes(path: Path, weights: dict, model: nn.Module) -> None:
+    """ConfigError naming the first checkpoint tensor whose shape differs from the model's (a resume with other
+    model settings, e.g. model.n_experts or n_embd), instead of load_state_dict's wall of size mismatches. Under
+    FSDP the model's DTensors report their full shapes."""
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, tensor in weights.items():
+        if name in own and tuple(tensor.shape) != own[name]:
+            raise ConfigError(f"{path}: {name} has shape {list(tensor.shape)} in the checkpoint but "
+                              f"{list(own[name])} in the model this config builds; resume with the run's own model "
+                              "settings (its config.yaml) or start a new output_dir")

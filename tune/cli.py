@@ -6,7 +6,8 @@
     tune validate CONFIG [key=value ...]       check a config without running anything heavy
     tune run RECIPE --config CONFIG [key=value ...] [--nproc N] [--nnodes M --rdzv-endpoint HOST:PORT]
     tune export RUN_DIR [--step N | --best] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
-    tune generate --model DIR [--adapter DIR] --prompt TEXT | --task FILE
+    tune generate --model DIR [--adapter DIR] [--quant int8|nf4|fp4] --prompt TEXT | --task FILE
+    tune quantize MODEL_DIR OUT [--quant nf4] [--adapter DIR]   a bitsandbytes-quantized HF checkpoint
     tune plan CONFIG [key=value ...] [--gpu H100 --mfu 0.4 --processes N --json]   params, FLOPs, memory, time
     tune plan --model-size 70B                 inference weight memory at fp16 / int8 / int4
 """
@@ -384,7 +385,7 @@ def cmd_generate(args) -> int:
         instance = task.instances[args.instance]
     check_generate_model(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
-    model = load_model(args.model, args.adapter, args.dtype)
+    model = load_model(args.model, args.adapter, args.dtype, quant=args.quant, quant_field="--quant")
     check_vocab(model, tokenizer, args.tokenizer or args.model)
     table = generation_window(model)
     if table is None:
@@ -414,6 +415,120 @@ def cmd_generate(args) -> int:
     if task is not None:
         print(f"--- {task.name}, instance {args.instance} (id {instance.id}); reference output"
               f"{'s' if len(instance.outputs) != 1 else ''}: " + " | ".join(instance.outputs), flush=True)
+    return 0
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def weight_bytes(model_dir) -> int:
+    """Bytes of the *.safetensors weight files in `model_dir`."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def check_quantize_args(args) -> None:
+    """One-line errors for `tune quantize` before anything loads: MODEL_DIR must be a full-precision HF causal LM
+    (not an adapter, not already quantized), --adapter a peft adapter, OUT new (or --force) and not MODEL_DIR."""
+    from tune.hf import check_adapter_dir, check_model_dir, stored_quant
+
+    src, out = Path(args.model_dir), Path(args.out)
+    if not src.exists():
+        raise ConfigError(f"MODEL_DIR {src} does not exist (paths are relative to where you run tune)")
+    if (src / "adapter_config.json").is_file() and not (src / "config.json").is_file():
+        raise ConfigError(f"MODEL_DIR {src} is a peft adapter, not a model; give the base model it was trained on and "
+                          f"the adapter to merge first: tune quantize BASE_MODEL {out} --adapter {src}")
+    if (src / "config.yaml").is_file() and not (src / "config.json").is_file():
+        found = [name for name in RUN_ARTIFACTS if (src / name / "config.json").is_file()]
+        hint = (f"use {src / found[0]}" if found else
+                f"give its base model and --adapter {src / 'adapter'}" if (src / "adapter").is_dir() else
+                "give the model directory it wrote")
+        raise ConfigError(f"MODEL_DIR {src} is a run directory, not a model; {hint}")
+    check_model_dir(src, "MODEL_DIR")
+    stored = stored_quant(src)
+    if stored is not None:
+        raise ConfigError(f"MODEL_DIR {src} is already quantized ({stored}: its config.json has quantization_config); "
+                          "quantize the full-precision model it was made from")
+    if args.adapter:
+        check_adapter_dir(args.adapter, "--adapter")
+    if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"OUT {out} would replace MODEL_DIR {src}; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT {out} is a file, not a directory; choose a directory for the quantized model")
+    if out.exists() and not args.force:
+        raise ConfigError(f"OUT {out} already exists; pass --force to replace it or choose another OUT")
+
+
+def adapter_qlora_section(adapter):
+    """The QuantSection a QLoRA adapter was trained under (its finetune run's config.yaml, next to adapter/), so
+    it is merged into the dequantized 4-bit weights it learned against; None for a LoRA adapter or no run config."""
+    from tune.train_config import QuantSection
+
+    run_config = Path(adapter).parent / "config.yaml"
+    if not run_config.is_file():
+        return None
+    saved = read_yaml(run_config)
+    if saved.get("method") != "qlora":
+        return None
+    section = saved.get("qlora") or {}
+    return QuantSection(**{k: v for k, v in section.items() if k in QuantSection.__dataclass_fields__})
+
+
+def cmd_quantize(args) -> int:
+    """Write MODEL_DIR (with --adapter: that LoRA adapter merged in first) as a bitsandbytes-quantized HF checkpoint
+    with the tokenizer: AutoModelForCausalLM.from_pretrained, `tune generate` and `tune run evaluate` load it as is.
+    Prints the weight bytes on disk before and after."""
+    import json
+    import tempfile
+
+    import torch
+
+    from tune.files import directory_written_aside
+    from tune.hf import bnb_config, experts_note, quiet_third_party, resolve_dtype
+
+    check_quantize_args(args)
+    from transformers import AutoModelForCausalLM
+
+    src, out = Path(args.model_dir), Path(args.out)
+    compute = resolve_dtype(args.dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".merge-{out.name}-") as scratch:
+        source = src
+        if args.adapter:
+            from tune.adapters import merge_adapter
+
+            qlora = adapter_qlora_section(args.adapter)
+            source = merge_adapter(src, args.adapter, Path(scratch) / "merged", dtype=torch.float32, quant=qlora)
+            print(f"merged {args.adapter} into {src}" + (" (dequantized 4-bit base, as QLoRA trained it)"
+                                                        if qlora else ""), flush=True)
+        kwargs = {"device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
+        try:
+            with quiet_third_party():
+                model = AutoModelForCausalLM.from_pretrained(
+                    source, quantization_config=bnb_config(args.quant, compute, double_quant=args.double_quant),
+                    dtype=compute, trust_remote_code=False, use_safetensors=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - transformers / bitsandbytes raise many types
+            raise TuneError(f"MODEL_DIR {src}: cannot load it quantized ({str(e).strip().splitlines()[0][:200]})") from None
+        note = experts_note(model, args.quant)
+        if note:
+            print(note, file=sys.stderr)
+        with directory_written_aside(out) as tmp:
+            with quiet_third_party():
+                model.save_pretrained(tmp, safe_serialization=True)
+            copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+            for name in copied:
+                shutil.copyfile(src / name, tmp / name)
+            before, after = weight_bytes(source), weight_bytes(tmp)
+            (tmp / "quantize_info.json").write_text(json.dumps(
+                {"source": str(src), "adapter": args.adapter, "quant": args.quant,
+                 "double_quant": args.double_quant if args.quant != "int8" else None, "dtype": args.dtype,
+                 "weight_bytes_before": before, "weight_bytes_after": after,
+                 "memory_footprint_bytes": model.get_memory_footprint()}, indent=2))
+    if not copied:
+        print(f"note: {src} holds no tokenizer files; pass --tokenizer to tune generate / set tokenizer= to evaluate",
+              file=sys.stderr)
+    print(f"wrote {out}: {args.quant} weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB on disk "
+          f"({after / before:.2f}x); in memory {model.get_memory_footprint() / 2**20:.1f} MiB")
     return 0
 
 
@@ -603,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--quant", choices=["int8", "nf4", "fp4"], default=None,
+                   help="load the model through bitsandbytes: int8 (LLM.int8) or 4-bit nf4 / fp4; --adapter applies on "
+                        "top (a model saved by tune quantize loads quantized without it)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("predict", help="label / score / choice of a `tune run classify` model for one input or a file")
     p.add_argument("--model", required=True, help="the run's model/ or adapter/ directory (or the run directory)")
@@ -621,6 +739,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "since training (default: the path the run recorded)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("quantize", help="write an HF causal LM (+ a merged LoRA adapter) as a bitsandbytes int8 / "
+                                        "nf4 / fp4 checkpoint that from_pretrained loads")
+    p.add_argument("model_dir", help="a full-precision HF causal-LM directory")
+    p.add_argument("out", help="the directory to write (written aside, then renamed)")
+    p.add_argument("--quant", choices=["int8", "nf4", "fp4"], default="nf4", help="default nf4")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="4-bit: do not quantize the block scales too (double quantization saves ~0.4 bit/weight)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="4-bit compute dtype and the dtype of the layers left unquantized (auto: bf16 on a GPU that "
+                        "has it, else fp32)")
+    p.add_argument("--adapter", default=None, help="a LoRA / QLoRA adapter trained on MODEL_DIR: merged in first")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("plan", help="parameters, FLOPs, wall time and memory per process of a config (reads the preset "
                                     "or config.json: no weights, no data)")
     p.add_argument("config", nargs="?", help="a config file or built-in config name (or use --model-size)")

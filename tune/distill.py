@@ -23,7 +23,7 @@ import torch
 
 from tune.errors import ConfigError, DataError, TuneError
 from tune.files import directory_written_aside
-from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head
+from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head, with_router_losses
 from tune.packing import NIBatches, collate_padded, example_rows
 
 
@@ -31,19 +31,19 @@ from tune.packing import NIBatches, collate_padded, example_rows
 def load_teacher(path, dtype: torch.dtype, quant: str = "none", device=None, attn_implementation: str = "sdpa"):
     """The teacher as a frozen HF causal LM in eval mode: in `dtype`, or 8-bit / 4-bit (nf4) via bitsandbytes.
     attn_implementation: see tune.adapters.attention_implementation (the teacher sees the student's batches)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    from tune.hf import check_model_dir, quiet_third_party
+    from tune.hf import bnb_config, check_model_dir, quiet_third_party, silence_int8_cast_message
 
     check_model_dir(path, "teacher.model")
     kwargs = {"dtype": dtype}
-    if quant == "8bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif quant == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    kinds = {"8bit": "int8", "4bit": "nf4"}  # 4bit: nf4 with double quantization, computing in `dtype`
+    if quant in kinds:
+        kwargs["quantization_config"] = bnb_config(kinds[quant], dtype, double_quant=True)
     elif quant != "none":
         raise ConfigError(f"teacher.quant must be none, 8bit or 4bit, got {quant!r}")
+    if quant == "8bit":
+        silence_int8_cast_message()
     if quant != "none" and torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     with quiet_third_party():  # a quantized teacher imports bitsandbytes
@@ -97,7 +97,7 @@ def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta:
             kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
                                         teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                         vocab_size=vocab_size, chunk_size=chunk_size)
-        return scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()}
+        return with_router_losses(model, scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()})
 
     return loss_fn
 

@@ -20,10 +20,12 @@ from tune.errors import ConfigError, DataError
 
 class _DropKernelsHint(logging.Filter):
     """bitsandbytes' CPU backend logs at import that it could not fetch an optional kernel from the Hub
-    ("pip install kernels"): nothing our LoRA, generation or fp32 runs use."""
+    ("pip install kernels"): nothing our LoRA, generation or fp32 runs use. Its LLM.int8 matmul logs on every
+    call that it casts fp32/bf16 inputs to fp16, which is how LLM.int8 works (tune.hf.bnb_config says so)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pip install kernels" not in record.getMessage()
+        message = record.getMessage()
+        return "pip install kernels" not in message and "during quantization" not in message
 
 
 @contextlib.contextmanager
@@ -219,30 +221,155 @@ def adapter_base_mismatch(adapter, model_dir) -> str | None:
     return None if Path(recorded).resolve() == Path(model_dir).resolve() else recorded
 
 
-def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None):
-    """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any)."""
+QUANT_KINDS = ("int8", "nf4", "fp4")  # bitsandbytes' LLM.int8 and its two 4-bit data types
+
+
+def check_quant(quant, field: str = "quant") -> None:
+    """A ConfigError unless `quant` is None or one of QUANT_KINDS (no torch: `tune validate` calls it)."""
+    if quant is not None and quant not in QUANT_KINDS:
+        raise ConfigError(f"{field}={quant!r} is not one of {list(QUANT_KINDS)}; int8 is LLM.int8 (about half the "
+                          "memory of bf16), nf4 / fp4 are 4-bit (about a quarter)")
+
+
+def bnb_config(kind: str, compute_dtype=None, double_quant: bool = True, quant_storage=None):
+    """The one place transformers' BitsAndBytesConfig is built (inference, QLoRA, a quantized teacher).
+
+    kind: "int8" (LLM.int8: row-wise absmax int8 weights, activation outlier columns above 6.0 in fp16),
+    "nf4" or "fp4" (4-bit blocks of 64 with an absmax each; double_quant also quantizes those absmaxes).
+    compute_dtype: the dtype 4-bit layers dequantize to and multiply in (default bf16 on a GPU that has it,
+    fp32 otherwise); int8 computes in fp16 (bitsandbytes casts the inputs). quant_storage: the dtype the 4-bit
+    codes are packed into (default uint8; FSDP needs a float one, see tune.adapters.quant_storage).
+    Raises ConfigError for another kind.
+    """
+    from transformers import BitsAndBytesConfig
+
+    check_quant(kind)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtype = compute_dtype if compute_dtype is not None else resolve_dtype("auto")
+    extra = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype, **extra)
+
+
+def stored_quant(model_dir) -> str | None:
+    """The QUANT_KINDS name of a checkpoint saved quantized (its config.json has a bitsandbytes
+    quantization_config: `tune quantize` output), "other" for another quantization method, None if not quantized."""
+    config = read_model_config(model_dir).get("quantization_config")
+    if not isinstance(config, dict):
+        return None
+    if config.get("quant_method") != "bitsandbytes":
+        return "other"
+    if config.get("load_in_8bit"):
+        return "int8"
+    if config.get("load_in_4bit"):
+        return str(config.get("bnb_4bit_quant_type", "fp4"))
+    return "other"
+
+
+def unquantized_experts(model) -> tuple[int, int]:
+    """(count, elements) of the fused MoE expert weights left in full precision by a bitsandbytes load.
+
+    transformers 5's Mixtral (and our MoE export) stores each layer's experts as stacked 3-D parameters
+    (`experts.gate_up_proj`, `experts.down_proj`), not nn.Linear layers, and bitsandbytes replaces only linear
+    layers: those weights, most of an MoE's parameters, stay in the load dtype."""
+    count = elements = 0
+    for name, param in model.named_parameters():
+        if param.dim() == 3 and ".experts." in f".{name}":
+            count, elements = count + 1, elements + param.numel()
+    return count, elements
+
+
+def experts_note(model, quant: str) -> str | None:
+    """A `note:` line when `quant` left MoE expert weights unquantized (see unquantized_experts), else None."""
+    count, elements = unquantized_experts(model)
+    if not count:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    return (f"note: quant={quant} leaves this MoE's {count} fused expert weights ({elements / max(total, 1):.0%} of "
+            "the parameters) unquantized: bitsandbytes replaces nn.Linear layers only (here the attention "
+            "projections), so the experts take as much memory as without quant")
+
+
+def silence_int8_cast_message() -> None:
+    """bitsandbytes' LLM.int8 matmul logs "inputs will be cast from ... to float16" on every call (every layer of
+    every generated token): how LLM.int8 works, not a problem. Dropped for the process once an int8 model loads."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropKernelsHint) for f in logger.filters):
+        logger.addFilter(_DropKernelsHint())
+
+
+def fit_cpu_4bit_kernel(model) -> int:
+    """Keep the 4-bit layers bitsandbytes' CPU inference kernel cannot take on its dequantize-then-matmul path.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, repacks a Linear4bit the first time it runs in eval mode without
+    gradients; the repacking needs in_features to be a multiple of the 4-bit block (64) and out_features of 32, and
+    otherwise fails inside the forward (RuntimeError from a reshape), e.g. on a model 32 wide. Returns the number
+    of layers switched."""
+    import bitsandbytes as bnb
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            state = module.weight.quant_state
+            if state is None or state.shape[1] % state.blocksize or state.shape[0] % 32:
+                module.support_avx512bf16_for_cpu = False
+                switched += 1
+    return switched
+
+
+def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", device=None, quant: str | None = None,
+               quant_field: str = "quant"):
+    """AutoModelForCausalLM from `model_dir` (+ a peft adapter), in eval mode on `device` (default: cuda if any).
+
+    quant ("int8" | "nf4" | "fp4"): the base is loaded through bitsandbytes (tune.hf.bnb_config, 4-bit computing
+    in `dtype`) and the adapter applied on top of the quantized layers, as QLoRA trains it. A checkpoint saved
+    quantized (`tune quantize`) loads as saved, with or without the same quant; asking for another one is a
+    ConfigError naming `quant_field` (the config key, or `--quant` on the command line). MoE expert weights
+    stay unquantized (a note says so, see unquantized_experts).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     from transformers.utils import logging as hf_logging
 
     check_model_dir(model_dir)
+    check_quant(quant, quant_field)
+    stored = stored_quant(model_dir)
+    if stored is not None and quant is not None and quant != stored:
+        raise ConfigError(f"{_named(quant_field, quant)}: model={model_dir} is already quantized ({stored}, its "
+                          f"config.json has quantization_config); drop {quant_field} to load it as saved, or quantize "
+                          "the full-precision model")
     if adapter:
         check_adapter_dir(adapter)
         trained_on = adapter_base_mismatch(adapter, model_dir)
         if trained_on:
             print(f"note: adapter={adapter} was trained on {trained_on}, not on model={model_dir}; applying it anyway "
                   "(same shapes), which is right only if the two hold the same weights", file=sys.stderr)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kwargs = {}
+    if quant is not None and stored is None:
+        kwargs["quantization_config"] = bnb_config(quant, resolve_dtype(dtype))
+    if (quant is not None or stored is not None) and device.type == "cuda":
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while it moves the weights to the GPU
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), trust_remote_code=False,
-                                                     use_safetensors=True)
+        with quiet_third_party():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), trust_remote_code=False,
+                                                         use_safetensors=True, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"model={model_dir}: AutoModelForCausalLM cannot load it ({_first_line(e)})") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if "int8" in (quant, stored):
+        silence_int8_cast_message()
+    elif (quant or stored) in ("nf4", "fp4"):
+        fit_cpu_4bit_kernel(model)
+    note = experts_note(model, quant or stored) if (quant or stored) else None
+    if note:
+        print(note, file=sys.stderr)
     if adapter:
         with quiet_third_party():
             from peft import PeftModel
@@ -252,8 +379,9 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
             except Exception as e:  # noqa: BLE001 - e.g. an adapter trained on another base model
                 raise DataError(f"adapter={adapter}: cannot apply it to model={model_dir} ({_first_line(e)}); "
                                 "was it trained on this base model?") from None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval()
+    if not kwargs.get("device_map") and not getattr(model, "is_quantized", False):
+        model = model.to(device)
+    return model.eval()
 
 
 def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None, pad_with_eos: bool = True):

@@ -40,7 +40,12 @@ def hidden_and_head(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Mod
     elif "attention_mask" in kwargs and kwargs["attention_mask"].dim() == 4:
         check_takes_4d_mask(lm)
         kwargs["attention_mask"] = dense_mask_for(lm, kwargs["attention_mask"])
+    routed = model.training and getattr(lm.config, "output_router_logits", None) is not None  # an HF MoE
+    if routed:
+        kwargs["output_router_logits"] = True
     out = backbone(input_ids=batch["input_ids"], use_cache=False, **kwargs)
+    if routed:  # for with_router_losses (hf_router_losses), as the native MoE keeps its losses after a forward
+        lm._tune_router_logits = out.router_logits
     return out[0], lm.get_output_embeddings()
 
 
@@ -233,22 +238,50 @@ def causal_lm_loss(model: nn.Module, batch: dict):
     return with_router_losses(model, *chunked_ce_sum(hidden, head, batch["targets"]))
 
 
-def with_router_losses(model: nn.Module, loss_sum: torch.Tensor, n_targets: torch.Tensor):
-    """(loss_sum, n_targets) as they are for a dense model; for a native MoE GPT (tune.models.gpt.MoE), after its
-    forward: in training loss_sum + n_targets · (router_aux_coef · aux + router_z_coef · z) (in eval mode loss_sum
-    alone, so val_loss is the cross-entropy), and extras router_aux, router_z
-    and expert_frac_<i> (each times n_targets, so the engine's per-token means are token-weighted averages over the
-    micro-batches)."""
-    router = model.router_losses() if hasattr(model, "router_losses") else None
+def with_router_losses(model: nn.Module, loss_sum: torch.Tensor, n_targets: torch.Tensor, extras: dict | None = None):
+    """An engine loss (loss_sum, n_targets[, extras]) with the router losses of an MoE model added, after its forward
+    (every loss function of the engine ends here, so no recipe drops them):
+    - a native MoE GPT (tune.models.gpt.MoE): in training loss_sum + n_targets · (router_aux_coef · aux +
+      router_z_coef · z), aux the per-layer Switch loss averaged over the MoE layers;
+    - an HF MoE causal LM (Mixtral, Qwen-MoE, ... whose config has output_router_logits; hidden_and_head asked it for
+      its router logits in training): loss_sum + n_targets · router_aux_loss_coef · aux, aux transformers' own
+      load_balancing_loss_func over all layers' router logits (what its ForCausalLM adds), no z-loss.
+    In eval mode loss_sum alone, so val_loss is the cross-entropy. Extras router_aux, router_z and expert_frac_<i>
+    (each times n_targets, so the engine's per-token means are token-weighted averages over the micro-batches) join
+    `extras`. A dense model: the inputs as given."""
+    router = model.router_losses() if hasattr(model, "router_losses") else hf_router_losses(model)
     if router is None:
-        return loss_sum, n_targets
-    config, n = model.config, n_targets.float()
+        return (loss_sum, n_targets) if extras is None else (loss_sum, n_targets, extras)
+    n = n_targets.float()
     loss = loss_sum  # evaluation: the cross-entropy alone, comparable with a dense model's validation loss
     if model.training:
-        loss = loss_sum + n * (config.router_aux_coef * router["aux"] + config.router_z_coef * router["z"])
-    extras = {"router_aux": (router["aux"] * n).detach(), "router_z": (router["z"] * n).detach()}
-    extras.update({f"expert_frac_{i}": f * n for i, f in enumerate(router["expert_fraction"])})
-    return loss, n_targets, extras
+        loss = loss_sum + n * (router["aux_coef"] * router["aux"] + router["z_coef"] * router["z"])
+    out = {**(extras or {}), "router_aux": (router["aux"] * n).detach(), "router_z": (router["z"] * n).detach()}
+    out.update({f"expert_frac_{i}": f * n for i, f in enumerate(router["expert_fraction"])})
+    return loss, n_targets, out
+
+
+def hf_router_losses(model: nn.Module) -> dict | None:
+    """The router terms of an HF MoE causal LM (or its peft wrapper) from the router logits hidden_and_head kept
+    (training only): aux = transformers' load_balancing_loss_func (Switch loss pooled over layers, as
+    MixtralForCausalLM computes it), z = 0, expert_fraction (n_experts,) = each expert's share of the top-k
+    assignments, and the config's router_aux_loss_coef; None for a dense model or outside training."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logits = getattr(lm, "_tune_router_logits", None)
+    if logits is None:
+        return None
+    lm._tune_router_logits = None
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    config = lm.config
+    experts, top_k = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts, \
+        config.num_experts_per_tok
+    stacked = torch.cat([layer.float() for layer in logits])  # (layers·N, E)
+    chosen = stacked.topk(top_k, dim=-1).indices.flatten()
+    fraction = torch.bincount(chosen, minlength=experts).float() / chosen.numel()
+    aux = load_balancing_loss_func(tuple(logits), experts, top_k)
+    return {"aux": aux, "z": aux.new_zeros(()), "expert_fraction": fraction.detach(),
+            "aux_coef": config.router_aux_loss_coef, "z_coef": 0.0}
 
 
 def liger_loss_fn(device: torch.device):
@@ -272,12 +305,12 @@ def liger_loss_fn(device: torch.device):
         hidden, head = hidden_and_head(model, batch)
         targets = batch["targets"]
         if not fusable_head(head) or torch.compiler.is_compiling():
-            return chunked_ce_sum(hidden, head, targets)
+            return with_router_losses(model, *chunked_ce_sum(hidden, head, targets))
         mask = targets != IGNORE_INDEX
         h, t = hidden[mask], targets[mask]
         if t.numel() == 0:  # Liger divides by the token count when it sizes its chunks
-            return fused_linear_ce_sum(h, head.weight, head.bias, t), mask.sum()
-        return liger(head.weight, h, t, head.bias).float(), mask.sum()
+            return with_router_losses(model, fused_linear_ce_sum(h, head.weight, head.bias, t), mask.sum())
+        return with_router_losses(model, liger(head.weight, h, t, head.bias).float(), mask.sum())
 
     return loss_fn
 

@@ -37,13 +37,17 @@ def write_report(rows: list[dict], path: Path, title: str | None = None) -> Path
     if experts:
         fig, (ax, ax_experts) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True,
                                              gridspec_kw={"height_ratios": [2, 1]})
+        colors = plt.get_cmap("tab10" if len(experts) <= 10 else "turbo")  # distinct colours for any expert count
         for i, curve in experts.items():
-            ax_experts.plot(*zip(*curve), label=f"expert {i}", linewidth=1)
+            ax_experts.plot(*zip(*curve), label=f"expert {i}", linewidth=1,
+                            color=colors(i if len(experts) <= 10 else i / (len(experts) - 1)))
         ax_experts.axhline(1 / len(experts), color="gray", linestyle="--", linewidth=1, label="balanced")
         ax_experts.set_ylabel("share of routed tokens")
         ax_experts.set_xlabel("step")
         ax_experts.grid(alpha=0.3)
-        ax_experts.legend(fontsize="small", ncol=min(len(experts) + 1, 5))
+        # beside the axes, not over the curves: one column per 16 entries
+        ax_experts.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                          ncol=1 + len(experts) // 16)
     else:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:

@@ -95,6 +95,8 @@ class LoraSection:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"  # every linear layer but the output head
+    # 3-D expert weights of an MoE (Mixtral's gate_up_proj / down_proj); all-linear picks them and the router itself
+    target_parameters: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def __post_init__(self):

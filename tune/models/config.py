@@ -68,6 +68,15 @@ class GPTConfig:
             raise ConfigError(f"model.moe_top_k must be >= 1{limit}, got {self.moe_top_k}")
         if self.moe_every < 1:
             raise ConfigError(f"model.moe_every must be >= 1, got {self.moe_every}")
+        if self.n_experts and self.moe_every > self.n_layer:
+            raise ConfigError(f"model.moe_every={self.moe_every} > model.n_layer={self.n_layer}: no block would be MoE; "
+                              f"use moe_every <= {self.n_layer} (1: every block) or model.n_experts=0 for a dense model")
+        if self.n_experts and self.moe_top_k == 1:
+            # Mixtral's gates are renormalised over the chosen k: with k=1 the gate is always 1, so the router gets
+            # no gradient from the language-model loss (Switch's top-1 uses the raw probability instead)
+            raise ConfigError("model.moe_top_k=1: with gates renormalised over the chosen experts (Mixtral, which the "
+                              "export matches) a top-1 gate is always 1 and the router learns from the balancing loss "
+                              "alone; use moe_top_k >= 2")
         for name in ("router_aux_coef", "router_z_coef"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
@@ -121,10 +130,13 @@ def hf_layout(config: GPTConfig) -> str:
     gpt_like = config.position == "learned" and config.norm == "layernorm" and config.mlp == "gelu" and config.bias
     llama_like = config.position == "rope" and config.norm == "rmsnorm" and config.mlp == "swiglu"
     if config.n_experts:
-        if llama_like and config.norm_placement == "pre" and not config.bias and config.moe_every == 1:
+        mixtral = (("position", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"), ("norm_placement", "pre"),
+                   ("bias", False), ("moe_every", 1))
+        wrong = [f"{key}={getattr(config, key)}" for key, want in mixtral if getattr(config, key) != want]
+        if not wrong:
             return "mixtral"
-        raise ConfigError("an MoE model exports to HF Mixtral only: rope/rmsnorm/swiglu/pre-norm without bias and "
-                          f"experts in every block (model.moe_every=1); got {config}")
+        raise ConfigError("an MoE model exports to HF Mixtral only (rope, rmsnorm, swiglu, pre-norm, no bias, experts in "
+                          f"every block: moe_every=1); this one has {', '.join(wrong)}")
     if gpt_like and config.n_kv_head == config.n_head:
         if config.norm_placement == "pre":
             return "gpt2"
@@ -135,5 +147,10 @@ def hf_layout(config: GPTConfig) -> str:
     raise ConfigError(
         "this model combination has no standard HF layout: use learned/layernorm/gelu/bias (post-LN -> OpenAIGPT with "
         "tied embeddings, gelu_tanh and mlp_hidden=4*n_embd, pre-LN -> GPT-2) or rope/rmsnorm/swiglu/pre-norm without bias (Llama); "
-        f"got {config}"
+        f"got {_layout_keys(config)}"
     )
+
+
+def _layout_keys(config: GPTConfig) -> str:
+    keys = ("position", "norm", "mlp", "activation", "norm_placement", "bias", "n_head", "n_kv_head", "tie_embeddings")
+    return ", ".join(f"{key}={getattr(config, key)}" for key in keys)

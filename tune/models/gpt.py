@@ -9,7 +9,7 @@ Switches (all in GPTConfig):
   n_kv_head       fewer key/value heads than query heads (grouped-query attention)
   tie_embeddings  output projection shares the token embedding matrix
 
-models/export.py maps the three supported combinations to OpenAIGPT, GPT-2 and Llama checkpoints.
+models/export.py maps the supported combinations to OpenAIGPT, GPT-2, Llama and (MoE) Mixtral checkpoints.
 
 Attention (chosen once per forward, shared by the blocks):
   neither mask     SDPA is_causal=True (pretraining windows, one example per row: the fast kernels)
@@ -203,8 +203,23 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        logits, experts, gates = self.route(x)
+        x = x.reshape(-1, shape[-1])  # (N, d), N = B·T tokens
+        logits, experts, gates = self.route(x)  # (N, E), (N, k), (N, k)
+        out, counts = self.dispatch(x, experts, gates)  # (N, d), (E,)
+        n_tokens = x.shape[0]
+        fraction = counts.float() / n_tokens  # f_i: tokens with expert i among their top k
+        probs = logits.softmax(-1)
+        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
+        self.z_loss = logits.logsumexp(-1).pow(2).mean()
+        self.expert_fraction = (fraction / self.top_k).detach()
+        return self.drop(out.view(shape))
+
+    # Eager under torch.compile (train.compile compiles each block): the tokens per expert change every step, so a
+    # compiled dispatch would recompile per step until dynamo's recompile limit; attention and the router compile.
+    @torch.compiler.disable
+    def dispatch(self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ over each token's k experts of gate · expert_MLP(x): x (N, d), experts and gates (N, k) -> (N, d), and
+        the assignments per expert (E,)."""
         flat = experts.flatten()  # (N*k,): assignment a is token a // k
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -225,15 +240,9 @@ class MoE(nn.Module):
             y = F.linear(h, self.proj[e], None if self.proj_bias is None else self.proj_bias[e])
             y = y * gates.flatten()[assignments, None].to(y.dtype)
             if out is None:
-                out = torch.zeros(x.shape[0], shape[-1], dtype=y.dtype, device=x.device)
+                out = torch.zeros_like(x, dtype=y.dtype)
             out = out.index_add(0, tokens, y)
-        n_tokens = x.shape[0]
-        fraction = counts.float() / n_tokens  # f_i: tokens with expert i among their top k
-        probs = logits.softmax(-1)
-        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
-        self.z_loss = logits.logsumexp(-1).pow(2).mean()
-        self.expert_fraction = (fraction / self.top_k).detach()
-        return self.drop(out.view(shape))
+        return out, counts
 
 
 class Block(nn.Module):
@@ -351,14 +360,16 @@ class GPT(nn.Module):
         return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
 
     def router_losses(self) -> dict[str, torch.Tensor] | None:
-        """After a forward: the load-balancing loss and z-loss averaged over the MoE layers, and each expert's share
-        of the assignments averaged over them (`expert_fraction` (n_experts,)); None for a dense model."""
+        """After a forward: the load-balancing loss and z-loss averaged over the MoE layers, each expert's share of
+        the assignments averaged over them (`expert_fraction` (n_experts,)) and the config's weights for the two
+        losses (`aux_coef`, `z_coef`); None for a dense model."""
         layers = self.moe_layers()
         if not layers or layers[0].aux_loss is None:
             return None
         return {"aux": torch.stack([m.aux_loss for m in layers]).mean(),
                 "z": torch.stack([m.z_loss for m in layers]).mean(),
-                "expert_fraction": torch.stack([m.expert_fraction for m in layers]).mean(0)}
+                "expert_fraction": torch.stack([m.expert_fraction for m in layers]).mean(0),
+                "aux_coef": self.config.router_aux_coef, "z_coef": self.config.router_z_coef}
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None):
