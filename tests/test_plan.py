@@ -82,23 +82,27 @@ def test_unknown_model_type_is_counted_on_the_meta_device():
     assert plan.param_counts(shape).total == meta_model(config).num_parameters()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "mixtral"])
-@pytest.mark.parametrize("targets,bias", [("all-linear", "none"), (["q_proj", "v_proj", "c_attn"], "none"),
-                                          ("all-linear", "all"), (["c_fc", "down_proj"], "lora_only")])
-def test_lora_trainable_counts_match_peft(kind, targets, bias):
-    """LoRA's trainable parameters equal get_peft_model's (through tune.adapters.add_lora) on a tiny model."""
+@pytest.mark.parametrize("kind,targets,bias,parameters", [
+    ("gpt2", "all-linear", "none", None), ("gpt2", ["c_attn"], "none", None), ("gpt2", "all-linear", "all", None),
+    ("gpt2", ["c_fc"], "lora_only", None),
+    ("llama-tied-bias", "all-linear", "none", None), ("llama-tied-bias", ["q_proj", "v_proj"], "none", None),
+    ("llama-tied-bias", "all-linear", "all", None), ("llama-tied-bias", ["gate_proj", "down_proj"], "lora_only", None),
+    ("mixtral", "all-linear", "none", None), ("mixtral", ["q_proj", "v_proj"], "none", None),
+    ("mixtral", ["q_proj"], "none", ["gate_up_proj", "down_proj"]), ("mixtral", ["o_proj"], "none", ["down_proj"])])
+def test_lora_trainable_counts_match_peft(kind, targets, bias, parameters):
+    """LoRA's trainable parameters equal get_peft_model's (through tune.adapters.add_lora) on a tiny model: target
+    lists, biases, and Mixtral's expert tensors (all-linear, or lora.target_parameters)."""
     from transformers import AutoModelForCausalLM
 
     from tune.adapters import LoraSection, add_lora
 
-    if kind == "mixtral" and bias != "none":
-        pytest.skip("peft does not put biases on Mixtral (it has none)")
     config = HF_CONFIGS[kind]()
-    model = add_lora(AutoModelForCausalLM.from_config(config), LoraSection(r=4, dropout=0.0, target_modules=targets,
-                                                                           bias=bias))
+    lora = LoraSection(r=4, dropout=0.0, target_modules=targets, bias=bias, target_parameters=parameters)
+    model = add_lora(AutoModelForCausalLM.from_config(config), lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     st = plan.Settings(method="lora", micro_batch_size=1, seq_len=8, weights_dtype="fp32", compute_dtype="fp32",
-                       autocast=False, lora_r=4, lora_targets=targets, lora_bias=bias)
+                       autocast=False, lora_r=4, lora_targets=targets, lora_bias=bias,
+                       lora_target_parameters=parameters)
     assert plan.lora_params(plan.shape_from_hf(json.loads(config.to_json_string()), kind), st) == trainable
 
 

@@ -376,6 +376,7 @@ class Settings:
     lora_dropout: float = 0.05
     lora_targets: str | list[str] = "all-linear"
     lora_bias: str = "none"
+    lora_target_parameters: list[str] | None = None  # an MoE's stacked expert tensors (gate_up_proj, down_proj)
     quant: str = "nf4"  # qlora: nf4 | fp4 (same storage)
     double_quant: bool = True
     processes: int = 1
@@ -418,11 +419,15 @@ def lora_params(s: ModelShape, st: Settings) -> int:
                     n += lin.out_features
             if st.lora_bias == "all" and lin.bias:
                 n += lin.out_features
-    if s.family == "mixtral" and st.lora_targets == "all-linear":
-        # peft (0.21) also adapts the stacked expert tensors, per expert: gate_up_proj at rank 2r (it holds two
-        # matrices), down_proj at rank r
+    if s.family == "mixtral":
+        # peft (0.21) adapts the stacked expert tensors per expert: with all-linear gate_up_proj at rank 2r (it
+        # holds two matrices) and down_proj at rank r; named in lora.target_parameters, each at rank r
         d, m = s.d_model, s.mlp_hidden
-        n += s.n_moe_layers * s.n_experts * (2 * st.lora_r * (d + 2 * m) + st.lora_r * (m + d))
+        per_expert = {"gate_up_proj": st.lora_r * (d + 2 * m), "down_proj": st.lora_r * (m + d)}
+        if st.lora_target_parameters:
+            n += s.n_moe_layers * s.n_experts * sum(per_expert.get(name, 0) for name in st.lora_target_parameters)
+        elif st.lora_targets == "all-linear":
+            n += s.n_moe_layers * s.n_experts * (2 * per_expert["gate_up_proj"] + per_expert["down_proj"])
     if st.lora_bias == "all" and s.norm == "layernorm":  # LayerNorm biases are biases too
         n += (2 * s.n_layer + (1 if s.pre_norm else 0)) * s.d_model
     return n
@@ -792,6 +797,7 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
                   gradient_checkpointing=train.gradient_checkpointing,
                   optimizer=train.optimizer, lora_r=lora.r if lora else 16, lora_dropout=lora.dropout if lora else 0.0,
                   lora_targets=lora.target_modules if lora else "all-linear", lora_bias=lora.bias if lora else "none",
+                  lora_target_parameters=getattr(lora, "target_parameters", None) if lora else None,
                   quant=quant.quant_type if quant else "nf4", double_quant=quant.double_quant if quant else True,
                   processes=processes, fsdp=fsdp, device=device, teacher=teacher, teacher_dtype=teacher_dtype,
                   teacher_quant=teacher_quant, kd_chunk=cfg.kd.chunk_size if distill else 4096, distill=distill)
