@@ -354,3 +354,16 @@ def test_readme_example_output_is_what_tune_plan_prints(capsys):
     for line in shown.splitlines():
         if line.strip() != "...":
             assert line in printed, line
+
+
+def test_evaluate_plans_quantized_weights(gpt2_config_dir, capsys):
+    """eval_ni with quant=nf4 / int8: the weights row is the bitsandbytes storage (as checkpoint_tensor_bytes)."""
+    shape = plan.shape_from_hf(json.loads((gpt2_config_dir / "config.json").read_text()), "gpt2")
+    rows = {}
+    for quant in (None, "int8", "nf4"):
+        assert main(["plan", "eval_ni", f"model={gpt2_config_dir}", "--json", "--device", "cpu",
+                     *([f"quant={quant}"] if quant else [])]) == 0
+        rows[quant] = json.loads(capsys.readouterr().out)["memory_bytes"]["inference"]["weights"]
+    assert rows[None] == 4 * plan.param_counts(shape).total
+    assert rows["int8"] == plan.checkpoint_tensor_bytes(shape, "int8", rest_dtype="fp32")
+    assert rows["nf4"] == plan.checkpoint_tensor_bytes(shape, "nf4", True, "fp32") < rows["int8"] < rows[None]

@@ -389,6 +389,7 @@ class Settings:
     teacher_quant: str = "none"  # none | 8bit | 4bit
     kd_chunk: int = 4096  # kd.chunk_size
     distill: bool = False  # the KD loss (chunked_kd_sums) instead of the fused cross-entropy
+    inference_quant: str | None = None  # inference: int8 | nf4 | fp4 weights (the evaluate recipe's `quant`)
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -612,6 +613,10 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
         autocast_copies = act * counts.linear
 
     if st.method == "inference":
+        if st.inference_quant in ("int8", "nf4", "fp4"):  # bitsandbytes: block linears quantised (double quant)
+            weights = checkpoint_tensor_bytes(s, "int8" if st.inference_quant == "int8" else "nf4", True,
+                                              st.weights_dtype)
+            note = f"{st.inference_quant} block linears, {st.weights_dtype} for the rest"
         # generation: keys and values of every layer for the batch at full length; the logits of the last position
         # only (fp32); one block's activations of the prompt's forward at a time
         kv_bytes = 2 * s.n_layer * s.n_kv_head * s.head_dim * tokens * act
@@ -773,9 +778,14 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
         seq_len = min(shape.context, (cfg.generation.max_prompt_tokens or shape.context)
                       + cfg.generation.max_new_tokens)
         compute = weights
+        from tune.hf import stored_quant
+
+        quant = getattr(cfg, "quant", None) or stored_quant(cfg.model)
         st = Settings(method="inference", micro_batch_size=cfg.generation.batch_size, seq_len=seq_len,
-                      weights_dtype=weights, compute_dtype=compute, autocast=False, device=device)
-        notes.append("evaluate: inference only (weights + KV cache of a batch at full context)")
+                      weights_dtype=weights, compute_dtype=compute, autocast=False, device=device,
+                      inference_quant=quant if quant in ("int8", "nf4", "fp4") else None)
+        notes.append("evaluate: inference only (weights + KV cache of a batch at full context)"
+                     + (f"; weights loaded {quant}" if quant else ""))
         return RunFacts(recipe, shape, "inference", seq_len, cfg.generation.batch_size, 1, 0, weights, compute,
                         False, st, notes)
     else:
