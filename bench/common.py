@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from tune.plan import transformer_flops_per_token  # noqa: F401 - re-exported: the benchmarks' one FLOPs formula
+
 GIB = 1024 ** 3
 
 
@@ -159,13 +161,6 @@ def step_stats(step_times: list[float], skip: int, tokens_per_step: int) -> dict
 
 
 # -- FLOPs ------------------------------------------------------------------------------------------------
-def transformer_flops_per_token(n_params: int, n_layer: int, seq_len: int, width: int) -> float:
-    """Training FLOPs per token (PaLM appendix B / nanoGPT): 6N for the matmuls of forward + backward,
-    plus 12·L·T·C for attention scores and weighted sums. N should exclude position embeddings but
-    include the (tied) token embedding, which is the output projection."""
-    return 6 * n_params + 12 * n_layer * seq_len * width
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
     """Model FLOPs utilisation in [0, 1], or None without a peak to compare against."""
     if not peak_tflops:

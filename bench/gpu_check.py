@@ -12,7 +12,8 @@
    generate, logits against the unquantized model, `tune quantize` reload), 8-bit / paged AdamW, CPU
    activation offloading, Liger's fused cross-entropy against ours (when installed), the classify recipe (GPT-1
    task head) end to end in bf16 with its HF export, a Mixture-of-Experts GPT in bf16 against fp32 with its Mixtral
-   export. Each states its tolerance.
+   export, `tune plan`'s peak memory against max_memory_allocated for full / LoRA / QLoRA (bench/bench_plan.py;
+   three fresh processes, the slowest fast check). Each states its tolerance.
 3. Benchmarks at the GPU shapes of bench/ (each side in a fresh process), capped at shares of the budget left
    (pretraining 25%, fine-tuning 55%, distillation 20%): GPT-2 124M pretraining against HF Trainer and a
    compiled plain loop; LoRA / QLoRA / full fine-tuning on the real NI prompts with Llama-1.1B shapes against
@@ -565,6 +566,33 @@ def check_classify(ctx: Context) -> dict:
                    accuracy=results["task_head"]["accuracy"], majority=results["majority"]["accuracy"])
 
 
+PLAN_TOLERANCE = 0.15  # tune plan's peak memory within 15% of the measured one (the issue's bar)
+
+
+def check_plan_memory(ctx: Context) -> dict:
+    """`tune plan`'s per-process peak memory against torch.cuda.max_memory_allocated over real bf16 training steps
+    (bench/bench_plan.py: full with fp32 master weights under autocast, LoRA and QLoRA on a bf16 / 4-bit base; GPT-2
+    layout, 12 x 768, 8 x 512 tokens), each in a fresh process: planned / measured within 1 +- PLAN_TOLERANCE.
+    --smoke (CPU): the full method of a tiny model through the same code, the numbers reported, no tolerance (a
+    tiny model's peak is mostly fixed overhead)."""
+    from bench.bench_plan import SIZES, compare, write_model
+
+    size = SIZES["large"] if ctx.cuda else dict(n_layer=1, n_embd=64, n_head=2, vocab_size=256, n_positions=64)
+    batch, seq = (8, 512) if ctx.cuda else (2, 32)
+    model_dir = write_model(ctx.tmp("plan_model"), size)
+    methods = ("full", "lora", "qlora") if ctx.cuda else ("full",)
+    rows = {m: compare(model_dir, m, batch, seq, steps=3 if ctx.cuda else 1, mixed_precision=ctx.precision)
+            for m in methods}
+    ratios = {m: round(r["ratio"], 3) for m, r in rows.items()}
+    within = all(abs(r - 1) <= PLAN_TOLERANCE for r in ratios.values())
+    ok = all(r["measured_bytes"] > 0 and r["planned_bytes"] > 0 for r in rows.values()) and (within or not ctx.cuda)
+    detail = "; ".join(f"{m} planned {r['planned_bytes'] / 2**20:,.0f} MiB / measured {r['measured_bytes'] / 2**20:,.0f} "
+                       f"MiB = {r['ratio']:.2f}" for m, r in rows.items())
+    return outcome(ok, detail + (f" (tolerance +-{PLAN_TOLERANCE:.0%})" if ctx.cuda else " (smoke: no tolerance)"),
+                   ratios=ratios, planned={m: r["planned_bytes"] for m, r in rows.items()},
+                   measured={m: r["measured_bytes"] for m, r in rows.items()}, measured_with=rows["full"]["measured_with"])
+
+
 def check_qlora_fsdp(ctx: Context, timeout_s: float) -> dict:
     """QLoRA under FSDP2 (bench/qlora_fsdp_check.py): one 4-bit layer unchanged by fully_shard, and the finetune
     recipe under `accelerate launch` + fsdp.yaml on every visible GPU against one process, all within
@@ -613,6 +641,7 @@ FAST_CHECKS = {
     "liger": check_liger,
     "classify_bf16": check_classify,
     "moe_bf16": check_moe,
+    "plan_memory": check_plan_memory,
 }
 LONG_CHECKS = {"qlora_fsdp": check_qlora_fsdp, "cuda_tests": check_cuda_tests}  # fn(ctx, timeout_s)
 CHECKS = {**FAST_CHECKS, **LONG_CHECKS}

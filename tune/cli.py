@@ -8,12 +8,15 @@
     tune export RUN_DIR [--step N | --best] [--out DIR]   a checkpoint as the run's final artifact (HF model, adapter)
     tune generate --model DIR [--adapter DIR] [--quant int8|nf4|fp4] --prompt TEXT | --task FILE
     tune quantize MODEL_DIR OUT [--quant nf4] [--adapter DIR]   a bitsandbytes-quantized HF checkpoint
+    tune plan CONFIG [key=value ...] [--gpu H100 --mfu 0.4 --processes N --json]   params, FLOPs, memory, time
+    tune plan --model-size 70B                 inference weight memory at fp16 / int8 / int4
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import shutil
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from tune.config import CONFIG_DIR, load_config, problem_lines, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
+from tune.plan import GPU_PEAK_TFLOPS
 from tune.train_config import ce_kernel_problem, schedule_warning
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -607,6 +611,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Print the plan of a config (tune/plan.py): no torch for native presets and HF config.json files."""
+    from tune import plan
+
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {args.processes}")
+    plan.check_mfu(args.mfu)
+    plan.gpu_peak_tflops(args.gpu, args.peak_tflops)  # a bad name fails before any config is read
+    if args.model_size is not None:
+        if args.config is not None:
+            raise ConfigError("give either a CONFIG or --model-size, not both")
+        n = plan.parse_size(args.model_size)
+        print(json.dumps({"params": n, "what_fits_bytes": plan.what_fits(n)}, indent=2) if args.json
+              else plan.format_size_answer(n))
+        return 0
+    if args.config is None:
+        raise ConfigError("tune plan needs a CONFIG (file or built-in name) or --model-size N (e.g. 70B)")
+    module, cfg = load_recipe_config(args.config, args.overrides, check=False)
+    facts = plan.run_facts(module.__name__.split(".")[-1], cfg, args.device, args.processes, fsdp=True)
+    result = plan.plan_run(facts, args.gpu, args.peak_tflops, args.mfu)
+    print(plan.plan_json(result) if args.json else plan.format_plan(result))
+    return 0
+
+
 def package_version() -> str:
     """The installed gpt-tune version ("unknown" when run from a checkout that is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -724,6 +752,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA / QLoRA adapter trained on MODEL_DIR: merged in first")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("plan", help="parameters, FLOPs, wall time and memory per process of a config (reads the preset "
+                                    "or config.json: no weights, no data)")
+    p.add_argument("config", nargs="?", help="a config file or built-in config name (or use --model-size)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for tune run")
+    p.add_argument("--model-size", help="no config: the inference weight memory of this many parameters (70B, 350M)")
+    p.add_argument("--gpu", default=None, help=f"for the wall time: one of {', '.join(GPU_PEAK_TFLOPS)} (default H100)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 TFLOP/s instead of --gpu")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the wall time")
+    p.add_argument("--processes", type=int, default=1, help="training processes (data parallel; adds an FSDP column)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where it trains: decides what dtype=auto and mixed_precision=auto mean (default cuda)")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (bytes, FLOPs, seconds)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
