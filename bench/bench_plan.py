@@ -4,6 +4,8 @@ and the Engine with its default loss (the fused chunked cross-entropy).
 
     python -m bench.bench_plan                 # CPU: every size, full / lora / qlora
     python -m bench.bench_plan --sizes small --methods full
+    python -m bench.bench_plan --native        # pretraining the native GPT (3 layouts), with and without
+                                               # train.gradient_checkpointing
 
 Measurement (one fresh spawned process per row, bench.common.isolated):
   CUDA  torch.cuda.max_memory_allocated() over the steps (the allocator's own peak; the model is loaded inside).
@@ -204,6 +206,71 @@ def compare(model_dir: str, method: str, micro_batch_size: int, seq_len: int, st
             "ratio": plan["peak_bytes"] / measured["peak_bytes"], "plan": plan, "measured_with": measured["method"]}
 
 
+NATIVE = dict(n_layer=6, n_embd=512, n_head=8, vocab_size=8192)  # the native presets' layouts at this size
+
+
+def measure_native_peak(preset: str, gradient_checkpointing: bool, micro_batch_size: int, seq_len: int,
+                        steps: int = 3) -> int:
+    """Peak bytes (CPU: VmHWM delta, as measure_peak) of `steps` pretraining steps of the native GPT `preset` at
+    NATIVE's size (the Engine with the pretrain recipe's loss, fp32), after a warm-up step of a tiny one."""
+    import gc
+
+    import torch
+
+    from bench.common import preload_libraries
+    from tune.engine import Engine, TrainConfig
+    from tune.models.gpt import GPT, config_from_preset
+
+    preload_libraries()
+
+    def train(model, b, t, n):
+        cfg = TrainConfig(max_steps=n, micro_batch_size=b, warmup_steps=0, eval_every=0, eval_batches=1, log_every=1,
+                          progress=False, mixed_precision="no", gradient_checkpointing=gradient_checkpointing,
+                          num_threads=0)
+        with tempfile.TemporaryDirectory() as run_dir:
+            engine = Engine(cfg, run_dir, model, RandomTokens(model.config.vocab_size, b, t), log=lambda s: None)
+            engine.save_at_end = False
+            engine.prefetch = False
+            engine.fit()
+
+    train(GPT(config_from_preset(preset, n_layer=1, n_embd=64, n_head=4, vocab_size=256, block_size=16)), 1, 16, 1)
+    gc.collect()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = _status_kib("VmRSS") * 1024
+    model = GPT(config_from_preset(preset, **NATIVE, block_size=seq_len))
+    if not cuda:
+        with open("/proc/self/clear_refs", "w") as f:  # the peak from here on, as measure_peak
+            f.write("5")
+    train(model, micro_batch_size, seq_len, steps)
+    return (torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024) - start
+
+
+def planned_native_peak(preset: str, gradient_checkpointing: bool, micro_batch_size: int, seq_len: int) -> int:
+    from tune.models.gpt import config_from_preset
+    from tune.plan import Settings, memory_plan, shape_from_native
+
+    config = config_from_preset(preset, **NATIVE, block_size=seq_len)
+    st = Settings(method="full", micro_batch_size=micro_batch_size, seq_len=seq_len, weights_dtype="fp32",
+                  compute_dtype="fp32", autocast=False, device="cpu", gradient_checkpointing=gradient_checkpointing)
+    return memory_plan(shape_from_native(config, preset), st).peak_bytes
+
+
+def native_rows(micro_batch_size: int, seq_len: int, steps: int) -> list[list[str]]:
+    rows = []
+    for preset in ("tiny-gpt2", "tiny-modern", "tiny-moe"):
+        for checkpointing in (False, True):
+            measured = isolated(measure_native_peak, preset, checkpointing, micro_batch_size, seq_len, steps)
+            planned = planned_native_peak(preset, checkpointing, micro_batch_size, seq_len)
+            rows.append([f"native {preset} layout", "on" if checkpointing else "off", fmt(planned / 2**20, ",.1f"),
+                         fmt(measured / 2**20, ",.1f"), f"{planned / measured:.2f}"])
+            print_table(["model", "checkpointing", "planned MiB", "measured MiB", "planned/measured"], rows[-1:])
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -213,7 +280,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--native", action="store_true",
+                        help="pretraining the native GPT (6 x 512, gpt2 / modern / moe layouts), full fp32, with and "
+                             "without gradient checkpointing, instead of the HF fine-tuning rows")
     args = parser.parse_args(argv)
+    if args.native:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        rows = native_rows(args.micro_batch_size, args.seq_len, args.steps)
+        print()
+        print_table(["model", "checkpointing", "planned MiB", "measured MiB", "planned/measured"], rows,
+                    title="native GPT pretraining, peak memory per process")
+        return
     print_banner(banner(), {"batch": f"{args.micro_batch_size} x {args.seq_len} tokens", "steps": args.steps,
                             "mixed_precision": args.mixed_precision,
                             "checkpointing": args.gradient_checkpointing})

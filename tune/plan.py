@@ -626,7 +626,7 @@ def memory_plan(s: ModelShape, st: Settings) -> MemoryPlan:
 
     # activations kept for backward
     recompute = 0
-    if st.gradient_checkpointing and s.family != "native":
+    if st.gradient_checkpointing:
         # each block keeps only its input; one block's activations exist at a time (recomputed in backward)
         per_layer_input = s.d_model * (4 if st.autocast or st.method == "qlora" else wb)
         recompute = tokens * max(activation_bytes_per_token_layer(s, st, s.is_moe_layer(i)) for i in range(s.n_layer))
@@ -741,9 +741,6 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
                              f"trains: set data.vocab_size for a BPE tokenizer)")
         method, seq_len = "full", m.block_size or shape.context
         weights = "fp32"  # the native GPT trains fp32 master weights; autocast computes in bf16
-        if cfg.train.gradient_checkpointing:
-            notes.append("train.gradient_checkpointing has no effect on the native GPT (it has no "
-                         "gradient_checkpointing_enable): activations are planned without it")
     elif recipe in ("finetune", "classify"):
         shape = read_hf_shape(cfg.base_model, "base_model")
         method, seq_len = cfg.method, cfg.data.max_length

@@ -29,6 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from tune.models.config import PRESETS, GPTConfig, config_from_preset  # noqa: F401 - re-exported
@@ -267,6 +268,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # train.gradient_checkpointing: see gradient_checkpointing_enable
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -282,6 +284,13 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Keep only each block's input in training and recompute the block in the backward pass (torch's
+        non-reentrant activation checkpointing; dropout masks are replayed from the saved RNG state), as
+        transformers' method of this name does: activation memory of n_layer block inputs plus one block."""
+        self.activation_checkpointing = True
+        self._checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
 
     def tie_weights(self):
         """Share the output matrix with the token embedding (HF's name: Accelerate calls it after moving
@@ -344,7 +353,10 @@ class GPT(nn.Module):
             flex = document_ids.device.type in FLEX_DEVICES and not (self.training and self.config.dropout)
             mask = document_block_mask(document_ids) if flex else document_dense_mask(document_ids)
         for block in self.blocks:
-            x = block(x, rope, mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, **self._checkpoint_kwargs)
+            else:
+                x = block(x, rope, mask)
         return self.norm_f(x) if self.norm_f is not None else x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
