@@ -99,6 +99,16 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+def memory_baseline() -> tuple[bool, int]:
+    """(on CUDA?, the bytes in use now): the allocator's allocated bytes with its peak reset on CUDA, else the RSS."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True, torch.cuda.memory_allocated()
+    return False, _status_kib("VmRSS") * 1024
+
+
 def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: int, steps: int = 3,
                  mixed_precision: str = "no", lora_r: int = 16, lora_dropout: float = 0.05,
                  gradient_checkpointing: bool = False, warm_up_dir: str | None = None,
@@ -121,12 +131,7 @@ def measure_peak(model_dir: str, method: str, micro_batch_size: int, seq_len: in
 
     gc.collect()
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        start = _status_kib("VmRSS") * 1024
+    cuda, start = memory_baseline()
     trainable = _train_steps(model_dir, method, micro_batch_size, seq_len, steps, mixed_precision, lora_r,
                              lora_dropout, gradient_checkpointing, reset_peak=not cuda, teacher_dir=teacher_dir)
     if cuda:
@@ -235,12 +240,7 @@ def measure_native_peak(preset: str, gradient_checkpointing: bool, micro_batch_s
 
     train(GPT(config_from_preset(preset, n_layer=1, n_embd=64, n_head=4, vocab_size=256, block_size=16)), 1, 16, 1)
     gc.collect()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        start = _status_kib("VmRSS") * 1024
+    cuda, start = memory_baseline()
     model = GPT(config_from_preset(preset, **NATIVE, block_size=seq_len))
     if not cuda:
         with open("/proc/self/clear_refs", "w") as f:  # the peak from here on, as measure_peak

@@ -74,35 +74,25 @@ def native_config_from_hf(hf) -> GPTConfig:
             mlp="gelu", activation="gelu" if act == "gelu" else "gelu_tanh", bias=True, tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
             dropout=hf.resid_pdrop,
         )
-    if kind == "mixtral":
-        rope = hf.rope_parameters or {}
-        if hf.hidden_act != "silu" or rope.get("rope_type", "default") != "default" or hf.sliding_window:
-            raise ConfigError("Mixtral checkpoint with a non-SiLU activation, scaled RoPE or a sliding window cannot "
-                              "be imported")
-        if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // hf.num_attention_heads):
-            raise ConfigError("Mixtral checkpoint with head_dim != hidden_size / num_attention_heads cannot be imported")
-        return GPTConfig(
-            vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers,
-            n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
-            mlp_hidden=hf.intermediate_size, position="rope", rope_theta=rope.get("rope_theta", 10000.0),
-            norm="rmsnorm", norm_eps=hf.rms_norm_eps, norm_placement="pre", mlp="swiglu", bias=False,
-            tie_embeddings=bool(hf.tie_word_embeddings), dropout=hf.attention_dropout,
-            n_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok, router_aux_coef=hf.router_aux_loss_coef,
-        )
-    if kind == "llama":
-        if hf.attention_bias or hf.mlp_bias or hf.hidden_act != "silu":
-            raise ConfigError("Llama checkpoint with biases or a non-SiLU activation cannot be imported")
+    if kind in ("llama", "mixtral"):
+        name = kind.capitalize()
+        if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False) or hf.hidden_act != "silu":
+            raise ConfigError(f"{name} checkpoint with biases or a non-SiLU activation cannot be imported")
         rope = hf.rope_parameters or {}
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"Llama checkpoint uses rope_type {rope.get('rope_type')!r}; only 'default' imports")
+            raise ConfigError(f"{name} checkpoint uses rope_type {rope.get('rope_type')!r}; only 'default' imports")
+        if getattr(hf, "sliding_window", None):
+            raise ConfigError(f"{name} checkpoint with a sliding window cannot be imported")
         if getattr(hf, "head_dim", None) not in (None, hf.hidden_size // hf.num_attention_heads):
-            raise ConfigError("Llama checkpoint with head_dim != hidden_size / num_attention_heads cannot be imported")
+            raise ConfigError(f"{name} checkpoint with head_dim != hidden_size / num_attention_heads cannot be imported")
+        experts = dict(n_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok,
+                       router_aux_coef=hf.router_aux_loss_coef) if kind == "mixtral" else {}
         return GPTConfig(
             vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers,
             n_head=hf.num_attention_heads, n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size,
             mlp_hidden=hf.intermediate_size, position="rope", rope_theta=rope.get("rope_theta", 10000.0),
             norm="rmsnorm", norm_eps=hf.rms_norm_eps, norm_placement="pre", mlp="swiglu", bias=False,
-            tie_embeddings=bool(hf.tie_word_embeddings), dropout=hf.attention_dropout,
+            tie_embeddings=bool(hf.tie_word_embeddings), dropout=hf.attention_dropout, **experts,
         )
     raise ConfigError(f"cannot import model_type {kind!r} into the native GPT; supported: gpt2, openai-gpt, llama, "
                       "mixtral")
