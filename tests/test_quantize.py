@@ -261,7 +261,7 @@ def test_quantize_merges_a_qlora_adapter_into_the_dequantized_base(lm64, lora_ad
                                      "  compute_dtype: fp32\n  quant_storage: auto\n")
     out = tmp_path / "merged"
     assert main(["quantize", str(lm64), str(out), "--adapter", str(run / "adapter"), "--quant", "int8"]) == 0
-    assert "(dequantized 4-bit base, as QLoRA trained it)" in capsys.readouterr().out
+    assert "(the dequantized 4-bit base, as QLoRA trained it)" in capsys.readouterr().out
     qlora = logits(load_model(lm64, str(run / "adapter"), dtype="fp32", quant="nf4"), ids)
     quant = logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids)
     lora = logits(load_model(lm64, str(lora_adapter), dtype="fp32"), ids)
@@ -449,3 +449,46 @@ def test_one_bnb_config_builder_serves_qlora_and_the_teacher(lm64, monkeypatch):
         "nf4", True, torch.float32)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in teacher8.modules())
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in teacher4.modules())
+
+
+def test_quantize_never_replaces_the_working_directory_or_a_foreign_directory(tmp_path, lm64, monkeypatch, capsys):
+    """OUT=".." (or ".") with --force would have emptied the directory tune runs in and everything beside it; a
+    non-empty directory that is not an earlier `tune quantize` output is not replaced either."""
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (tmp_path / "work" / "canary.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    for out in ("..", "."):
+        assert main(["quantize", str(lm64), out, "--force"]) == 2
+        assert "holds the directory you run tune in" in one_line_error(capsys)
+    assert (tmp_path / "work" / "canary.txt").read_text() == "keep" and work.is_dir()
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text("{}\n")
+    assert main(["quantize", str(lm64), str(foreign), "--force"]) == 2
+    assert "is not an earlier `tune quantize` output (no quantize_info.json)" in one_line_error(capsys)
+    assert (foreign / "metrics.jsonl").is_file()
+
+
+def test_quantize_with_an_adapter_of_another_base_is_a_one_line_error(tmp_path, tiny_lm, lora_adapter, capsys):
+    assert main(["quantize", str(tiny_lm), str(tmp_path / "out"), "--adapter", str(lora_adapter)]) == 2
+    line = one_line_error(capsys)
+    assert f"--adapter {lora_adapter} does not fit MODEL_DIR {tiny_lm}" in line and "it was trained on" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_quantized_checkpoint_loads_in_its_saved_dtypes_and_refuses_its_merged_adapter(tmp_path, lm64, ids,
+                                                                                         lora_adapter):
+    """Saved with --dtype bf16, loaded where `auto` means fp32 (CPU): it computes in its saved bf16 (before, a
+    dtype clash crashed generate); an adapter already merged into it is refused instead of applied twice."""
+    from tune.errors import ConfigError
+    from tune.hf import load_model
+
+    out = tmp_path / "nf4_bf16"
+    assert main(["quantize", str(lm64), str(out), "--dtype", "bf16", "--adapter", str(lora_adapter)]) == 0
+    model = load_model(out, device="cpu")
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    with pytest.raises(ConfigError, match="is already merged into model="):
+        load_model(out, adapter=str(lora_adapter), device="cpu")

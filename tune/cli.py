@@ -455,8 +455,14 @@ def check_quantize_args(args) -> None:
         raise ConfigError(f"OUT {out} would replace MODEL_DIR {src}; choose another directory")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"OUT {out} is a file, not a directory; choose a directory for the quantized model")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"OUT {out} holds the directory you run tune in; choose a new directory for the quantized "
+                          "model")
     if out.exists() and not args.force:
         raise ConfigError(f"OUT {out} already exists; pass --force to replace it or choose another OUT")
+    if out.exists() and any(out.iterdir()) and not (out / "quantize_info.json").is_file():
+        raise ConfigError(f"OUT {out} is not an earlier `tune quantize` output (no quantize_info.json) and not empty; "
+                          "--force replaces only those: choose another OUT or remove it yourself")
 
 
 def adapter_qlora_section(adapter):
@@ -484,7 +490,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from tune.files import directory_written_aside
-    from tune.hf import bnb_config, experts_note, quiet_third_party, resolve_dtype
+    from tune.hf import adapter_base_mismatch, bnb_config, experts_note, quiet_third_party, resolve_dtype
 
     check_quantize_args(args)
     from transformers import AutoModelForCausalLM
@@ -493,14 +499,22 @@ def cmd_quantize(args) -> int:
     compute = resolve_dtype(args.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".merge-{out.name}-") as scratch:
-        source = src
+        source, qlora = src, None
         if args.adapter:
             from tune.adapters import merge_adapter
 
             qlora = adapter_qlora_section(args.adapter)
-            source = merge_adapter(src, args.adapter, Path(scratch) / "merged", dtype=torch.float32, quant=qlora)
-            print(f"merged {args.adapter} into {src}" + (" (dequantized 4-bit base, as QLoRA trained it)"
-                                                        if qlora else ""), flush=True)
+            try:
+                source = merge_adapter(src, args.adapter, Path(scratch) / "merged", dtype=torch.float32, quant=qlora)
+            except RuntimeError as e:  # peft's load_state_dict: the adapter's shapes are another model's
+                if "size mismatch" not in str(e):
+                    raise
+                trained_on = adapter_base_mismatch(args.adapter, src)
+                raise ConfigError(f"--adapter {args.adapter} does not fit MODEL_DIR {src} (its weight shapes differ"
+                                  + (f"; it was trained on {trained_on}" if trained_on else "")
+                                  + "): give the base model it was trained on") from None
+            print(f"merged {args.adapter} into a copy of {src}" + (
+                " (the dequantized 4-bit base, as QLoRA trained it)" if qlora else ""), flush=True)
         kwargs = {"device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
         try:
             with quiet_third_party():
@@ -520,8 +534,11 @@ def cmd_quantize(args) -> int:
                 shutil.copyfile(src / name, tmp / name)
             before, after = weight_bytes(source), weight_bytes(tmp)
             (tmp / "quantize_info.json").write_text(json.dumps(
-                {"source": str(src), "adapter": args.adapter, "quant": args.quant,
-                 "double_quant": args.double_quant if args.quant != "int8" else None, "dtype": args.dtype,
+                {"source": str(src.resolve()), "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+                 "adapter_merged_into": ("the dequantized 4-bit base (QLoRA)" if qlora else "the full-precision base")
+                 if args.adapter else None, "quant": args.quant,
+                 "double_quant": args.double_quant if args.quant != "int8" else None,
+                 "dtype": str(compute).removeprefix("torch."),
                  "weight_bytes_before": before, "weight_bytes_after": after,
                  "memory_footprint_bytes": model.get_memory_footprint()}, indent=2))
     if not copied:

@@ -30,8 +30,12 @@ def read_utf8(path, what: str) -> str:
 def directory_written_aside(final: Path, is_complete: Callable[[Path], bool] = lambda path: False) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final` to write into; when the block ends without an error,
     rename it to `final`. An existing `final` is replaced unless `is_complete(final)` (then a concurrent
-    writer finished first and its copy is kept). On an error nothing is left behind and `final` is untouched."""
-    final = Path(final)
+    writer finished first and its copy is kept). On an error nothing is left behind and `final` is untouched.
+    Raises ValueError for a `final` that holds the working directory (".", "..": replacing it would delete the
+    directory the process runs in and all beside it)."""
+    final = Path(final).resolve()  # "..".with_name would put the temporary inside `final`
+    if Path.cwd().resolve().is_relative_to(final):
+        raise ValueError(f"{final} holds the working directory; write to a new directory instead")
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

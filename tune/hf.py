@@ -208,6 +208,15 @@ def resolve_dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
+def quantize_info(model_dir) -> dict:
+    """`tune quantize`'s record in `model_dir` (quantize_info.json: source, adapter merged, settings), or {}."""
+    try:
+        info = json.loads((Path(model_dir) / "quantize_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def adapter_base_mismatch(adapter, model_dir) -> str | None:
     """The base model path an adapter records (`base_model_name_or_path` in adapter_config.json) when it is a
     local directory other than `model_dir` (compared resolved); None when they agree or the adapter says nothing
@@ -342,7 +351,11 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
                           "the full-precision model")
     if adapter:
         check_adapter_dir(adapter)
-        trained_on = adapter_base_mismatch(adapter, model_dir)
+        made = quantize_info(model_dir)
+        if made.get("adapter") and Path(made["adapter"]).resolve() == Path(adapter).resolve():
+            raise ConfigError(f"adapter={adapter} is already merged into model={model_dir} (its quantize_info.json); "
+                              "drop the adapter")
+        trained_on = adapter_base_mismatch(adapter, made.get("source") or model_dir)
         if trained_on:
             print(f"note: adapter={adapter} was trained on {trained_on}, not on model={model_dir}; applying it anyway "
                   "(same shapes), which is right only if the two hold the same weights", file=sys.stderr)
@@ -356,8 +369,11 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
     hf_logging.disable_progress_bar()  # no "Loading weights" bar between the prompt and the streamed text
     try:
         with quiet_third_party():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), trust_remote_code=False,
-                                                         use_safetensors=True, **kwargs)
+            # a checkpoint saved quantized keeps the dtypes it was saved with (its 4-bit compute dtype and the
+            # unquantized layers' must agree): transformers' "auto" reads them from its config.json
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype="auto" if stored is not None else resolve_dtype(dtype), trust_remote_code=False,
+                use_safetensors=True, **kwargs)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"model={model_dir}: AutoModelForCausalLM cannot load it ({_first_line(e)})") from None
     finally:
