@@ -81,7 +81,7 @@ def validate(cfg: FinetuneConfig) -> None:
     base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
-    from tune.hf import check_model_dir, check_no_custom_code
+    from tune.hf import check_model_dir, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
@@ -106,6 +106,11 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
     if base is not None and cfg.method != "full":
         problems.call(check_moe_lora_dropout, cfg.lora, base)
+    quantized = problems.call(stored_quant, base) if base is not None else None
+    if quantized:
+        problems.add(f"base_model={cfg.base_model} is a quantized checkpoint ({quantized}, e.g. `tune "
+                     "quantize` output): fine-tune the full-precision model it was made from (method=qlora "
+                     "quantizes it to 4-bit as it loads)")
     problems.raise_if_any()
 
 

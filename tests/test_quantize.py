@@ -492,3 +492,15 @@ def test_a_quantized_checkpoint_loads_in_its_saved_dtypes_and_refuses_its_merged
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     with pytest.raises(ConfigError, match="is already merged into model="):
         load_model(out, adapter=str(lora_adapter), device="cpu")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_finetune_refuses_a_quantized_base_model(tmp_path, quantized, method):
+    """A `tune quantize` output as base_model: a full fine-tune would silently freeze its int8 linears and then fail
+    to save; validate refuses it (any method) and names the fix."""
+    from recipes.finetune import validate
+    from test_finetune import finetune_config
+    from tune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"is a quantized checkpoint \(int8, .*fine-tune the full-precision model"):
+        validate(finetune_config(tmp_path, quantized["int8"], method))
