@@ -367,3 +367,11 @@ def test_evaluate_plans_quantized_weights(gpt2_config_dir, capsys):
     assert rows[None] == 4 * plan.param_counts(shape).total
     assert rows["int8"] == plan.checkpoint_tensor_bytes(shape, "int8", rest_dtype="fp32")
     assert rows["nf4"] == plan.checkpoint_tensor_bytes(shape, "nf4", True, "fp32") < rows["int8"] < rows[None]
+
+
+def test_a_model_directory_as_config_points_to_the_recipe_configs(gpt2_config_dir, capsys):
+    for given in (gpt2_config_dir, gpt2_config_dir / "config.json"):
+        assert main(["plan", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and (f"is a model, not a recipe config; plan a run on it, e.g. tune plan "
+                                         f"lora_ni_own_model base_model={gpt2_config_dir}") in err, err

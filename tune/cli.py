@@ -645,6 +645,11 @@ def cmd_plan(args) -> int:
         return 0
     if args.config is None:
         raise ConfigError("tune plan needs a CONFIG (file or built-in name) or --model-size N (e.g. 70B)")
+    model_dir = Path(args.config).parent if Path(args.config).name == "config.json" else Path(args.config)
+    if (model_dir / "config.json").is_file():
+        raise ConfigError(f"{args.config} is a model, not a recipe config; plan a run on it, e.g. tune plan "
+                          f"lora_ni_own_model base_model={model_dir} (or method=full / qlora), or tune plan eval_ni "
+                          f"model={model_dir} for inference")
     module, cfg = load_recipe_config(args.config, args.overrides, check=False)
     facts = plan.run_facts(module.__name__.split(".")[-1], cfg, args.device, args.processes, fsdp=True)
     result = plan.plan_run(facts, args.gpu, args.peak_tflops, args.mfu)

@@ -287,7 +287,7 @@ def shape_from_hf(config: dict, source: str) -> ModelShape:
     if kind not in _LLAMA_LIKE:
         shape = replace(shape, meta_params=meta_param_count(c),
                         source=f"{source}; model_type {kind!r} has no formula here: parameters counted on torch's meta "
-                               "device, memory assumes a Llama-like block")
+                               "device; memory and the LoRA count assume a Llama-like block (q/k/v/o, gate/up/down)")
     return shape
 
 
