@@ -81,7 +81,7 @@ def validate(cfg: FinetuneConfig) -> None:
     base is a causal LM, sizes are sane. Every problem is reported, in one ConfigError."""
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
-    from tune.hf import check_model_dir, check_no_custom_code, stored_quant
+    from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
 
     problems = Problems()
@@ -112,20 +112,6 @@ def validate(cfg: FinetuneConfig) -> None:
                      "quantize` output): fine-tune the full-precision model it was made from (method=qlora "
                      "quantizes it to 4-bit as it loads)")
     problems.raise_if_any()
-
-
-def check_moe_lora_dropout(lora, base: Path) -> None:
-    """ConfigError when LoRA would reach the expert weights of an MoE base (all-linear or lora.target_parameters)
-    with lora.dropout > 0, which peft does not support there (config.json read as JSON)."""
-    from tune.errors import ConfigError
-    from tune.hf import read_model_config
-
-    config = read_model_config(base)
-    experts = (lora.target_modules == "all-linear" or lora.target_parameters) and \
-        (config.get("num_local_experts") or config.get("num_experts"))
-    if experts and lora.dropout > 0:
-        raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on the expert weights of base_model (an MoE, "
-                          f"{config.get('model_type')}) takes no dropout in peft; set lora.dropout=0")
 
 
 def check_task_paths(d: NIDataSection, problems) -> None:

@@ -375,3 +375,16 @@ def test_a_model_directory_as_config_points_to_the_recipe_configs(gpt2_config_di
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and (f"is a model, not a recipe config; plan a run on it, e.g. tune plan "
                                          f"lora_ni_own_model base_model={gpt2_config_dir}") in err, err
+
+
+def test_plan_says_when_the_run_would_refuse_the_lora_settings(tmp_path, gpt2_config_dir, capsys):
+    """tune plan plans what it is given but names what tune run refuses: LoRA names that adapt nothing (trainable
+    0), and lora.dropout > 0 on an MoE's expert weights."""
+    assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.target_modules=[q_proj]"]) == 0
+    assert "note: LoRA adapts nothing: no linear layer matches lora.target_modules" in capsys.readouterr().out
+    moe = tmp_path / "mixtral"
+    moe.mkdir()
+    (moe / "config.json").write_text(HF_CONFIGS["mixtral"]().to_json_string())
+    assert main(["plan", "lora_ni", f"base_model={moe}"]) == 0
+    assert ("note: lora.dropout=0.05: LoRA on the expert weights of base_model (an MoE, mixtral) takes no dropout "
+            "in peft; set lora.dropout=0 (tune run refuses this config)") in capsys.readouterr().out

@@ -345,13 +345,19 @@ def test_moe_experts_left_unquantized_are_named(tmp_path, capsys):
     config = MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
                            max_position_embeddings=32)
-    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    full = MixtralForCausalLM(config)
+    full.save_pretrained(tmp_path / "moe")
+    total = sum(p.numel() for p in full.parameters())
     model = load_model(tmp_path / "moe", quant="nf4", dtype="fp32")
     count, elements = unquantized_experts(model)
     assert count == 2 and elements == 4 * (2 * 64 * 64) + 4 * (64 * 64)  # gate_up (4, 128, 64), down (4, 64, 64)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".experts." in n)
     err = capsys.readouterr().err
     assert "note: quant=nf4 leaves this MoE's 2 fused expert weights" in err and "nn.Linear layers only" in err
+    share = f"({elements / total:.0%} of the parameters)"  # of the model's parameters, not of packed 4-bit bytes
+    assert share in err
+    load_model(tmp_path / "moe", quant="int8", dtype="fp32")
+    assert share in capsys.readouterr().err
 
 
 def one_line_error(capsys) -> str:

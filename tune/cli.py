@@ -803,6 +803,9 @@ def main(argv: list[str] | None = None) -> int:
     except TuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (tune plan ... | head): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's final flush must not fail again
+        return 0
     except OSError as e:  # a user's path that cannot be used (missing parent, a file in the way, no permission)
         if os.environ.get("TUNE_DEBUG") == "1":
             raise

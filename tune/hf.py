@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import sys
 import warnings
@@ -208,6 +209,17 @@ def resolve_dtype(name: str):
     return getattr(torch, _DTYPES[name])
 
 
+def check_moe_lora_dropout(lora, base) -> None:
+    """ConfigError when LoRA would reach the expert weights of an MoE base (all-linear or lora.target_parameters)
+    with lora.dropout > 0, which peft does not support there (config.json read as JSON)."""
+    config = read_model_config(base)
+    experts = (lora.target_modules == "all-linear" or lora.target_parameters) and \
+        (config.get("num_local_experts") or config.get("num_experts"))
+    if experts and lora.dropout > 0:
+        raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on the expert weights of base_model (an MoE, "
+                          f"{config.get('model_type')}) takes no dropout in peft; set lora.dropout=0")
+
+
 def quantize_info(model_dir) -> dict:
     """`tune quantize`'s record in `model_dir` (quantize_info.json: source, adapter merged, settings), or {}."""
     try:
@@ -294,7 +306,9 @@ def experts_note(model, quant: str) -> str | None:
     count, elements = unquantized_experts(model)
     if not count:
         return None
-    total = sum(p.numel() for p in model.parameters())
+    # a packed 4-bit weight holds 2 parameters per byte (its quant_state has the real shape)
+    total = sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+                for p in model.parameters())
     return (f"note: quant={quant} leaves this MoE's {count} fused expert weights ({elements / max(total, 1):.0%} of "
             "the parameters) unquantized: bitsandbytes replaces nn.Linear layers only (here the attention "
             "projections), so the experts take as much memory as without quant")

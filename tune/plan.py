@@ -565,7 +565,8 @@ class MemoryPlan:
         return {"weights": self.weights_bytes, "gradients": self.grads_bytes, "AdamW state": self.optimizer_bytes,
                 "LoRA adapter + grads + AdamW": self.adapter_bytes, "activations": self.activations_bytes,
                 "KV cache": self.kv_cache_bytes, "recomputed block (checkpointing)": self.recompute_bytes,
-                "loss: logits chunk + saved grads": self.logits_bytes + self.transient_bytes,
+                ("last position's logits" if self.method == "inference" else "loss: logits chunk + saved grads"):
+                self.logits_bytes + self.transient_bytes,
                 "autocast bf16 weight copies": self.autocast_copies_bytes, "teacher": self.teacher_bytes,
                 "FSDP gathered blocks": self.fsdp_gather_bytes, "peak (estimate)": self.peak_bytes}
 
@@ -745,6 +746,13 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
         shape = read_hf_shape(cfg.base_model, "base_model")
         method, seq_len = cfg.method, cfg.data.max_length
         weights = _dtype(cfg.dtype, device)
+        if recipe == "finetune" and method != "full":
+            from tune.hf import check_moe_lora_dropout
+
+            try:
+                check_moe_lora_dropout(cfg.lora, Path(cfg.base_model))
+            except ConfigError as e:  # planned as given; the run itself refuses it
+                notes.append(f"{e} (tune run refuses this config)")
         if recipe == "classify":
             notes.append("classify: the task head (n_embd x labels) is not counted; its loss reads one position per "
                          "example")
@@ -886,7 +894,9 @@ def plan_run(facts: RunFacts, gpu: str | None = None, peak_tflops: float | None 
                     "wall_time_s": total_flops / (peak * 1e12 * mfu * world) if tokens else 0.0},
         "memory_bytes": memory,
         "what_fits": what_fits(counts.total),
-        "notes": facts.notes,
+        "notes": facts.notes + (["LoRA adapts nothing: no linear layer matches lora.target_modules (tune run refuses "
+                                 "such a config: check the names)"]
+                                if facts.method in ("lora", "qlora") and trainable == 0 else []),
     }
     return result
 
@@ -975,7 +985,9 @@ def format_plan(plan: dict) -> str:
         out.append("  " + f"{row:<34}" + "".join(f"{mem[col][row] / scale:>16.2f}" for col in cols))
     for col in cols:
         out.append(f"  {col}: weights {mem[col]['weights_note']}")
-    out.append("  peak = weights + optimizer + teacher + max(activations + loss, gradients [+ recomputed block with "
+    out.append("  peak = weights + KV cache + one block's activations + logits: see MemoryPlan.peak_bytes in tune/plan.py"
+               if plan["method"] == "inference" else
+               "  peak = weights + optimizer + teacher + max(activations + loss, gradients [+ recomputed block with "
                "checkpointing]): see MemoryPlan.peak_bytes in tune/plan.py")
     fits = plan["what_fits"]
     unit, scale = ("GB", GB) if fits["fp16"] >= GB else ("MB", 10 ** 6)
