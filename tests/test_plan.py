@@ -330,6 +330,7 @@ def test_plan_does_not_import_torch(gpt2_config_dir):
     (["plan", "demo", "--processes", "0"], "--processes must be >= 1"),
     (["plan", "lora_ni", "base_model=/no/such/model"], "base_model=/no/such/model does not exist; tune plan reads"),
     (["plan", "--model-size", "seventy"], "--model-size 'seventy' is not a parameter count"),
+    (["plan", "--model-size", "1.5"], "--model-size '1.5' has no unit; write e.g. 1.5B (billions) or 1.5M"),
     (["plan"], "tune plan needs a CONFIG"),
     (["plan", "demo", "--model-size", "7B"], "either a CONFIG or --model-size"),
 ])

@@ -220,6 +220,8 @@ def parse_size(text: str) -> int:
     if not m:
         raise ConfigError(f"--model-size {text!r} is not a parameter count; write e.g. 70B, 7b, 350M or 124000000")
     value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2).lower()]
+    if not m.group(2) and value < 1e3:  # "1.5" is a size in billions to most people, not 2 parameters
+        raise ConfigError(f"--model-size {text!r} has no unit; write e.g. {m.group(1)}B (billions) or {m.group(1)}M")
     if not 1 <= value < 1e15:
         raise ConfigError(f"--model-size {text!r} is out of range (1 to 10^15 parameters)")
     return int(round(value))
