@@ -47,8 +47,10 @@ class KDSection:
     alpha: float = 0.5  # weight of the distillation term; 0 is plain CE training, 1 is pure distillation
     temperature: float = 1.0  # softens both distributions; the KD term is scaled by T² (Hinton et al., 2015)
     #                           so its gradients keep the CE term's scale whatever T is
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # KL(teacher‖student), KL(student‖teacher), JSD
+    # KL(teacher‖student), KL(student‖teacher), generalized JSD, total variation, DistiLLM's α-skew KLs
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
     jsd_beta: float = 0.5  # jsd only: m = β·p_teacher + (1 − β)·p_student
+    skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
 
 
@@ -127,6 +129,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"kd.temperature must be > 0, got {kd.temperature}")
     if not 0 < kd.jsd_beta < 1:
         problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
+    if not 0 <= kd.skew_alpha < 1:
+        problems.add(f"kd.skew_alpha must be in [0, 1), got {kd.skew_alpha}")
     if cfg.teacher.cache_top_k < 0:
         problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
     problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
@@ -263,7 +267,8 @@ def run(cfg: DistillConfig):
         f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
         + (" (from its top-k cache)" if t.cache else ""))
     kd = cfg.kd
-    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, kd.jsd_beta, vocab_size, kd.chunk_size)
+    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.jsd_beta  # divergence()'s beta
+    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size)
     def rebuild():
         return make_student(cfg, vocab_size, block_size)
 

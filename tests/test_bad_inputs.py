@@ -80,6 +80,7 @@ ISSUE_CASES = [  # (config, override, the error's text): the issue's cases and a
     ("distill_ni", "teacher.cache_top_k=-1", "teacher.cache_top_k must be >= 0"),
     ("distill_ni", "student.n_layer=0", "student.n_layer must be >= 1, got 0"),
     ("distill_ni", "kd.temperature=0", "kd.temperature must be > 0"),
+    ("distill_ni", "kd.skew_alpha=1", "kd.skew_alpha must be in [0, 1), got 1"),
     ("distill_ni", "kd.chunk_size=0", "kd.chunk_size must be >= 1, got 0"),
     ("distill_ni", "compare.max_new_tokens=0", "compare.max_new_tokens must be >= 1, got 0"),
     ("distill_ni", "data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),

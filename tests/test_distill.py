@@ -49,7 +49,29 @@ def test_forward_kl_with_temperature_matches_hand_computation():
     assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])
+def test_tvd_and_skew_kls_match_hand_computation_at_a_temperature(alpha):
+    """Total variation 0.5·Σ|p − q| and DistiLLM's α-skew KLs, KL(p ‖ αp + (1−α)q) and KL(q ‖ αq + (1−α)p)
+    (p teacher, q student, both softened by T = 2), summed over two rows as kd_sums does; α = 0 is the plain KL."""
+    student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    teacher = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    targets = torch.tensor([1, 2])
+    T = 2.0
+    tvd = skew = skew_reverse = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+        p, q = softmax(t_row, T), softmax(s_row, T)
+        tvd += 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
+        skew += sum(pi * math.log(pi / (alpha * pi + (1 - alpha) * qi)) for pi, qi in zip(p, q))
+        skew_reverse += sum(qi * math.log(qi / (alpha * qi + (1 - alpha) * pi)) for pi, qi in zip(p, q))
+    for kind, expected in (("tvd", tvd), ("skew_forward_kl", skew), ("skew_reverse_kl", skew_reverse)):
+        kd, _ = kd_sums(student, teacher, targets, T, kind, alpha)
+        assert kd.item() == pytest.approx(expected, rel=1e-6), kind
+    if alpha == 0:
+        assert kd_sums(student, teacher, targets, T, "skew_forward_kl", 0.0)[0].item() == pytest.approx(
+            kd_sums(student, teacher, targets, T, "forward_kl", 0.5)[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"])
 def test_divergence_is_zero_when_the_student_is_the_teacher(kind):
     logits = torch.randn(7, 50)
     kd, _ = kd_sums(logits, logits.clone(), torch.zeros(7, dtype=torch.long), 1.7, kind, 0.5)

@@ -217,7 +217,7 @@ def kd_setup(seed=10, B=4, T=60, V=300, top_k=None):
 
 
 @pytest.mark.parametrize("teacher", ["live", "cached"])
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"])
 def test_chunked_kd_values_grads_and_saved_bytes(kind, teacher):
     V, chunk = 300, 16
     student_head, teacher_head, hidden, teacher_hidden, targets, mask, cached = kd_setup(

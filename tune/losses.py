@@ -316,17 +316,23 @@ def liger_loss_fn(device: torch.device):
 
 
 # -- knowledge distillation ------------------------------------------------------------------------
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 
 
 def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward_kl",
                beta: float = 0.5) -> torch.Tensor:
-    """Per-position divergence between two distributions given as log-probs over the same support (N, S).
+    """Per-position divergence (N,) between two distributions given as log-probs over the same support (N, S).
+    `beta` is the mixing weight of the three mixture divergences (jsd's β, the skew KLs' α); the others ignore it.
 
-    forward_kl  KL(p_teacher || p_student)  mode-covering; Hinton et al.'s distillation loss
-    reverse_kl  KL(p_student || p_teacher)  mode-seeking
-    jsd         beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),  m = beta p_teacher + (1 - beta) p_student
-                (the generalized JSD of GKD; beta = 0.5 is the symmetric Jensen-Shannon divergence)
+    forward_kl       KL(p_teacher || p_student)  mode-covering; Hinton et al.'s distillation loss
+    reverse_kl       KL(p_student || p_teacher)  mode-seeking
+    jsd              beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),  m = beta p_teacher + (1 - beta)
+                     p_student (the generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5: Jensen-Shannon)
+    tvd              0.5 * sum |p_teacher - p_student|, total variation distance (in [0, 1]; bounded gradients)
+    skew_forward_kl  KL(p_teacher || beta p_teacher + (1 - beta) p_student)  DistiLLM's α-skew KL (Ko et al.
+                     2024, α = beta, 0.1 there): forward KL that stays finite where the student puts ~no mass
+    skew_reverse_kl  KL(p_student || beta p_student + (1 - beta) p_teacher)  DistiLLM's α-skew reverse KL
+    beta = 0 turns both skew KLs into the plain ones.
     """
     if kind == "forward_kl":
         return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
@@ -339,6 +345,16 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
         kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
         kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
         return beta * kl_t + (1 - beta) * kl_s
+    if kind == "tvd":
+        return 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        if not 0 <= beta < 1:
+            raise ValueError(f"{kind} needs 0 <= alpha < 1, got {beta}")
+        p, q = (teacher_logp, student_logp) if kind == "skew_forward_kl" else (student_logp, teacher_logp)
+        if beta == 0:
+            return (p.exp() * (p - q)).sum(-1)
+        skewed = torch.logaddexp(p + math.log(beta), q + math.log(1 - beta))  # log(α p + (1 − α) q)
+        return (p.exp() * (p - skewed)).sum(-1)
     raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
 
 
