@@ -28,6 +28,8 @@ class TeacherSection:
     cache: bool = False  # run the teacher once, store its top-k log-probs on disk, distill from there (NI data)
     cache_dir: str = ".cache/teacher"
     cache_top_k: int = 64  # 0: the whole vocabulary (then distilling from the cache equals the live teacher)
+    # the mass outside the cached top k as one bucket (exact bound at T = 1); false: renormalise over the k ids
+    cache_tail: bool = True
 
 
 @dataclass
@@ -268,7 +270,8 @@ def run(cfg: DistillConfig):
         + (" (from its top-k cache)" if t.cache else ""))
     kd = cfg.kd
     mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.jsd_beta  # divergence()'s beta
-    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size)
+    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
+                         cfg.teacher.cache_tail)
     def rebuild():
         return make_student(cfg, vocab_size, block_size)
 

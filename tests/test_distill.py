@@ -112,6 +112,35 @@ def test_cached_top_k_over_the_whole_vocabulary_equals_the_live_teacher():
     torch.testing.assert_close(live[1], cached[1])
 
 
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_cached_top_k_with_a_tail_bucket_matches_hand_computation(T):
+    """5 ids, the teacher's top 2 cached: KL over {id a, id b, the rest}. At T = 1: p's buckets are its two
+    probabilities and 1 − their sum, q's the student's same three masses; the bucket KL is a lower bound on the
+    full KL. At T = 2 the teacher's tail is tempered as if spread evenly over the 3 other ids."""
+    student = torch.tensor([[0.5, 1.5, -1.0, 0.0, 2.0]])
+    teacher = torch.tensor([[3.0, 0.0, 2.0, -1.0, 0.5]])
+    p1 = softmax(teacher[0].tolist(), 1.0)
+    top = sorted(range(5), key=lambda i: -p1[i])[:2]  # ids 0 and 2
+    logp = torch.tensor([[math.log(p1[i]) for i in top]])
+    ids = torch.tensor([top])
+    tail = 1 - sum(p1[i] for i in top)
+    if T == 1:
+        p = [p1[top[0]], p1[top[1]], tail]
+    else:
+        weights = [p1[top[0]] ** (1 / T), p1[top[1]] ** (1 / T), 3 * (tail / 3) ** (1 / T)]
+        p = [w / sum(weights) for w in weights]
+    qs = softmax(student[0].tolist(), T)
+    q = [qs[top[0]], qs[top[1]], 1 - qs[top[0]] - qs[top[1]]]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    kd, _ = kd_sums(student, logp, torch.tensor([1]), T, "forward_kl", 0.5, teacher_ids=ids)
+    assert kd.item() == pytest.approx(expected, rel=1e-5)
+    full, _ = kd_sums(student, teacher, torch.tensor([1]), T, "forward_kl", 0.5)
+    renormalised, _ = kd_sums(student, logp, torch.tensor([1]), T, "forward_kl", 0.5, teacher_ids=ids, tail=False)
+    if T == 1:
+        assert kd.item() <= full.item()  # merging outcomes never raises a KL
+    assert renormalised.item() != pytest.approx(kd.item(), rel=1e-3)
+
+
 # -- recipe ------------------------------------------------------------------------------------------
 pytest_ni = pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not present (see README: Data)")
 

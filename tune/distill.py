@@ -79,16 +79,18 @@ def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int,
 
 
 def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta: float, vocab_size: int,
-               chunk_size: int = 4096):
+               chunk_size: int = 4096, cache_tail: bool = True):
     """Engine loss: α·T²·D(teacher ‖ student) + (1 − α)·CE, summed over target tokens, with the KD and CE parts
-    logged. The teacher is live (`teacher` a model) or cached (`teacher` None: the batch carries its top-k)."""
+    logged. The teacher is live (`teacher` a model) or cached (`teacher` None: the batch carries its top-k,
+    compared with a tail bucket unless `cache_tail` is false: tune.losses.kd_sums)."""
     scale = alpha * temperature ** 2
 
     def loss_fn(model, batch):
         hidden, head = hidden_and_head(model, batch)
         if "teacher_logprobs" in batch:
             kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
-                                        cached=(batch["teacher_logprobs"], batch["teacher_ids"]), chunk_size=chunk_size)
+                                        cached=(batch["teacher_logprobs"], batch["teacher_ids"]), chunk_size=chunk_size,
+                                        tail=cache_tail)
         else:
             if teacher is None:
                 raise TuneError("the batch has no cached teacher log-probs and no teacher was loaded")

@@ -360,13 +360,16 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
 
 def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
             kind: str, beta: float, teacher_ids: torch.Tensor | None = None,
-            vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            vocab_size: int | None = None, tail: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of divergences, sum of cross-entropies) over N target positions, in fp32.
 
     student_logits (N, V_s). `teacher` is either the teacher's logits (N, V_t), compared on the first
-    `vocab_size` ids (the shared tokenizer's; default min(V_s, V_t)), or, with `teacher_ids` (N, k), the teacher's cached top-k
-    log-probs at temperature 1: both distributions are then renormalised over those k ids (exact when k
-    covers the vocabulary). Temperature scales the logits of both models before the divergence only.
+    `vocab_size` ids (the shared tokenizer's; default min(V_s, V_t)), or, with `teacher_ids` (N, k), the teacher's
+    cached top-k log-probs at temperature 1. Cached, with `tail` (default) both distributions are compared on k + 1
+    buckets, the k ids and one bucket holding the rest of the mass (topk_with_tail): at T = 1 the divergence is then
+    the exact divergence of those buckets, a lower bound on the full-vocabulary one (merging outcomes never
+    raises an f-divergence), and equal to it when k covers the vocabulary; without `tail` both are renormalised over
+    the k ids (the older approximation). Temperature scales the logits of both models before the divergence only.
     """
     student_logits = student_logits.float()
     ce = F.cross_entropy(student_logits, targets, reduction="sum")
@@ -374,18 +377,48 @@ def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.
         shared = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
         s = F.log_softmax(student_logits[:, :shared] / temperature, -1)
         t = F.log_softmax(teacher[:, :shared].float() / temperature, -1)
+    elif tail and teacher_ids.shape[-1] < student_logits.shape[-1]:  # (k = V: no tail, the exact branch below)
+        s, t = topk_with_tail(student_logits, teacher.float(), teacher_ids.long(), temperature)
     else:  # log p_T(T) over the support = log_softmax(log p_T(1) / T): the teacher's normaliser cancels
         s = F.log_softmax(student_logits.gather(-1, teacher_ids.long()) / temperature, -1)
         t = F.log_softmax(teacher.float() / temperature, -1)
     return divergence(s, t, kind, beta).sum(), ce
 
 
+TAIL_FLOOR = 1e-12  # the least mass a tail bucket holds: k = V leaves none, and 0 · log 0 would be nan
+
+
+def topk_with_tail(student_logits: torch.Tensor, teacher_logp: torch.Tensor, ids: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs (N, k + 1) at `temperature` on the teacher's top-k ids plus one tail bucket.
+
+    student_logits (N, V); teacher_logp (N, k): the teacher's log-probs at T = 1 on `ids` (N, k), as cached. The
+    student side is exact at any T (its full softmax, gathered; the tail is the rest). The teacher's tail at T = 1
+    is 1 − Σ_k p, exact. At T ≠ 1 its tempered tail needs the tail tokens' own probabilities, which the cache does
+    not keep: they are taken as equal (the tail mass spread evenly over the V − k other ids), which is exact for a
+    flat tail and otherwise an approximation (a peaked tail has more tempered mass than this at T < 1, less at
+    T > 1).
+    """
+    s_all = F.log_softmax(student_logits / temperature, -1)
+    s_k = s_all.gather(-1, ids)
+    s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, -1, keepdim=True))).clamp_min(TAIL_FLOOR))
+    tail_mass = (-torch.expm1(torch.logsumexp(teacher_logp, -1, keepdim=True))).clamp_min(TAIL_FLOOR)
+    if temperature == 1:
+        t = torch.cat([teacher_logp, tail_mass.log()], -1)
+    else:
+        others = max(student_logits.shape[-1] - ids.shape[-1], 1)
+        # log Σ_tail p_j^(1/T) with each p_j = tail_mass / others
+        t_tail = math.log(others) + (tail_mass.log() - math.log(others)) / temperature
+        t = F.log_softmax(torch.cat([teacher_logp / temperature, t_tail], -1), -1)
+    return torch.cat([s_k, s_tail], -1), t
+
+
 def _kd_chunk(h, targets, student_head, temperature, kind, beta, teacher_hidden, teacher_head, cached_logprobs,
-              cached_ids, vocab_size):
+              cached_ids, vocab_size, tail=True):
     """kd_sums for one chunk of target positions, from the student's hidden states (see chunked_kd_sums)."""
     logits = student_head(h)
     if cached_ids is not None:
-        return kd_sums(logits, cached_logprobs, targets, temperature, kind, beta, teacher_ids=cached_ids)
+        return kd_sums(logits, cached_logprobs, targets, temperature, kind, beta, teacher_ids=cached_ids, tail=tail)
     with torch.no_grad():
         teacher_logits = teacher_head(teacher_hidden)
     return kd_sums(logits, teacher_logits, targets, temperature, kind, beta, vocab_size=vocab_size)
@@ -393,12 +426,13 @@ def _kd_chunk(h, targets, student_head, temperature, kind, beta, teacher_hidden,
 
 def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, kind: str, beta: float,
                     teacher_hidden=None, teacher_head=None, cached=None, vocab_size: int | None = None,
-                    chunk_size: int = 4096):
+                    chunk_size: int = 4096, tail: bool = True):
     """kd_sums over the target positions of a batch, projecting at most `chunk_size` positions of each model
     at a time, so neither model's full-vocabulary logits exist for the whole batch.
 
     The teacher is live (`teacher_hidden` (B, T, D) + `teacher_head`, computed without grad) or `cached`:
-    (log-probs (N, k), ids (N, k)) for the N target positions in row-major order.
+    (log-probs (N, k), ids (N, k)) for the N target positions in row-major order, compared with a tail bucket
+    unless `tail` is false (see kd_sums).
     When autograd needs gradients, each chunk runs under activation checkpointing: its logits (the student's,
     and a live teacher's) are recomputed in the backward instead of kept, so peak memory holds one chunk's
     logits, not the batch's (the price: each chunk's projections run twice).
@@ -418,7 +452,7 @@ def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, k
         args = (h[start:end], t[start:end], student_head, temperature, kind, beta,
                 th[start:end] if th is not None else None, teacher_head,
                 cached[0][start:end] if cached is not None else None,
-                cached[1][start:end] if cached is not None else None, vocab_size)
+                cached[1][start:end] if cached is not None else None, vocab_size, tail)
         if recompute:
             k_sum, c_sum = checkpoint(_kd_chunk, *args, use_reentrant=False)
         else:
