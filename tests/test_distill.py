@@ -223,6 +223,12 @@ def test_distilling_from_the_cache_equals_the_live_teacher(tmp_path, gpt2_base, 
                                                               "teacher.cache_top_k": 8}))
     assert len(list((tmp_path / "tcache").iterdir())) == 2  # one entry per k
     assert top8.step == 2
+    # the size report: 8 log-probs (fp32) + 8 ids (int32) = 64 bytes per target token, plus offsets and headers
+    import re
+
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("teacher cache: wrote"))
+    per_token = int(re.search(r"([0-9,]+) bytes per target token", line).group(1).replace(",", ""))
+    assert 64 <= per_token <= 64 * 1.2, line
 
 
 @pytest_ni

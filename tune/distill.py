@@ -150,7 +150,7 @@ def build_teacher_cache(teacher_dir, teacher, splits: dict[str, Sequence[dict]],
 
     final = Path(cache_dir) / cache_key(teacher_dir, top_k, splits)
     if (final / "meta.json").is_file():
-        log(f"teacher cache: reusing {final}")
+        log(f"teacher cache: reusing {final}; {cache_size_line(final)}")
         return final
     if teacher is None:
         raise ConfigError(f"no complete teacher cache at {final} and no teacher to build it")
@@ -160,7 +160,23 @@ def build_teacher_cache(teacher_dir, teacher, splits: dict[str, Sequence[dict]],
             save_file(teacher_topk(teacher, examples, top_k, vocab_size, pad_id), str(tmp / f"{name}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"teacher": str(teacher_dir), "top_k": top_k, "vocab_size": vocab_size,
                                                    "examples": {n: len(e) for n, e in splits.items()}}, indent=2))
+    log(f"teacher cache: wrote {final}; {cache_size_line(final)}")
     return final
+
+
+def cache_size_line(cache: Path) -> str:
+    """The size of a teacher cache: target tokens, bytes on disk and bytes per target token (top k log-probs in
+    fp32 and ids in int32: 8·k bytes, plus the per-example offsets and the file headers)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(cache).glob("*.safetensors"))
+    tokens = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            tokens += int(f.get_slice("ids").get_shape()[0])
+    size = sum(f.stat().st_size for f in files)
+    return (f"{tokens:,} target tokens, {size / 2**20:,.1f} MiB on disk, "
+            f"{size / max(tokens, 1):,.0f} bytes per target token")
 
 
 def load_teacher_cache(path, name: str, n_examples: int) -> dict[str, torch.Tensor]:
