@@ -116,9 +116,9 @@ def init_from_shape(hf_config: dict) -> dict:
         rope = c.get("rope_parameters") or {}
         experts = {"n_experts": c.get("num_local_experts", 8), "moe_top_k": c.get("num_experts_per_tok", 2),
                    "moe_every": 1} if kind == "mixtral" else {"n_experts": 0, "moe_top_k": None, "moe_every": None}
-        return {**experts,"n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
+        return {**experts, "n_layer": c.get("num_hidden_layers", 32), "n_head": heads,
                 "n_kv_head": c.get("num_key_value_heads") or heads, "n_embd": c.get("hidden_size", 4096),
-                "mlp_hidden": c.get("intermediate_size", 11008),
+                "mlp_hidden": c.get("intermediate_size", 14336 if kind == "mixtral" else 11008),  # HF defaults
                 "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
                 "rope_theta": rope.get("rope_theta", c.get("rope_theta", 10000.0)), "activation": None,
                 "block_size": c.get("max_position_embeddings", 2048), "position": "rope"}

@@ -484,7 +484,6 @@ def cmd_quantize(args) -> int:
     """Write MODEL_DIR (with --adapter: that LoRA adapter merged in first) as a bitsandbytes-quantized HF checkpoint
     with the tokenizer: AutoModelForCausalLM.from_pretrained, `tune generate` and `tune run evaluate` load it as is.
     Prints the weight bytes on disk before and after."""
-    import json
     import tempfile
 
     import torch
