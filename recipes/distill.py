@@ -54,6 +54,12 @@ class KDSection:
     jsd_beta: float = 0.5  # jsd only: m = β·p_teacher + (1 − β)·p_student
     skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
+    # hidden-state distillation (tune/kd_hidden.py): pairs [student_layer, teacher_layer] of 0-based decoder blocks
+    # whose outputs (before the final norm) are matched, through a learned projection where the widths differ;
+    # [] = off. Needs the live teacher (teacher.cache=false)
+    layer_map: list[list[int]] = field(default_factory=list)
+    hidden_loss: Literal["mse", "cosine"] = "mse"  # per position: mean squared error over the width, or 1 − cosine
+    hidden_weight: float = 1.0  # the term's weight in the loss, added to α·T²·KD + (1 − α)·CE
 
 
 @dataclass
@@ -112,7 +118,7 @@ def validate(cfg: DistillConfig) -> None:
     student_sizes = range_problems("student.", s, {"n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1",
                                                    "block_size": ">= 1"})
     teacher = problems.call(check_model_dir, cfg.teacher.model, "teacher.model")
-    student = None
+    student = native_layers = None
     if (s.model is None) == (s.preset is None):
         problems.add("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
     elif s.model is not None:
@@ -122,7 +128,8 @@ def validate(cfg: DistillConfig) -> None:
             problems.add(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains "
                          "fully")
         try:
-            config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=s.block_size)
+            native_layers = config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                                               block_size=s.block_size).n_layer
         except ConfigError as e:  # the preset's messages name model.*; here the keys live under student.*
             problems.add(str(e).replace("model.", "student."))
     if not 0 <= kd.alpha <= 1:
@@ -160,6 +167,15 @@ def validate(cfg: DistillConfig) -> None:
     data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
                                                       **data_inputs}))
+    if kd.layer_map:  # hidden-state distillation (tune/kd_hidden.py)
+        teacher_layers = _layer_count(cfg.teacher.model) if teacher is not None else None
+        student_layers = _layer_count(s.model) if student is not None else native_layers
+        problems.extend(_layer_map_problems(kd.layer_map, student_layers, teacher_layers))
+        if not kd.hidden_weight >= 0:
+            problems.add(f"kd.hidden_weight must be >= 0, got {kd.hidden_weight}")
+        if cfg.teacher.cache:
+            problems.add("kd.layer_map needs the live teacher: the teacher cache holds no hidden states; set "
+                         "teacher.cache=false or kd.layer_map=[]")
     problems.raise_if_any()
 
 
@@ -181,8 +197,10 @@ def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
 
 def save_student(cfg: DistillConfig, model, tokenizer, out: Path) -> Path:
     from tune.hf import quiet_third_party
+    from tune.kd_hidden import strip_hidden_distillation
     from tune.models.export import export_hf
 
+    strip_hidden_distillation(model)  # kd.layer_map's projections train with the student but are not part of it
     if cfg.student.model is None:
         return export_hf(model.cpu(), out, tokenizer)
     with quiet_third_party():
@@ -201,6 +219,7 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     vocab_size = checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0] if cfg.student.model is None else 0
     block_size = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
     student = make_student(cfg, vocab_size, block_size)
+    add_hidden_distillation(cfg, student)  # its projections are in the checkpoint too (save_student drops them)
     student.load_state_dict(read_checkpoint_weights(checkpoint, student), strict=False)
     return save_student(cfg, student.eval(), tokenizer, out)
 
@@ -265,18 +284,26 @@ def run(cfg: DistillConfig):
         teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
 
     student = make_student(cfg, vocab_size, block_size)
+    hidden = add_hidden_distillation(cfg, student, teacher)  # kd.layer_map (None without one)
     say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
         f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
         + (" (from its top-k cache)" if t.cache else ""))
     kd = cfg.kd
     mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.jsd_beta  # divergence()'s beta
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
-                         cfg.teacher.cache_tail)
+                         cfg.teacher.cache_tail, hidden_kd=hidden)
     def rebuild():
         return make_student(cfg, vocab_size, block_size)
 
+    def rebuild_kd():  # the student as it trains: with kd.layer_map's projections
+        model = rebuild()
+        add_hidden_distillation(cfg, model)
+        return model
+
     result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild, run_config=cfg).fit()
+                    rebuild=rebuild_kd, run_config=cfg).fit()
+    if hidden is not None:
+        hidden.remove_hooks()
     if accelerator.is_main_process:
         student = result.model  # unsharded (the same module unless FSDP trained it)
         student.eval()
@@ -308,6 +335,50 @@ def _embedding_rows(model_dir) -> int:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False).vocab_size
+
+
+def add_hidden_distillation(cfg: DistillConfig, student, teacher=None):
+    """kd.layer_map: a tune.kd_hidden.HiddenStateDistillation attached to `student` as `student.kd_hidden`, so the
+    engine trains, checkpoints and resumes its projections with the student, and hooked to both models when the
+    `teacher` is given. None (the student unchanged) without a layer map."""
+    if not cfg.kd.layer_map:
+        return None
+    from transformers import AutoConfig
+
+    from tune.kd_hidden import ATTRIBUTE, HiddenStateDistillation, hidden_width
+
+    teacher_width = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=False).hidden_size
+    module = HiddenStateDistillation(cfg.kd.layer_map, hidden_width(student), teacher_width, cfg.kd.hidden_loss,
+                                     cfg.kd.hidden_weight)
+    student.add_module(ATTRIBUTE, module)
+    if teacher is not None:
+        module.attach(student, teacher)
+    return module
+
+
+def _layer_map_problems(layer_map, student_layers: int | None, teacher_layers: int | None) -> list[str]:
+    """One-line problems of kd.layer_map (pairs [student_layer, teacher_layer], 0-based), each index checked against
+    its model's number of decoder blocks when known (None: only >= 0)."""
+    problems = []
+    for pair in layer_map:
+        if len(pair) != 2:  # the config loader has checked that each item is a list of integers
+            problems.append(f"kd.layer_map: {pair} is not a pair [student_layer, teacher_layer]")
+            continue
+        for index, count, name in ((pair[0], student_layers, "student"), (pair[1], teacher_layers, "teacher")):
+            if index < 0 or (count is not None and index >= count):
+                valid = f"0..{count - 1}" if count is not None else ">= 0"
+                problems.append(f"kd.layer_map: pair {pair} names {name} layer {index}, but the {name}'s layers are "
+                                f"{valid} (0-based decoder blocks)")
+    return problems
+
+
+def _layer_count(model_dir) -> int | None:
+    """The number of decoder blocks of an HF model, from its config.json (None when it names none)."""
+    from tune.hf import read_model_config
+
+    config = read_model_config(model_dir)
+    count = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config), None)
+    return count if isinstance(count, int) and count > 0 else None
 
 
 def _text_source(cfg: DistillConfig, accelerator):

@@ -79,10 +79,12 @@ def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int,
 
 
 def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta: float, vocab_size: int,
-               chunk_size: int = 4096, cache_tail: bool = True):
+               chunk_size: int = 4096, cache_tail: bool = True, hidden_kd=None):
     """Engine loss: α·T²·D(teacher ‖ student) + (1 − α)·CE, summed over target tokens, with the KD and CE parts
     logged. The teacher is live (`teacher` a model) or cached (`teacher` None: the batch carries its top-k,
-    compared with a tail bucket unless `cache_tail` is false: tune.losses.kd_sums)."""
+    compared with a tail bucket unless `cache_tail` is false: tune.losses.kd_sums). `hidden_kd`: a
+    tune.kd_hidden.HiddenStateDistillation attached to both models (live teacher): + hidden_kd.weight · its
+    loss_sum, logged as `hidden`."""
     scale = alpha * temperature ** 2
 
     def loss_fn(model, batch):
@@ -99,7 +101,11 @@ def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta:
             kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
                                         teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                         vocab_size=vocab_size, chunk_size=chunk_size)
-        return with_router_losses(model, scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()})
+        loss, extras = scale * kd + (1 - alpha) * ce, {"kd": kd.detach(), "ce": ce.detach()}
+        if hidden_kd is not None:  # kd.layer_map: hidden-state distillation (tune/kd_hidden.py)
+            hidden_sum = hidden_kd.loss_sum(batch["targets"] != IGNORE_INDEX)
+            loss, extras["hidden"] = loss + hidden_kd.weight * hidden_sum, hidden_sum.detach()
+        return with_router_losses(model, loss, n, extras)
 
     return loss_fn
 
