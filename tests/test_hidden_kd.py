@@ -159,6 +159,41 @@ def test_blocks_are_found_through_peft_and_layouts_without_blocks_are_refused():
         hidden.attach(gpt2(2, 16), llama)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(native):
+    """Under (non-reentrant) activation checkpointing the hooks also fire when a block is recomputed in the
+    backward pass; the loss and every gradient stay those of the plain forward."""
+    from tune.hf import enable_activation_checkpointing
+    from tune.models.gpt import GPT, config_from_preset
+
+    def run(checkpointing: bool):
+        if native:
+            torch.manual_seed(0)
+            student = GPT(config_from_preset("tiny-gpt2", n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=40))
+        else:
+            student = gpt2(3, 16)
+        student.train()
+        if checkpointing:
+            enable_activation_checkpointing(student)
+        teacher = gpt2(2, 24, seed=2)
+        torch.manual_seed(9)  # the same projection both times
+        hidden = HiddenStateDistillation([[0, 1], [2, 0]], 16, 24).attach(student, teacher)
+        input_ids, mask = batch_and_mask()
+        student(input_ids)
+        with torch.no_grad():
+            teacher(input_ids)
+        loss = hidden.loss_sum(mask)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in [*student.named_parameters(), *hidden.named_parameters()]
+                             if p.grad is not None}
+
+    plain, checkpointed = run(False), run(True)
+    assert checkpointed[0] == pytest.approx(plain[0], rel=1e-6)
+    assert plain[1].keys() == checkpointed[1].keys() and len(plain[1]) > 2
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], grad, msg=name)
+
+
 # -- recipe ------------------------------------------------------------------------------------------
 @pytest_ni
 def test_distill_with_a_layer_map_saves_a_clean_student_and_resumes_exactly(tmp_path, gpt2_base, monkeypatch):
@@ -250,3 +285,35 @@ def test_strip_removes_the_module_and_its_hooks():
     assert "kd_hidden" not in json.dumps(list(student.state_dict()))
     student(torch.zeros(1, 3, dtype=torch.long))
     assert not hidden._student_states  # the hooks are gone
+
+
+@pytest_ni
+def test_lora_student_of_another_width_on_text_with_cosine(tmp_path, gpt2_base, ni_texts):
+    """An HF student 3 x 32 (LoRA, gradient checkpointing) from the 2 x 64 teacher on a text corpus: the adapter
+    trains with the 32 -> 64 projection; the saved adapter loads onto the base model."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from recipes.distill import run
+
+    student_dir = tmp_path / "student_base"
+    vocab = AutoModelForCausalLM.from_pretrained(gpt2_base).config.vocab_size
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=3, n_head=2)).save_pretrained(
+        student_dir)
+    for f in gpt2_base.glob("tokenizer*"):
+        shutil.copy(f, student_dir / f.name)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(ni_texts[:400]), encoding="utf-8")
+    result = run(distill_config(tmp_path, gpt2_base, "text", **{
+        "student.model": str(student_dir), "student.preset": "null", "student.method": "lora",
+        "kd.layer_map": "[[2,1],[0,0]]", "kd.hidden_loss": "cosine", "train.gradient_checkpointing": "true",
+        "data.kind": "text", "data.corpus": str(corpus), "data.block_size": 64, "train.max_steps": 4,
+        "train.eval_every": 2}))
+    hidden = history(result.run_dir, "hidden")
+    assert len(hidden) == 4 and all(0 < h < 2 for h in hidden)  # 1 − cos lies in [0, 2]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir), result.run_dir / "student")
+    with safe_open(str(result.run_dir / "student" / "adapter_model.safetensors"), "pt") as f:
+        assert f.keys() and all("lora_" in k for k in f.keys()), list(f.keys())
