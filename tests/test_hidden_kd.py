@@ -194,6 +194,42 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(native):
         torch.testing.assert_close(checkpointed[1][name], grad, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """train.compile=true compiles each block with its forward hooks: the same loss and gradients as eager, over two
+    widths (the second compiles a dynamic shape). ~30 s of CPU time."""
+    from tune.engine import compile_blocks
+    from tune.models.gpt import GPT, config_from_preset
+
+    torch.manual_seed(0)
+    eager = GPT(config_from_preset("tiny-gpt2", vocab_size=40, block_size=32, n_layer=2, n_embd=16)).train()
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled) == 2
+    teacher = gpt2(2, 24, seed=3)
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        hidden = HiddenStateDistillation([[0, 1], [1, 0]], 16, 24).attach(model, teacher)
+        for width in (12, 15):
+            input_ids = torch.randint(0, 40, (2, width))
+            model(input_ids)
+            with torch.no_grad():
+                teacher(input_ids)
+            loss = hidden.loss_sum(torch.ones(2, width, dtype=torch.bool))
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.clone() for n, p in [*model.named_parameters(),
+                                                                        *hidden.named_parameters()]
+                                          if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+            hidden.zero_grad(set_to_none=True)
+        hidden.remove_hooks()
+    for (loss, grads), (loss_c, grads_c) in zip(results[:2], results[2:]):
+        assert loss_c == pytest.approx(loss, rel=1e-4, abs=1e-5)
+        assert grads_c.keys() == grads.keys() and "projections.0.weight" in grads
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # -- recipe ------------------------------------------------------------------------------------------
 @pytest_ni
 def test_distill_with_a_layer_map_saves_a_clean_student_and_resumes_exactly(tmp_path, gpt2_base, monkeypatch):
