@@ -161,8 +161,11 @@ def test_blocks_are_found_through_peft_and_layouts_without_blocks_are_refused():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(native):
-    """Under (non-reentrant) activation checkpointing the hooks also fire when a block is recomputed in the
-    backward pass; the loss and every gradient stay those of the plain forward."""
+    """Under (non-reentrant) activation checkpointing the loss and every gradient are those of the plain forward, and
+    a block recomputed in the backward pass leaves nothing behind (without torch's early stop the recomputation runs
+    the native block to its end, forward hooks included)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
     from tune.hf import enable_activation_checkpointing
     from tune.models.gpt import GPT, config_from_preset
 
@@ -179,11 +182,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(native):
         torch.manual_seed(9)  # the same projection both times
         hidden = HiddenStateDistillation([[0, 1], [2, 0]], 16, 24).attach(student, teacher)
         input_ids, mask = batch_and_mask()
-        student(input_ids)
-        with torch.no_grad():
-            teacher(input_ids)
-        loss = hidden.loss_sum(mask)
-        loss.backward()
+        with set_checkpoint_early_stop(False):  # read when the checkpointed forward runs
+            student(input_ids)
+            with torch.no_grad():
+                teacher(input_ids)
+            loss = hidden.loss_sum(mask)
+            loss.backward()
+        assert not hidden._student_states  # nothing kept from the blocks recomputed in the backward
         return loss.item(), {n: p.grad.clone() for n, p in [*student.named_parameters(), *hidden.named_parameters()]
                              if p.grad is not None}
 

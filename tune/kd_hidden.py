@@ -53,6 +53,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
                     "LMs laid out like GPT-2, Llama, GPT-NeoX or OPT")
 
 
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding that starts every forward: the native GPT's `tok_emb`, an HF model's input embeddings."""
+    inner = _inner(model)
+    return inner.tok_emb if hasattr(inner, "tok_emb") else inner.get_input_embeddings()
+
+
 def hidden_width(model: nn.Module) -> int:
     """The width of the hidden states between blocks: the native GPT's n_embd, an HF config's hidden_size."""
     config = _inner(model).config
@@ -86,11 +92,16 @@ class HiddenStateDistillation(nn.Module):
         self._student_states: dict[int, torch.Tensor] = {}
         self._teacher_states: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        self._armed = False  # whether the student's block outputs are kept (see attach)
 
     def attach(self, student: nn.Module, teacher: nn.Module) -> "HiddenStateDistillation":
         """Forward hooks on the student's and the teacher's mapped blocks (replacing any earlier ones): each forward
         stores the block's output (B, T, width), the teacher's detached. ConfigError when a layer index is out of
-        range for the loaded model."""
+        range for the loaded model.
+
+        The student's outputs are kept from its token embedding's forward (the start of a forward) until loss_sum:
+        with activation checkpointing a block runs again in the backward pass, and that recomputed output (with
+        its graph) must not stay referenced here until the next step."""
         self.remove_hooks()
         student_blocks, teacher_blocks = decoder_blocks(student), decoder_blocks(teacher)
         for pair in self.pairs:
@@ -98,20 +109,26 @@ class HiddenStateDistillation(nn.Module):
                 if index >= len(blocks):
                     raise ConfigError(f"kd.layer_map: pair {list(pair)} names {name} layer {index}, but the {name}'s "
                                       f"layers are 0..{len(blocks) - 1} (0-based decoder blocks)")
+        self._handles.append(input_embeddings(student).register_forward_pre_hook(self._arm))
         for index in sorted({s for s, _ in self.pairs}):
             self._handles.append(student_blocks[index].register_forward_hook(self._keeper(self._student_states, index,
-                                                                                           detach=False)))
+                                                                                           student=True)))
         for index in sorted({t for _, t in self.pairs}):
             self._handles.append(teacher_blocks[index].register_forward_hook(self._keeper(self._teacher_states, index,
-                                                                                           detach=True)))
+                                                                                           student=False)))
         return self
 
-    @staticmethod
-    def _keeper(states: dict, index: int, detach: bool):
+    def _arm(self, module, args):
+        self._student_states.clear()
+        self._armed = True
+
+    def _keeper(self, states: dict, index: int, student: bool):
         def hook(module, args, output):
+            if student and not self._armed:  # a block recomputed in the backward pass
+                return
             # HF blocks return a tensor, or a tuple / list (GPT-1) whose first item is the hidden state
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            states[index] = hidden.detach() if detach else hidden
+            states[index] = hidden if student else hidden.detach()
         return hook
 
     def remove_hooks(self) -> None:
@@ -120,6 +137,7 @@ class HiddenStateDistillation(nn.Module):
         self._handles = []
         self._student_states.clear()
         self._teacher_states.clear()
+        self._armed = False
 
     def loss_sum(self, mask: torch.Tensor) -> torch.Tensor:
         """The hidden-state loss of the last student and teacher forwards, summed over the positions where `mask`
@@ -146,6 +164,7 @@ class HiddenStateDistillation(nn.Module):
             total = total + per_position.sum()
         self._student_states.clear()
         self._teacher_states.clear()
+        self._armed = False
         return total / len(self.pairs)
 
 
