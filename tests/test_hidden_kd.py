@@ -358,3 +358,27 @@ def test_lora_student_of_another_width_on_text_with_cosine(tmp_path, gpt2_base, 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir), result.run_dir / "student")
     with safe_open(str(result.run_dir / "student" / "adapter_model.safetensors"), "pt") as f:
         assert f.keys() and all("lora_" in k for k in f.keys()), list(f.keys())
+
+
+@pytest_ni
+@pytest.mark.slow
+def test_two_processes_ddp_and_fsdp_match_one_with_a_layer_map(recipe_configs, tmp_path):
+    """The 32 -> 64 projection trains the same under DDP (2 processes) and FSDP2 (2 processes, sharded; at the end
+    rank 0 rebuilds the student with its projection, then saves it without) as in one process."""
+    from test_fsdp import assert_same_weights
+
+    from conftest import assert_losses_close, losses, tune_run
+
+    config, overrides = recipe_configs["distill"]
+    runs = {}
+    for name, kwargs, accum in (("one", {}, 2), ("ddp", {"nproc": 2}, 1), ("fsdp", {"fsdp": True}, 1)):
+        done = tune_run("distill", config, [*overrides, "kd.layer_map=[[0,1]]", f"train.grad_accum_steps={accum}"],
+                        tmp_path / name, **kwargs)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("FSDP: parameters sharded over 2 processes" in done.stdout) == (name == "fsdp")
+        runs[name] = losses(tmp_path / name)
+    for name in ("ddp", "fsdp"):
+        assert_losses_close(runs["one"][0], runs[name][0])
+        assert_losses_close(runs["one"][1], runs[name][1])
+        assert_same_weights(tmp_path / "one" / "student", tmp_path / name / "student", "model.safetensors")
+    assert len(history(tmp_path / "fsdp", "hidden")) == 8
