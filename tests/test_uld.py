@@ -160,7 +160,8 @@ def test_uld_distills_across_two_tokenizers_end_to_end(tmp_path, tiny_lm, other_
 
     from recipes.distill import run
 
-    result = run(uld_config(tmp_path, tiny_lm, other_tokenizer_lm, "uld", **{"data.packing": packing}))
+    cfg = uld_config(tmp_path, tiny_lm, other_tokenizer_lm, "uld", **{"data.packing": packing})
+    result = run(cfg)
     assert result.step == 4
     losses, uld, ce = history(result.run_dir, "loss"), history(result.run_dir, "uld"), history(result.run_dir, "ce")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses + uld + ce)
@@ -175,6 +176,16 @@ def test_uld_distills_across_two_tokenizers_end_to_end(tmp_path, tiny_lm, other_
     # the student keeps its own tokenizer
     assert AutoTokenizer.from_pretrained(saved).get_vocab() == AutoTokenizer.from_pretrained(
         other_tokenizer_lm).get_vocab()
+    if packing == "false":  # `tune export` of the last checkpoint writes the same student, with its tokenizer
+        from safetensors.torch import load_file
+
+        from recipes.distill import export_checkpoint
+
+        out = export_checkpoint(cfg, result.run_dir, result.run_dir / "checkpoints" / "step_0000004",
+                                tmp_path / "exported")
+        a, b = load_file(saved / "model.safetensors"), load_file(out / "model.safetensors")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(saved).get_vocab()
 
 
 @pytest_ni
