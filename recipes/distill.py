@@ -411,6 +411,7 @@ def run_uld(cfg: DistillConfig):
     from tune.adapters import attention_implementation
     from tune.distill import CrossTokenizerBatches, load_teacher, pair_examples, uld_loss_fn
     from tune.engine import Engine, check_train_device, make_accelerator
+    from tune.errors import DataError
     from tune.hf import load_tokenizer, resolve_dtype
     from tune.packing import PACKED_ATTENTION
     from tune.recipe_utils import prepare_output_dir
@@ -421,6 +422,13 @@ def run_uld(cfg: DistillConfig):
     t, s, d, kd = cfg.teacher, cfg.student, cfg.data, cfg.kd
     teacher_tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has none: padding is masked
     student_tokenizer = load_tokenizer(s.model, "student.model")
+    vocab = {}  # each model's logits are compared over its own tokenizer's ids; embedding rows beyond are padding
+    for key, path, tokenizer in (("teacher.model", t.model, teacher_tokenizer), ("student.model", s.model,
+                                                                                  student_tokenizer)):
+        if _embedding_rows(path) < len(tokenizer):
+            raise DataError(f"{key}={path} embeds {_embedding_rows(path)} tokens but its tokenizer has "
+                            f"{len(tokenizer)}; it was not trained with this tokenizer")
+        vocab[key] = len(tokenizer)
     splits = load_splits(cfg)
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
     set_seed(cfg.seed)
@@ -446,9 +454,8 @@ def run_uld(cfg: DistillConfig):
     say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
         f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}; "
         f"cross-tokenizer ULD ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens)")
-    student_vocab = min(len(student_tokenizer), _embedding_rows(s.model))
-    teacher_vocab = min(len(teacher_tokenizer), _embedding_rows(t.model))
-    loss_fn = uld_loss_fn(teacher, kd.alpha, kd.temperature, student_vocab, teacher_vocab, kd.chunk_size)
+    loss_fn = uld_loss_fn(teacher, kd.alpha, kd.temperature, vocab["student.model"], vocab["teacher.model"],
+                          kd.chunk_size)
     result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
                     rebuild=lambda: make_student(cfg, 0, d.max_length), run_config=cfg).fit()
     if accelerator.is_main_process:
