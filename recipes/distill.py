@@ -51,9 +51,14 @@ class KDSection:
     #                           so its gradients keep the CE term's scale whatever T is
     # KL(teacher‖student), KL(student‖teacher), generalized JSD, total variation, DistiLLM's α-skew KLs
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
-    jsd_beta: float = 0.5  # jsd only: m = β·p_teacher + (1 − β)·p_student
+    beta: float = 0.5  # jsd only (GKD's β): m = β·p_teacher + (1 − β)·p_student; 0 is forward KL, 1 reverse KL
     skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
+    # on-policy distillation (GKD, Agarwal et al. 2024): the share of steps trained on the student's own completions
+    # of the prompts, scored by the teacher (needs data.kind=ni and a live teacher); 0 is off-policy KD
+    lmbda: float = 0.0
+    sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
+    max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
     # none: teacher and student must share the tokenizer. uld: Universal Logit Distillation (Boizard et al. 2024),
     # α·ULD + (1 − α)·CE, for a student.model with its own tokenizer (NI data, live teacher; README: Different tokenizers)
     cross_tokenizer: Literal["none", "uld"] = "none"
@@ -132,14 +137,27 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"kd.alpha must be in [0, 1], got {kd.alpha}")
     if not kd.temperature > 0:
         problems.add(f"kd.temperature must be > 0, got {kd.temperature}")
-    if not 0 < kd.jsd_beta < 1:
-        problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
+    if not 0 <= kd.beta <= 1:
+        problems.add(f"kd.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {kd.beta}")
+    if not 0 <= kd.lmbda <= 1:
+        problems.add(f"kd.lmbda must be in [0, 1] (the share of on-policy steps), got {kd.lmbda}")
+    if kd.lmbda > 0:
+        if d.kind != "ni":
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs data.kind=ni: the student completes prompts")
+        if cfg.teacher.cache:
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs a live teacher to score the student's own "
+                         "samples; set teacher.cache=false (or kd.lmbda=0)")
+        if cfg.train.compile:
+            problems.add("kd.lmbda > 0 (on-policy distillation) generates with the student, whose compiled blocks "
+                         "would recompile at every new length; set train.compile=false")
+    if kd.sample_temperature < 0:
+        problems.add(f"kd.sample_temperature must be >= 0 (0: greedy), got {kd.sample_temperature}")
     if not 0 <= kd.skew_alpha < 1:
         problems.add(f"kd.skew_alpha must be in [0, 1), got {kd.skew_alpha}")
     if cfg.teacher.cache_top_k < 0:
         problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
     problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
-                     *range_problems("kd.", kd, {"chunk_size": ">= 1"}),
+                     *range_problems("kd.", kd, {"chunk_size": ">= 1", "max_new_tokens": ">= 1"}),
                      *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
                      *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
                                                                "max_new_tokens": ">= 1", "batch_size": ">= 1"})))
@@ -170,7 +188,8 @@ def validate(cfg: DistillConfig) -> None:
                      (d.kind != "ni", "data.kind=ni (responses to align)"),
                      (not d.mask_prompt, "data.mask_prompt=true (the loss aligns the responses)"),
                      (cfg.teacher.cache, "teacher.cache=false (it runs the teacher live)"),
-                     (cfg.compare.ce_only, "compare.ce_only=false (the comparison measures KL token id by id)")]
+                     (cfg.compare.ce_only, "compare.ce_only=false (the comparison measures KL token id by id)"),
+                     (kd.lmbda > 0, "kd.lmbda=0 (on-policy samples are scored by the teacher token id by id)")]
         for missing, need in uld_needs:
             if missing:
                 problems.add(f"kd.cross_tokenizer=uld needs {need}")
@@ -226,8 +245,8 @@ def run(cfg: DistillConfig):
     from tune.adapters import attention_implementation
     from tune.packing import PACKED_ATTENTION, NIBatches
     from recipes.finetune import build_ni_datasets, load_splits
-    from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
-                              load_teacher, load_teacher_cache)
+    from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key,
+                              check_vocabularies, kd_loss_fn, load_teacher, load_teacher_cache)
     from tune.engine import Engine, check_train_device, make_accelerator
     from tune.hf import load_tokenizer, resolve_dtype
     from tune.recipe_utils import prepare_output_dir
@@ -286,14 +305,21 @@ def run(cfg: DistillConfig):
         f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
         + (" (from its top-k cache)" if t.cache else ""))
     kd = cfg.kd
-    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.jsd_beta  # divergence()'s beta
+    if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
+        source = OnPolicyBatches(*batch_args, **batch_kwargs, student=student, lmbda=kd.lmbda,
+                                 temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
+                                 eos_id=tokenizer.eos_token_id, vocab_size=vocab_size, autocast=accelerator.autocast,
+                                 synced=accelerator.num_processes > 1)
+    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
-                         cfg.teacher.cache_tail)
+                         cfg.teacher.cache_tail, log_on_policy=kd.lmbda > 0)
     def rebuild():
         return make_student(cfg, vocab_size, block_size)
 
-    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild, run_config=cfg).fit()
+    engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=rebuild, run_config=cfg)
+    engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
+    result = engine.fit()
     if accelerator.is_main_process:
         student = result.model  # unsharded (the same module unless FSDP trained it)
         student.eval()

@@ -47,6 +47,10 @@ def test_forward_kl_with_temperature_matches_hand_computation():
     jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
         qi * math.log(qi / mi) for qi, mi in zip(q, m))
     assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
+    # GKD's endpoints (kd.beta): 0 is forward KL, 1 reverse KL
+    forward = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert divergence(s_logp, t_logp, "jsd", 0.0).item() == pytest.approx(forward, rel=1e-6)
+    assert divergence(s_logp, t_logp, "jsd", 1.0).item() == pytest.approx(reverse, rel=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from tune.errors import ConfigError, DataError, TuneError
@@ -81,10 +82,13 @@ def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int,
 
 
 def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta: float, vocab_size: int,
-               chunk_size: int = 4096, cache_tail: bool = True):
+               chunk_size: int = 4096, cache_tail: bool = True, log_on_policy: bool = False):
     """Engine loss: α·T²·D(teacher ‖ student) + (1 − α)·CE, summed over target tokens, with the KD and CE parts
     logged. The teacher is live (`teacher` a model) or cached (`teacher` None: the batch carries its top-k,
-    compared with a tail bucket unless `cache_tail` is false: tune.losses.kd_sums)."""
+    compared with a tail bucket unless `cache_tail` is false: tune.losses.kd_sums). On an on-policy batch
+    (OnPolicyBatches: its targets are the student's own samples) the loss is α·T²·D alone, and the extra
+    `on_policy` counts its target tokens (`log_on_policy`: 0 on the other batches; logged as the on-policy share of
+    the tokens)."""
     scale = alpha * temperature ** 2
 
     def loss_fn(model, batch):
@@ -101,7 +105,13 @@ def kd_loss_fn(teacher, alpha: float, temperature: float, divergence: str, beta:
             kd, ce, n = chunked_kd_sums(hidden, head, batch["targets"], temperature, divergence, beta,
                                         teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                         vocab_size=vocab_size, chunk_size=chunk_size)
-        return with_router_losses(model, scale * kd + (1 - alpha) * ce, n, {"kd": kd.detach(), "ce": ce.detach()})
+        if "on_policy" in batch:  # the student's own samples (OnPolicyBatches): no reference to take CE against
+            return with_router_losses(model, scale * kd, n, {"kd": kd.detach(), "ce": ce.detach(),
+                                                             "on_policy": n.float()})
+        extras = {"kd": kd.detach(), "ce": ce.detach()}
+        if log_on_policy:  # every batch logs it (processes reduce the same extras each step)
+            extras["on_policy"] = n.float() * 0
+        return with_router_losses(model, scale * kd + (1 - alpha) * ce, n, extras)
 
     return loss_fn
 
@@ -209,6 +219,81 @@ class CachedTeacherBatches(NIBatches):
         batch["teacher_logprobs"], batch["teacher_ids"] = cache["logprobs"][rows], cache["ids"][rows]
         return batch
 
+
+
+# -- on-policy distillation (GKD) -------------------------------------------------------------------
+def prompt_of(example: dict) -> list[int]:
+    """The prompt of a tokenized NI example: its input_ids up to the one that predicts the first target token."""
+    targets = list(example["targets"])
+    first = next((t for t, y in enumerate(targets) if y != IGNORE_INDEX), None)
+    if first is None:
+        raise DataError("an NI example has no target token, so it has no prompt to complete")
+    return [int(i) for i in list(example["input_ids"])[:first + 1]]
+
+
+def completion_example(prompt: list[int], completion: list[int]) -> dict:
+    """A tokenized example whose targets are `completion` after `prompt` (as the NI tokenization lays out the
+    reference answer): input_ids = (prompt + completion)[:-1], targets -100 on the prompt's positions but the last.
+    An empty completion gives no target."""
+    sequence = prompt + completion
+    return {"input_ids": sequence[:-1], "targets": [IGNORE_INDEX] * (len(prompt) - 1) + completion}
+
+
+class OnPolicyBatches(NIBatches):
+    """NIBatches for on-policy / generalized knowledge distillation (GKD, Agarwal et al. 2024, "On-Policy
+    Distillation of Language Models: Learning from Self-Generated Mistakes").
+
+    With probability `lmbda` a step is on-policy: each of its micro-batches is replaced by the student's own
+    completions of the micro-batch's prompts (sampled at `temperature`, at most `max_new_tokens` each and never past
+    `max_length` tokens in all, stopping at `eos_id`), one right-padded row per prompt, targets = the sampled tokens;
+    the loss then scores them against the teacher on those tokens (kd_loss_fn: the KD term only, the tokens are no
+    references). Otherwise the step is the ordinary (off-policy) one, so lmbda = 0 is plain KD.
+
+    Reproducible: whether step s is on-policy depends on (seed, s) only; the samples of micro-batch m of step s on
+    (seed, s, m) and the weights at the start of step s (m indexes the step's global batch, so any number of
+    processes draws the same samples). The engine must not prepare batches ahead (Engine.prefetch = False): the
+    student generates them. `autocast` (a context factory, e.g. accelerator.autocast) wraps the generation;
+    `synced`: every process runs the same number of decoding steps (FSDP shards the weights each forward gathers).
+    The batches carry `on_policy` (a 0-d tensor, 1) so the loss can tell them apart.
+    """
+
+    def __init__(self, *args, student, lmbda: float, temperature: float, max_new_tokens: int, eos_id: int | None,
+                 vocab_size: int, autocast=None, synced: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.student, self.lmbda, self.temperature, self.max_new_tokens = student, lmbda, temperature, max_new_tokens
+        self.eos_id, self.vocab_size, self.autocast, self.synced = eos_id, vocab_size, autocast, synced
+
+    def on_policy(self, step: int) -> bool:
+        return self.lmbda > 0 and float(np.random.default_rng([self.seed, step, 0x6B64]).random()) < self.lmbda
+
+    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        if not self.on_policy(step):
+            return super().step_batches(step, rank, world)
+        return [self.sample(step, m, units) for m, units in self.micro_batch_units(step, rank, world)]
+
+    def sample(self, step: int, m: int, units: list[np.ndarray]) -> dict:
+        """Micro-batch m of step `step` with the student's completions in place of the references."""
+        import contextlib
+
+        from tune.generate import sample_completions
+
+        prompts = [prompt_of(ex) for ex in example_rows(self.train, [int(i) for u in units for i in u])]
+        device = next(self.student.parameters()).device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, step, m]).generate_state(1)[0]))
+        budgets = [min(self.max_new_tokens, self.max_length + 1 - len(p)) for p in prompts]
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+                completions = sample_completions(self.student, prompts, budgets, self.temperature, self.eos_id,
+                                                 self.pad_id, generator, vocab_size=self.vocab_size,
+                                                 synced=self.synced)
+        finally:
+            self.student.train(was_training)
+        batch = collate_padded([completion_example(p, c) for p, c in zip(prompts, completions)], self.pad_id)
+        batch["on_policy"] = torch.ones(())
+        return batch
 
 
 # -- cross-tokenizer distillation (kd.cross_tokenizer=uld) ----------------------------------------------

@@ -327,7 +327,8 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
     forward_kl       KL(p_teacher || p_student)  mode-covering; Hinton et al.'s distillation loss
     reverse_kl       KL(p_student || p_teacher)  mode-seeking
     jsd              beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),  m = beta p_teacher + (1 - beta)
-                     p_student (the generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5: Jensen-Shannon)
+                     p_student (the generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5: Jensen-Shannon); as in
+                     GKD's reference implementation (TRL's GKDTrainer) beta = 0 is forward KL and beta = 1 reverse KL
     tvd              0.5 * sum |p_teacher - p_student|, total variation distance (in [0, 1]; bounded gradients)
     skew_forward_kl  KL(p_teacher || beta p_teacher + (1 - beta) p_student)  DistiLLM's α-skew KL (Ko et al.
                      2024, α = beta, 0.1 there): forward KL that stays finite where the student puts ~no mass
@@ -339,8 +340,10 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
     if kind == "reverse_kl":
         return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
     if kind == "jsd":
-        if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        if not 0 <= beta <= 1:
+            raise ValueError(f"jsd needs 0 <= beta <= 1, got {beta}")
+        if beta in (0, 1):
+            return divergence(student_logp, teacher_logp, "forward_kl" if beta == 0 else "reverse_kl")
         mixture = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), 0)
         kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
         kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
