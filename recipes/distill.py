@@ -60,7 +60,8 @@ class KDSection:
     sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
     max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
     # none: teacher and student must share the tokenizer. uld: Universal Logit Distillation (Boizard et al. 2024),
-    # α·ULD + (1 − α)·CE, for a student.model with its own tokenizer (NI data, live teacher; README: Different tokenizers)
+    # α·ULD + (1 − α)·CE, for a student.model with its own tokenizer (NI data, live teacher; README: Different
+    # tokenizers (ULD))
     cross_tokenizer: Literal["none", "uld"] = "none"
 
 
@@ -469,7 +470,8 @@ def run_uld(cfg: DistillConfig):
         f"tokenizers ({dropped} and {dropped_val} dropped because one tokenization was too long)")
     source = CrossTokenizerBatches(student_train, student_val, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                                    seed=cfg.seed, packing=d.packing, max_length=d.max_length,
-                                   pad_id=student_tokenizer.pad_token_id, mask_mode=PACKED_ATTENTION[d.packed_attention],
+                                   pad_id=student_tokenizer.pad_token_id,
+                                   mask_mode=PACKED_ATTENTION[d.packed_attention],
                                    teacher_train=teacher_train, teacher_val=teacher_val,
                                    teacher_pad_id=teacher_tokenizer.pad_token_id)
     teacher_attn, why = attention_implementation(t.model, d.packed_attention)

@@ -214,15 +214,16 @@ def test_the_default_still_refuses_different_tokenizers_and_names_the_option(tmp
     assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
-def test_uld_without_an_hf_student_is_a_one_line_error(model_dir, capsys):
+def test_uld_without_an_hf_student_is_a_one_line_error(model_dir, tmp_path, capsys):
     from tune.cli import main
 
-    tasks = f"data.train_tasks=[{NI_TASKS / (TASKS[0] + '.json')}]"
+    (tmp_path / "task.json").write_text("{}")
+    tasks = f"data.train_tasks={tmp_path / 'task.json'}"  # exists; the task files are not read by validate
     assert main(["validate", "distill_ni", f"teacher.model={model_dir}", tasks, "kd.cross_tokenizer=uld",
                  "compare.ce_only=false"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["error: kd.cross_tokenizer=uld needs student.model (an HF directory with its own "
-                                        "tokenizer; a fresh student.preset takes the teacher's)"], err
+    assert err.strip().splitlines() == ["error: kd.cross_tokenizer=uld needs student.model (an HF directory with its "
+                                        "own tokenizer; a fresh student.preset takes the teacher's)"], err
     # every other requirement, each named
     assert main(["validate", "distill_ni", f"teacher.model={model_dir}", tasks, "kd.cross_tokenizer=uld",
                  f"student.model={model_dir}", "student.preset=null", "teacher.cache=true",
