@@ -314,7 +314,7 @@ def pair_examples(student_set, teacher_set, split: str = "train"):
         for i, key in enumerate(pairs):
             if key in index:
                 raise DataError(f"{split} data tokenized for the {side} has example {key[1]} of task {key[0]} twice; "
-                                "ULD pairs examples by (task, id)")
+                                "ULD pairs the two tokenizations by (task, id): give the task's instances unique ids")
             index[key] = i
         return index
 
