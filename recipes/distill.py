@@ -59,6 +59,10 @@ class KDSection:
     lmbda: float = 0.0
     sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
     max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
+    # none: teacher and student must share the tokenizer. uld: Universal Logit Distillation (Boizard et al. 2024),
+    # α·ULD + (1 − α)·CE, for a student.model with its own tokenizer (NI data, live teacher; README: Different
+    # tokenizers (ULD))
+    cross_tokenizer: Literal["none", "uld"] = "none"
 
 
 @dataclass
@@ -192,6 +196,19 @@ def validate(cfg: DistillConfig) -> None:
     data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
                                                       **data_inputs}))
+    # cross-tokenizer distillation (kd.cross_tokenizer=uld)
+    if kd.cross_tokenizer == "uld":
+        uld_needs = [(s.model is None, "student.model (an HF directory with its own tokenizer; a fresh "
+                                       "student.preset takes the teacher's)"),
+                     (d.kind != "ni", "data.kind=ni (responses to align)"),
+                     (not d.mask_prompt, "data.mask_prompt=true (the loss aligns the responses)"),
+                     (cfg.teacher.cache, "teacher.cache=false (it runs the teacher live)"),
+                     (cfg.compare.ce_only or bool(cfg.compare.methods),
+                      "compare.ce_only=false and compare.methods=[] (the comparison measures KL token id by id)"),
+                     (kd.lmbda > 0, "kd.lmbda=0 (on-policy samples are scored by the teacher token id by id)")]
+        for missing, need in uld_needs:
+            if missing:
+                problems.add(f"kd.cross_tokenizer=uld needs {need}")
     problems.raise_if_any()
 
 
@@ -228,7 +245,8 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     from tune.engine import checkpoint_tensor_shape, read_checkpoint_weights
     from tune.hf import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
+    tokenizer = (load_tokenizer(cfg.student.model, "student.model") if cfg.kd.cross_tokenizer == "uld"
+                 else load_tokenizer(cfg.teacher.model, "teacher.model"))
     # only a fresh native student takes its vocabulary size from here
     vocab_size = checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0] if cfg.student.model is None else 0
     block_size = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
@@ -349,6 +367,8 @@ def run(cfg: DistillConfig):
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
+    if cfg.kd.cross_tokenizer == "uld":  # cross-tokenizer distillation: its own data, loss and save (run_uld)
+        return run_uld(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -501,3 +521,69 @@ def format_comparison(rows: dict) -> str:
     lines += [f"{name}: closes {row['gap_closed']:.0f}% of the gap (val loss, CE-only -> teacher)"
               for name, row in rows.items() if "gap_closed" in row]
     return "\n".join(["held-out comparison (the same student, data and steps for every method):", *lines])
+
+
+def run_uld(cfg: DistillConfig):
+    """Cross-tokenizer distillation (kd.cross_tokenizer=uld, validated): every NI example is tokenized with both
+    tokenizers and paired (tune.distill.pair_examples), the student trains on α·ULD + (1 − α)·CE
+    (tune.distill.uld_loss_fn) and is saved with its own tokenizer to output_dir/student."""
+    from accelerate.utils import set_seed
+
+    from recipes.finetune import build_ni_datasets, load_splits
+    from tune.adapters import attention_implementation
+    from tune.distill import CrossTokenizerBatches, load_teacher, pair_examples, uld_loss_fn
+    from tune.engine import Engine, check_train_device, make_accelerator
+    from tune.errors import DataError
+    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.packing import PACKED_ATTENTION
+    from tune.recipe_utils import prepare_output_dir
+
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
+    check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    t, s, d, kd = cfg.teacher, cfg.student, cfg.data, cfg.kd
+    teacher_tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has none: padding is masked
+    student_tokenizer = load_tokenizer(s.model, "student.model")
+    vocab = {}  # each model's logits are compared over its own tokenizer's ids; embedding rows beyond are padding
+    for key, path, tokenizer in (("teacher.model", t.model, teacher_tokenizer), ("student.model", s.model,
+                                                                                  student_tokenizer)):
+        if _embedding_rows(path) < len(tokenizer):
+            raise DataError(f"{key}={path} embeds {_embedding_rows(path)} tokens but its tokenizer has "
+                            f"{len(tokenizer)}; it was not trained with this tokenizer")
+        vocab[key] = len(tokenizer)
+    splits = load_splits(cfg)
+    run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
+    set_seed(cfg.seed)
+
+    student_train, student_val, _ = build_ni_datasets(d, splits, student_tokenizer, accelerator,
+                                                      lambda m: say(f"student tokenizer, {m}"))
+    teacher_train, teacher_val, _ = build_ni_datasets(d, splits, teacher_tokenizer, accelerator,
+                                                      lambda m: say(f"teacher tokenizer, {m}"))
+    student_train, teacher_train, dropped = pair_examples(student_train, teacher_train, "train")
+    student_val, teacher_val, dropped_val = pair_examples(student_val, teacher_val, "held-out")
+    say(f"ULD: {len(student_train)} training and {len(student_val)} held-out examples fit data.max_length with both "
+        f"tokenizers ({dropped} and {dropped_val} dropped because one tokenization was too long)")
+    source = CrossTokenizerBatches(student_train, student_val, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                                   seed=cfg.seed, packing=d.packing, max_length=d.max_length,
+                                   pad_id=student_tokenizer.pad_token_id,
+                                   mask_mode=PACKED_ATTENTION[d.packed_attention],
+                                   teacher_train=teacher_train, teacher_val=teacher_val,
+                                   teacher_pad_id=teacher_tokenizer.pad_token_id)
+    teacher_attn, why = attention_implementation(t.model, d.packed_attention)
+    if d.packing:
+        say(f"teacher {why}")
+    teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
+    student = make_student(cfg, 0, d.max_length)  # an HF student: the vocabulary is its own
+    say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
+        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}; "
+        f"cross-tokenizer ULD ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens)")
+    loss_fn = uld_loss_fn(teacher, kd.alpha, kd.temperature, vocab["student.model"], vocab["teacher.model"],
+                          kd.chunk_size)
+    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=lambda: make_student(cfg, 0, d.max_length), run_config=cfg).fit()
+    if accelerator.is_main_process:
+        student = result.model  # unsharded (the same module unless FSDP trained it)
+        student.eval()
+        say(f"saved the student to {save_student(cfg, student, student_tokenizer, run_dir / 'student')}")
+    accelerator.wait_for_everyone()
+    return result

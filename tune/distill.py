@@ -25,7 +25,7 @@ import torch
 from tune.errors import ConfigError, DataError, TuneError
 from tune.files import directory_written_aside
 from tune.losses import IGNORE_INDEX, chunked_kd_sums, hidden_and_head, with_router_losses
-from tune.packing import NIBatches, collate_padded, example_rows
+from tune.packing import NIBatches, collate_packed, collate_padded, example_rows
 
 
 # -- teacher --------------------------------------------------------------------------------------
@@ -70,7 +70,9 @@ def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int,
         raise DataError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers ({len(t_vocab)} vs "
                         f"{len(s_vocab)} tokens, first difference {differing[0]!r}); distillation compares the two "
                         "models token id by token id, so the student must use the teacher's tokenizer (set "
-                        "student.tokenizer to the teacher directory when building the student)")
+                        "student.tokenizer to the teacher directory when building the student), or set "
+                        "kd.cross_tokenizer=uld to distill across tokenizers with the Universal Logit Distillation "
+                        "loss (NI data)")
     n = len(teacher_tokenizer)
     for name, size, where in (("teacher", teacher_vocab, teacher_dir), ("student", student_vocab, student_dir)):
         if size < n:
@@ -292,3 +294,134 @@ class OnPolicyBatches(NIBatches):
         batch = collate_padded([completion_example(p, c) for p, c in zip(prompts, completions)], self.pad_id)
         batch["on_policy"] = torch.ones(())
         return batch
+
+
+# -- cross-tokenizer distillation (kd.cross_tokenizer=uld) ----------------------------------------------
+def pair_examples(student_set, teacher_set, split: str = "train"):
+    """The examples both tokenizations kept, as (student examples, teacher examples, number dropped): the same
+    instance at the same index on both sides, in the student set's order.
+
+    Each set holds one tokenization of the same instances (in the same order), minus those too long for
+    data.max_length with that tokenizer; an instance missing from either is dropped from both, so the pairs never
+    shift. Examples are matched on (task, id). ``datasets.Dataset`` inputs come back as index selections of
+    themselves (nothing copied); lists of dicts as lists. DataError if an example key repeats within a set."""
+    def keys(examples, side: str) -> dict:
+        if hasattr(examples, "column_names"):
+            pairs = zip(examples["task"], examples["id"])
+        else:
+            pairs = ((ex["task"], ex["id"]) for ex in examples)
+        index = {}
+        for i, key in enumerate(pairs):
+            if key in index:
+                raise DataError(f"{split} data tokenized for the {side} has example {key[1]} of task {key[0]} twice; "
+                                "ULD pairs the two tokenizations by (task, id): give the task's instances unique ids")
+            index[key] = i
+        return index
+
+    student_keys, teacher_keys = keys(student_set, "student"), keys(teacher_set, "teacher")
+    both = [(i, teacher_keys[key]) for key, i in student_keys.items() if key in teacher_keys]
+    s_idx, t_idx = [i for i, _ in both], [j for _, j in both]
+    dropped = len(set(student_keys) | set(teacher_keys)) - len(both)
+
+    def pick(examples, idx):
+        if len(idx) == len(examples) and idx == list(range(len(examples))):
+            return examples
+        return examples.select(idx) if hasattr(examples, "select") else [examples[i] for i in idx]
+
+    return pick(student_set, s_idx), pick(teacher_set, t_idx), dropped
+
+
+def response_alignment(student_targets: torch.Tensor, teacher_targets: torch.Tensor, student_counts: Sequence[int],
+                       teacher_counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks (shaped like each side's targets) of the positions ULD compares: for every example, the first
+    min(n_student, n_teacher) of its target (response) positions on each side, as Boizard et al. align the two
+    answers by position from their first token.
+
+    The targets are collated batches (padded or packed), in which the examples' target positions come in row-major
+    order, example after example, in the order of `student_counts` / `teacher_counts` (each example's number of
+    target positions on that side). Both masks hold the same number of positions, matched in row-major order."""
+    masks = []
+    for targets, counts in ((student_targets, student_counts), (teacher_targets, teacher_counts)):
+        if sum(counts) != int((targets != IGNORE_INDEX).sum()):
+            raise DataError("ULD alignment: the batch's target positions do not match its examples")
+        keep = [k < min(n_s, n_t) for n_s, n_t, n in zip(student_counts, teacher_counts, counts) for k in range(n)]
+        mask = torch.zeros_like(targets, dtype=torch.bool)
+        mask[targets != IGNORE_INDEX] = torch.tensor(keep, dtype=torch.bool)
+        masks.append(mask)
+    return masks[0], masks[1]
+
+
+def _target_count(example: dict) -> int:
+    return sum(1 for t in example["targets"] if t != IGNORE_INDEX)
+
+
+class CrossTokenizerBatches(NIBatches):
+    """NIBatches over the student's tokenization whose batches also carry the same examples in the teacher's
+    tokenization, laid out in the same units (rows or packs): ``teacher_input_ids``, ``teacher_targets`` and the
+    teacher's ``teacher_attention_mask`` / ``teacher_position_ids`` / ``teacher_document_ids`` (as collate_padded /
+    collate_packed make them, padded with `teacher_pad_id`), plus ``uld_mask`` (B, L) and ``teacher_uld_mask``
+    (B, L_t): the aligned response positions (response_alignment). The examples are paired (pair_examples): index
+    i is the same instance in both tokenizations. Packs are made on the student's lengths, so a teacher row may be
+    wider than data.max_length (each example still fits it: positions restart per example)."""
+
+    def __init__(self, *args, teacher_train, teacher_val, teacher_pad_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if len(teacher_train) != len(self.train) or len(teacher_val) != len(self.val):
+            raise DataError("the teacher's examples are not paired with the student's (counts differ)")
+        if teacher_pad_id is None:
+            raise ConfigError("the teacher's tokenizer has no pad token")
+        self.teacher_sets = {id(self.train): teacher_train, id(self.val): teacher_val}
+        self.teacher_pad_id = teacher_pad_id
+
+    def _collate_side(self, rows: list[dict], units, pad_id: int) -> dict:
+        if not self.packing:
+            return collate_padded(rows, pad_id)
+        packs, start = [], 0
+        for u in units:
+            packs.append(rows[start:start + len(u)])
+            start += len(u)
+        return collate_packed(packs, None, pad_id, self.mask_mode)
+
+    def _collate(self, examples, units) -> dict:
+        order = [int(i) for u in units for i in u]
+        student_rows = example_rows(examples, order)
+        teacher_rows = example_rows(self.teacher_sets[id(examples)], order)
+        batch = self._collate_side(student_rows, units, self.pad_id)
+        teacher = self._collate_side(teacher_rows, units, self.teacher_pad_id)
+        batch["uld_mask"], teacher["uld_mask"] = response_alignment(
+            batch["targets"], teacher["targets"], [_target_count(ex) for ex in student_rows],
+            [_target_count(ex) for ex in teacher_rows])
+        batch.update({f"teacher_{k}": v for k, v in teacher.items()})
+        return batch
+
+
+def teacher_view(batch: dict) -> dict:
+    """The teacher's half of a CrossTokenizerBatches batch, under the usual names (input_ids, targets, ...)."""
+    return {k[len("teacher_"):]: v for k, v in batch.items() if k.startswith("teacher_")}
+
+
+def uld_loss_fn(teacher, alpha: float, temperature: float, student_vocab: int, teacher_vocab: int,
+                chunk_size: int = 4096):
+    """Engine loss for cross-tokenizer distillation: α·ULD + (1 − α)·CE, summed (CE over the student's target
+    tokens, ULD over the aligned response positions of CrossTokenizerBatches, tune.losses.uld_sums), with the
+    ULD and CE parts logged; the engine divides by the student's target tokens. No T² factor: ULD compares
+    probabilities, not log-probabilities, and the paper trains at T = 1. `teacher` is the live frozen teacher
+    (ULD has no cache); `student_vocab` / `teacher_vocab`: the tokenizers' sizes (embedding rows beyond are
+    padding)."""
+    from tune.losses import chunked_ce_sum, chunked_uld_sum
+
+    def loss_fn(model, batch):
+        if "teacher_input_ids" not in batch:
+            raise TuneError("kd.cross_tokenizer=uld needs batches that carry the teacher's tokens "
+                            "(CrossTokenizerBatches)")
+        hidden, head = hidden_and_head(model, batch)
+        ce, n = chunked_ce_sum(hidden, head, batch["targets"], chunk_size)
+        teacher_batch = teacher_view(batch)
+        with torch.no_grad():
+            teacher_hidden, teacher_head = hidden_and_head(teacher, teacher_batch)
+            teacher_hidden = teacher_hidden[teacher_batch["uld_mask"]]
+        uld = chunked_uld_sum(hidden[batch["uld_mask"]], head, teacher_hidden, teacher_head, temperature,
+                              student_vocab, teacher_vocab, chunk_size)
+        return with_router_losses(model, alpha * uld + (1 - alpha) * ce, n, {"uld": uld.detach(), "ce": ce.detach()})
+
+    return loss_fn
