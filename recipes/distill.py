@@ -78,6 +78,20 @@ class CompareSection:
 
 
 @dataclass
+class SeqKDSection:
+    """Sequence-level KD (Kim & Rush, 2016): the teacher decodes an output for every NI training prompt once
+    (cached under cache_dir) and the KD student trains on those outputs instead of the references."""
+    enabled: bool = False
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only: nucleus sampling; 1 = the whole distribution
+    max_new_tokens: int = 64  # per output; prompt + output also stay within data.max_length
+    keep_gold: bool = False  # also train on the reference outputs: both per prompt, the training set doubles
+    batch_size: int = 16  # prompts per generate call
+    cache_dir: str = ".cache/seq_kd"
+
+
+@dataclass
 class DistillConfig:
     recipe: Literal["distill"] = "distill"
     output_dir: str = "runs/distill"
@@ -91,6 +105,7 @@ class DistillConfig:
     data: DistillDataSection = field(default_factory=DistillDataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareSection = field(default_factory=CompareSection)
+    seq_kd: SeqKDSection = field(default_factory=SeqKDSection)
 
 
 CONFIG_CLASS = DistillConfig
@@ -178,6 +193,13 @@ def validate(cfg: DistillConfig) -> None:
     data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
                                                       **data_inputs}))
+    q = cfg.seq_kd  # sequence-level KD
+    problems.extend((*empty_path_problems(cfg, ["seq_kd.cache_dir"]), *check_file_free_dir("seq_kd.cache_dir", q.cache_dir),
+                     *range_problems("seq_kd.", q, {"temperature": "> 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
+                                                    "batch_size": ">= 1"})))
+    if q.enabled and d.kind != "ni":
+        problems.add("seq_kd.enabled=true needs data.kind=ni: the teacher rewrites the outputs of NI prompts and a "
+                     "text corpus has none; set data.kind=ni or seq_kd.enabled=false")
     problems.raise_if_any()
 
 
@@ -261,16 +283,21 @@ def run(cfg: DistillConfig):
         block_size = d.max_length
     else:
         plain_source, block_size = _text_source(cfg, accelerator), d.block_size
+    gold_source = plain_source  # the reference outputs: the CE-only student trains on them
 
     teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
     if d.kind == "ni" and d.packing:
         say(f"teacher {why}")
     teacher = None
+    if cfg.seq_kd.enabled:  # sequence-level KD: the KD student's training outputs are the teacher's (val: gold)
+        train_examples, teacher = seq_kd_examples(cfg, train_set, tokenizer, accelerator, teacher_attn, say)
+        batch_args = (train_examples, *batch_args[1:])
+        plain_source = NIBatches(*batch_args, **batch_kwargs)
     source = plain_source
     if t.cache:
         top_k = t.cache_top_k or vocab_size
         key = cache_key(t.model, top_k, {"train": train_examples, "val": val_examples})
-        if not (Path(t.cache_dir) / key / "meta.json").is_file():
+        if teacher is None and not (Path(t.cache_dir) / key / "meta.json").is_file():
             teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
         with accelerator.main_process_first():
             cache = build_teacher_cache(t.model, teacher, {"train": train_examples, "val": val_examples}, t.cache_dir,
@@ -279,7 +306,7 @@ def run(cfg: DistillConfig):
         source = CachedTeacherBatches(*batch_args, **batch_kwargs,
                                       train_cache=load_teacher_cache(cache, "train", len(train_examples)),
                                       val_cache=load_teacher_cache(cache, "val", len(val_examples)))
-    else:
+    elif teacher is None:
         teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
 
     student = make_student(cfg, vocab_size, block_size)
@@ -310,7 +337,7 @@ def run(cfg: DistillConfig):
     if cfg.compare.ce_only:
         set_seed(cfg.seed)  # the same initial student
         ce_student = make_student(cfg, vocab_size, block_size)
-        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, accelerator=accelerator, log=say,
+        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, gold_source, accelerator=accelerator, log=say,
                            rebuild=rebuild).fit()
         if accelerator.is_main_process:
             ce_student = ce_result.model
@@ -319,7 +346,7 @@ def run(cfg: DistillConfig):
             if teacher is None:
                 teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
             rows = compare(cfg, {"teacher": teacher, "KD student": student, "CE-only student": ce_student},
-                           plain_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
+                           gold_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
                            accelerator.device)
             rows["KD student"]["train_steps"] = result.step
             rows["CE-only student"]["train_steps"] = ce_result.step
@@ -327,6 +354,43 @@ def run(cfg: DistillConfig):
             say(format_comparison(rows))
     accelerator.wait_for_everyone()
     return result
+
+
+def seq_kd_examples(cfg: DistillConfig, train_set, tokenizer, accelerator, teacher_attn: str, say):
+    """Sequence-level KD: (the training examples with the teacher's outputs, followed by the gold ones with
+    seq_kd.keep_gold; the teacher if it had to be loaded to decode them, else None). The outputs come from the
+    cache under seq_kd.cache_dir (built on the main process first, reused by the others and by later runs)."""
+    from tune.distill import (SequenceKDExamples, SequenceSettings, build_sequence_cache, example_prompts,
+                              load_teacher, sequence_cache_key)
+    from tune.hf import resolve_dtype
+
+    t, q, d = cfg.teacher, cfg.seq_kd, cfg.data
+    dtype = resolve_dtype(t.dtype)
+    sample = q.decoding == "sample"  # greedy outputs do not depend on the sampling knobs or the seed
+    settings = SequenceSettings(decoding=q.decoding, temperature=q.temperature if sample else 1.0,
+                                top_p=q.top_p if sample else 1.0, max_new_tokens=q.max_new_tokens,
+                                max_length=d.max_length, batch_size=q.batch_size, seed=cfg.seed if sample else 0,
+                                eos_ids=_eos_ids(t.model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                precision=f"{dtype}/{t.quant}")
+    prompts = example_prompts(train_set)
+    teacher = None
+    if not (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file():
+        teacher = load_teacher(t.model, dtype, t.quant, accelerator.device, teacher_attn)
+    with accelerator.main_process_first():
+        outputs = build_sequence_cache(t.model, teacher, prompts, q.cache_dir, settings, log=say)
+    return SequenceKDExamples(train_set, outputs, q.keep_gold, d.mask_prompt), teacher
+
+
+def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's eos first (it ends the NI references), then any other stop id of the model's
+    generation_config.json."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if (Path(model_dir) / "generation_config.json").is_file():
+        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i is not None and i not in ids]
+    return tuple(ids)
 
 
 def _embedding_rows(model_dir) -> int:
