@@ -67,6 +67,15 @@ def test_greedy_outputs_equal_a_hand_argmax_loop_and_fit_max_length(teacher_and_
         assert out == (full if cut is None else full[:cut] + [eos])
     assert stopped[0] == got[0][:2] + [eos]
 
+    # the model's own generation defaults (an instruct model's sampling, a repetition penalty) do not apply
+    saved = teacher.generation_config
+    teacher.generation_config = type(saved)(do_sample=True, temperature=0.7, repetition_penalty=3.0)
+    try:
+        assert teacher_outputs(teacher, prompts, settings(tokenizer, max_length=43)) == expected
+        assert teacher.generation_config.repetition_penalty == 3.0  # restored
+    finally:
+        teacher.generation_config = saved
+
 
 def test_sampling_is_reproducible_by_seed_and_leaves_the_callers_rng_alone(teacher_and_prompts):
     from tune.distill import teacher_outputs
@@ -82,6 +91,28 @@ def test_sampling_is_reproducible_by_seed_and_leaves_the_callers_rng_alone(teach
     # top_p -> 0 keeps the single most likely token: sampling becomes greedy
     nucleus = teacher_outputs(teacher, prompts, settings(tokenizer, decoding="sample", top_p=1e-6, seed=3))
     assert nucleus == greedy
+
+
+def test_sampled_outputs_equal_a_hand_multinomial_loop_over_the_whole_distribution(teacher_and_prompts):
+    """softmax(logits / T) over every token (no top-k: the model's generation defaults do not apply), one
+    torch.multinomial draw per token from the RNG seeded by `seed`; prompts one per batch, longest first."""
+    from tune.distill import teacher_outputs
+
+    teacher, tokenizer, prompts = teacher_and_prompts
+    got = teacher_outputs(teacher, prompts, settings(tokenizer, decoding="sample", temperature=2.0, seed=5,
+                                                     batch_size=1))
+    torch.manual_seed(5)
+    expected = {}
+    with torch.no_grad():
+        for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            ids = list(prompts[i])
+            for _ in range(8):
+                probs = torch.softmax(teacher(torch.tensor([ids])).logits[0, -1] / 2.0, -1)
+                ids.append(int(torch.multinomial(probs[None], 1)))
+                if ids[-1] == tokenizer.eos_token_id:
+                    break
+            expected[i] = ids[len(prompts[i]):]
+    assert got == [expected[i] for i in range(len(prompts))]
 
 
 def test_the_cache_is_reused_and_invalidated_by_the_teacher_and_the_settings(tmp_path, teacher_and_prompts, tiny_lm):
