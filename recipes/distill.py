@@ -194,7 +194,8 @@ def validate(cfg: DistillConfig) -> None:
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
                                                       **data_inputs}))
     q = cfg.seq_kd  # sequence-level KD
-    problems.extend((*empty_path_problems(cfg, ["seq_kd.cache_dir"]), *check_file_free_dir("seq_kd.cache_dir", q.cache_dir),
+    problems.extend((*empty_path_problems(cfg, ["seq_kd.cache_dir"]),
+                     *check_file_free_dir("seq_kd.cache_dir", q.cache_dir),
                      *range_problems("seq_kd.", q, {"temperature": "> 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
                                                     "batch_size": ">= 1"})))
     if q.enabled and d.kind != "ni":

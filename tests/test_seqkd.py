@@ -219,8 +219,8 @@ def test_distill_with_sequence_level_kd_end_to_end(tmp_path, tiny_lm, capsys):
 
     from recipes.distill import run
 
-    common = {"train.max_steps": 3, "train.eval_every": 3, "compare.ce_only": "true", "seq_kd.cache_dir": tmp_path / "sq",
-              "seq_kd.max_new_tokens": 6}
+    common = {"train.max_steps": 3, "train.eval_every": 3, "compare.ce_only": "true",
+              "seq_kd.cache_dir": tmp_path / "sq", "seq_kd.max_new_tokens": 6}
     plain = run(distill_config(tmp_path, tiny_lm, "plain", **common))
     seq = run(distill_config(tmp_path, tiny_lm, "seq", **common, **{"seq_kd.enabled": "true"}))
     out = capsys.readouterr().out
