@@ -77,6 +77,24 @@ def test_greedy_outputs_equal_a_hand_argmax_loop_and_fit_max_length(teacher_and_
         teacher.generation_config = saved
 
 
+def test_a_flex_attention_teacher_decodes_with_sdpa_and_keeps_flex(tmp_path):
+    """A teacher loaded for packed flex batches (Llama on CUDA) decodes as its sdpa copy and is flex again after."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tune.distill import SequenceSettings, teacher_outputs
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                 initializer_range=0.3)).save_pretrained(tmp_path)
+    flex = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="flex_attention").eval()
+    sdpa = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    s = SequenceSettings(max_new_tokens=6, max_length=64, batch_size=3, eos_ids=(2,), pad_id=0)
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14, 15]]
+    assert teacher_outputs(flex, prompts, s) == teacher_outputs(sdpa, prompts, s)
+    assert flex.config._attn_implementation == "flex_attention"
+
+
 def test_sampling_is_reproducible_by_seed_and_leaves_the_callers_rng_alone(teacher_and_prompts):
     from tune.distill import teacher_outputs
 
