@@ -386,7 +386,7 @@ def teacher_outputs(teacher, prompts: Sequence[Sequence[int]], settings: Sequenc
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(s.seed)
             done = 0
-            for b, index in enumerate(batches):
+            for index in batches:
                 input_ids, attention_mask = left_pad([list(prompts[i]) for i in index], s.pad_id)
                 options["max_new_tokens"] = budgets[index[0]]
                 out = teacher.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -394,7 +394,7 @@ def teacher_outputs(teacher, prompts: Sequence[Sequence[int]], settings: Sequenc
                 for i, row in zip(index, out[:, input_ids.shape[1]:].tolist()):
                     outputs[i] = _until_eos(row, s.eos_ids)
                 done += len(index)
-                if log and (b + 1) * 10 // len(batches) > b * 10 // len(batches):  # about every 10%
+                if log and done * 10 // len(prompts) > (done - len(index)) * 10 // len(prompts):  # every 10%
                     log(f"sequence-level KD: decoded {done}/{len(prompts)} prompts")
     finally:
         teacher.generation_config = saved_config
