@@ -269,3 +269,16 @@ def test_sequence_level_kd_needs_ni_data(tmp_path, tiny_lm, capsys):
     for line in ("seq_kd.max_new_tokens must be >= 1, got 0", "seq_kd.top_p must be in (0, 1], got 1.5",
                  "seq_kd.temperature must be > 0, got 0", "seq_kd.batch_size must be >= 1, got 0"):
         assert line in err, err
+
+
+def test_stop_ids_are_the_tokenizers_eos_then_the_generation_configs(tmp_path, tiny_lm):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from recipes.distill import _eos_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    shutil.copytree(tiny_lm, tmp_path / "t")
+    (tmp_path / "t" / "generation_config.json").unlink()
+    assert _eos_ids(tmp_path / "t", tokenizer) == (tokenizer.eos_token_id,)
+    GenerationConfig(eos_token_id=[7, tokenizer.eos_token_id, 9]).save_pretrained(tmp_path / "t")
+    assert _eos_ids(tmp_path / "t", tokenizer) == (tokenizer.eos_token_id, 7, 9)
