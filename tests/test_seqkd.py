@@ -3,7 +3,6 @@ them and the distill recipe with seq_kd.enabled."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
