@@ -72,6 +72,10 @@ class DistillDataSection(NIDataSection):
 @dataclass
 class CompareSection:
     ce_only: bool = True  # also train the same student with CE only (α = 0) on the same data and steps
+    # also train the same student, data and steps with these methods (off_policy, on_policy), each beside the run's
+    # own; the table then says how much of the CE-only -> teacher val-loss gap each closes
+    methods: list[str] = field(default_factory=list)
+    lmbda: float = 1.0  # on_policy's kd.lmbda when the run's own kd.lmbda is 0
     max_instances_per_task: int = 10  # held-out instances per task for ROUGE-L
     max_new_tokens: int = 24
     batch_size: int = 8
@@ -162,6 +166,16 @@ def validate(cfg: DistillConfig) -> None:
         if cfg.train.compile:
             problems.add("kd.lmbda > 0 (on-policy distillation) generates with the student, whose compiled blocks "
                          "would recompile at every new length; set train.compile=false")
+    unknown = [m for m in cfg.compare.methods if m not in METHODS or m == "ce_only"]
+    if unknown:
+        problems.add(f"compare.methods: unknown method {unknown[0]!r}; choose from "
+                     f"{', '.join(m for m in METHODS if m != 'ce_only')} (the CE-only student is compare.ce_only)")
+    if "on_policy" in cfg.compare.methods:
+        if not 0 < cfg.compare.lmbda <= 1:
+            problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
+        if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
+            problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
+                         "train.compile=false (as kd.lmbda > 0 does)")
     if kd.sample_temperature < 0:
         problems.add(f"kd.sample_temperature must be >= 0 (0: greedy), got {kd.sample_temperature}")
     if not 0 <= kd.skew_alpha < 1:
@@ -246,16 +260,116 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     return save_student(cfg, student.eval(), tokenizer, out)
 
 
+METHODS = {"ce_only": "CE-only student", "off_policy": "off-policy KD", "on_policy": "on-policy GKD"}
+
+
+def method_of(cfg: DistillConfig) -> str:
+    """The distillation method a config trains with: on_policy (kd.lmbda > 0) or off_policy."""
+    return "on_policy" if cfg.kd.lmbda > 0 else "off_policy"
+
+
+def method_config(cfg: DistillConfig, method: str) -> DistillConfig:
+    """The run's config changed to train `method` (compare.methods): everything else (student, data, steps, the KD
+    settings) stays as configured. on_policy keeps the run's kd.lmbda if it has one, else takes compare.lmbda."""
+    from dataclasses import replace
+
+    kd = replace(cfg.kd, lmbda=0.0)
+    if method == "on_policy":
+        kd = replace(kd, lmbda=cfg.kd.lmbda or cfg.compare.lmbda)
+    elif method == "ce_only":
+        kd = replace(kd, alpha=0.0)
+    return replace(cfg, kd=kd)
+
+
+@dataclass
+class _Setup:
+    """What every student of one run shares: the data, the tokenizer and the (lazily loaded) teacher."""
+    cfg: DistillConfig
+    accelerator: object
+    say: object
+    tokenizer: object
+    vocab_size: int
+    block_size: int
+    train_examples: object = None
+    val_examples: object = None
+    batch_kwargs: dict = field(default_factory=dict)
+    plain_source: object = None
+    kd_source: object = None  # the KD students' batches where they differ from plain_source (seq_kd: the teacher's)
+    teacher_attn: str = "sdpa"
+    live_teacher: object = None
+
+    def teacher(self):
+        """The frozen teacher, loaded on first use."""
+        from tune.distill import load_teacher
+        from tune.hf import resolve_dtype
+
+        t = self.cfg.teacher
+        if self.live_teacher is None:
+            self.live_teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, self.accelerator.device,
+                                             self.teacher_attn)
+        return self.live_teacher
+
+    def batch_args(self, train_examples=None) -> tuple:
+        train = self.train_examples if train_examples is None else train_examples
+        return train, self.val_examples, self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps
+
+
+def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, run_config=None):
+    """Train one student of the run with `method` (METHODS) under `cfg` into `run_dir`: the engine's FitResult.
+    `run_config`: the config the engine saves and checks on resume (the run's own student only)."""
+    from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key, kd_loss_fn,
+                              load_teacher_cache)
+    from tune.engine import Engine
+
+    t, kd, say, accelerator = cfg.teacher, cfg.kd, setup.say, setup.accelerator
+    vocab_size, block_size = setup.vocab_size, setup.block_size
+
+    def rebuild():
+        return make_student(cfg, vocab_size, block_size)
+
+    if method == "ce_only":  # the baseline: plain cross-entropy on the references, no teacher
+        return Engine(cfg.train, run_dir, rebuild(), setup.plain_source, accelerator=accelerator, log=say,
+                      rebuild=rebuild).fit()
+    source, teacher = setup.plain_source if setup.kd_source is None else setup.kd_source, None
+    if t.cache:
+        splits = {"train": setup.train_examples, "val": setup.val_examples}
+        top_k = t.cache_top_k or vocab_size
+        complete = (Path(t.cache_dir) / cache_key(t.model, top_k, splits) / "meta.json").is_file()
+        with accelerator.main_process_first():
+            cache = build_teacher_cache(t.model, None if complete else setup.teacher(), splits, t.cache_dir, top_k,
+                                        vocab_size, setup.tokenizer.pad_token_id, log=say)
+        source = CachedTeacherBatches(*setup.batch_args(), **setup.batch_kwargs,
+                                      train_cache=load_teacher_cache(cache, "train", len(setup.train_examples)),
+                                      val_cache=load_teacher_cache(cache, "val", len(setup.val_examples)))
+    else:
+        teacher = setup.teacher()
+    student = rebuild()
+    say(f"{METHODS[method]}: student of {sum(p.numel() for p in student.parameters()):,} parameters "
+        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
+        + (" (from its top-k cache)" if t.cache else ""))
+    if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
+        source = OnPolicyBatches(*setup.batch_args(), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
+                                 temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
+                                 eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
+                                 autocast=accelerator.autocast, synced=accelerator.num_processes > 1)
+    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
+    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
+                         t.cache_tail, log_on_policy=kd.lmbda > 0)
+    engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=rebuild, run_config=run_config)
+    engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
+    return engine.fit()
+
+
 def run(cfg: DistillConfig):
     from accelerate.utils import set_seed
 
     from tune.adapters import attention_implementation
     from tune.packing import PACKED_ATTENTION, NIBatches
     from recipes.finetune import build_ni_datasets, load_splits
-    from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key,
-                              check_vocabularies, kd_loss_fn, load_teacher, load_teacher_cache)
-    from tune.engine import Engine, check_train_device, make_accelerator
-    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.distill import check_vocabularies
+    from tune.engine import check_train_device, make_accelerator
+    from tune.hf import load_tokenizer
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
@@ -274,112 +388,69 @@ def run(cfg: DistillConfig):
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
     set_seed(cfg.seed)
 
+    setup = _Setup(cfg, accelerator, say, tokenizer, vocab_size, d.max_length if d.kind == "ni" else d.block_size)
+    prompt_cfg = None
     if d.kind == "ni":
-        train_set, val_set, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
-        train_examples, val_examples = train_set, val_set  # Arrow-backed, read by index
-        batch_args = (train_examples, val_examples, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
-        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
-                            mask_mode=PACKED_ATTENTION[d.packed_attention])
-        plain_source = NIBatches(*batch_args, **batch_kwargs)
-        block_size = d.max_length
+        setup.train_examples, setup.val_examples, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
+        setup.batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length,
+                                  pad_id=tokenizer.pad_token_id, mask_mode=PACKED_ATTENTION[d.packed_attention])
+        setup.plain_source = NIBatches(*setup.batch_args(), **setup.batch_kwargs)
     else:
-        plain_source, block_size = _text_source(cfg, accelerator), d.block_size
-    gold_source = plain_source  # the reference outputs: the CE-only student trains on them
-
-    teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
+        setup.plain_source = _text_source(cfg, accelerator)
+    setup.teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
     if d.kind == "ni" and d.packing:
         say(f"teacher {why}")
-    teacher = None
-    if cfg.seq_kd.enabled:  # sequence-level KD: the KD student's training outputs are the teacher's (val: gold)
-        train_examples, teacher = seq_kd_examples(cfg, train_set, tokenizer, accelerator, teacher_attn, say)
-        batch_args = (train_examples, *batch_args[1:])
-        plain_source = NIBatches(*batch_args, **batch_kwargs)
-    source = plain_source
-    if t.cache:
-        top_k = t.cache_top_k or vocab_size
-        key = cache_key(t.model, top_k, {"train": train_examples, "val": val_examples})
-        if teacher is None and not (Path(t.cache_dir) / key / "meta.json").is_file():
-            teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
-        with accelerator.main_process_first():
-            cache = build_teacher_cache(t.model, teacher, {"train": train_examples, "val": val_examples}, t.cache_dir,
-                                        top_k, vocab_size, tokenizer.pad_token_id, log=say)
-        teacher = None  # distill from disk: the teacher is not kept in memory
-        source = CachedTeacherBatches(*batch_args, **batch_kwargs,
-                                      train_cache=load_teacher_cache(cache, "train", len(train_examples)),
-                                      val_cache=load_teacher_cache(cache, "val", len(val_examples)))
-    elif teacher is None:
-        teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
+    if cfg.seq_kd.enabled:  # sequence-level KD: the KD students train on the teacher's outputs (CE-only, val: gold)
+        setup.train_examples = seq_kd_examples(setup)
+        setup.kd_source = NIBatches(*setup.batch_args(), **setup.batch_kwargs)
 
-    student = make_student(cfg, vocab_size, block_size)
-    say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
-        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
-        + (" (from its top-k cache)" if t.cache else ""))
-    kd = cfg.kd
-    if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
-        source = OnPolicyBatches(*batch_args, **batch_kwargs, student=student, lmbda=kd.lmbda,
-                                 temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
-                                 eos_id=tokenizer.eos_token_id, vocab_size=vocab_size, autocast=accelerator.autocast,
-                                 synced=accelerator.num_processes > 1)
-    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
-    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
-                         cfg.teacher.cache_tail, log_on_policy=kd.lmbda > 0)
-    def rebuild():
-        return make_student(cfg, vocab_size, block_size)
-
-    engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild, run_config=cfg)
-    engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
-    result = engine.fit()
+    method = method_of(cfg)
+    result = fit_student(setup, cfg, method, run_dir, run_config=cfg)
+    students = {METHODS[method]: result}
     if accelerator.is_main_process:
-        student = result.model  # unsharded (the same module unless FSDP trained it)
-        student.eval()
-        say(f"saved the student to {save_student(cfg, student, tokenizer, run_dir / 'student')}")
-
-    if cfg.compare.ce_only:
+        result.model.eval()  # unsharded (the same module unless FSDP trained it)
+        say(f"saved the student to {save_student(cfg, result.model, tokenizer, run_dir / 'student')}")
+    others = [m for m in (["ce_only"] if cfg.compare.ce_only else []) + list(cfg.compare.methods) if m != method]
+    for other in dict.fromkeys(others):
         set_seed(cfg.seed)  # the same initial student
-        ce_student = make_student(cfg, vocab_size, block_size)
-        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, gold_source, accelerator=accelerator, log=say,
-                           rebuild=rebuild).fit()
+        students[METHODS[other]] = fit_student(setup, method_config(cfg, other), other, run_dir / other)
         if accelerator.is_main_process:
-            ce_student = ce_result.model
-            ce_student.eval()
-            save_student(cfg, ce_student, tokenizer, run_dir / "ce_only" / "student")
-            if teacher is None:
-                teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
-            rows = compare(cfg, {"teacher": teacher, "KD student": student, "CE-only student": ce_student},
-                           gold_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
-                           accelerator.device)
-            rows["KD student"]["train_steps"] = result.step
-            rows["CE-only student"]["train_steps"] = ce_result.step
-            (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
-            say(format_comparison(rows))
+            students[METHODS[other]].model.eval()
+            save_student(cfg, students[METHODS[other]].model, tokenizer, run_dir / other / "student")
+    if others and accelerator.is_main_process:
+        models = {"teacher": setup.teacher(), **{name: r.model for name, r in students.items()}}
+        rows = compare(cfg, models, setup.plain_source, tokenizer, splits, prompt_cfg, vocab_size, accelerator.device)
+        for name, r in students.items():
+            rows[name]["train_steps"] = r.step
+        add_gap_closed(rows)
+        (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+        say(format_comparison(rows))
     accelerator.wait_for_everyone()
     return result
 
 
-def seq_kd_examples(cfg: DistillConfig, train_set, tokenizer, accelerator, teacher_attn: str, say):
-    """Sequence-level KD: (the training examples with the teacher's outputs, followed by the gold ones with
-    seq_kd.keep_gold; the teacher if it had to be loaded to decode them, else None). The outputs come from the
-    cache under seq_kd.cache_dir (built on the main process first, reused by the others and by later runs)."""
-    from tune.distill import (SequenceKDExamples, SequenceSettings, build_sequence_cache, example_prompts,
-                              load_teacher, sequence_cache_key)
+def seq_kd_examples(setup: _Setup):
+    """Sequence-level KD: the training examples with the teacher's outputs (followed by the gold ones with
+    seq_kd.keep_gold). The outputs come from the cache under seq_kd.cache_dir (built on the main process first,
+    reused by the others and by later runs); the teacher is loaded only when they must be decoded."""
+    from tune.distill import SequenceKDExamples, SequenceSettings, build_sequence_cache, example_prompts, \
+        sequence_cache_key
     from tune.hf import resolve_dtype
 
+    cfg, tokenizer = setup.cfg, setup.tokenizer
     t, q, d = cfg.teacher, cfg.seq_kd, cfg.data
-    dtype = resolve_dtype(t.dtype)
     sample = q.decoding == "sample"  # greedy outputs do not depend on the sampling knobs or the seed
     settings = SequenceSettings(decoding=q.decoding, temperature=q.temperature if sample else 1.0,
                                 top_p=q.top_p if sample else 1.0, max_new_tokens=q.max_new_tokens,
                                 max_length=d.max_length, batch_size=q.batch_size, seed=cfg.seed if sample else 0,
                                 eos_ids=_eos_ids(t.model, tokenizer), pad_id=tokenizer.pad_token_id,
-                                precision=f"{dtype}/{t.quant}")
-    prompts = example_prompts(train_set)
-    teacher = None
-    if not (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file():
-        teacher = load_teacher(t.model, dtype, t.quant, accelerator.device, teacher_attn)
-    with accelerator.main_process_first():
-        outputs = build_sequence_cache(t.model, teacher, prompts, q.cache_dir, settings, log=say)
-    return SequenceKDExamples(train_set, outputs, q.keep_gold, d.mask_prompt), teacher
+                                precision=f"{resolve_dtype(t.dtype)}/{t.quant}")
+    prompts = example_prompts(setup.train_examples)
+    complete = (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file()
+    with setup.accelerator.main_process_first():
+        outputs = build_sequence_cache(t.model, None if complete else setup.teacher(), prompts, q.cache_dir, settings,
+                                       log=setup.say)
+    return SequenceKDExamples(setup.train_examples, outputs, q.keep_gold, d.mask_prompt)
 
 
 def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
@@ -417,7 +488,9 @@ def _text_source(cfg: DistillConfig, accelerator):
 
 
 def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_cfg, vocab_size: int, device) -> dict:
-    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match."""
+    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match on held-out
+    instances of the training tasks and (data.eval_tasks) on the held-out tasks (keys rougeL_tasks,
+    exact_match_tasks)."""
     import torch
 
     from recipes.finetune import _cap_per_task
@@ -436,15 +509,31 @@ def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_
                 _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
                 kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
         rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
-        if splits is not None:
-            hf = _as_hf(model, tokenizer)
-            pairs = _cap_per_task(splits["heldout_instances"], cfg.compare.max_instances_per_task)
+        if splits is None:
+            continue
+        hf = _as_hf(model, tokenizer)
+        for split, suffix in (("heldout_instances", ""), ("heldout_tasks", "_tasks")):
+            pairs = _cap_per_task(splits[split], cfg.compare.max_instances_per_task)
+            if not pairs:
+                continue
             res = evaluate_tasks(hf, tokenizer, pairs, prompt_cfg, batch_size=cfg.compare.batch_size,
                                  max_new_tokens=cfg.compare.max_new_tokens, device=device)
-            rows[name].update({"rougeL": res["overall"]["mean_over_instances"]["rougeL"],
-                               "exact_match": res["overall"]["mean_over_instances"]["exact_match"],
-                               "n_instances": res["n_instances"]})
+            rows[name].update({f"rougeL{suffix}": res["overall"]["mean_over_instances"]["rougeL"],
+                               f"exact_match{suffix}": res["overall"]["mean_over_instances"]["exact_match"],
+                               f"n_instances{suffix}": res["n_instances"]})
     return rows
+
+
+def add_gap_closed(rows: dict) -> None:
+    """Each student row's `gap_closed`: the percentage of the CE-only -> teacher val-loss gap it closes,
+    100 · (CE-only − student) / (CE-only − teacher) (100: as good as the teacher, 0: no better than CE alone,
+    negative: worse). Nothing without a CE-only row, or when the teacher is no better than it."""
+    ce, teacher = rows.get(METHODS["ce_only"], {}).get("val_loss"), rows.get("teacher", {}).get("val_loss")
+    if ce is None or teacher is None or ce <= teacher:
+        return
+    for name, row in rows.items():
+        if name not in ("teacher", METHODS["ce_only"]):
+            row["gap_closed"] = 100 * (ce - row["val_loss"]) / (ce - teacher)
 
 
 def _as_hf(model, tokenizer):
@@ -465,10 +554,13 @@ def _as_hf(model, tokenizer):
 
 
 def format_comparison(rows: dict) -> str:
+    """The comparison table, then one line per student: "<method>: closes N% of the gap" (add_gap_closed)."""
     keys = [("val_loss", "val loss"), ("kl_to_teacher", "KL(teacher‖model)"), ("rougeL", "ROUGE-L"),
-            ("exact_match", "EM")]
+            ("exact_match", "EM"), ("rougeL_tasks", "ROUGE-L new tasks"), ("exact_match_tasks", "EM new tasks")]
     keys = [(k, label) for k, label in keys if any(k in r for r in rows.values())]
-    lines = [f"{'model':<16}" + "".join(f"{label:>20}" for _, label in keys)]
+    lines = [f"{'model':<18}" + "".join(f"{label:>19}" for _, label in keys)]
     for name, row in rows.items():
-        lines.append(f"{name:<16}" + "".join(f"{row[k]:>20.4f}" if k in row else f"{'-':>20}" for k, _ in keys))
-    return "\n".join(["held-out comparison (same data and steps for both students):", *lines])
+        lines.append(f"{name:<18}" + "".join(f"{row[k]:>19.4f}" if k in row else f"{'-':>19}" for k, _ in keys))
+    lines += [f"{name}: closes {row['gap_closed']:.0f}% of the gap (val loss, CE-only -> teacher)"
+              for name, row in rows.items() if "gap_closed" in row]
+    return "\n".join(["held-out comparison (the same student, data and steps for every method):", *lines])
