@@ -76,13 +76,27 @@ class DistillDataSection(NIDataSection):
 @dataclass
 class CompareSection:
     ce_only: bool = True  # also train the same student with CE only (α = 0) on the same data and steps
-    # also train the same student, data and steps with these methods (off_policy, on_policy), each beside the run's
-    # own; the table then says how much of the CE-only -> teacher val-loss gap each closes
+    # also train the same student, data and steps with these methods (off_policy, on_policy, sequence_kd), beside
+    # the run's own; the table then says how much of the CE-only -> teacher val-loss gap each closes
     methods: list[str] = field(default_factory=list)
     lmbda: float = 1.0  # on_policy's kd.lmbda when the run's own kd.lmbda is 0
     max_instances_per_task: int = 10  # held-out instances per task for ROUGE-L
     max_new_tokens: int = 24
     batch_size: int = 8
+
+
+@dataclass
+class SeqKDSection:
+    """Sequence-level KD (Kim & Rush, 2016): the teacher decodes an output for every NI training prompt once
+    (cached under cache_dir) and the KD student trains on those outputs instead of the references."""
+    enabled: bool = False
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only: nucleus sampling; 1 = the whole distribution
+    max_new_tokens: int = 64  # per output; prompt + output also stay within data.max_length
+    keep_gold: bool = False  # also train on the reference outputs: both per prompt, the training set doubles
+    batch_size: int = 16  # prompts per generate call
+    cache_dir: str = ".cache/seq_kd"
 
 
 @dataclass
@@ -99,6 +113,7 @@ class DistillConfig:
     data: DistillDataSection = field(default_factory=DistillDataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareSection = field(default_factory=CompareSection)
+    seq_kd: SeqKDSection = field(default_factory=SeqKDSection)
 
 
 CONFIG_CLASS = DistillConfig
@@ -156,6 +171,8 @@ def validate(cfg: DistillConfig) -> None:
             problems.add("kd.lmbda > 0 (on-policy distillation) generates with the student, whose compiled blocks "
                          "would recompile at every new length; set train.compile=false")
     unknown = [m for m in cfg.compare.methods if m not in METHODS or m == "ce_only"]
+    if "sequence_kd" in cfg.compare.methods and d.kind != "ni":
+        problems.add("compare.methods names sequence_kd, which needs data.kind=ni (as seq_kd.enabled does)")
     if unknown:
         problems.add(f"compare.methods: unknown method {unknown[0]!r}; choose from "
                      f"{', '.join(m for m in METHODS if m != 'ce_only')} (the CE-only student is compare.ce_only)")
@@ -209,6 +226,14 @@ def validate(cfg: DistillConfig) -> None:
         for missing, need in uld_needs:
             if missing:
                 problems.add(f"kd.cross_tokenizer=uld needs {need}")
+    q = cfg.seq_kd  # sequence-level KD
+    problems.extend((*empty_path_problems(cfg, ["seq_kd.cache_dir"]),
+                     *check_file_free_dir("seq_kd.cache_dir", q.cache_dir),
+                     *range_problems("seq_kd.", q, {"temperature": "> 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
+                                                    "batch_size": ">= 1"})))
+    if q.enabled and d.kind != "ni":
+        problems.add("seq_kd.enabled=true needs data.kind=ni: the teacher rewrites the outputs of NI prompts and a "
+                     "text corpus has none; set data.kind=ni or seq_kd.enabled=false")
     problems.raise_if_any()
 
 
@@ -255,17 +280,20 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     return save_student(cfg, student.eval(), tokenizer, out)
 
 
-METHODS = {"ce_only": "CE-only student", "off_policy": "off-policy KD", "on_policy": "on-policy GKD"}
+METHODS = {"ce_only": "CE-only student", "off_policy": "off-policy KD", "on_policy": "on-policy GKD",
+           "sequence_kd": "sequence-level KD"}
 
 
 def method_of(cfg: DistillConfig) -> str:
-    """The distillation method a config trains with: on_policy (kd.lmbda > 0) or off_policy."""
-    return "on_policy" if cfg.kd.lmbda > 0 else "off_policy"
+    """The distillation method a config trains with: sequence_kd (seq_kd.enabled), on_policy (kd.lmbda > 0) or
+    off_policy."""
+    return "sequence_kd" if cfg.seq_kd.enabled else "on_policy" if cfg.kd.lmbda > 0 else "off_policy"
 
 
 def method_config(cfg: DistillConfig, method: str) -> DistillConfig:
     """The run's config changed to train `method` (compare.methods): everything else (student, data, steps, the KD
-    settings) stays as configured. on_policy keeps the run's kd.lmbda if it has one, else takes compare.lmbda."""
+    settings, seq_kd's decoding) stays as configured. on_policy keeps the run's kd.lmbda if it has one, else takes
+    compare.lmbda; sequence_kd turns seq_kd on, the others off."""
     from dataclasses import replace
 
     kd = replace(cfg.kd, lmbda=0.0)
@@ -273,7 +301,7 @@ def method_config(cfg: DistillConfig, method: str) -> DistillConfig:
         kd = replace(kd, lmbda=cfg.kd.lmbda or cfg.compare.lmbda)
     elif method == "ce_only":
         kd = replace(kd, alpha=0.0)
-    return replace(cfg, kd=kd)
+    return replace(cfg, kd=kd, seq_kd=replace(cfg.seq_kd, enabled=method == "sequence_kd"))
 
 
 @dataclass
@@ -291,6 +319,7 @@ class _Setup:
     plain_source: object = None
     teacher_attn: str = "sdpa"
     live_teacher: object = None
+    sequence_examples: object = None  # sequence-level KD's training examples (the teacher's outputs), made on first use
 
     def teacher(self):
         """The frozen teacher, loaded on first use."""
@@ -307,6 +336,15 @@ class _Setup:
         train = self.train_examples if train_examples is None else train_examples
         return train, self.val_examples, self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps
 
+    def examples(self, cfg: DistillConfig):
+        """The training examples a student trains on under `cfg`: the references, or with seq_kd.enabled the
+        teacher's outputs (seq_kd_examples; the validation set keeps the references either way)."""
+        if not cfg.seq_kd.enabled:
+            return self.train_examples
+        if self.sequence_examples is None:
+            self.sequence_examples = seq_kd_examples(self)
+        return self.sequence_examples
+
 
 def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, run_config=None):
     """Train one student of the run with `method` (METHODS) under `cfg` into `run_dir`: the engine's FitResult.
@@ -314,6 +352,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key, kd_loss_fn,
                               load_teacher_cache)
     from tune.engine import Engine
+    from tune.packing import NIBatches
 
     t, kd, say, accelerator = cfg.teacher, cfg.kd, setup.say, setup.accelerator
     vocab_size, block_size = setup.vocab_size, setup.block_size
@@ -324,16 +363,19 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     if method == "ce_only":  # the baseline: plain cross-entropy on the references, no teacher
         return Engine(cfg.train, run_dir, rebuild(), setup.plain_source, accelerator=accelerator, log=say,
                       rebuild=rebuild).fit()
+    train = setup.examples(cfg)
     source, teacher = setup.plain_source, None
+    if train is not setup.train_examples:
+        source = NIBatches(*setup.batch_args(train), **setup.batch_kwargs)
     if t.cache:
-        splits = {"train": setup.train_examples, "val": setup.val_examples}
+        splits = {"train": train, "val": setup.val_examples}
         top_k = t.cache_top_k or vocab_size
         complete = (Path(t.cache_dir) / cache_key(t.model, top_k, splits) / "meta.json").is_file()
         with accelerator.main_process_first():
             cache = build_teacher_cache(t.model, None if complete else setup.teacher(), splits, t.cache_dir, top_k,
                                         vocab_size, setup.tokenizer.pad_token_id, log=say)
-        source = CachedTeacherBatches(*setup.batch_args(), **setup.batch_kwargs,
-                                      train_cache=load_teacher_cache(cache, "train", len(setup.train_examples)),
+        source = CachedTeacherBatches(*setup.batch_args(train), **setup.batch_kwargs,
+                                      train_cache=load_teacher_cache(cache, "train", len(train)),
                                       val_cache=load_teacher_cache(cache, "val", len(setup.val_examples)))
     else:
         teacher = setup.teacher()
@@ -342,7 +384,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
         f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
         + (" (from its top-k cache)" if t.cache else ""))
     if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
-        source = OnPolicyBatches(*setup.batch_args(), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
+        source = OnPolicyBatches(*setup.batch_args(train), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
                                  temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
                                  eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
                                  autocast=accelerator.autocast, synced=accelerator.num_processes > 1)
@@ -420,6 +462,42 @@ def run(cfg: DistillConfig):
         say(format_comparison(rows))
     accelerator.wait_for_everyone()
     return result
+
+
+def seq_kd_examples(setup: _Setup):
+    """Sequence-level KD: the training examples with the teacher's outputs (followed by the gold ones with
+    seq_kd.keep_gold). The outputs come from the cache under seq_kd.cache_dir (built on the main process first,
+    reused by the others and by later runs); the teacher is loaded only when they must be decoded."""
+    from tune.distill import SequenceKDExamples, SequenceSettings, build_sequence_cache, example_prompts, \
+        sequence_cache_key
+    from tune.hf import resolve_dtype
+
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    t, q, d = cfg.teacher, cfg.seq_kd, cfg.data
+    sample = q.decoding == "sample"  # greedy outputs do not depend on the sampling knobs or the seed
+    settings = SequenceSettings(decoding=q.decoding, temperature=q.temperature if sample else 1.0,
+                                top_p=q.top_p if sample else 1.0, max_new_tokens=q.max_new_tokens,
+                                max_length=d.max_length, batch_size=q.batch_size, seed=cfg.seed if sample else 0,
+                                eos_ids=_eos_ids(t.model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                precision=f"{resolve_dtype(t.dtype)}/{t.quant}")
+    prompts = example_prompts(setup.train_examples)
+    complete = (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file()
+    with setup.accelerator.main_process_first():
+        outputs = build_sequence_cache(t.model, None if complete else setup.teacher(), prompts, q.cache_dir, settings,
+                                       log=setup.say)
+    return SequenceKDExamples(setup.train_examples, outputs, q.keep_gold, d.mask_prompt)
+
+
+def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's eos first (it ends the NI references), then any other stop id of the model's
+    generation_config.json."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if (Path(model_dir) / "generation_config.json").is_file():
+        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i is not None and i not in ids]
+    return tuple(ids)
 
 
 def _embedding_rows(model_dir) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -425,3 +426,199 @@ def uld_loss_fn(teacher, alpha: float, temperature: float, student_vocab: int, t
         return with_router_losses(model, alpha * uld + (1 - alpha) * ce, n, {"uld": uld.detach(), "ce": ce.detach()})
 
     return loss_fn
+# -- sequence-level KD (Kim & Rush, 2016) -----------------------------------------------------------
+# The teacher decodes an output for every training prompt once; the student then trains on those outputs in place
+# of (or next to) the references. The outputs are cached like the top-k cache:
+#
+#     <cache_dir>/seq-<key>/outputs.safetensors   ids (M,) int32, offsets (n+1,) int64: output i is ids[o[i]:o[i+1]]
+#     <cache_dir>/seq-<key>/meta.json             teacher, settings, counts
+#
+# The key hashes the teacher directory (as the top-k cache), the decoding settings and every prompt's token ids.
+SEQ_KD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SequenceSettings:
+    """How the teacher decodes the training prompts (every field enters the cache key).
+
+    max_length: prompt + output must fit it (data.max_length), so a row gets min(max_new_tokens, max_length -
+    prompt length) new tokens. eos_ids: the ids that end an output; an output that ends with one ends with
+    eos_ids[0] (the tokenizer's eos, which ends every NI reference). precision: the teacher's dtype / quantization
+    as loaded (it changes the outputs; only part of the key)."""
+    decoding: str = "greedy"  # greedy | sample
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only; 1 = the whole distribution
+    max_new_tokens: int = 64
+    max_length: int = 1024
+    batch_size: int = 16
+    seed: int = 0  # sample only
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    precision: str = ""
+
+
+def example_prompts(examples) -> list[list[int]]:
+    """The prompt ids (input_ids[:prompt_len]) of tokenized NI examples: a ``datasets.Dataset`` (read in slices)
+    or a sequence of dicts."""
+    if hasattr(examples, "column_names"):
+        cols, prompts = examples.select_columns(["input_ids", "prompt_len"]), []
+        for start in range(0, len(cols), 1000):
+            part = cols[start:start + 1000]
+            prompts += [list(ids[:n]) for ids, n in zip(part["input_ids"], part["prompt_len"])]
+        return prompts
+    return [list(ex["input_ids"][:ex["prompt_len"]]) for ex in examples]
+
+
+@torch.no_grad()
+def teacher_outputs(teacher, prompts: Sequence[Sequence[int]], settings: SequenceSettings, device=None,
+                    log=None) -> list[list[int]]:
+    """The teacher's output ids for each prompt (a list of token ids), through HF ``generate`` with its KV cache.
+
+    Prompts are left-padded (with an attention mask) into batches of settings.batch_size rows of the same length
+    budget, longest first. Greedy, or sampled at settings.temperature (and top_p; no top-k) with the RNG seeded by
+    settings.seed inside torch.random.fork_rng, so the caller's random state is untouched and the outputs are a
+    function of the inputs. The model's own generation_config (an instruct model's sampling defaults, repetition
+    penalty, ...) does not apply. An output stops after its first eos id (kept, as eos_ids[0], so the student
+    learns to stop) or at its budget min(max_new_tokens, max_length - len(prompt)) (then it has no eos).
+    A flex_attention teacher decodes with sdpa (restored afterwards). TuneError if a prompt leaves no room."""
+    from transformers import GenerationConfig
+
+    from tune.evaluation import left_pad
+
+    s = settings
+    if s.decoding not in ("greedy", "sample"):
+        raise ConfigError(f"seq_kd.decoding must be greedy or sample, got {s.decoding!r}")
+    budgets = [min(s.max_new_tokens, s.max_length - len(p)) for p in prompts]
+    if budgets and min(budgets) < 1:
+        i = budgets.index(min(budgets))
+        raise TuneError(f"prompt {i} has {len(prompts[i])} tokens: no room for an output in max_length={s.max_length}")
+    device = device or next(teacher.parameters()).device
+    # rows of one batch share their budget, so no row's positions run past max_length (learned position tables)
+    order = sorted(range(len(prompts)), key=lambda i: (-budgets[i], -len(prompts[i]), i))
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and end - start < s.batch_size and budgets[order[end]] == budgets[order[start]]:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    sample = s.decoding == "sample"
+    options = dict(do_sample=sample, num_beams=1, max_new_tokens=1, pad_token_id=s.pad_id,
+                   eos_token_id=list(s.eos_ids) or None, use_cache=True)
+    if sample:
+        options.update(temperature=s.temperature, top_k=0, top_p=s.top_p)
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    saved_config, saved_attn = teacher.generation_config, teacher.config._attn_implementation
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        teacher.generation_config = GenerationConfig()
+        if saved_attn == "flex_attention":
+            teacher.set_attn_implementation("sdpa")
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(s.seed)
+            done = 0
+            for index in batches:
+                input_ids, attention_mask = left_pad([list(prompts[i]) for i in index], s.pad_id)
+                options["max_new_tokens"] = budgets[index[0]]
+                out = teacher.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       **options)
+                for i, row in zip(index, out[:, input_ids.shape[1]:].tolist()):
+                    outputs[i] = _until_eos(row, s.eos_ids)
+                done += len(index)
+                if log and done * 10 // len(prompts) > (done - len(index)) * 10 // len(prompts):  # every 10%
+                    log(f"sequence-level KD: decoded {done}/{len(prompts)} prompts")
+    finally:
+        teacher.generation_config = saved_config
+        if saved_attn == "flex_attention":
+            teacher.set_attn_implementation(saved_attn)
+    return outputs
+
+
+def _until_eos(row: list[int], eos_ids: Sequence[int]) -> list[int]:
+    for t, token in enumerate(row):
+        if token in eos_ids:
+            return row[:t] + [eos_ids[0]]
+    return row
+
+
+def sequence_cache_key(teacher_dir, prompts: Sequence[Sequence[int]], settings: SequenceSettings) -> str:
+    h = hashlib.sha256(json.dumps([SEQ_KD_VERSION, _teacher_fingerprint(teacher_dir), asdict(settings)]).encode())
+    for start in range(0, len(prompts), 10_000):
+        h.update(json.dumps([list(p) for p in prompts[start:start + 10_000]]).encode())
+    return h.hexdigest()[:24]
+
+
+def build_sequence_cache(teacher_dir, teacher, prompts: Sequence[Sequence[int]], cache_dir,
+                         settings: SequenceSettings, log=print) -> list[list[int]]:
+    """The teacher's outputs for `prompts` (teacher_outputs), read from ``<cache_dir>/seq-<key>/`` when a complete
+    entry exists, else decoded by `teacher` and written there (aside, then renamed: readers never see a partial
+    one). Logs whether it was reused or written, the number of outputs and their mean length. ConfigError when
+    there is no complete entry and `teacher` is None; DataError when an entry does not hold len(prompts) outputs."""
+    from safetensors.torch import load_file, save_file
+
+    final = Path(cache_dir) / f"seq-{sequence_cache_key(teacher_dir, prompts, settings)}"
+    if (final / "meta.json").is_file():
+        data = load_file(str(final / "outputs.safetensors"))
+        offsets, ids = data["offsets"].tolist(), data["ids"].tolist()
+        if len(offsets) != len(prompts) + 1:
+            raise DataError(f"{final} holds {len(offsets) - 1} teacher outputs for {len(prompts)} prompts; delete it "
+                            "and run again")
+        outputs = [ids[offsets[i]:offsets[i + 1]] for i in range(len(prompts))]
+        log(f"sequence-level KD: reusing {final}; {_outputs_line(outputs, settings)}")
+        return outputs
+    if teacher is None:
+        raise ConfigError(f"no complete sequence-level KD cache at {final} and no teacher to build it")
+    log(f"sequence-level KD: the teacher decodes {len(prompts)} training prompts ({settings.decoding}, at most "
+        f"{settings.max_new_tokens} new tokens)")
+    outputs = teacher_outputs(teacher, prompts, settings, log=log)
+    with directory_written_aside(final, lambda path: (path / "meta.json").is_file()) as tmp:
+        offsets = [0]
+        for out in outputs:
+            offsets.append(offsets[-1] + len(out))
+        save_file({"ids": torch.tensor([t for out in outputs for t in out], dtype=torch.int32),
+                   "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp / "outputs.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"teacher": str(teacher_dir), "settings": asdict(settings),
+                                                   "outputs": len(outputs), "tokens": offsets[-1]}, indent=2))
+    log(f"sequence-level KD: wrote {final}; {_outputs_line(outputs, settings)}")
+    return outputs
+
+
+def _outputs_line(outputs: list[list[int]], settings: SequenceSettings) -> str:
+    ended = sum(1 for out in outputs if out and out[-1] == (settings.eos_ids or (None,))[0])
+    mean = sum(len(out) for out in outputs) / max(len(outputs), 1)
+    return (f"{len(outputs)} outputs, {mean:.1f} tokens on average (eos included), {len(outputs) - ended} cut at "
+            "their length budget")
+
+
+class SequenceKDExamples:
+    """Tokenized NI examples whose outputs are the teacher's: example i (i < n) is gold example i's prompt followed
+    by outputs[i]; with keep_gold, examples n..2n-1 are the gold examples themselves. Shifted as the NI tokenization
+    shifts (data_prep.natural_instructions.tokenize_rows): input_ids = prompt + output, targets[t] = input_ids[t+1]
+    on the output (and the whole sequence when mask_prompt is false), -100 elsewhere and at the last position.
+    Built on demand per index from `gold` (a ``datasets.Dataset`` or a sequence of dicts with input_ids, targets and
+    prompt_len), so the gold set stays memory-mapped."""
+
+    def __init__(self, gold, outputs: list[list[int]], keep_gold: bool = False, mask_prompt: bool = True):
+        if len(outputs) != len(gold):
+            raise DataError(f"{len(outputs)} teacher outputs for {len(gold)} training examples")
+        if any(len(out) == 0 for out in outputs):
+            raise DataError("an empty teacher output cannot be trained on (every output has at least one token)")
+        self.gold = gold.select_columns(["input_ids", "targets", "prompt_len"]) if hasattr(gold, "column_names") \
+            else gold
+        self.outputs, self.keep_gold, self.mask_prompt = outputs, keep_gold, mask_prompt
+
+    def __len__(self) -> int:
+        return len(self.outputs) * (2 if self.keep_gold else 1)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.outputs)
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        ex = self.gold[i % n]
+        if i >= n:
+            return {"input_ids": list(ex["input_ids"]), "targets": list(ex["targets"])}
+        prompt_len = int(ex["prompt_len"])
+        ids = list(ex["input_ids"][:prompt_len]) + list(self.outputs[i])
+        first = prompt_len if self.mask_prompt else 1  # the first position of ids that is a target
+        return {"input_ids": ids, "targets": [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX]}
