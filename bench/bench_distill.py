@@ -8,8 +8,15 @@ batches (every position a target), each in a fresh process:
   distillation, cached   the same loss against the teacher's top-64 log-probs, computed once beforehand
                          (teacher.cache=true; the one-time teacher pass is timed separately)
 
+  distillation, on-policy  GKD with kd.lmbda = 1 (tune.distill.OnPolicyBatches): every step the student samples
+                         the second half of each row (KV cache) from the first half, the live teacher scores it
+
 The ratio distillation / student-alone is what a teacher forward pass costs (target ≥ 0.6×, see
-../shared/BENCHMARKS.md). Tokens/s counts student tokens.
+../shared/BENCHMARKS.md). Tokens/s counts student tokens. A live teacher is bounded by its forward pass: at
+2·N_teacher FLOPs per token beside the student's 6·N_student, the best a live-teacher step can do at the
+student's own efficiency is alone × 6·N_s / (6·N_s + 2·N_t) ("bound"; N counts every matmul weight, the output head
+included, position tables not); the table gives each figure as a fraction of that bound too (the cached teacher's
+bound is the student alone). On-policy steps also pay for sampling half of every row, token by token.
 
     python -m bench.bench_distill --size cpu        # teacher 6 x 256, student 2 x 128, seq 256 (2-core CPU: ~2 min)
     python -m bench.bench_distill --size 1.1b-124m  # GPU: Llama 1.1B teacher -> GPT-2 124M student, seq 1024
@@ -55,6 +62,33 @@ class RandomBatches:
 
     def val_batches(self, rank, world, limit):
         yield self._batch(len(self.data) - 1)
+
+
+class OnPolicyRandom:
+    """Random-token rows cut in two: the first half is the prompt, the second the reference the student replaces
+    with its own samples (OnPolicyBatches with lmbda = 1), so every step generates seq/2 tokens per row."""
+
+    def __init__(self, vocab: int, seq: int, batch: int, steps: int, student):
+        from tune.distill import OnPolicyBatches, completion_example
+
+        data = RandomBatches(vocab, seq, batch, steps).data
+        half = seq // 2
+        examples = [completion_example(row[:half + 1].tolist(), row[half + 1:].tolist()) for b in data for row in b]
+        self.batches = OnPolicyBatches(examples, examples[-batch:], batch, 1, seed=0, packing=False, max_length=seq,
+                                       pad_id=0, student=student, lmbda=1.0, temperature=1.0,
+                                       max_new_tokens=seq - half, eos_id=None, vocab_size=vocab)
+
+    def step_batches(self, step, rank, world):
+        return self.batches.step_batches(step, rank, world)
+
+    def val_batches(self, rank, world, limit):
+        return self.batches.val_batches(rank, world, limit)
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matmul per token (2 FLOPs each forward): all but the position table."""
+    skip = {id(p) for name, p in model.named_parameters() if name.endswith(("pos_emb.weight", "wpe.weight"))}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def build_teacher(spec: dict, vocab: int, seq: int, out: Path):
@@ -111,8 +145,9 @@ def teacher_cache(size: dict, teacher_dir: str, out: str, top_k: int = 64) -> fl
     return seconds
 
 
-def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) -> dict:
-    """One side, in a fresh process: Engine + native student, alone, with the live teacher, or from the cache."""
+def train(size: dict, teacher_dir: str | None, cache_file: str | None = None, on_policy: bool = False) -> dict:
+    """One side, in a fresh process: Engine + native student, alone, with the live teacher (on-policy too), or from
+    the cache."""
     from tune.distill import kd_loss_fn, load_teacher
     from tune.engine import Engine, TrainConfig
     from tune.hf import resolve_dtype
@@ -124,11 +159,15 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) ->
     source = RandomBatches(size["vocab"], size["seq"], size["batch"], size["steps"])
     cfg = TrainConfig(max_steps=size["steps"], micro_batch_size=size["batch"], lr=1e-3, warmup_steps=0, eval_every=0,
                       eval_batches=1, log_every=10, mixed_precision="auto", progress=False)
+    teacher_params = None
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
         torch.manual_seed(0)
         s = size["student"]
         student = GPT(config_from_preset(s["preset"], vocab_size=size["vocab"], block_size=size["seq"],
                                          **{k: v for k, v in s.items() if k != "preset"}))
+        if on_policy:
+            student.to("cuda" if cuda else "cpu")  # it samples before the engine moves it
+            source = OnPolicyRandom(size["vocab"], size["seq"], size["batch"], size["steps"], student)
         loss_fn = causal_lm_loss
         if cache_file is not None:
             from safetensors.torch import load_file
@@ -138,12 +177,15 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None) ->
         elif teacher_dir:
             device = torch.device("cuda" if cuda else "cpu")
             teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
-            loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
+            teacher_params = matmul_parameters(teacher)
+            loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"], log_on_policy=on_policy)
         engine = Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None)
         engine.save_at_end = False  # the final checkpoint is no part of the measurement
+        engine.prefetch = not on_policy  # as the recipe: on-policy batches are sampled by the student of their step
         stamps = time_steps(engine)
         engine.fit()
-    return {"step_times": intervals(stamps), "peak_bytes": mem.bytes, "memory_method": mem.method}
+    return {"step_times": intervals(stamps), "peak_bytes": mem.bytes, "memory_method": mem.method,
+            "student_params": matmul_parameters(student), "teacher_params": teacher_params}
 
 
 def measure(size: dict, timeout: float | None = None) -> dict:
@@ -158,18 +200,24 @@ def measure(size: dict, timeout: float | None = None) -> dict:
         print("building the teacher cache (top-64) ...", flush=True)
         cache_file = str(Path(tmp) / "teacher_top64.safetensors")
         cache_seconds = isolated(teacher_cache, size, teacher_dir, cache_file, timeout=left(4))
-        sides = (("student alone", None, None), ("distillation, live", teacher_dir, None),
-                 ("distillation, cached", None, cache_file))
-        for i, (name, teacher, cached) in enumerate(sides):
+        sides = (("student alone", None, None, False), ("distillation, live", teacher_dir, None, False),
+                 ("distillation, cached", None, cache_file, False), ("distillation, on-policy", teacher_dir, None, True))
+        for i, (name, teacher, cached, on_policy) in enumerate(sides):
             print(f"running {name} ...", flush=True)
-            r = isolated(train, size, teacher, cached, timeout=left(len(sides) - i))
+            r = isolated(train, size, teacher, cached, on_policy, timeout=left(len(sides) - i))
             r.update(step_stats(r["step_times"], size["warmup"], tokens_per_step))
             results[name] = r
     alone = results["student alone"]
+    n_s, n_t = alone["student_params"], results["distillation, live"]["teacher_params"]
+    live_bound = alone["tokens_per_s"] * 6 * n_s / (6 * n_s + 2 * n_t)
+    bounds = {"distillation, live": live_bound, "distillation, cached": alone["tokens_per_s"],
+              "distillation, on-policy": live_bound}
     ratio = {name: {"tokens_per_s": r["tokens_per_s"] / alone["tokens_per_s"],
+                    "of_bound": r["tokens_per_s"] / bounds[name],
                     "peak_bytes": r["peak_bytes"] / alone["peak_bytes"] if alone["peak_bytes"] > 0 else None}
              for name, r in results.items() if name != "student alone"}
-    return {"sides": results, "ratio": ratio, "cache_seconds": cache_seconds}
+    return {"sides": results, "ratio": ratio, "cache_seconds": cache_seconds, "live_bound_tokens_per_s": live_bound,
+            "student_params": n_s, "teacher_params": n_t}
 
 
 def main(argv=None):
@@ -193,10 +241,14 @@ def main(argv=None):
         q = ratio.get(name)
         rows.append([name, fmt(r["tokens_per_s"]), fmt(r["step_s_median"] * 1e3, ".1f"),
                      fmt(r["peak_bytes"] / 2**20, ",.0f"), f"{q['tokens_per_s']:.2f}x" if q else "",
-                     fmt(q and q["peak_bytes"], ".2f") + "x" if q else ""])
+                     f"{q['of_bound']:.2f}" if q else "", fmt(q and q["peak_bytes"], ".2f") + "x" if q else ""])
     print()
-    print_table(["workload", "student tokens/s", "step ms (median)", "peak MiB", "tok/s vs alone", "mem vs alone"],
-                rows, title=f"median over {alone['steady_steps']} steady steps; target: distillation >= 0.6x")
+    print_table(["workload", "student tokens/s", "step ms (median)", "peak MiB", "tok/s vs alone", "of bound",
+                 "mem vs alone"], rows,
+                title=f"median over {alone['steady_steps']} steady steps; target: distillation >= 0.6x")
+    print(f"  bound: the student alone slowed only by the teacher's forward FLOPs, alone x 6·N_s / (6·N_s + 2·N_t) = "
+          f"{res['live_bound_tokens_per_s']:,.0f} tokens/s (N_s {res['student_params'] / 1e6:.2f}M, "
+          f"N_t {res['teacher_params'] / 1e6:.2f}M); the cached teacher's bound is the student alone")
     print(f"  teacher cache: one pass over {size['steps'] + 2} batches took {cache_seconds:.1f} s "
           f"({(size['steps'] + 2) * tokens_per_step / cache_seconds:,.0f} tokens/s), not included above")
     print(f"  peak memory: {alone['memory_method']}")

@@ -51,9 +51,18 @@ class KDSection:
     #                           so its gradients keep the CE term's scale whatever T is
     # KL(teacher‖student), KL(student‖teacher), generalized JSD, total variation, DistiLLM's α-skew KLs
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
-    jsd_beta: float = 0.5  # jsd only: m = β·p_teacher + (1 − β)·p_student
+    beta: float = 0.5  # jsd only (GKD's β): m = β·p_teacher + (1 − β)·p_student; 0 is forward KL, 1 reverse KL
     skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
+    # on-policy distillation (GKD, Agarwal et al. 2024): the share of steps trained on the student's own completions
+    # of the prompts, scored by the teacher (needs data.kind=ni and a live teacher); 0 is off-policy KD
+    lmbda: float = 0.0
+    sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
+    max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
+    # none: teacher and student must share the tokenizer. uld: Universal Logit Distillation (Boizard et al. 2024),
+    # α·ULD + (1 − α)·CE, for a student.model with its own tokenizer (NI data, live teacher; README: Different
+    # tokenizers (ULD))
+    cross_tokenizer: Literal["none", "uld"] = "none"
     # hidden-state distillation (tune/kd_hidden.py): pairs [student_layer, teacher_layer] of 0-based decoder blocks
     # whose outputs (before the final norm) are matched, through a learned projection where the widths differ;
     # [] = off. Needs the live teacher (teacher.cache=false)
@@ -73,9 +82,27 @@ class DistillDataSection(NIDataSection):
 @dataclass
 class CompareSection:
     ce_only: bool = True  # also train the same student with CE only (α = 0) on the same data and steps
+    # also train the same student, data and steps with these methods (off_policy, on_policy, sequence_kd), beside
+    # the run's own; the table then says how much of the CE-only -> teacher val-loss gap each closes
+    methods: list[str] = field(default_factory=list)
+    lmbda: float = 1.0  # on_policy's kd.lmbda when the run's own kd.lmbda is 0
     max_instances_per_task: int = 10  # held-out instances per task for ROUGE-L
     max_new_tokens: int = 24
     batch_size: int = 8
+
+
+@dataclass
+class SeqKDSection:
+    """Sequence-level KD (Kim & Rush, 2016): the teacher decodes an output for every NI training prompt once
+    (cached under cache_dir) and the KD student trains on those outputs instead of the references."""
+    enabled: bool = False
+    decoding: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0  # sample only
+    top_p: float = 1.0  # sample only: nucleus sampling; 1 = the whole distribution
+    max_new_tokens: int = 64  # per output; prompt + output also stay within data.max_length
+    keep_gold: bool = False  # also train on the reference outputs: both per prompt, the training set doubles
+    batch_size: int = 16  # prompts per generate call
+    cache_dir: str = ".cache/seq_kd"
 
 
 @dataclass
@@ -92,6 +119,7 @@ class DistillConfig:
     data: DistillDataSection = field(default_factory=DistillDataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareSection = field(default_factory=CompareSection)
+    seq_kd: SeqKDSection = field(default_factory=SeqKDSection)
 
 
 CONFIG_CLASS = DistillConfig
@@ -136,14 +164,39 @@ def validate(cfg: DistillConfig) -> None:
         problems.add(f"kd.alpha must be in [0, 1], got {kd.alpha}")
     if not kd.temperature > 0:
         problems.add(f"kd.temperature must be > 0, got {kd.temperature}")
-    if not 0 < kd.jsd_beta < 1:
-        problems.add(f"kd.jsd_beta must be in (0, 1), got {kd.jsd_beta}")
+    if not 0 <= kd.beta <= 1:
+        problems.add(f"kd.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got {kd.beta}")
+    if not 0 <= kd.lmbda <= 1:
+        problems.add(f"kd.lmbda must be in [0, 1] (the share of on-policy steps), got {kd.lmbda}")
+    if kd.lmbda > 0:
+        if d.kind != "ni":
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs data.kind=ni: the student completes prompts")
+        if cfg.teacher.cache:
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs a live teacher to score the student's own "
+                         "samples; set teacher.cache=false (or kd.lmbda=0)")
+        if cfg.train.compile:
+            problems.add("kd.lmbda > 0 (on-policy distillation) generates with the student, whose compiled blocks "
+                         "would recompile at every new length; set train.compile=false")
+    unknown = [m for m in cfg.compare.methods if m not in METHODS or m == "ce_only"]
+    if "sequence_kd" in cfg.compare.methods and d.kind != "ni":
+        problems.add("compare.methods names sequence_kd, which needs data.kind=ni (as seq_kd.enabled does)")
+    if unknown:
+        problems.add(f"compare.methods: unknown method {unknown[0]!r}; choose from "
+                     f"{', '.join(m for m in METHODS if m != 'ce_only')} (the CE-only student is compare.ce_only)")
+    if "on_policy" in cfg.compare.methods:
+        if not 0 < cfg.compare.lmbda <= 1:
+            problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
+        if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
+            problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
+                         "train.compile=false (as kd.lmbda > 0 does)")
+    if kd.sample_temperature < 0:
+        problems.add(f"kd.sample_temperature must be >= 0 (0: greedy), got {kd.sample_temperature}")
     if not 0 <= kd.skew_alpha < 1:
         problems.add(f"kd.skew_alpha must be in [0, 1), got {kd.skew_alpha}")
     if cfg.teacher.cache_top_k < 0:
         problems.add(f"teacher.cache_top_k must be >= 0 (0 = whole vocabulary), got {cfg.teacher.cache_top_k}")
     problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}), *student_sizes,
-                     *range_problems("kd.", kd, {"chunk_size": ">= 1"}),
+                     *range_problems("kd.", kd, {"chunk_size": ">= 1", "max_new_tokens": ">= 1"}),
                      *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
                      *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
                                                                "max_new_tokens": ">= 1", "batch_size": ">= 1"})))
@@ -167,6 +220,27 @@ def validate(cfg: DistillConfig) -> None:
     data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
                                                       **data_inputs}))
+    # cross-tokenizer distillation (kd.cross_tokenizer=uld)
+    if kd.cross_tokenizer == "uld":
+        uld_needs = [(s.model is None, "student.model (an HF directory with its own tokenizer; a fresh "
+                                       "student.preset takes the teacher's)"),
+                     (d.kind != "ni", "data.kind=ni (responses to align)"),
+                     (not d.mask_prompt, "data.mask_prompt=true (the loss aligns the responses)"),
+                     (cfg.teacher.cache, "teacher.cache=false (it runs the teacher live)"),
+                     (cfg.compare.ce_only or bool(cfg.compare.methods),
+                      "compare.ce_only=false and compare.methods=[] (the comparison measures KL token id by id)"),
+                     (kd.lmbda > 0, "kd.lmbda=0 (on-policy samples are scored by the teacher token id by id)")]
+        for missing, need in uld_needs:
+            if missing:
+                problems.add(f"kd.cross_tokenizer=uld needs {need}")
+    q = cfg.seq_kd  # sequence-level KD
+    problems.extend((*empty_path_problems(cfg, ["seq_kd.cache_dir"]),
+                     *check_file_free_dir("seq_kd.cache_dir", q.cache_dir),
+                     *range_problems("seq_kd.", q, {"temperature": "> 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1",
+                                                    "batch_size": ">= 1"})))
+    if q.enabled and d.kind != "ni":
+        problems.add("seq_kd.enabled=true needs data.kind=ni: the teacher rewrites the outputs of NI prompts and a "
+                     "text corpus has none; set data.kind=ni or seq_kd.enabled=false")
     if kd.layer_map:  # hidden-state distillation (tune/kd_hidden.py)
         teacher_layers = _layer_count(cfg.teacher.model) if teacher is not None else None
         student_layers = _layer_count(s.model) if student is not None else native_layers
@@ -176,6 +250,9 @@ def validate(cfg: DistillConfig) -> None:
         if cfg.teacher.cache:
             problems.add("kd.layer_map needs the live teacher: the teacher cache holds no hidden states; set "
                          "teacher.cache=false or kd.layer_map=[]")
+        if kd.cross_tokenizer == "uld":
+            problems.add("kd.layer_map needs kd.cross_tokenizer=none: with two tokenizers the positions of the two "
+                         "models do not correspond")
     problems.raise_if_any()
 
 
@@ -214,7 +291,8 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     from tune.engine import checkpoint_tensor_shape, read_checkpoint_weights
     from tune.hf import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.teacher.model, "teacher.model")
+    tokenizer = (load_tokenizer(cfg.student.model, "student.model") if cfg.kd.cross_tokenizer == "uld"
+                 else load_tokenizer(cfg.teacher.model, "teacher.model"))
     # only a fresh native student takes its vocabulary size from here
     vocab_size = checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0] if cfg.student.model is None else 0
     block_size = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
@@ -224,19 +302,148 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
     return save_student(cfg, student.eval(), tokenizer, out)
 
 
+METHODS = {"ce_only": "CE-only student", "off_policy": "off-policy KD", "on_policy": "on-policy GKD",
+           "sequence_kd": "sequence-level KD"}
+
+
+def method_of(cfg: DistillConfig) -> str:
+    """The distillation method a config trains with: sequence_kd (seq_kd.enabled), on_policy (kd.lmbda > 0) or
+    off_policy."""
+    return "sequence_kd" if cfg.seq_kd.enabled else "on_policy" if cfg.kd.lmbda > 0 else "off_policy"
+
+
+def method_config(cfg: DistillConfig, method: str) -> DistillConfig:
+    """The run's config changed to train `method` (compare.methods): everything else (student, data, steps, the KD
+    settings, seq_kd's decoding) stays as configured. on_policy keeps the run's kd.lmbda if it has one, else takes
+    compare.lmbda; sequence_kd turns seq_kd on, the others off."""
+    from dataclasses import replace
+
+    kd = replace(cfg.kd, lmbda=0.0)
+    if method == "on_policy":
+        kd = replace(kd, lmbda=cfg.kd.lmbda or cfg.compare.lmbda)
+    elif method == "ce_only":
+        kd = replace(kd, alpha=0.0)
+    return replace(cfg, kd=kd, seq_kd=replace(cfg.seq_kd, enabled=method == "sequence_kd"))
+
+
+@dataclass
+class _Setup:
+    """What every student of one run shares: the data, the tokenizer and the (lazily loaded) teacher."""
+    cfg: DistillConfig
+    accelerator: object
+    say: object
+    tokenizer: object
+    vocab_size: int
+    block_size: int
+    train_examples: object = None
+    val_examples: object = None
+    batch_kwargs: dict = field(default_factory=dict)
+    plain_source: object = None
+    teacher_attn: str = "sdpa"
+    live_teacher: object = None
+    sequence_examples: object = None  # sequence-level KD's training examples (the teacher's outputs), made on first use
+
+    def teacher(self):
+        """The frozen teacher, loaded on first use."""
+        from tune.distill import load_teacher
+        from tune.hf import resolve_dtype
+
+        t = self.cfg.teacher
+        if self.live_teacher is None:
+            self.live_teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, self.accelerator.device,
+                                             self.teacher_attn)
+        return self.live_teacher
+
+    def batch_args(self, train_examples=None) -> tuple:
+        train = self.train_examples if train_examples is None else train_examples
+        return train, self.val_examples, self.cfg.train.micro_batch_size, self.cfg.train.grad_accum_steps
+
+    def examples(self, cfg: DistillConfig):
+        """The training examples a student trains on under `cfg`: the references, or with seq_kd.enabled the
+        teacher's outputs (seq_kd_examples; the validation set keeps the references either way)."""
+        if not cfg.seq_kd.enabled:
+            return self.train_examples
+        if self.sequence_examples is None:
+            self.sequence_examples = seq_kd_examples(self)
+        return self.sequence_examples
+
+
+def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, run_config=None):
+    """Train one student of the run with `method` (METHODS) under `cfg` into `run_dir`: the engine's FitResult.
+    `run_config`: the config the engine saves and checks on resume (the run's own student only)."""
+    from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key, kd_loss_fn,
+                              load_teacher_cache)
+    from tune.engine import Engine
+    from tune.packing import NIBatches
+
+    t, kd, say, accelerator = cfg.teacher, cfg.kd, setup.say, setup.accelerator
+    vocab_size, block_size = setup.vocab_size, setup.block_size
+
+    def rebuild():
+        return make_student(cfg, vocab_size, block_size)
+
+    if method == "ce_only":  # the baseline: plain cross-entropy on the references, no teacher
+        return Engine(cfg.train, run_dir, rebuild(), setup.plain_source, accelerator=accelerator, log=say,
+                      rebuild=rebuild).fit()
+    train = setup.examples(cfg)
+    source, teacher = setup.plain_source, None
+    if train is not setup.train_examples:
+        source = NIBatches(*setup.batch_args(train), **setup.batch_kwargs)
+    if t.cache:
+        splits = {"train": train, "val": setup.val_examples}
+        top_k = t.cache_top_k or vocab_size
+        complete = (Path(t.cache_dir) / cache_key(t.model, top_k, splits) / "meta.json").is_file()
+        with accelerator.main_process_first():
+            cache = build_teacher_cache(t.model, None if complete else setup.teacher(), splits, t.cache_dir, top_k,
+                                        vocab_size, setup.tokenizer.pad_token_id, log=say)
+        source = CachedTeacherBatches(*setup.batch_args(train), **setup.batch_kwargs,
+                                      train_cache=load_teacher_cache(cache, "train", len(train)),
+                                      val_cache=load_teacher_cache(cache, "val", len(setup.val_examples)))
+    else:
+        teacher = setup.teacher()
+    student = rebuild()
+    hidden = add_hidden_distillation(cfg, student, teacher)  # kd.layer_map (None without one)
+    say(f"{METHODS[method]}: student of {sum(p.numel() for p in student.parameters()):,} parameters "
+        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
+        + (" (from its top-k cache)" if t.cache else ""))
+    if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
+        source = OnPolicyBatches(*setup.batch_args(train), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
+                                 temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
+                                 eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
+                                 autocast=accelerator.autocast, synced=accelerator.num_processes > 1)
+    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
+    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
+                         t.cache_tail, log_on_policy=kd.lmbda > 0, hidden_kd=hidden)
+
+    def rebuild_kd():  # the student as it trains: with kd.layer_map's projections (save_student drops them)
+        model = rebuild()
+        add_hidden_distillation(cfg, model)
+        return model
+
+    engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=rebuild_kd, run_config=run_config)
+    engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
+    try:
+        return engine.fit()
+    finally:
+        if hidden is not None:  # the teacher serves the next student and the comparison without them
+            hidden.remove_hooks()
+
+
 def run(cfg: DistillConfig):
     from accelerate.utils import set_seed
 
     from tune.adapters import attention_implementation
     from tune.packing import PACKED_ATTENTION, NIBatches
     from recipes.finetune import build_ni_datasets, load_splits
-    from tune.distill import (CachedTeacherBatches, build_teacher_cache, cache_key, check_vocabularies, kd_loss_fn,
-                              load_teacher, load_teacher_cache)
-    from tune.engine import Engine, check_train_device, make_accelerator
-    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.distill import check_vocabularies
+    from tune.engine import check_train_device, make_accelerator
+    from tune.hf import load_tokenizer
     from tune.recipe_utils import prepare_output_dir
 
     validate(cfg)
+    if cfg.kd.cross_tokenizer == "uld":  # cross-tokenizer distillation: its own data, loss and save (run_uld)
+        return run_uld(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -252,83 +459,78 @@ def run(cfg: DistillConfig):
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
     set_seed(cfg.seed)
 
+    setup = _Setup(cfg, accelerator, say, tokenizer, vocab_size, d.max_length if d.kind == "ni" else d.block_size)
+    prompt_cfg = None
     if d.kind == "ni":
-        train_set, val_set, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
-        train_examples, val_examples = train_set, val_set  # Arrow-backed, read by index
-        batch_args = (train_examples, val_examples, cfg.train.micro_batch_size, cfg.train.grad_accum_steps)
-        batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
-                            mask_mode=PACKED_ATTENTION[d.packed_attention])
-        plain_source = NIBatches(*batch_args, **batch_kwargs)
-        block_size = d.max_length
+        setup.train_examples, setup.val_examples, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
+        setup.batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length,
+                                  pad_id=tokenizer.pad_token_id, mask_mode=PACKED_ATTENTION[d.packed_attention])
+        setup.plain_source = NIBatches(*setup.batch_args(), **setup.batch_kwargs)
     else:
-        plain_source, block_size = _text_source(cfg, accelerator), d.block_size
-
-    teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
+        setup.plain_source = _text_source(cfg, accelerator)
+    setup.teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
     if d.kind == "ni" and d.packing:
         say(f"teacher {why}")
-    teacher = None
-    source = plain_source
-    if t.cache:
-        top_k = t.cache_top_k or vocab_size
-        key = cache_key(t.model, top_k, {"train": train_examples, "val": val_examples})
-        if not (Path(t.cache_dir) / key / "meta.json").is_file():
-            teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
-        with accelerator.main_process_first():
-            cache = build_teacher_cache(t.model, teacher, {"train": train_examples, "val": val_examples}, t.cache_dir,
-                                        top_k, vocab_size, tokenizer.pad_token_id, log=say)
-        teacher = None  # distill from disk: the teacher is not kept in memory
-        source = CachedTeacherBatches(*batch_args, **batch_kwargs,
-                                      train_cache=load_teacher_cache(cache, "train", len(train_examples)),
-                                      val_cache=load_teacher_cache(cache, "val", len(val_examples)))
-    else:
-        teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
 
-    student = make_student(cfg, vocab_size, block_size)
-    hidden = add_hidden_distillation(cfg, student, teacher)  # kd.layer_map (None without one)
-    say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
-        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}"
-        + (" (from its top-k cache)" if t.cache else ""))
-    kd = cfg.kd
-    mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.jsd_beta  # divergence()'s beta
-    loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
-                         cfg.teacher.cache_tail, hidden_kd=hidden)
-    def rebuild():
-        return make_student(cfg, vocab_size, block_size)
-
-    def rebuild_kd():  # the student as it trains: with kd.layer_map's projections
-        model = rebuild()
-        add_hidden_distillation(cfg, model)
-        return model
-
-    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild_kd, run_config=cfg).fit()
-    if hidden is not None:
-        hidden.remove_hooks()
+    method = method_of(cfg)
+    result = fit_student(setup, cfg, method, run_dir, run_config=cfg)
+    students = {METHODS[method]: result}
     if accelerator.is_main_process:
-        student = result.model  # unsharded (the same module unless FSDP trained it)
-        student.eval()
-        say(f"saved the student to {save_student(cfg, student, tokenizer, run_dir / 'student')}")
-
-    if cfg.compare.ce_only:
+        result.model.eval()  # unsharded (the same module unless FSDP trained it)
+        say(f"saved the student to {save_student(cfg, result.model, tokenizer, run_dir / 'student')}")
+    others = [m for m in (["ce_only"] if cfg.compare.ce_only else []) + list(cfg.compare.methods) if m != method]
+    for other in dict.fromkeys(others):
         set_seed(cfg.seed)  # the same initial student
-        ce_student = make_student(cfg, vocab_size, block_size)
-        ce_result = Engine(cfg.train, run_dir / "ce_only", ce_student, plain_source, accelerator=accelerator, log=say,
-                           rebuild=rebuild).fit()
+        students[METHODS[other]] = fit_student(setup, method_config(cfg, other), other, run_dir / other)
         if accelerator.is_main_process:
-            ce_student = ce_result.model
-            ce_student.eval()
-            save_student(cfg, ce_student, tokenizer, run_dir / "ce_only" / "student")
-            if teacher is None:
-                teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
-            rows = compare(cfg, {"teacher": teacher, "KD student": student, "CE-only student": ce_student},
-                           plain_source, tokenizer, splits, prompt_cfg if d.kind == "ni" else None, vocab_size,
-                           accelerator.device)
-            rows["KD student"]["train_steps"] = result.step
-            rows["CE-only student"]["train_steps"] = ce_result.step
-            (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
-            say(format_comparison(rows))
+            students[METHODS[other]].model.eval()
+            save_student(cfg, students[METHODS[other]].model, tokenizer, run_dir / other / "student")
+    if others and accelerator.is_main_process:
+        models = {"teacher": setup.teacher(), **{name: r.model for name, r in students.items()}}
+        rows = compare(cfg, models, setup.plain_source, tokenizer, splits, prompt_cfg, vocab_size, accelerator.device)
+        for name, r in students.items():
+            rows[name]["train_steps"] = r.step
+        add_gap_closed(rows)
+        (run_dir / "comparison.json").write_text(json.dumps(rows, indent=2))
+        say(format_comparison(rows))
     accelerator.wait_for_everyone()
     return result
+
+
+def seq_kd_examples(setup: _Setup):
+    """Sequence-level KD: the training examples with the teacher's outputs (followed by the gold ones with
+    seq_kd.keep_gold). The outputs come from the cache under seq_kd.cache_dir (built on the main process first,
+    reused by the others and by later runs); the teacher is loaded only when they must be decoded."""
+    from tune.distill import SequenceKDExamples, SequenceSettings, build_sequence_cache, example_prompts, \
+        sequence_cache_key
+    from tune.hf import resolve_dtype
+
+    cfg, tokenizer = setup.cfg, setup.tokenizer
+    t, q, d = cfg.teacher, cfg.seq_kd, cfg.data
+    sample = q.decoding == "sample"  # greedy outputs do not depend on the sampling knobs or the seed
+    settings = SequenceSettings(decoding=q.decoding, temperature=q.temperature if sample else 1.0,
+                                top_p=q.top_p if sample else 1.0, max_new_tokens=q.max_new_tokens,
+                                max_length=d.max_length, batch_size=q.batch_size, seed=cfg.seed if sample else 0,
+                                eos_ids=_eos_ids(t.model, tokenizer), pad_id=tokenizer.pad_token_id,
+                                precision=f"{resolve_dtype(t.dtype)}/{t.quant}")
+    prompts = example_prompts(setup.train_examples)
+    complete = (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file()
+    with setup.accelerator.main_process_first():
+        outputs = build_sequence_cache(t.model, None if complete else setup.teacher(), prompts, q.cache_dir, settings,
+                                       log=setup.say)
+    return SequenceKDExamples(setup.train_examples, outputs, q.keep_gold, d.mask_prompt)
+
+
+def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's eos first (it ends the NI references), then any other stop id of the model's
+    generation_config.json."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if (Path(model_dir) / "generation_config.json").is_file():
+        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i is not None and i not in ids]
+    return tuple(ids)
 
 
 def _embedding_rows(model_dir) -> int:
@@ -398,7 +600,9 @@ def _text_source(cfg: DistillConfig, accelerator):
 
 
 def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_cfg, vocab_size: int, device) -> dict:
-    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match."""
+    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match on held-out
+    instances of the training tasks and (data.eval_tasks) on the held-out tasks (keys rougeL_tasks,
+    exact_match_tasks)."""
     import torch
 
     from recipes.finetune import _cap_per_task
@@ -417,15 +621,31 @@ def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_
                 _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
                 kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
         rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
-        if splits is not None:
-            hf = _as_hf(model, tokenizer)
-            pairs = _cap_per_task(splits["heldout_instances"], cfg.compare.max_instances_per_task)
+        if splits is None:
+            continue
+        hf = _as_hf(model, tokenizer)
+        for split, suffix in (("heldout_instances", ""), ("heldout_tasks", "_tasks")):
+            pairs = _cap_per_task(splits[split], cfg.compare.max_instances_per_task)
+            if not pairs:
+                continue
             res = evaluate_tasks(hf, tokenizer, pairs, prompt_cfg, batch_size=cfg.compare.batch_size,
                                  max_new_tokens=cfg.compare.max_new_tokens, device=device)
-            rows[name].update({"rougeL": res["overall"]["mean_over_instances"]["rougeL"],
-                               "exact_match": res["overall"]["mean_over_instances"]["exact_match"],
-                               "n_instances": res["n_instances"]})
+            rows[name].update({f"rougeL{suffix}": res["overall"]["mean_over_instances"]["rougeL"],
+                               f"exact_match{suffix}": res["overall"]["mean_over_instances"]["exact_match"],
+                               f"n_instances{suffix}": res["n_instances"]})
     return rows
+
+
+def add_gap_closed(rows: dict) -> None:
+    """Each student row's `gap_closed`: the percentage of the CE-only -> teacher val-loss gap it closes,
+    100 · (CE-only − student) / (CE-only − teacher) (100: as good as the teacher, 0: no better than CE alone,
+    negative: worse). Nothing without a CE-only row, or when the teacher is no better than it."""
+    ce, teacher = rows.get(METHODS["ce_only"], {}).get("val_loss"), rows.get("teacher", {}).get("val_loss")
+    if ce is None or teacher is None or ce <= teacher:
+        return
+    for name, row in rows.items():
+        if name not in ("teacher", METHODS["ce_only"]):
+            row["gap_closed"] = 100 * (ce - row["val_loss"]) / (ce - teacher)
 
 
 def _as_hf(model, tokenizer):
@@ -446,10 +666,79 @@ def _as_hf(model, tokenizer):
 
 
 def format_comparison(rows: dict) -> str:
+    """The comparison table, then one line per student: "<method>: closes N% of the gap" (add_gap_closed)."""
     keys = [("val_loss", "val loss"), ("kl_to_teacher", "KL(teacher‖model)"), ("rougeL", "ROUGE-L"),
-            ("exact_match", "EM")]
+            ("exact_match", "EM"), ("rougeL_tasks", "ROUGE-L new tasks"), ("exact_match_tasks", "EM new tasks")]
     keys = [(k, label) for k, label in keys if any(k in r for r in rows.values())]
-    lines = [f"{'model':<16}" + "".join(f"{label:>20}" for _, label in keys)]
+    lines = [f"{'model':<18}" + "".join(f"{label:>19}" for _, label in keys)]
     for name, row in rows.items():
-        lines.append(f"{name:<16}" + "".join(f"{row[k]:>20.4f}" if k in row else f"{'-':>20}" for k, _ in keys))
-    return "\n".join(["held-out comparison (same data and steps for both students):", *lines])
+        lines.append(f"{name:<18}" + "".join(f"{row[k]:>19.4f}" if k in row else f"{'-':>19}" for k, _ in keys))
+    lines += [f"{name}: closes {row['gap_closed']:.0f}% of the gap (val loss, CE-only -> teacher)"
+              for name, row in rows.items() if "gap_closed" in row]
+    return "\n".join(["held-out comparison (the same student, data and steps for every method):", *lines])
+
+
+def run_uld(cfg: DistillConfig):
+    """Cross-tokenizer distillation (kd.cross_tokenizer=uld, validated): every NI example is tokenized with both
+    tokenizers and paired (tune.distill.pair_examples), the student trains on α·ULD + (1 − α)·CE
+    (tune.distill.uld_loss_fn) and is saved with its own tokenizer to output_dir/student."""
+    from accelerate.utils import set_seed
+
+    from recipes.finetune import build_ni_datasets, load_splits
+    from tune.adapters import attention_implementation
+    from tune.distill import CrossTokenizerBatches, load_teacher, pair_examples, uld_loss_fn
+    from tune.engine import Engine, check_train_device, make_accelerator
+    from tune.errors import DataError
+    from tune.hf import load_tokenizer, resolve_dtype
+    from tune.packing import PACKED_ATTENTION
+    from tune.recipe_utils import prepare_output_dir
+
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
+    check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    t, s, d, kd = cfg.teacher, cfg.student, cfg.data, cfg.kd
+    teacher_tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has none: padding is masked
+    student_tokenizer = load_tokenizer(s.model, "student.model")
+    vocab = {}  # each model's logits are compared over its own tokenizer's ids; embedding rows beyond are padding
+    for key, path, tokenizer in (("teacher.model", t.model, teacher_tokenizer), ("student.model", s.model,
+                                                                                  student_tokenizer)):
+        if _embedding_rows(path) < len(tokenizer):
+            raise DataError(f"{key}={path} embeds {_embedding_rows(path)} tokens but its tokenizer has "
+                            f"{len(tokenizer)}; it was not trained with this tokenizer")
+        vocab[key] = len(tokenizer)
+    splits = load_splits(cfg)
+    run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
+    set_seed(cfg.seed)
+
+    student_train, student_val, _ = build_ni_datasets(d, splits, student_tokenizer, accelerator,
+                                                      lambda m: say(f"student tokenizer, {m}"))
+    teacher_train, teacher_val, _ = build_ni_datasets(d, splits, teacher_tokenizer, accelerator,
+                                                      lambda m: say(f"teacher tokenizer, {m}"))
+    student_train, teacher_train, dropped = pair_examples(student_train, teacher_train, "train")
+    student_val, teacher_val, dropped_val = pair_examples(student_val, teacher_val, "held-out")
+    say(f"ULD: {len(student_train)} training and {len(student_val)} held-out examples fit data.max_length with both "
+        f"tokenizers ({dropped} and {dropped_val} dropped because one tokenization was too long)")
+    source = CrossTokenizerBatches(student_train, student_val, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                                   seed=cfg.seed, packing=d.packing, max_length=d.max_length,
+                                   pad_id=student_tokenizer.pad_token_id,
+                                   mask_mode=PACKED_ATTENTION[d.packed_attention],
+                                   teacher_train=teacher_train, teacher_val=teacher_val,
+                                   teacher_pad_id=teacher_tokenizer.pad_token_id)
+    teacher_attn, why = attention_implementation(t.model, d.packed_attention)
+    if d.packing:
+        say(f"teacher {why}")
+    teacher = load_teacher(t.model, resolve_dtype(t.dtype), t.quant, accelerator.device, teacher_attn)
+    student = make_student(cfg, 0, d.max_length)  # an HF student: the vocabulary is its own
+    say(f"student: {sum(p.numel() for p in student.parameters()):,} parameters "
+        f"({sum(p.numel() for p in student.parameters() if p.requires_grad):,} trainable); teacher {t.model}; "
+        f"cross-tokenizer ULD ({len(student_tokenizer)} vs {len(teacher_tokenizer)} tokens)")
+    loss_fn = uld_loss_fn(teacher, kd.alpha, kd.temperature, vocab["student.model"], vocab["teacher.model"],
+                          kd.chunk_size)
+    result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
+                    rebuild=lambda: make_student(cfg, 0, d.max_length), run_config=cfg).fit()
+    if accelerator.is_main_process:
+        student = result.model  # unsharded (the same module unless FSDP trained it)
+        student.eval()
+        say(f"saved the student to {save_student(cfg, student, student_tokenizer, run_dir / 'student')}")
+    accelerator.wait_for_everyone()
+    return result

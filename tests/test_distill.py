@@ -47,6 +47,10 @@ def test_forward_kl_with_temperature_matches_hand_computation():
     jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
         qi * math.log(qi / mi) for qi, mi in zip(q, m))
     assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
+    # GKD's endpoints (kd.beta): 0 is forward KL, 1 reverse KL
+    forward = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert divergence(s_logp, t_logp, "jsd", 0.0).item() == pytest.approx(forward, rel=1e-6)
+    assert divergence(s_logp, t_logp, "jsd", 1.0).item() == pytest.approx(reverse, rel=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5])
@@ -171,17 +175,38 @@ def test_kl_to_the_teacher_falls_and_the_comparison_is_written(tmp_path, gpt2_ba
     from recipes.distill import run
     from transformers import AutoModelForCausalLM
 
-    result = run(distill_config(tmp_path, gpt2_base, "kd", **{"compare.ce_only": "true", "train.max_steps": 24}))
+    result = run(distill_config(tmp_path, gpt2_base, "kd", **{"compare.ce_only": "true", "train.max_steps": 24,
+                                                              "compare.methods": "[on_policy]",
+                                                              "kd.max_new_tokens": 4}))
     kl = history(result.run_dir, "val_kd")
     assert len(kl) == 6 and kl[-1] < 0.75 * kl[0], kl  # KL at T=2, per token
     assert history(result.run_dir, "kd") and history(result.run_dir, "ce")
     rows = json.loads((result.run_dir / "comparison.json").read_text())
-    assert set(rows) == {"teacher", "KD student", "CE-only student"}
+    assert set(rows) == {"teacher", "off-policy KD", "on-policy GKD", "CE-only student"}
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
-    assert rows["KD student"]["kl_to_teacher"] < rows["CE-only student"]["kl_to_teacher"]
+    assert rows["off-policy KD"]["kl_to_teacher"] < rows["CE-only student"]["kl_to_teacher"]
     assert all("rougeL" in r for r in rows.values())
+    # each method trained as long on the same data, in its own directory; on_policy with compare.lmbda = 1
+    assert all(rows[name]["train_steps"] == 24 for name in ("off-policy KD", "on-policy GKD", "CE-only student"))
+    assert history(result.run_dir / "on_policy", "on_policy") == [1.0] * 24
+    # this tiny teacher (pretrained only) is worse on NI than CE training: there is no gap to close
+    assert rows["teacher"]["val_loss"] > rows["CE-only student"]["val_loss"]
+    assert not any("gap_closed" in r for r in rows.values())
     assert "held-out comparison" in capsys.readouterr().out
     AutoModelForCausalLM.from_pretrained(result.run_dir / "student")  # a standard HF checkpoint
+
+
+def test_gap_closed_is_the_share_of_the_ce_only_to_teacher_gap():
+    from recipes.distill import add_gap_closed, format_comparison
+
+    rows = {"teacher": {"val_loss": 4.0}, "off-policy KD": {"val_loss": 4.5}, "on-policy GKD": {"val_loss": 5.25},
+            "CE-only student": {"val_loss": 5.0}}
+    add_gap_closed(rows)
+    assert rows["off-policy KD"]["gap_closed"] == pytest.approx(50.0)
+    assert rows["on-policy GKD"]["gap_closed"] == pytest.approx(-25.0)
+    assert "gap_closed" not in rows["teacher"] and "gap_closed" not in rows["CE-only student"]
+    text = format_comparison(rows)
+    assert "off-policy KD: closes 50% of the gap" in text and "on-policy GKD: closes -25% of the gap" in text
 
 
 @pytest_ni

@@ -327,7 +327,8 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
     forward_kl       KL(p_teacher || p_student)  mode-covering; Hinton et al.'s distillation loss
     reverse_kl       KL(p_student || p_teacher)  mode-seeking
     jsd              beta * KL(p_teacher || m) + (1 - beta) * KL(p_student || m),  m = beta p_teacher + (1 - beta)
-                     p_student (the generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5: Jensen-Shannon)
+                     p_student (the generalized JSD of GKD, Agarwal et al. 2024; beta = 0.5: Jensen-Shannon); as in
+                     GKD's reference implementation (TRL's GKDTrainer) beta = 0 is forward KL and beta = 1 reverse KL
     tvd              0.5 * sum |p_teacher - p_student|, total variation distance (in [0, 1]; bounded gradients)
     skew_forward_kl  KL(p_teacher || beta p_teacher + (1 - beta) p_student)  DistiLLM's α-skew KL (Ko et al.
                      2024, α = beta, 0.1 there): forward KL that stays finite where the student puts ~no mass
@@ -339,8 +340,10 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str
     if kind == "reverse_kl":
         return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
     if kind == "jsd":
-        if not 0 < beta < 1:
-            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        if not 0 <= beta <= 1:
+            raise ValueError(f"jsd needs 0 <= beta <= 1, got {beta}")
+        if beta in (0, 1):
+            return divergence(student_logp, teacher_logp, "forward_kl" if beta == 0 else "reverse_kl")
         mixture = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), 0)
         kl_t = (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1)
         kl_s = (student_logp.exp() * (student_logp - mixture)).sum(-1)
@@ -459,3 +462,51 @@ def chunked_kd_sums(student_hidden, student_head, targets, temperature: float, k
             k_sum, c_sum = _kd_chunk(*args)
         kd, ce = kd + k_sum, ce + c_sum
     return kd, ce, mask.sum()
+
+
+# -- cross-tokenizer distillation: Universal Logit Distillation ---------------------------------------
+def uld_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030) at each of N aligned positions, fp32 (N,).
+
+    student_logits (N, V_s) and teacher_logits (N, V_t) over their own vocabularies (any sizes, no shared ids):
+    both are softened by `temperature` and turned into probabilities, each sorted in decreasing order, the smaller
+    vocabulary zero-padded to the larger, and the position's loss is Σ_i |p_s,(i) − p_t,(i)| (p_(i) the i-th
+    largest probability): the paper's closed-form Wasserstein-1 distance between the two distributions under
+    a uniform transport cost, which needs no mapping between the two vocabularies. It compares the sorted
+    shapes only: it is 0 for any two distributions equal up to a relabelling of the tokens, and in [0, 2].
+    """
+    s = torch.softmax(student_logits.float() / temperature, -1).sort(-1, descending=True).values
+    t = torch.softmax(teacher_logits.float() / temperature, -1).sort(-1, descending=True).values
+    width = max(s.shape[-1], t.shape[-1])
+    s, t = F.pad(s, (0, width - s.shape[-1])), F.pad(t, (0, width - t.shape[-1]))
+    return (s - t).abs().sum(-1)
+
+
+def _uld_chunk(h, th, student_head, teacher_head, temperature, student_vocab, teacher_vocab):
+    logits = student_head(h)[:, :student_vocab]
+    with torch.no_grad():
+        teacher_logits = teacher_head(th)[:, :teacher_vocab]
+    return uld_sums(logits, teacher_logits, temperature).sum()
+
+
+def chunked_uld_sum(student_hidden: torch.Tensor, student_head: nn.Module, teacher_hidden: torch.Tensor,
+                    teacher_head: nn.Module, temperature: float, student_vocab: int, teacher_vocab: int,
+                    chunk_size: int = 4096) -> torch.Tensor:
+    """Σ uld_sums over M aligned positions (fp32 scalar), projecting at most `chunk_size` positions of each model at
+    a time: student_hidden (M, D_s) and teacher_hidden (M, D_t, computed without grad) are the two models' final
+    hidden states at the same M response positions, in the same order. Each model's logits are cut to its
+    tokenizer's ids (`student_vocab`, `teacher_vocab`: embedding rows beyond them are padding). When autograd needs
+    gradients each chunk runs under activation checkpointing, as chunked_kd_sums does."""
+    from torch.utils.checkpoint import checkpoint
+
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise TuneError(f"ULD needs as many teacher as student positions, got {teacher_hidden.shape[0]} and "
+                        f"{student_hidden.shape[0]}")
+    params = [p for p in student_head.parameters() if p.requires_grad]
+    recompute = torch.is_grad_enabled() and (student_hidden.requires_grad or bool(params))
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        args = (student_hidden[start:start + chunk_size], teacher_hidden[start:start + chunk_size], student_head,
+                teacher_head, temperature, student_vocab, teacher_vocab)
+        total = total + (checkpoint(_uld_chunk, *args, use_reentrant=False) if recompute else _uld_chunk(*args))
+    return total

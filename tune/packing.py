@@ -332,11 +332,16 @@ class NIBatches:
             return collate_packed(packs, None, self.pad_id, self.mask_mode)
         return collate_padded(rows, self.pad_id)
 
-    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
+    def micro_batch_units(self, step: int, rank: int, world: int) -> list[tuple[int, list[np.ndarray]]]:
+        """This rank's micro-batches of `step` as (m, units): m the micro-batch's index in the step's global batch
+        (the same whatever the number of processes), units its training units (arrays of example indices)."""
         n_micro = self.accum * world
         first = (step - 1) * n_micro * self.micro
         units = [self._unit(p) for p in range(first, first + n_micro * self.micro)]
-        return [self._collate(self.train, units[m * self.micro:(m + 1) * self.micro]) for m in range(rank, n_micro, world)]
+        return [(m, units[m * self.micro:(m + 1) * self.micro]) for m in range(rank, n_micro, world)]
+
+    def step_batches(self, step: int, rank: int, world: int) -> list[dict]:
+        return [self._collate(self.train, units) for _, units in self.micro_batch_units(step, rank, world)]
 
     def val_batches(self, rank: int, world: int, limit: int) -> Iterable[dict]:
         """Fixed batches of the validation examples in order (packed when packing), at most `limit` in all."""

@@ -124,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.rope = config.position == "rope"
 
-    def forward(self, x, rope=None, mask=None):
+    def forward(self, x, rope=None, mask=None, cache=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -135,6 +135,10 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: cache = [k, v] of the earlier positions (None at first), extended here
+            if cache[0] is not None:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
         y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
                    enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -254,11 +258,11 @@ class Block(nn.Module):
         moe = config.n_experts > 0 and layer % config.moe_every == config.moe_every - 1
         self.norm2, self.mlp = make_norm(config), (MoE(config) if moe else MLP(config))
 
-    def forward(self, x, rope=None, mask=None):
+    def forward(self, x, rope=None, mask=None, cache=None):
         if self.pre_norm:
-            x = x + self.attn(self.norm1(x), rope, mask)
+            x = x + self.attn(self.norm1(x), rope, mask, cache)
             return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.attn(x, rope, mask))
+        x = self.norm1(x + self.attn(x, rope, mask, cache))
         return self.norm2(x + self.mlp(x))
 
 
@@ -321,13 +325,16 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       document_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, kv_cache: list | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd), before the output projection.
 
         position_ids (B, T) index the position table / rotary tables (default 0..T-1; packed rows restart them
         per example). document_ids (B, T) int keep packed examples apart (flex_attention on CUDA, else a dense
         mask; see the module docstring); attention_mask (B, 1, T, T) bool, True = may attend, does the same
         densely. With neither, attention is plainly causal. Only one of the two may be given (ValueError).
+        kv_cache (generation, tune.generate.sample_completions): one [k, v] list per block holding the S earlier
+        positions' keys and values, extended in place; the input then continues those positions, and attention_mask
+        (B, 1, T, S + T) and position_ids are required.
         """
         T = input_ids.shape[1]
         if T > self.config.block_size:
@@ -337,6 +344,8 @@ class GPT(nn.Module):
         if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.dtype != torch.bool):
             raise ValueError(f"the native GPT takes a 4D bool attention_mask (B, 1, T, T), got "
                              f"{attention_mask.dim()}D {attention_mask.dtype}")
+        if kv_cache is not None and (attention_mask is None or position_ids is None):
+            raise ValueError("kv_cache needs attention_mask (B, 1, T, S + T) and position_ids")
         positions = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
@@ -352,11 +361,11 @@ class GPT(nn.Module):
             # flex has no attention dropout: training with it takes the dense mask
             flex = document_ids.device.type in FLEX_DEVICES and not (self.training and self.config.dropout)
             mask = document_block_mask(document_ids) if flex else document_dense_mask(document_ids)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, **self._checkpoint_kwargs)
             else:
-                x = block(x, rope, mask)
+                x = block(x, rope, mask, None if kv_cache is None else kv_cache[i])
         return self.norm_f(x) if self.norm_f is not None else x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
