@@ -278,6 +278,23 @@ def test_distill_with_a_layer_map_saves_a_clean_student_and_resumes_exactly(tmp_
         assert history(resumed.run_dir, key) == history(full.run_dir, key), key
 
 
+@pytest_ni
+def test_on_policy_steps_and_the_compared_kd_students_distill_hidden_states_too(tmp_path, gpt2_base):
+    """kd.lmbda=1 (every step on the student's samples) with a layer map; compare.methods' off-policy student trains
+    with it as well, the CE-only one without (its loss is plain CE)."""
+    from recipes.distill import run
+
+    result = run(distill_config(tmp_path, gpt2_base, "gkd", **{
+        "kd.layer_map": "[[0,1]]", "kd.lmbda": 1.0, "kd.max_new_tokens": 6, "train.max_steps": 3,
+        "train.eval_every": 3, "compare.ce_only": "true", "compare.methods": "[off_policy]"}))
+    assert history(result.run_dir, "on_policy") == [1.0] * 3
+    assert len(history(result.run_dir, "hidden")) == 3 and all(h > 0 for h in history(result.run_dir, "hidden"))
+    assert len(history(result.run_dir / "off_policy", "hidden")) == 3
+    assert not history(result.run_dir / "ce_only", "hidden")
+    rows = json.loads((result.run_dir / "comparison.json").read_text())
+    assert {"on-policy GKD", "off-policy KD", "CE-only student"} <= set(rows)
+
+
 def test_bad_layer_maps_are_one_line_errors_and_validate_stays_free_of_torch(tmp_path, capsys):
     from tune.cli import main
 
@@ -306,6 +323,9 @@ def test_bad_layer_maps_are_one_line_errors_and_validate_stays_free_of_torch(tmp
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
     assert main([*base, "kd.layer_map=[[0,0],[1,3]]", "kd.hidden_loss=cosine"]) == 0
+    assert main([*base, "kd.layer_map=[[0,0]]", "kd.cross_tokenizer=uld"]) == 2  # (among ULD's own needs)
+    assert ("kd.layer_map needs kd.cross_tokenizer=none: with two tokenizers the positions of the two models do not "
+            "correspond") in capsys.readouterr().err
     # the student's layers from an HF student's config.json; validate imports no torch for it
     code = ("import sys; from tune.cli import main; "
             f"assert main({[*base, f'student.model={model}', 'student.preset=null', 'kd.layer_map=[[3,3]]']!r}) == 0; "
