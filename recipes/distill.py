@@ -241,12 +241,11 @@ def validate(cfg: DistillConfig) -> None:
     if q.enabled and d.kind != "ni":
         problems.add("seq_kd.enabled=true needs data.kind=ni: the teacher rewrites the outputs of NI prompts and a "
                      "text corpus has none; set data.kind=ni or seq_kd.enabled=false")
-    if kd.layer_map:  # hidden-state distillation (tune/kd_hidden.py)
+    problems.extend(range_problems("kd.", kd, {"hidden_weight": ">= 0"}))  # hidden-state distillation (kd_hidden)
+    if kd.layer_map:
         teacher_layers = _layer_count(cfg.teacher.model) if teacher is not None else None
         student_layers = _layer_count(s.model) if student is not None else native_layers
         problems.extend(_layer_map_problems(kd.layer_map, student_layers, teacher_layers))
-        if not kd.hidden_weight >= 0:
-            problems.add(f"kd.hidden_weight must be >= 0, got {kd.hidden_weight}")
         if cfg.teacher.cache:
             problems.add("kd.layer_map needs the live teacher: the teacher cache holds no hidden states; set "
                          "teacher.cache=false or kd.layer_map=[]")
