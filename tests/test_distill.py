@@ -42,11 +42,11 @@ def test_forward_kl_with_temperature_matches_hand_computation():
     s_logp, t_logp = F.log_softmax(student[:1] / T, -1), F.log_softmax(teacher[:1] / T, -1)
     reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
     assert divergence(s_logp, t_logp, "reverse_kl").item() == pytest.approx(reverse, rel=1e-6)
-    beta = 0.3
-    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
-    jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
-        qi * math.log(qi / mi) for qi, mi in zip(q, m))
-    assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
+    for beta in (0.3, 0.5):
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+        jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
+            qi * math.log(qi / mi) for qi, mi in zip(q, m))
+        assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
     # GKD's endpoints (kd.beta): 0 is forward KL, 1 reverse KL
     forward = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     assert divergence(s_logp, t_logp, "jsd", 0.0).item() == pytest.approx(forward, rel=1e-6)
