@@ -9,14 +9,15 @@ batches (every position a target), each in a fresh process:
                          (teacher.cache=true; the one-time teacher pass is timed separately)
 
   distillation, on-policy  GKD with kd.lmbda = 1 (tune.distill.OnPolicyBatches): every step the student samples
-                         the second half of each row (KV cache) from the first half, the live teacher scores it
+                         the last eighth of each row (KV cache) after the rest, the live teacher scores it
 
 The ratio distillation / student-alone is what a teacher forward pass costs (target ≥ 0.6×, see
 ../shared/BENCHMARKS.md). Tokens/s counts student tokens. A live teacher is bounded by its forward pass: at
 2·N_teacher FLOPs per token beside the student's 6·N_student, the best a live-teacher step can do at the
 student's own efficiency is alone × 6·N_s / (6·N_s + 2·N_t) ("bound"; N counts every matmul weight, the output head
 included, position tables not); the table gives each figure as a fraction of that bound too (the cached teacher's
-bound is the student alone). On-policy steps also pay for sampling half of every row, token by token.
+bound is the student alone). On-policy steps also pay for sampling an eighth of every row, token by token (NI
+answers are short beside their prompts), and train on those tokens only.
 
     python -m bench.bench_distill --size cpu        # teacher 6 x 256, student 2 x 128, seq 256 (2-core CPU: ~2 min)
     python -m bench.bench_distill --size 1.1b-124m  # GPU: Llama 1.1B teacher -> GPT-2 124M student, seq 1024
@@ -65,18 +66,18 @@ class RandomBatches:
 
 
 class OnPolicyRandom:
-    """Random-token rows cut in two: the first half is the prompt, the second the reference the student replaces
-    with its own samples (OnPolicyBatches with lmbda = 1), so every step generates seq/2 tokens per row."""
+    """Random-token rows cut in two: the first 7/8 are the prompt, the last eighth the reference the student replaces
+    with its own samples (OnPolicyBatches with lmbda = 1), so every step generates seq/8 tokens per row."""
 
     def __init__(self, vocab: int, seq: int, batch: int, steps: int, student):
         from tune.distill import OnPolicyBatches, completion_example
 
         data = RandomBatches(vocab, seq, batch, steps).data
-        half = seq // 2
-        examples = [completion_example(row[:half + 1].tolist(), row[half + 1:].tolist()) for b in data for row in b]
+        prompt = seq - seq // 8
+        examples = [completion_example(row[:prompt + 1].tolist(), row[prompt + 1:].tolist()) for b in data for row in b]
         self.batches = OnPolicyBatches(examples, examples[-batch:], batch, 1, seed=0, packing=False, max_length=seq,
                                        pad_id=0, student=student, lmbda=1.0, temperature=1.0,
-                                       max_new_tokens=seq - half, eos_id=None, vocab_size=vocab)
+                                       max_new_tokens=seq - prompt, eos_id=None, vocab_size=vocab)
 
     def step_batches(self, step, rank, world):
         return self.batches.step_batches(step, rank, world)

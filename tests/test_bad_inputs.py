@@ -84,6 +84,11 @@ ISSUE_CASES = [  # (config, override, the error's text): the issue's cases and a
     ("distill_ni", "kd.chunk_size=0", "kd.chunk_size must be >= 1, got 0"),
     ("distill_ni", "compare.max_new_tokens=0", "compare.max_new_tokens must be >= 1, got 0"),
     ("distill_ni", "data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
+    ("distill_ni", "kd.lmbda=1.5", "kd.lmbda must be in [0, 1] (the share of on-policy steps), got 1.5"),
+    ("distill_ni", "kd.beta=-0.1", "kd.beta must be in [0, 1] (0 forward KL, 1 reverse KL), got -0.1"),
+    ("distill_ni", "kd.max_new_tokens=0", "kd.max_new_tokens must be >= 1, got 0"),
+    ("distill_ni", "kd.sample_temperature=-1", "kd.sample_temperature must be >= 0 (0: greedy), got -1.0"),
+    ("distill_ni", "compare.methods=[on_policy, gkd]", "compare.methods: unknown method 'gkd'; choose from"),
     ("eval_ni", "generation.batch_size=0", "generation.batch_size must be >= 1, got 0"),
     ("eval_ni", "prompt.num_neg=-1", "prompt.num_neg must be >= 0, got -1"),
 ]

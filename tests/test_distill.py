@@ -42,11 +42,11 @@ def test_forward_kl_with_temperature_matches_hand_computation():
     s_logp, t_logp = F.log_softmax(student[:1] / T, -1), F.log_softmax(teacher[:1] / T, -1)
     reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q))
     assert divergence(s_logp, t_logp, "reverse_kl").item() == pytest.approx(reverse, rel=1e-6)
-    beta = 0.3
-    m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
-    jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
-        qi * math.log(qi / mi) for qi, mi in zip(q, m))
-    assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
+    for beta in (0.3, 0.5):
+        m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+        jsd = beta * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m)) + (1 - beta) * sum(
+            qi * math.log(qi / mi) for qi, mi in zip(q, m))
+        assert divergence(s_logp, t_logp, "jsd", beta).item() == pytest.approx(jsd, rel=1e-5)
     # GKD's endpoints (kd.beta): 0 is forward KL, 1 reverse KL
     forward = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
     assert divergence(s_logp, t_logp, "jsd", 0.0).item() == pytest.approx(forward, rel=1e-6)
@@ -176,19 +176,20 @@ def test_kl_to_the_teacher_falls_and_the_comparison_is_written(tmp_path, gpt2_ba
     from transformers import AutoModelForCausalLM
 
     result = run(distill_config(tmp_path, gpt2_base, "kd", **{"compare.ce_only": "true", "train.max_steps": 24,
-                                                              "compare.methods": "[on_policy]",
-                                                              "kd.max_new_tokens": 4}))
+                                                              "compare.methods": "[on_policy, sequence_kd]",
+                                                              "kd.max_new_tokens": 4, "seq_kd.max_new_tokens": 8}))
     kl = history(result.run_dir, "val_kd")
     assert len(kl) == 6 and kl[-1] < 0.75 * kl[0], kl  # KL at T=2, per token
     assert history(result.run_dir, "kd") and history(result.run_dir, "ce")
     rows = json.loads((result.run_dir / "comparison.json").read_text())
-    assert set(rows) == {"teacher", "off-policy KD", "on-policy GKD", "CE-only student"}
+    assert set(rows) == {"teacher", "off-policy KD", "on-policy GKD", "sequence-level KD", "CE-only student"}
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
     assert rows["off-policy KD"]["kl_to_teacher"] < rows["CE-only student"]["kl_to_teacher"]
     assert all("rougeL" in r for r in rows.values())
     # each method trained as long on the same data, in its own directory; on_policy with compare.lmbda = 1
-    assert all(rows[name]["train_steps"] == 24 for name in ("off-policy KD", "on-policy GKD", "CE-only student"))
+    assert all(r["train_steps"] == 24 for name, r in rows.items() if name != "teacher")
     assert history(result.run_dir / "on_policy", "on_policy") == [1.0] * 24
+    assert history(result.run_dir / "sequence_kd", "loss") != history(result.run_dir, "loss")  # other targets
     # this tiny teacher (pretrained only) is worse on NI than CE training: there is no gap to close
     assert rows["teacher"]["val_loss"] > rows["CE-only student"]["val_loss"]
     assert not any("gap_closed" in r for r in rows.values())

@@ -197,3 +197,21 @@ def test_on_policy_two_processes_match_one(recipe_configs, tmp_path):
         runs[nproc] = losses(out)
     assert_losses_close(runs[1][0], runs[2][0])
     assert_losses_close(runs[1][1], runs[2][1])
+
+
+@pytest_ni
+@pytest.mark.parametrize("overrides,message", [
+    (["kd.lmbda=0.5", "teacher.cache=true"], "kd.lmbda > 0 (on-policy distillation) needs a live teacher"),
+    (["kd.lmbda=0.5", "train.compile=true"], "set train.compile=false"),
+    (["compare.methods=[on_policy]", "teacher.cache=true"], "compare.methods names on_policy, which needs"),
+    (["compare.methods=[on_policy]", "compare.lmbda=0"], "compare.lmbda must be in (0, 1], got 0"),
+])
+def test_on_policy_settings_that_cannot_work_are_refused_in_one_line(overrides, message, model_dir, tmp_path, capsys):
+    from tune.cli import main
+
+    valid = [f"teacher.model={model_dir}", f"data.train_tasks={NI_TASKS}", f"output_dir={tmp_path / 'run'}"]
+    assert main(["validate", "distill_ni", *valid]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["validate", "distill_ni", *valid, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
