@@ -183,9 +183,9 @@ def validate(cfg: DistillConfig) -> None:
     if unknown:
         problems.add(f"compare.methods: unknown method {unknown[0]!r}; choose from "
                      f"{', '.join(m for m in METHODS if m != 'ce_only')} (the CE-only student is compare.ce_only)")
+    if not 0 < cfg.compare.lmbda <= 1:
+        problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
     if "on_policy" in cfg.compare.methods:
-        if not 0 < cfg.compare.lmbda <= 1:
-            problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
         if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
             problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
                          "train.compile=false (as kd.lmbda > 0 does)")
@@ -523,11 +523,10 @@ def seq_kd_examples(setup: _Setup):
 def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
     """The tokenizer's eos first (it ends the NI references), then any other stop id of the model's
     generation_config.json."""
-    from transformers import GenerationConfig
-
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if (Path(model_dir) / "generation_config.json").is_file():
-        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    file = Path(model_dir) / "generation_config.json"
+    if file.is_file():  # read as JSON: no transformers loader (they all run with trust_remote_code=False)
+        extra = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
         ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i is not None and i not in ids]
     return tuple(ids)
 
