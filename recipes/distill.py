@@ -189,6 +189,13 @@ def validate(cfg: DistillConfig) -> None:
         if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
             problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
                          "train.compile=false (as kd.lmbda > 0 does)")
+    if (kd.lmbda > 0 or "on_policy" in cfg.compare.methods) and kd.alpha == 0:
+        problems.add("on-policy steps train on kd.alpha * KD alone (the student's samples have no reference for CE), "
+                     "so kd.alpha=0 would train nothing on them; set kd.alpha > 0")
+    own = method_of(cfg)
+    if own in cfg.compare.methods:
+        problems.add(f"compare.methods names {own}, which this run trains itself (output_dir/student); list only "
+                     "the other methods to train beside it")
     if kd.sample_temperature < 0:
         problems.add(f"kd.sample_temperature must be >= 0 (0: greedy), got {kd.sample_temperature}")
     if not 0 <= kd.skew_alpha < 1:
@@ -229,6 +236,7 @@ def validate(cfg: DistillConfig) -> None:
                      (cfg.teacher.cache, "teacher.cache=false (it runs the teacher live)"),
                      (cfg.compare.ce_only or bool(cfg.compare.methods),
                       "compare.ce_only=false and compare.methods=[] (the comparison measures KL token id by id)"),
+                     (cfg.seq_kd.enabled, "seq_kd.enabled=false (the teacher's outputs are in its own tokens)"),
                      (kd.lmbda > 0, "kd.lmbda=0 (on-policy samples are scored by the teacher token id by id)")]
         for missing, need in uld_needs:
             if missing:
@@ -373,6 +381,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     from tune.distill import (CachedTeacherBatches, OnPolicyBatches, build_teacher_cache, cache_key, kd_loss_fn,
                               load_teacher_cache)
     from tune.engine import Engine
+    from tune.hf import resolve_dtype
     from tune.packing import NIBatches
 
     t, kd, say, accelerator = cfg.teacher, cfg.kd, setup.say, setup.accelerator
@@ -382,8 +391,9 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
         return make_student(cfg, vocab_size, block_size)
 
     if method == "ce_only":  # the baseline: plain cross-entropy on the references, no teacher
+        say(f"{METHODS[method]}: the same student trained on the references with CE alone")
         return Engine(cfg.train, run_dir, rebuild(), setup.plain_source, accelerator=accelerator, log=say,
-                      rebuild=rebuild).fit()
+                      rebuild=rebuild, run_config=run_config).fit()
     train = setup.examples(cfg)
     source, teacher = setup.plain_source, None
     if train is not setup.train_examples:
@@ -391,10 +401,11 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     if t.cache:
         splits = {"train": train, "val": setup.val_examples}
         top_k = t.cache_top_k or vocab_size
-        complete = (Path(t.cache_dir) / cache_key(t.model, top_k, splits) / "meta.json").is_file()
+        precision = f"{resolve_dtype(t.dtype)}/{t.quant}"
+        complete = (Path(t.cache_dir) / cache_key(t.model, top_k, splits, precision) / "meta.json").is_file()
         with accelerator.main_process_first():
             cache = build_teacher_cache(t.model, None if complete else setup.teacher(), splits, t.cache_dir, top_k,
-                                        vocab_size, setup.tokenizer.pad_token_id, log=say)
+                                        vocab_size, setup.tokenizer.pad_token_id, log=say, precision=precision)
         source = CachedTeacherBatches(*setup.batch_args(train), **setup.batch_kwargs,
                                       train_cache=load_teacher_cache(cache, "train", len(train)),
                                       val_cache=load_teacher_cache(cache, "val", len(setup.val_examples)))
@@ -430,6 +441,8 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
 
 
 def run(cfg: DistillConfig):
+    from dataclasses import replace
+
     from accelerate.utils import set_seed
 
     from tune.adapters import attention_implementation
@@ -480,7 +493,10 @@ def run(cfg: DistillConfig):
     others = [m for m in (["ce_only"] if cfg.compare.ce_only else []) + list(cfg.compare.methods) if m != method]
     for other in dict.fromkeys(others):
         set_seed(cfg.seed)  # the same initial student
-        students[METHODS[other]] = fit_student(setup, method_config(cfg, other), other, run_dir / other)
+        other_cfg = replace(method_config(cfg, other), output_dir=str(run_dir / other), compare=CompareSection(
+            ce_only=False))
+        # its config.yaml (so `tune export` and resume work on it as on any run)
+        students[METHODS[other]] = fit_student(setup, other_cfg, other, run_dir / other, run_config=other_cfg)
         if accelerator.is_main_process:
             students[METHODS[other]].model.eval()
             save_student(cfg, students[METHODS[other]].model, tokenizer, run_dir / other / "student")
@@ -511,7 +527,7 @@ def seq_kd_examples(setup: _Setup):
                                 top_p=q.top_p if sample else 1.0, max_new_tokens=q.max_new_tokens,
                                 max_length=d.max_length, batch_size=q.batch_size, seed=cfg.seed if sample else 0,
                                 eos_ids=_eos_ids(t.model, tokenizer), pad_id=tokenizer.pad_token_id,
-                                precision=f"{resolve_dtype(t.dtype)}/{t.quant}")
+                                precision=f"{resolve_dtype(t.dtype)}/{t.quant}", vocab_size=setup.vocab_size)
     prompts = example_prompts(setup.train_examples)
     complete = (Path(q.cache_dir) / f"seq-{sequence_cache_key(t.model, prompts, settings)}" / "meta.json").is_file()
     with setup.accelerator.main_process_first():
@@ -526,7 +542,15 @@ def _eos_ids(model_dir, tokenizer) -> tuple[int, ...]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     file = Path(model_dir) / "generation_config.json"
     if file.is_file():  # read as JSON: no transformers loader (they all run with trust_remote_code=False)
-        extra = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+        from tune.errors import DataError
+
+        try:
+            extra = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+        except (ValueError, AttributeError) as e:
+            raise DataError(f"{file}: not a JSON object ({e}); fix or delete it (sequence-level KD reads its "
+                            "eos_token_id)") from None
+        if not all(isinstance(i, int) for i in (extra if isinstance(extra, list) else [extra]) if i is not None):
+            raise DataError(f"{file}: eos_token_id must be a token id or a list of them, got {extra!r}")
         ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i is not None and i not in ids]
     return tuple(ids)
 
@@ -671,7 +695,7 @@ def format_comparison(rows: dict) -> str:
     lines = [f"{'model':<18}" + "".join(f"{label:>19}" for _, label in keys)]
     for name, row in rows.items():
         lines.append(f"{name:<18}" + "".join(f"{row[k]:>19.4f}" if k in row else f"{'-':>19}" for k, _ in keys))
-    lines += [f"{name}: closes {row['gap_closed']:.0f}% of the gap (val loss, CE-only -> teacher)"
+    lines += [f"{name}: closes {round(row['gap_closed']) + 0}% of the gap (val loss, CE-only -> teacher)"
               for name, row in rows.items() if "gap_closed" in row]
     return "\n".join(["held-out comparison (the same student, data and steps for every method):", *lines])
 

@@ -153,6 +153,8 @@ def load_splits(cfg: FinetuneConfig):
     d = cfg.data
     tasks = load_tasks(d.train_tasks, d.tasks_dir)
     held_out = load_tasks(d.eval_tasks, d.tasks_dir) if d.eval_tasks else []
+    if isinstance(d.train_tasks, str) and Path(d.train_tasks).is_dir():  # a directory: all its tasks but the held-out
+        tasks = [t for t in tasks if t.name not in {h.name for h in held_out}]
     return split_instances(tasks + held_out, NISplitConfig(
         train_tasks=[t.name for t in tasks], eval_tasks=[t.name for t in held_out],
         max_train_instances_per_task=d.max_train_instances_per_task,

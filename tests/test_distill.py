@@ -208,6 +208,26 @@ def test_gap_closed_is_the_share_of_the_ce_only_to_teacher_gap():
     assert "gap_closed" not in rows["teacher"] and "gap_closed" not in rows["CE-only student"]
     text = format_comparison(rows)
     assert "off-policy KD: closes 50% of the gap" in text and "on-policy GKD: closes -25% of the gap" in text
+    rows["on-policy GKD"]["gap_closed"] = -0.3
+    assert "on-policy GKD: closes 0% of the gap" in format_comparison(rows)
+
+
+def test_the_teacher_cache_key_tells_teachers_data_k_and_precision_apart(gpt2_base, tmp_path):
+    import shutil
+
+    from tune.distill import cache_key
+
+    splits = {"train": [{"input_ids": [1, 2, 3], "targets": [2, 3, -100]}], "val": []}
+    key = cache_key(gpt2_base, 8, splits, "torch.float32/none")
+    assert key == cache_key(gpt2_base, 8, splits, "torch.float32/none")
+    assert key != cache_key(gpt2_base, 8, splits, "torch.bfloat16/none")
+    assert key != cache_key(gpt2_base, 8, splits, "torch.float32/4bit")
+    assert key != cache_key(gpt2_base, 16, splits, "torch.float32/none")
+    assert key != cache_key(gpt2_base, 8, {**splits, "val": splits["train"]}, "torch.float32/none")
+    shutil.copytree(gpt2_base, tmp_path / "t")
+    weights = tmp_path / "t" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # another teacher (another size)
+    assert key != cache_key(tmp_path / "t", 8, splits, "torch.float32/none")
 
 
 @pytest_ni

@@ -205,6 +205,8 @@ def test_on_policy_two_processes_match_one(recipe_configs, tmp_path):
     (["kd.lmbda=0.5", "train.compile=true"], "set train.compile=false"),
     (["compare.methods=[on_policy]", "teacher.cache=true"], "compare.methods names on_policy, which needs"),
     (["compare.methods=[on_policy]", "compare.lmbda=0"], "compare.lmbda must be in (0, 1], got 0"),
+    (["kd.lmbda=0.5", "kd.alpha=0"], "so kd.alpha=0 would train nothing on them; set kd.alpha > 0"),
+    (["kd.lmbda=0.5", "compare.methods=[on_policy]"], "compare.methods names on_policy, which this run trains itself"),
 ])
 def test_on_policy_settings_that_cannot_work_are_refused_in_one_line(overrides, message, model_dir, tmp_path, capsys):
     from tune.cli import main
@@ -215,3 +217,28 @@ def test_on_policy_settings_that_cannot_work_are_refused_in_one_line(overrides, 
     assert main(["validate", "distill_ni", *valid, *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_on_policy_prompts_are_the_recorded_prompts_when_the_prompt_is_trained_on_too():
+    """data.mask_prompt=false makes the prompt's tokens targets as well: the prompt to complete is then the
+    example's prompt_len tokens (as the NI tokenization records them), from dicts and from an Arrow dataset alike."""
+    from datasets import Dataset
+
+    from tune.distill import prompt_of
+
+    examples = []
+    for ex in synthetic_examples(12):
+        n = ex["targets"].count(IGNORE_INDEX) + 1  # the prompt's length
+        ids = ex["input_ids"] + [ex["targets"][-1]]
+        examples.append({"input_ids": ids[:-1], "targets": ids[1:], "prompt_len": n})  # every position a target
+    assert [prompt_of(ex) for ex in examples] == [ex["input_ids"][:ex["prompt_len"]] for ex in examples]
+    student = native("tiny-gpt2")
+    for data in (examples, Dataset.from_list(examples)):
+        batches = OnPolicyBatches(data, data, 2, 1, seed=7, packing=False, max_length=16, pad_id=0, student=student,
+                                  lmbda=1.0, temperature=0.0, max_new_tokens=3, eos_id=None, vocab_size=50)
+        (m, units), = batches.micro_batch_units(1, 0, 1)
+        batch, = batches.step_batches(1, 0, 1)
+        for row, i in enumerate(int(i) for u in units for i in u):
+            prompt = examples[i]["input_ids"][:examples[i]["prompt_len"]]
+            assert batch["input_ids"][row, :len(prompt)].tolist() == prompt
+            assert (batch["targets"][row, :len(prompt) - 1] == IGNORE_INDEX).all()

@@ -281,3 +281,30 @@ def test_stop_ids_are_the_tokenizers_eos_then_the_generation_configs(tmp_path, t
     assert _eos_ids(tmp_path / "t", tokenizer) == (tokenizer.eos_token_id,)
     GenerationConfig(eos_token_id=[7, tokenizer.eos_token_id, 9]).save_pretrained(tmp_path / "t")
     assert _eos_ids(tmp_path / "t", tokenizer) == (tokenizer.eos_token_id, 7, 9)
+    (tmp_path / "t" / "generation_config.json").write_text('{"eos_token_id": [0, 7], ')  # cut short
+    from tune.errors import DataError
+
+    with pytest.raises(DataError, match="generation_config.json: not a JSON object"):
+        _eos_ids(tmp_path / "t", tokenizer)
+    (tmp_path / "t" / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    with pytest.raises(DataError, match="eos_token_id must be a token id"):
+        _eos_ids(tmp_path / "t", tokenizer)
+
+
+def test_padded_embedding_rows_are_never_decoded(teacher_and_prompts):
+    """A teacher whose embedding table has rows past the tokenizer (padding) never emits their ids, even when its
+    weights make one of them the most likely token."""
+    import copy
+
+    from tune.distill import teacher_outputs
+
+    teacher, tokenizer, prompts = teacher_and_prompts
+    padded = copy.deepcopy(teacher)
+    n = len(tokenizer)
+    padded.resize_token_embeddings(n + 8)
+    with torch.no_grad():
+        padded.get_output_embeddings().weight[n + 3] = 50 * padded.get_output_embeddings().weight[:n].mean(0) + 1
+    unguarded = teacher_outputs(padded, prompts, settings(tokenizer))
+    assert any(t >= n for o in unguarded for t in o)  # the trap works
+    guarded = teacher_outputs(padded, prompts, settings(tokenizer, vocab_size=n))
+    assert all(t < n for o in guarded for t in o)

@@ -227,9 +227,10 @@ def test_uld_without_an_hf_student_is_a_one_line_error(model_dir, tmp_path, caps
     # every other requirement, each named
     assert main(["validate", "distill_ni", f"teacher.model={model_dir}", tasks, "kd.cross_tokenizer=uld",
                  f"student.model={model_dir}", "student.preset=null", "teacher.cache=true",
-                 "data.mask_prompt=false", "kd.lmbda=0.5"]) == 2
+                 "data.mask_prompt=false", "kd.lmbda=0.5", "seq_kd.enabled=true"]) == 2
     err = capsys.readouterr().err
-    for need in ("teacher.cache=false", "compare.ce_only=false", "data.mask_prompt=true", "kd.lmbda=0"):
+    for need in ("teacher.cache=false", "compare.ce_only=false", "data.mask_prompt=true", "kd.lmbda=0",
+                 "seq_kd.enabled=false"):
         assert f"kd.cross_tokenizer=uld needs {need}" in err, err
     assert main(["validate", "distill_ni", f"teacher.model={model_dir}", tasks, "kd.cross_tokenizer=uld",
                  f"student.model={model_dir}", "student.preset=null", "compare.ce_only=false"]) == 0

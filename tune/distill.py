@@ -70,8 +70,9 @@ def check_vocabularies(teacher_tokenizer, student_tokenizer, teacher_vocab: int,
         differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])
         raise DataError(f"teacher {teacher_dir} and student {student_dir} use different tokenizers ({len(t_vocab)} vs "
                         f"{len(s_vocab)} tokens, first difference {differing[0]!r}); distillation compares the two "
-                        "models token id by token id, so the student must use the teacher's tokenizer (set "
-                        "student.tokenizer to the teacher directory when building the student), or set "
+                        "models token id by token id, so the student must use the teacher's tokenizer (give it the "
+                        "teacher directory's tokenizer when building the student, e.g. pretrain's data.tokenizer), "
+                        "or set kd.cross_tokenizer=uld and compare.ce_only=false "
                         "kd.cross_tokenizer=uld to distill across tokenizers with the Universal Logit Distillation "
                         "loss (NI data)")
     n = len(teacher_tokenizer)
@@ -127,8 +128,10 @@ def _teacher_fingerprint(teacher_dir) -> list:
     return [config, [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
 
 
-def cache_key(teacher_dir, top_k: int, splits: dict[str, Sequence[dict]]) -> str:
-    h = hashlib.sha256(json.dumps([1, _teacher_fingerprint(teacher_dir), top_k]).encode())
+def cache_key(teacher_dir, top_k: int, splits: dict[str, Sequence[dict]], precision: str = "") -> str:
+    """The teacher cache's key: the teacher directory's fingerprint, how it was loaded (`precision`, e.g.
+    "torch.bfloat16/4bit": a quantized or bf16 teacher gives other log-probs), k and every example's token ids."""
+    h = hashlib.sha256(json.dumps([1, _teacher_fingerprint(teacher_dir), top_k, precision]).encode())
     for name in sorted(splits):
         h.update(name.encode())
         for ex in splits[name]:
@@ -160,11 +163,12 @@ def teacher_topk(teacher, examples: Sequence[dict], top_k: int, vocab_size: int,
 
 
 def build_teacher_cache(teacher_dir, teacher, splits: dict[str, Sequence[dict]], cache_dir, top_k: int,
-                        vocab_size: int, pad_id: int, log=print) -> Path:
-    """Run the teacher once over every split and store its top-k; reuse a complete cache with the same key."""
+                        vocab_size: int, pad_id: int, log=print, precision: str = "") -> Path:
+    """Run the teacher once over every split and store its top-k; reuse a complete cache with the same key
+    (cache_key)."""
     from safetensors.torch import save_file
 
-    final = Path(cache_dir) / cache_key(teacher_dir, top_k, splits)
+    final = Path(cache_dir) / cache_key(teacher_dir, top_k, splits, precision)
     if (final / "meta.json").is_file():
         log(f"teacher cache: reusing {final}; {cache_size_line(final)}")
         return final
@@ -227,7 +231,11 @@ class CachedTeacherBatches(NIBatches):
 
 # -- on-policy distillation (GKD) -------------------------------------------------------------------
 def prompt_of(example: dict) -> list[int]:
-    """The prompt of a tokenized NI example: its input_ids up to the one that predicts the first target token."""
+    """The prompt of a tokenized NI example: its first `prompt_len` input_ids (the NI tokenization records it; with
+    data.mask_prompt=false the prompt's tokens are targets too), else the input_ids up to the one that predicts the
+    first target token."""
+    if example.get("prompt_len"):
+        return [int(i) for i in list(example["input_ids"])[:int(example["prompt_len"])]]
     targets = list(example["targets"])
     first = next((t for t, y in enumerate(targets) if y != IGNORE_INDEX), None)
     if first is None:
@@ -281,7 +289,12 @@ class OnPolicyBatches(NIBatches):
 
         from tune.generate import sample_completions
 
-        prompts = [prompt_of(ex) for ex in example_rows(self.train, [int(i) for u in units for i in u])]
+        indices = [int(i) for u in units for i in u]
+        if hasattr(self.train, "column_names") and "prompt_len" in self.train.column_names:
+            rows = self.train.select_columns(["input_ids", "prompt_len"])[indices]
+            prompts = [list(ids[:n]) for ids, n in zip(rows["input_ids"], rows["prompt_len"])]
+        else:
+            prompts = [prompt_of(ex) for ex in example_rows(self.train, indices)]
         device = next(self.student.parameters()).device
         generator = torch.Generator(device=device)
         generator.manual_seed(int(np.random.SeedSequence([self.seed, step, m]).generate_state(1)[0]))
@@ -458,6 +471,7 @@ class SequenceSettings:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     precision: str = ""
+    vocab_size: int | None = None  # the tokenizer's ids: embedding rows past them are padding, never emitted
 
 
 def example_prompts(examples) -> list[list[int]]:
@@ -510,6 +524,9 @@ def teacher_outputs(teacher, prompts: Sequence[Sequence[int]], settings: Sequenc
                    eos_token_id=list(s.eos_ids) or None, use_cache=True)
     if sample:
         options.update(temperature=s.temperature, top_k=0, top_p=s.top_p)
+    rows = teacher.get_output_embeddings().weight.shape[0]
+    if s.vocab_size is not None and rows > s.vocab_size:  # padded embedding rows are no tokens of the tokenizer
+        options["suppress_tokens"] = list(range(s.vocab_size, rows))
     outputs: list[list[int] | None] = [None] * len(prompts)
     saved_config, saved_attn = teacher.generation_config, teacher.config._attn_implementation
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -619,9 +636,10 @@ class SequenceKDExamples:
             raise IndexError(i)
         i %= len(self)
         ex = self.gold[i % n]
-        if i >= n:
-            return {"input_ids": list(ex["input_ids"]), "targets": list(ex["targets"])}
         prompt_len = int(ex["prompt_len"])
+        if i >= n:
+            return {"input_ids": list(ex["input_ids"]), "targets": list(ex["targets"]), "prompt_len": prompt_len}
         ids = list(ex["input_ids"][:prompt_len]) + list(self.outputs[i])
         first = prompt_len if self.mask_prompt else 1  # the first position of ids that is a target
-        return {"input_ids": ids, "targets": [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX]}
+        return {"input_ids": ids, "targets": [IGNORE_INDEX] * max(0, first - 1) + ids[max(1, first):] + [IGNORE_INDEX],
+                "prompt_len": prompt_len}
