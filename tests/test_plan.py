@@ -389,3 +389,16 @@ def test_plan_says_when_the_run_would_refuse_the_lora_settings(tmp_path, gpt2_co
     assert main(["plan", "lora_ni", f"base_model={moe}"]) == 0
     assert ("note: lora.dropout=0.05: LoRA on the expert weights of base_model (an MoE, mixtral) takes no dropout "
             "in peft; set lora.dropout=0 (tune run refuses this config)") in capsys.readouterr().out
+
+
+def test_distillation_plans_say_what_the_new_methods_add(gpt2_config_dir, capsys):
+    """The comparison students multiply the run's work; on-policy sampling, sequence-level decoding and hidden-state
+    projections are named as not counted."""
+    assert main(["plan", "distill_ni", f"teacher.model={gpt2_config_dir}", "compare.methods=[on_policy, sequence_kd]",
+                 "kd.layer_map=[[0,1]]"]) == 0
+    out = capsys.readouterr().out
+    assert "train 3 more of the same size for as many steps (4x in all)" in out
+    assert "on-policy steps also sample up to kd.max_new_tokens=32" in out
+    assert "the teacher first decodes every training prompt once" in out and "kd.layer_map" in out
+    assert main(["plan", "distill_ni", f"teacher.model={gpt2_config_dir}", "compare.ce_only=false"]) == 0
+    assert "more of the same size" not in capsys.readouterr().out

@@ -776,6 +776,18 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
         distill = True
         if t.cache:
             notes.append("teacher.cache=true: the teacher runs once before training and is not in memory during it")
+        methods = list(cfg.compare.methods)
+        students = 1 + bool(cfg.compare.ce_only) + len(methods)
+        if students > 1:
+            notes.append(f"compute and wall time are the run's own student's: compare.ce_only / compare.methods train "
+                         f"{students - 1} more of the same size for as many steps ({students}x in all)")
+        if cfg.kd.lmbda > 0 or "on_policy" in methods:
+            notes.append(f"on-policy steps also sample up to kd.max_new_tokens={cfg.kd.max_new_tokens} tokens per "
+                         "prompt with the student (KV cache; not counted)")
+        if cfg.seq_kd.enabled or "sequence_kd" in methods:
+            notes.append("sequence-level KD: the teacher first decodes every training prompt once (not counted)")
+        if cfg.kd.layer_map:
+            notes.append("kd.layer_map: the projections and the teacher's mapped hidden states are not counted")
         else:
             teacher, teacher_dtype, teacher_quant = teacher_shape, _dtype(t.dtype, device), t.quant
         lora = cfg.lora
