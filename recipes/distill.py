@@ -433,6 +433,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
                     rebuild=rebuild_kd, run_config=run_config)
     engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
+    engine.val_metrics = lambda extras: extras  # print the KD and CE parts (val_loss mixes them: no perplexity)
     try:
         return engine.fit()
     finally:
