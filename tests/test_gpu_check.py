@@ -33,7 +33,8 @@ def test_smoke_runs_every_check_and_benchmark(tmp_path):
         assert finetune["lora"][side]["tokens_per_s"] > 0
     for side in ("ours", "baseline"):
         assert finetune["qlora"][side]["tokens_per_s"] > 0
-    assert set(benches["distill"]["sides"]) == {"student alone", "distillation, live", "distillation, cached"}
+    assert set(benches["distill"]["sides"]) == {"student alone", "distillation, live", "distillation, cached",
+                                                "distillation, on-policy"}
     markdown = (out / "gpu_check.md").read_text()
     assert "SMOKE" in markdown and "| bf16_step | ok |" in markdown and "ours / plain_loop" in markdown
     assert "| cuda_tests | *skipped* | skipped: needs CUDA |" in markdown

@@ -211,7 +211,8 @@ def test_examples_from_outputs_shift_as_the_ni_tokenization_and_keep_gold_double
     references = [ex["input_ids"][len(p):] for ex, p in zip(gold, prompts)]
     assert all(r[-1] == tokenizer.eos_token_id for r in references)
     same = SequenceKDExamples(gold, references, mask_prompt=mask_prompt)
-    assert [same[i] for i in range(3)] == [{"input_ids": ex["input_ids"], "targets": ex["targets"]} for ex in gold]
+    assert [same[i] for i in range(3)] == [{"input_ids": ex["input_ids"], "targets": ex["targets"],
+                                            "prompt_len": ex["prompt_len"]} for ex in gold]
 
     outputs = [[7, 8, tokenizer.eos_token_id], [tokenizer.eos_token_id], [9, 10]]  # the last one ran out of budget
     examples = SequenceKDExamples(gold, outputs, keep_gold=True, mask_prompt=mask_prompt)
@@ -220,8 +221,9 @@ def test_examples_from_outputs_shift_as_the_ni_tokenization_and_keep_gold_double
         ids = p + out
         first = len(p) if mask_prompt else 1
         targets = [IGNORE_INDEX] * (first - 1) + ids[first:] + [IGNORE_INDEX]
-        assert examples[i] == {"input_ids": ids, "targets": targets}
-        assert examples[3 + i] == {"input_ids": gold[i]["input_ids"], "targets": gold[i]["targets"]}
+        assert examples[i] == {"input_ids": ids, "targets": targets, "prompt_len": len(p)}
+        assert examples[3 + i] == {"input_ids": gold[i]["input_ids"], "targets": gold[i]["targets"],
+                                   "prompt_len": len(p)}
     if mask_prompt:  # an output that is just the eos still gives one target: the eos
         assert [t for t in examples[1]["targets"] if t != IGNORE_INDEX] == [tokenizer.eos_token_id]
     with pytest.raises(IndexError):
