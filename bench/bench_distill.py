@@ -4,10 +4,10 @@ Both sides train the same student (a native GPT) with the shared Engine on the s
 batches (every position a target), each in a fresh process:
 
   student alone          causal_lm_loss (CE)
-  distillation, live     α·T²·KL(teacher ‖ student) + (1 − α)·CE with a live frozen teacher (HF model, bf16 on GPU)
-  distillation, cached   the same loss against the teacher's top-64 log-probs, computed once beforehand
-                         (teacher.cache=true; the one-time teacher pass is timed separately)
-
+  distillation, live     KL(teacher ‖ student) at T = 1, α = 1 (distill_ni's settings; the CE is computed and logged
+                         too) with a live frozen teacher (HF model, bf16 on GPU)
+  distillation, cached   the same loss against the teacher's top-64 log-probs with the tail bucket, computed once
+                         beforehand (teacher.cache=true; the one-time teacher pass is timed separately)
   distillation, on-policy  GKD with kd.lmbda = 1 (tune.distill.OnPolicyBatches): every step the student samples
                          the last eighth of each row (KV cache) after the rest, the live teacher scores it
 
@@ -174,12 +174,12 @@ def train(size: dict, teacher_dir: str | None, cache_file: str | None = None, on
             from safetensors.torch import load_file
 
             source = CachedBatches(source, load_file(cache_file))
-            loss_fn = kd_loss_fn(None, 0.5, 2.0, "forward_kl", 0.5, size["vocab"])
+            loss_fn = kd_loss_fn(None, 1.0, 1.0, "forward_kl", 0.5, size["vocab"])
         elif teacher_dir:
             device = torch.device("cuda" if cuda else "cpu")
             teacher = load_teacher(teacher_dir, resolve_dtype("auto"), "none", device)
             teacher_params = matmul_parameters(teacher)
-            loss_fn = kd_loss_fn(teacher, 0.5, 2.0, "forward_kl", 0.5, size["vocab"], log_on_policy=on_policy)
+            loss_fn = kd_loss_fn(teacher, 1.0, 1.0, "forward_kl", 0.5, size["vocab"], log_on_policy=on_policy)
         engine = Engine(cfg, Path(tmp) / "run", student, source, loss_fn=loss_fn, log=lambda s: None)
         engine.save_at_end = False  # the final checkpoint is no part of the measurement
         engine.prefetch = not on_policy  # as the recipe: on-policy batches are sampled by the student of their step

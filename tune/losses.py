@@ -375,14 +375,20 @@ def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.
     the k ids (the older approximation). Temperature scales the logits of both models before the divergence only.
     """
     student_logits = student_logits.float()
+    if teacher_ids is not None and tail and teacher_ids.shape[-1] < student_logits.shape[-1]:
+        # the tail bucket needs the student's log-probs over the whole vocabulary; at T = 1 they also give the CE,
+        # so one (fused) log_softmax serves both
+        logp = F.log_softmax(student_logits, -1)
+        ce = F.nll_loss(logp, targets, reduction="sum")
+        s, t = topk_with_tail(student_logits, teacher.float(), teacher_ids.long(), temperature,
+                              logp if temperature == 1 else None)
+        return divergence(s, t, kind, beta).sum(), ce
     ce = F.cross_entropy(student_logits, targets, reduction="sum")
     if teacher_ids is None:
         shared = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
         s = F.log_softmax(student_logits[:, :shared] / temperature, -1)
         t = F.log_softmax(teacher[:, :shared].float() / temperature, -1)
-    elif tail and teacher_ids.shape[-1] < student_logits.shape[-1]:  # (k = V: no tail, the exact branch below)
-        s, t = topk_with_tail(student_logits, teacher.float(), teacher_ids.long(), temperature)
-    else:  # log p_T(T) over the support = log_softmax(log p_T(1) / T): the teacher's normaliser cancels
+    else:  # renormalised over the k ids, or k = V (no tail): exact  # log p_T(T) over the support = log_softmax(log p_T(1) / T): the teacher's normaliser cancels
         s = F.log_softmax(student_logits.gather(-1, teacher_ids.long()) / temperature, -1)
         t = F.log_softmax(teacher.float() / temperature, -1)
     return divergence(s, t, kind, beta).sum(), ce
@@ -392,7 +398,7 @@ TAIL_FLOOR = 1e-12  # the least mass a tail bucket holds: k = V leaves none, and
 
 
 def topk_with_tail(student_logits: torch.Tensor, teacher_logp: torch.Tensor, ids: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float, student_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs (N, k + 1) at `temperature` on the teacher's top-k ids plus one tail bucket.
 
     student_logits (N, V); teacher_logp (N, k): the teacher's log-probs at T = 1 on `ids` (N, k), as cached. The
@@ -400,10 +406,11 @@ def topk_with_tail(student_logits: torch.Tensor, teacher_logp: torch.Tensor, ids
     is 1 − Σ_k p, exact. At T ≠ 1 its tempered tail needs the tail tokens' own probabilities, which the cache does
     not keep: they are taken as equal (the tail mass spread evenly over the V − k other ids), which is exact for a
     flat tail and otherwise an approximation (a peaked tail has more tempered mass than this at T < 1, less at
-    T > 1).
+    T > 1). student_logp (N, V): the student's tempered log-probs when the caller has them (kd_sums at T = 1).
     """
-    s_all = F.log_softmax(student_logits / temperature, -1)
-    s_k = s_all.gather(-1, ids)
+    if student_logp is None:
+        student_logp = F.log_softmax(student_logits / temperature, -1)
+    s_k = student_logp.gather(-1, ids)
     s_tail = torch.log((-torch.expm1(torch.logsumexp(s_k, -1, keepdim=True))).clamp_min(TAIL_FLOOR))
     tail_mass = (-torch.expm1(torch.logsumexp(teacher_logp, -1, keepdim=True))).clamp_min(TAIL_FLOOR)
     if temperature == 1:
