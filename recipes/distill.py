@@ -420,7 +420,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
         source = OnPolicyBatches(*setup.batch_args(train), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
                                  temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
                                  eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
-                                 autocast=accelerator.autocast, synced=accelerator.num_processes > 1)
+                                 autocast=accelerator.autocast)
     mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
                          t.cache_tail, log_on_policy=kd.lmbda > 0, hidden_kd=hidden)
@@ -459,6 +459,13 @@ def run(cfg: DistillConfig):
         return run_uld(cfg)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.num_threads)
     check_train_device(cfg.train, accelerator.device)  # before the output directory is touched
+    on_policy = cfg.kd.lmbda > 0 or "on_policy" in cfg.compare.methods
+    if on_policy and getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from tune.errors import ConfigError
+
+        raise ConfigError("on-policy distillation (kd.lmbda > 0 or compare.methods=[on_policy]) does not run under "
+                          "FSDP yet (the student samples outside the sharded model's forward); run it on one process "
+                          "or under DDP (tune run --nproc N without the FSDP accelerate config), or set kd.lmbda=0")
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     t, s, d = cfg.teacher, cfg.student, cfg.data
     tokenizer = load_tokenizer(t.model, "teacher.model")  # pads with eos if it has no pad token: padding is masked

@@ -99,8 +99,10 @@ def recipe_configs(tmp_path_factory, gpt2_base) -> dict[str, tuple[str, list[str
                               "model.preset=tiny-gpt2", "model.block_size=32", "sample.max_new_tokens=4",
                               "export=false"]),
         "finetune": ("lora_ni", [f"base_model={gpt2_base}", "lora.r=4", "eval.enabled=false", *ni]),
+        # on-policy GKD on half the steps (kd.lmbda): resume, multi-process and FSDP tests cover both kinds of step
         "distill": ("distill_ni", [f"teacher.model={gpt2_base}", "student.n_layer=1", "student.n_embd=32",
-                                   "student.n_head=2", "compare.ce_only=false", *ni]),
+                                   "student.n_head=2", "compare.ce_only=false", "kd.lmbda=0.5", "kd.max_new_tokens=6",
+                                   *ni]),
         "classify": ("classify_ni", [f"base_model={gpt2_base}", f"data.ni_task={NI_TASKS / 'task363_sst2_polarity_classification.json'}",
                                      "epochs=null", "warmup_ratio=null", "eval.generation_baseline=false",
                                      "data.heldout_instances=8", "data.max_instances=24", "data.max_length=128"]),

@@ -16,7 +16,8 @@ from conftest import NI_TASKS, assert_losses_close, losses, rewind_to_step_4, tu
 
 needs_data = pytest.mark.skipif(not NI_TASKS.is_dir(), reason="needs ../shared/data (see README: Data)")
 
-NO_DROPOUT = {"pretrain": ["model.dropout=0.0"], "finetune": ["lora.dropout=0.0"], "distill": []}
+# distill: off-policy (on-policy sampling is refused under FSDP: test_on_policy_distillation_is_refused_under_fsdp)
+NO_DROPOUT = {"pretrain": ["model.dropout=0.0"], "finetune": ["lora.dropout=0.0"], "distill": ["kd.lmbda=0"]}
 
 
 def run(recipe, recipe_configs, out, fsdp, extra=()):
@@ -200,3 +201,13 @@ def test_the_gpu_qlora_fsdp_check_runs_end_to_end_on_cpu(tmp_path):
     assert result["ok"] and all(result["recipe"]["checks"].values())
     assert result["recipe"]["max_rel_loss_diff"] <= 1e-4
     assert [(p["storage"], p["exact"]) for p in result["probe"]] == [("bf16", True), ("fp32", True)]
+
+
+@needs_data
+@pytest.mark.slow
+def test_on_policy_distillation_is_refused_under_fsdp(recipe_configs, tmp_path):
+    config, overrides = recipe_configs["distill"]  # kd.lmbda=0.5
+    done = tune_run("distill", config, overrides, tmp_path / "run", fsdp=True)
+    assert done.returncode != 0  # each process exits 2; torch.distributed.run reports 1
+    assert "error: on-policy distillation (kd.lmbda > 0 or compare.methods=[on_policy]) does not run under FSDP" in done.stderr
+    assert not (tmp_path / "run").exists()  # refused before the output directory is made

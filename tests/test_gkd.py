@@ -1,11 +1,12 @@
 """On-policy distillation (GKD): KV-cached batched sampling against an uncached reference, on-policy batches made of
-the student's own seeded samples, kd.lmbda = 0 equal to off-policy KD bit for bit, exact resume and 2 processes = 1
-with on-policy steps (the last two in the slow set)."""
+the student's own seeded samples, kd.lmbda = 0 equal to off-policy KD bit for bit. Exact resume after a kill, 2
+processes = 1 and FSDP = 1 process with on-policy steps: the distill runs of test_crash_resume.py,
+test_multiprocess.py and test_fsdp.py, whose config (conftest.recipe_configs) makes half the steps on-policy."""
 
 import pytest
 import torch
 
-from conftest import NI_TASKS, losses, tune_run
+from conftest import NI_TASKS
 from tune.distill import OnPolicyBatches, completion_example, prompt_of
 from tune.generate import sample_completions
 from tune.losses import IGNORE_INDEX
@@ -164,39 +165,6 @@ def test_gkd_without_on_policy_steps_equals_off_policy_kd_bit_for_bit(tmp_path, 
                                                           "kd.max_new_tokens": 6}))
     share = history(on.run_dir, "on_policy")
     assert set(share) == {0.0, 1.0} and len(share) == 4  # both kinds of step were drawn, each all one kind
-
-
-GKD = ["kd.lmbda=0.5", "kd.max_new_tokens=6", "kd.divergence=jsd", "kd.beta=0.5"]
-
-
-@pytest_ni
-@pytest.mark.slow
-def test_killed_on_policy_run_resumes_to_the_same_losses(recipe_configs, tmp_path):
-    config, overrides = recipe_configs["distill"]
-    expected = tune_run("distill", config, [*overrides, *GKD], tmp_path / "ref")
-    assert expected.returncode == 0, expected.stderr[-2000:]
-    out = tmp_path / "run"
-    killed = tune_run("distill", config, [*overrides, *GKD], out, kill_at="step:5")
-    assert killed.returncode != 0
-    resumed = tune_run("distill", config, [*overrides, *GKD, "train.resume=true"], out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert losses(out) == losses(tmp_path / "ref")
-
-
-@pytest_ni
-@pytest.mark.slow
-def test_on_policy_two_processes_match_one(recipe_configs, tmp_path):
-    from conftest import assert_losses_close
-
-    config, overrides = recipe_configs["distill"]
-    runs = {}
-    for nproc, accum in ((1, 2), (2, 1)):
-        out = tmp_path / f"n{nproc}"
-        done = tune_run("distill", config, [*overrides, *GKD, f"train.grad_accum_steps={accum}"], out, nproc=nproc)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[nproc] = losses(out)
-    assert_losses_close(runs[1][0], runs[2][0])
-    assert_losses_close(runs[1][1], runs[2][1])
 
 
 @pytest_ni

@@ -265,7 +265,7 @@ class OnPolicyBatches(NIBatches):
     (seed, s, m) and the weights at the start of step s (m indexes the step's global batch, so any number of
     processes draws the same samples). The engine must not prepare batches ahead (Engine.prefetch = False): the
     student generates them. `autocast` (a context factory, e.g. accelerator.autocast) wraps the generation;
-    `synced`: every process runs the same number of decoding steps (FSDP shards the weights each forward gathers).
+    `synced`: every process runs the same number of decoding steps (DDP processes stay in step).
     The batches carry `on_policy` (a 0-d tensor, 1) so the loss can tell them apart.
     """
 

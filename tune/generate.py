@@ -92,11 +92,11 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int | li
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)
     budget = torch.as_tensor(budgets, device=device)
     native = _is_native(model)
-    max_position = model.config.block_size - 1 if native else None
     cache = [[None, None] for _ in model.blocks] if native else None
     cache_key = None if native else _hf_cache_argument(model)
     out = [[] for _ in range(B)]
     done = budget <= 0
+    max_position = model.config.block_size - 1 if native else None
     step_ids, step_pos, past = ids, positions, None
     for step in range(int(budget.max()) if B else 0):
         if native:
