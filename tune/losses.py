@@ -388,7 +388,7 @@ def kd_sums(student_logits: torch.Tensor, teacher: torch.Tensor, targets: torch.
         shared = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
         s = F.log_softmax(student_logits[:, :shared] / temperature, -1)
         t = F.log_softmax(teacher[:, :shared].float() / temperature, -1)
-    else:  # renormalised over the k ids, or k = V (no tail): exact  # log p_T(T) over the support = log_softmax(log p_T(1) / T): the teacher's normaliser cancels
+    else:  # renormalised over the k ids (exact when k = V): log p_T(T) = log_softmax(log p_T(1) / T) over them
         s = F.log_softmax(student_logits.gather(-1, teacher_ids.long()) / temperature, -1)
         t = F.log_softmax(teacher.float() / temperature, -1)
     return divergence(s, t, kind, beta).sum(), ce
