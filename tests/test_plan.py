@@ -402,3 +402,10 @@ def test_distillation_plans_say_what_the_new_methods_add(gpt2_config_dir, capsys
     assert "the teacher first decodes every training prompt once" in out and "kd.layer_map" in out
     assert main(["plan", "distill_ni", f"teacher.model={gpt2_config_dir}", "compare.ce_only=false"]) == 0
     assert "more of the same size" not in capsys.readouterr().out
+
+
+def test_lora_options_the_plan_does_not_model_are_named(gpt2_config_dir, capsys):
+    assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.use_dora=true"]) == 0
+    assert "note: lora.use_dora: not modelled" in capsys.readouterr().out
+    assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}"]) == 0
+    assert "not modelled" not in capsys.readouterr().out

@@ -146,6 +146,9 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, target_parameters=lora.target_parameters,
+                        use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                        layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
+                        exclude_modules=list(lora.exclude_modules) if lora.exclude_modules else None,
                         task_type="CAUSAL_LM",
                         trainable_token_indices=list(trainable_token_indices) if trainable_token_indices else None)
     with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns

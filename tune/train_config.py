@@ -98,9 +98,20 @@ class LoraSection:
     # 3-D expert weights of an MoE (Mixtral's gate_up_proj / down_proj); all-linear picks them and the router itself
     target_parameters: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a learned magnitude per output feature beside the LoRA direction
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
+    layers_to_transform: list[int] | None = None  # adapt only these decoder layers (0-based); null: every layer
+    exclude_modules: list[str] | None = None  # module names left out of target_modules (e.g. of all-linear)
 
     def __post_init__(self):
         check_ranges("lora.", self, {"r": ">= 1", "dropout": "[0, 1)", "alpha": "> 0"})
+        if self.layers_to_transform is not None and (not self.layers_to_transform
+                                                     or any(i < 0 for i in self.layers_to_transform)):
+            raise ConfigError(f"lora.layers_to_transform must list layer indices >= 0 (or be null for every layer), "
+                              f"got {self.layers_to_transform}")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ConfigError(f"lora.layers_to_transform needs lora.target_modules as a list of module names (e.g. "
+                              f"[q_proj, v_proj]); peft cannot restrict {self.target_modules!r} to layers")
 
 
 @dataclass
