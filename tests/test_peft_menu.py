@@ -88,3 +88,33 @@ def test_bad_layers_to_transform_is_a_config_error():
         LoraSection(layers_to_transform=[], target_modules=["q_proj"])
     with pytest.raises(ConfigError, match="lora.layers_to_transform needs lora.target_modules as a list"):
         LoraSection(layers_to_transform=[1])  # all-linear
+
+
+def test_loraplus_trains_the_b_matrices_at_ratio_times_the_lr_through_the_schedule():
+    """train.loraplus_lr_ratio: peft's lora_B matrices form their own optimizer group at lr x ratio, kept at that
+    ratio by the warmup / cosine schedule; everything else at lr. Without LoRA weights it is a one-line error."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tune.engine import lr_lambda, make_optimizer
+    from tune.train_config import TrainConfig
+
+    torch.manual_seed(0)
+    model = add_lora(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2)),
+                     LoraSection(r=4, dropout=0.0))
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, max_steps=10, loraplus_lr_ratio=16)
+    optimizer = make_optimizer(cfg, model)
+    b_ids = {id(p) for n, p in model.named_parameters() if ".lora_B." in n}
+    b_groups = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} & b_ids]
+    assert len(b_groups) == 1 and {id(p) for p in b_groups[0]["params"]} == b_ids
+    assert b_groups[0]["lr"] == pytest.approx(16e-3) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        assert b_groups[0]["lr"] == pytest.approx(16 * optimizer.param_groups[0]["lr"])
+    assert len(optimizer.param_groups) == 2 + 1
+    plain = TrainConfig(lr=1e-3, min_lr=1e-4)
+    assert len(make_optimizer(plain, model).param_groups) == 2
+    with pytest.raises(ConfigError, match="train.loraplus_lr_ratio is set but the model has no trainable LoRA B"):
+        make_optimizer(cfg, GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1,
+                                                       n_head=2)))

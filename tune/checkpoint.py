@@ -41,6 +41,7 @@ def schedule_settings(cfg: TrainConfig, world: int, seed: int | None = None) -> 
     if seed is not None:
         settings["seed"] = seed
     settings["train.optimizer"] = cfg.optimizer  # not a schedule setting, but its state must match (schedule_changes)
+    settings["train.loraplus_lr_ratio"] = cfg.loraplus_lr_ratio  # the LoRA B matrices' lr
     return settings
 
 

@@ -119,16 +119,28 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
-    """AdamW groups: decay on trainable matrices; none on biases, norm gains or (by default) embeddings."""
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool, lr: float | None = None,
+                 loraplus_lr_ratio: float | None = None) -> list[dict]:
+    """AdamW groups: decay on trainable matrices; none on biases, norm gains or (by default) embeddings. With
+    `loraplus_lr_ratio` (LoRA+, Hayou et al. 2024) peft's LoRA B matrices (lora_B, lora_embedding_B) form a third
+    group at lr x ratio, with weight decay (the first group keeps lr: it is the one logged)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
+    decay, no_decay, lora_b = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if loraplus_lr_ratio is not None and (".lora_B." in name or ".lora_embedding_B." in name):
+            lora_b.append(p)
             continue
         is_matrix = p.ndim >= 2 and (decay_embeddings or id(p) not in embedding_ids)
         (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if loraplus_lr_ratio is not None:
+        if not lora_b:
+            raise ConfigError("train.loraplus_lr_ratio is set but the model has no trainable LoRA B matrices; use it "
+                              "with method lora or qlora (or set it to null)")
+        groups.append({"params": lora_b, "weight_decay": weight_decay, "lr": lr * loraplus_lr_ratio})
+    return groups
 
 
 PAGED_OPTIMIZERS = ("paged_adamw", "paged_adamw_8bit")
@@ -156,7 +168,7 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     quantized blockwise: ~2 bytes per parameter instead of 8; tensors under 4096 elements keep 32-bit states).
     Paged ones need CUDA: check_train_device refuses them elsewhere (bitsandbytes 0.50 silently runs them unpaged
     on CPU, which would only mislead)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.lr, cfg.loraplus_lr_ratio)
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=True, **kwargs)

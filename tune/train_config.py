@@ -49,6 +49,8 @@ class TrainConfig:
     allow_schedule_change: bool = False  # let a resume change the schedule / data order (tune.checkpoint.SCHEDULE_KEYS)
     num_threads: int = 0  # intra-op CPU threads per process; 0: auto (see tune.runtime.choose_num_threads)
     ce_kernel: Literal["chunked", "liger"] = "chunked"  # fused chunks (tune.losses), or Liger-Kernel (CUDA only)
+    # LoRA+ (Hayou et al. 2024): the LoRA B matrices train at lr x this ratio (16 in the paper), A at lr; null: off
+    loraplus_lr_ratio: float | None = None
 
     def __post_init__(self):
         """Every range problem at once (ConfigProblems when several)."""
@@ -57,7 +59,7 @@ class TrainConfig:
         rules.update({name: ">= 0" for name in ("warmup_steps", "eval_every", "save_every", "num_threads")})
         # stop_at_val_loss: a cross-entropy is >= 0, so a negative target would never end the run
         rules.update({"lr": "> 0", "weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
-                      "stop_at_val_loss": ">= 0"})
+                      "stop_at_val_loss": ">= 0", "loraplus_lr_ratio": "> 0"})
         problems = range_problems("train.", self, rules)
         if self.lr > 0 and not 0 <= self.min_lr <= self.lr:
             problems.append(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
