@@ -409,3 +409,24 @@ def test_a_setting_this_device_cannot_run_leaves_no_output_dir(tmp_path, capsys,
     assert main(["run", "pretrain", "--config", "demo", f"output_dir={tmp_path / 'run'}", setting]) == 2
     assert capsys.readouterr().err.endswith(message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_not_silently_empty(tmp_path, gpt2_base, capsys):
+    """transformers 5 builds an empty tokenizer for a directory without tokenizer files: `tune generate` printed the
+    prompt and nothing else, exit 0. Every load names the directory and the fix; --tokenizer still works."""
+    import shutil
+
+    from tune.errors import DataError
+    from tune.hf import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(gpt2_base / name, bare / name)
+    with pytest.raises(DataError, match="holds no tokenizer files"):
+        load_tokenizer(bare, "base_model")
+    assert main(["generate", "--model", str(bare), "--prompt", "hello", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {bare} holds no tokenizer files") and "--tokenizer" in err
+    assert main(["generate", "--model", str(bare), "--tokenizer", str(gpt2_base), "--prompt", "hello",
+                 "--max-new-tokens", "2", "--temperature", "0"]) == 0

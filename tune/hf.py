@@ -414,6 +414,11 @@ def load_model(model_dir, adapter: str | None = None, dtype: str = "auto", devic
     return model.eval()
 
 
+# what a saved HF tokenizer leaves in its directory (one is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt", "merges.txt", "sentencepiece.bpe.model", "tekken.json")
+
+
 def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None, pad_with_eos: bool = True):
     """An HF tokenizer that can pad.
 
@@ -428,6 +433,11 @@ def load_tokenizer(path, field: str = "tokenizer", pad_token: str | None = None,
         raise ConfigError(f"{name} does not exist (paths are relative to where you run tune)")
     if Path(path).is_dir():
         check_no_custom_code(path, field)
+        if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            # transformers 5 would build an empty tokenizer here, and generation would print nothing
+            raise DataError(f"{name} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); point it at "
+                            "the model's own export (which saves its tokenizer beside it), save the tokenizer there "
+                            "(tokenizer.save_pretrained), or name the tokenizer's directory (tune generate: --tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
