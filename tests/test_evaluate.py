@@ -5,6 +5,7 @@ Natural-Instructions text; real task files from ../shared/data/natural_instructi
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,8 @@ def make_bad_dirs(root: Path, tiny_lm: Path) -> dict:
     corrupt.mkdir()
     (corrupt / "config.json").write_text((tiny_lm / "config.json").read_text())
     (corrupt / "model.safetensors").write_bytes(b"not safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a sound tokenizer: the model file is what is broken
+        shutil.copy(tiny_lm / name, corrupt / name)
     no_adapter = root / "not_an_adapter"
     no_adapter.mkdir()
     (no_adapter / "adapter_model.safetensors").write_bytes(b"")
