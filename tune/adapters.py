@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
-from tune.errors import ConfigError
+from tune.errors import ConfigError, TuneError
 from tune.hf import bnb_config as hf_bnb_config
 from tune.hf import check_model_dir, enable_activation_checkpointing, quiet_third_party, resolve_dtype
-from tune.train_config import LoraSection, QuantSection  # noqa: F401 - re-exported
+from tune.train_config import LoraSection, QuantSection, mutates_base  # noqa: F401 - re-exported
+
+INITIAL_ADAPTER = "initial_adapter"  # a PiSSA / OLoRA run's adapter as initialised, in the run directory
+PISSA_NITER_SEED = 0  # pissa_niter_N's randomized SVD draws from this seed, so every rebuild computes one residual
 
 
 def fsdp_active() -> bool:
@@ -136,21 +139,53 @@ def keep_4bit_training_kernel(model) -> int:
     return len(layers)
 
 
+def token_indices(lora: LoraSection, extra: list[int] | None = None) -> list[int] | dict[str, list[int]] | None:
+    """peft's trainable_token_indices: lora.trainable_token_indices with the `extra` ids (a recipe's own new tokens)
+    added to the list; ConfigError when both are given and lora's is a mapping (the recipe cannot tell its module)."""
+    own = lora.trainable_token_indices
+    if not extra:
+        return own
+    if isinstance(own, dict):
+        raise ConfigError("lora.trainable_token_indices must be a list of token ids here (this recipe adds its own "
+                          "tokens to the input embedding), not a mapping of modules")
+    return sorted(set(own or []) | set(extra))
+
+
 def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None = None):
     """Wrap `model` with trainable LoRA adapters (base weights frozen). `trainable_token_indices`: rows of the input
-    embedding trained as well (peft's TrainableTokens, which follows a tied output head), e.g. newly added tokens."""
+    embedding trained as well (peft's TrainableTokens, which follows a tied output head), e.g. newly added tokens,
+    beside those of lora.trainable_token_indices.
+
+    lora.init: peft's init_lora_weights, except loftq (see loftq_init; needs a 4-bit base). PiSSA / OLoRA change
+    the base weights: save the adapter with save_adapter (converted to one of the original base). ConfigError for
+    an init that does not suit the base (loftq without 4-bit weights, PiSSA / OLoRA with them) or token ids outside
+    the embedding."""
     import warnings
 
     with quiet_third_party():
         from peft import LoraConfig, get_peft_model
 
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if lora.init == "loftq" and not quantized:
+        raise ConfigError("lora.init=loftq fits the adapter to the error of a 4-bit base and is for method=qlora only; "
+                          "use lora.init=default, gaussian, pissa or olora")
+    if quantized and mutates_base(lora):
+        raise ConfigError(f"lora.init={lora.init} moves part of each base weight into the adapter, which a 4-bit base "
+                          "cannot hold exactly; use method=lora for it, or lora.init=loftq with method=qlora")
+    tokens = token_indices(lora, trainable_token_indices)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokens and any(i >= vocab for ids in (tokens.values() if isinstance(tokens, dict) else [tokens]) for i in ids):
+        raise ConfigError(f"lora.trainable_token_indices: token ids must be below the input embedding's {vocab} rows, "
+                          f"got {tokens!r}")
+    init = {"default": True, "loftq": True}.get(lora.init, lora.init)  # loftq: loftq_init after get_peft_model
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, target_parameters=lora.target_parameters,
                         use_dora=lora.use_dora, use_rslora=lora.use_rslora,
                         layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
                         exclude_modules=list(lora.exclude_modules) if lora.exclude_modules else None,
-                        task_type="CAUSAL_LM",
-                        trainable_token_indices=list(trainable_token_indices) if trainable_token_indices else None)
+                        init_lora_weights=init, rank_pattern=dict(lora.rank_pattern or {}),
+                        alpha_pattern=dict(lora.alpha_pattern or {}), task_type="CAUSAL_LM",
+                        trainable_token_indices=tokens or None)
     with quiet_third_party(), warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself, warns
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
         # a tied head / embedding in target_modules: peft adapts that module's output only (right), and
@@ -160,13 +195,21 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
         # warns that they match no module: they are applied to the parameters (checked in tests/test_moe.py)
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         try:
-            wrapped = get_peft_model(model, config)
+            with torch.random.fork_rng(devices=[]):  # pissa_niter: the same residual at every rebuild (resume, export)
+                if lora.init.startswith("pissa_niter_"):
+                    torch.manual_seed(PISSA_NITER_SEED)
+                wrapped = get_peft_model(model, config)
         except ValueError as e:
             if "lora_dropout" in str(e):  # peft adapts fused MoE expert weights (nn.Parameter) without dropout only
                 raise ConfigError(f"lora.dropout={lora.dropout}: LoRA on this model's expert weights (an MoE, e.g. "
                                   "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
+    if mutates_base(lora) and (shared := untie_adapted_weights(wrapped, dry_run=True)):
+        raise ConfigError(f"lora.init={lora.init} would change {shared[0]}, whose weight the model shares with another "
+                          "module (tied embeddings); leave it out of lora.target_modules or use lora.init=default")
+    if lora.init == "loftq":
+        loftq_init(wrapped, model.name_or_path)
     return wrapped
 
 
@@ -187,6 +230,120 @@ def check_lora_targets(model, lora: LoraSection) -> None:
                               f" of the model; check the names (e.g. q_proj, v_proj) or use target_modules=all-linear")
 
 
+def full_precision_weight(model_dir, name: str) -> torch.Tensor:
+    """The weight `name` (a state-dict key, e.g. model.layers.0.self_attn.q_proj.weight) as stored in the
+    safetensors file(s) of the HF model in `model_dir`, read alone (lazily, whatever the model's size).
+    TuneError when the model has no safetensors weights or no such tensor."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    except (OSError, ValueError, KeyError) as e:
+        raise TuneError(f"{index}: unreadable safetensors index ({e})") from None
+    file = model_dir / (weight_map.get(name, "") if weight_map else "model.safetensors")
+    if not file.is_file():
+        raise TuneError(f"lora.init=loftq reads the base's full-precision weights from its safetensors files, and "
+                        f"{model_dir} has none holding {name}; save the base with safetensors")
+    with safe_open(file, framework="pt", device="cpu") as f:
+        if name not in f.keys():
+            raise TuneError(f"lora.init=loftq: {file} has no tensor {name}")
+        return f.get_tensor(name)
+
+
+@torch.no_grad()
+def loftq_init(model, base_dir) -> int:
+    """LoftQ (Li et al. 2023, one iteration) for a LoRA model on a bitsandbytes 4-bit base: each 4-bit layer's
+    lora_A / lora_B are set so that Q + scaling·B·A is the best rank-r approximation of its full-precision weight
+    W (read from `base_dir`'s safetensors) that Q, its 4-bit weight, allows: B·A = SVD_r(W - dequant(Q)) / scaling,
+    split as B = U·sqrt(S), A = sqrt(S)·Vh. The 4-bit weights are not touched, so the adapter applies to the plain
+    4-bit base (resume, export and merge as for default QLoRA).
+
+    peft's replace_lora_weights_loftq does this step but only on CUDA / XPU (its compute device is fixed) and
+    without the LoRA scaling (huggingface/peft#1982: with alpha != r it overshoots); this one runs on the layer's
+    device, in fp32. Returns the number of layers initialised; TuneError when there is none.
+    """
+    with quiet_third_party():
+        from bitsandbytes.functional import dequantize_4bit
+        from peft.tuners.lora import Linear4bit as LoraLinear4bit
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    # the module classes of the full-precision model (GPT-2's Conv1D stores its weight transposed), built weightless
+    with torch.device("meta"):
+        plain = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir)).named_modules())
+    done = 0
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLinear4bit) or "default" not in layer.lora_A:
+            continue
+        key = name.removeprefix("base_model.model.")
+        weight = full_precision_weight(base_dir, key + ".weight").float()
+        if isinstance(plain.get(key), Conv1D):
+            weight = weight.t()
+        base = layer.get_base_layer().weight
+        error = weight.to(base.device) - dequantize_4bit(base.data, base.quant_state).float()
+        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+        r, scaling = layer.r["default"], layer.scaling["default"]
+        root = (S[:r] / scaling).sqrt()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a.data = (root[:, None] * Vh[:r]).to(a.dtype).contiguous()
+        b.data = (U[:, :r] * root).to(b.dtype).contiguous()
+        done += 1
+    if not done:
+        raise TuneError("lora.init=loftq: the model has no 4-bit LoRA layer to initialise")
+    return done
+
+
+def prepare_initial_adapter(model, lora: LoraSection, run_dir, resume: bool = False) -> Path | None:
+    """For a PiSSA / OLoRA run: `run_dir`/initial_adapter, the adapter as `model` (just built, untrained) starts,
+    written when the run starts afresh (peft's documented first step: saved with init_lora_weights=True), and when
+    it `resume`s compared with the rebuilt model's, so the base residual it trains on is the one the run started
+    with. None for the other inits. TuneError when a rebuild differs from the saved start."""
+    if not mutates_base(lora):
+        return None
+    from safetensors.torch import load_file
+
+    directory = Path(run_dir) / INITIAL_ADAPTER
+    if resume and (directory / "adapter_model.safetensors").is_file():
+        from peft import get_peft_model_state_dict
+
+        saved = load_file(directory / "adapter_model.safetensors")
+        now = get_peft_model_state_dict(model)
+        if saved.keys() != now.keys() or any(not torch.equal(saved[k], now[k].cpu()) for k in saved):
+            raise TuneError(f"{directory}: this rebuild of the lora.init={lora.init} model starts from other weights "
+                            "than the run did (a different base, or another SVD result on this machine), so it would "
+                            "train on another base residual; resume where the run started, or start a new run")
+        return directory
+    config = model.peft_config["default"]
+    init = config.init_lora_weights
+    try:
+        config.init_lora_weights = True  # loaded back (for the conversion) as a plain adapter: no second SVD
+        model.save_pretrained(directory)
+    finally:
+        config.init_lora_weights = init
+    return directory
+
+
+def save_adapter(model, out, initial: Path | None = None) -> Path:
+    """Save the PEFT adapter of `model` to `out`. `initial` (a PiSSA / OLoRA run's initial_adapter): the trained
+    adapter is converted to one of the original, untouched base (peft's path_initial_model_for_weight_conversion:
+    [A | A0] and [B | -B0], rank 2r, alpha 2·alpha), which plain peft loads on that base and merge_adapter merges."""
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    if initial is None:
+        model.save_pretrained(out)
+        return out
+    # peft rewrites the initial adapter's config and loads it by its folder name as a second adapter: a copy
+    with tempfile.TemporaryDirectory() as tmp:
+        start = Path(tmp) / "initial_adapter"
+        shutil.copytree(initial, start)
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(start))
+    return out
+
+
 def dequantized_weights(model) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight (Linear layout, out x in) of every 4-bit layer of `model`."""
     with quiet_third_party():
@@ -200,7 +357,7 @@ def dequantized_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def untie_adapted_weights(model) -> list[str]:
+def untie_adapted_weights(model, dry_run: bool = False) -> list[str]:
     """Give every LoRA-adapted layer of a PeftModel whose weight it shares with another module (a tied output
     head: `lm_head` and the input embedding are one tensor) its own copy of that weight, so merging the adapter
     changes that layer only, as the adapter model does: peft adds LoRA's delta to the layer's output, never
@@ -209,7 +366,8 @@ def untie_adapted_weights(model) -> list[str]:
 
     Unties the config (`tie_word_embeddings=False`, in every sub-model's config) when something was untied,
     and copies every other tied weight too, so the saved checkpoint holds each of them under its own key.
-    Returns the names of the adapted layers that were given their own weight (empty: nothing shared).
+    Returns the names of the adapted layers that were given their own weight (empty: nothing shared); `dry_run`:
+    only those names, nothing changed.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import PreTrainedModel
@@ -228,9 +386,10 @@ def untie_adapted_weights(model) -> list[str]:
         base = module.get_base_layer()
         weight = getattr(base, "weight", None)
         if isinstance(weight, torch.nn.Parameter) and users[address(weight)] - {module_names[id(base)]}:
-            base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            if not dry_run:
+                base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
             untied.append(name.removeprefix("base_model.model."))
-    if untied:
+    if untied and not dry_run:
         # Untied in the config, every other shared weight must also be saved under each of its names.
         seen = set()
         for module in model.modules():
