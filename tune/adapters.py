@@ -205,6 +205,10 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
                                   "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
+    conv1d = [n for n, m in wrapped.named_modules() if getattr(m, "fan_in_fan_out", False) and hasattr(m, "lora_A")]
+    if mutates_base(lora) and conv1d:  # measured: the model no longer computes the base's outputs at step 0
+        raise ConfigError(f"lora.init={lora.init}: peft computes it wrongly for Conv1D layers (GPT-2 style, e.g. "
+                          f"{conv1d[0].rpartition('.')[2]}); use lora.init=default or gaussian with this model")
     if mutates_base(lora) and (shared := untie_adapted_weights(wrapped, dry_run=True)):
         raise ConfigError(f"lora.init={lora.init} would change {shared[0]}, whose weight the model shares with another "
                           "module (tied embeddings); leave it out of lora.target_modules or use lora.init=default")
@@ -331,6 +335,7 @@ def save_adapter(model, out, initial: Path | None = None) -> Path:
     [A | A0] and [B | -B0], rank 2r, alpha 2·alpha), which plain peft loads on that base and merge_adapter merges."""
     import shutil
     import tempfile
+    import warnings
 
     out = Path(out)
     if initial is None:
@@ -340,7 +345,9 @@ def save_adapter(model, out, initial: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "initial_adapter"
         shutil.copytree(initial, start)
-        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(start))
+        with warnings.catch_warnings():  # loading the start beside the trained adapter: the very conversion it advises
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model.*")
+            model.save_pretrained(out, path_initial_model_for_weight_conversion=str(start))
     return out
 
 
