@@ -467,3 +467,159 @@ def merge_adapter(base_path, adapter_dir, out_dir, dtype: torch.dtype = torch.fl
         {"base_model": str(base_path), "adapter": str(adapter_dir), "dequantized_4bit_base": quant is not None,
          "dtype": str(dtype).replace("torch.", ""), "untied": untied}, indent=2))
     return out_dir
+
+
+COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_COMBINATIONS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # keep a fraction of each adapter
+SAME_RANK_COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # combine A and B as is
+COMBINED = "combined"  # the adapter name add_weighted_adapter writes into
+
+
+def check_combination(adapters: list, weights: list[float] | None, combination: str, density: float | None,
+                      svd_rank: int | None) -> list[float]:
+    """The weights of combine_adapters (1.0 each when None), after ConfigErrors for its arguments: fewer than two
+    adapters, a weights count that differs, a combination peft does not know, a density missing, out of (0, 1] or
+    given where it means nothing, an svd_rank outside svd. No torch, no files read."""
+    if len(adapters) < 2:
+        raise ConfigError("tune merge-adapters combines two or more adapters; give their directories")
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise ConfigError(f"--weights gives {len(weights)} weights for {len(adapters)} adapters; give one per adapter")
+    if combination not in COMBINATIONS:
+        raise ConfigError(f"--combination {combination!r} is not one of {', '.join(COMBINATIONS)}")
+    if combination in DENSITY_COMBINATIONS and density is None:
+        raise ConfigError(f"--combination {combination} needs --density D (the fraction of each adapter's values kept, "
+                          "e.g. 0.5)")
+    if combination not in DENSITY_COMBINATIONS and density is not None:
+        raise ConfigError(f"--density applies to {', '.join(DENSITY_COMBINATIONS)}, not to {combination}")
+    if density is not None and not 0 < density <= 1:
+        raise ConfigError(f"--density must be in (0, 1], got {density}")
+    if svd_rank is not None and (combination != "svd" or svd_rank < 1):
+        raise ConfigError(f"--svd-rank applies to --combination svd and must be >= 1, got {svd_rank} with {combination}")
+    return weights
+
+
+def adapter_settings(adapter) -> dict:
+    """adapter_config.json of the PEFT adapter directory `adapter`; ConfigError when there is none (or unreadable)."""
+    path = Path(adapter) / "adapter_config.json"
+    if not Path(adapter).is_dir():
+        raise ConfigError(f"adapter {adapter} does not exist (paths are relative to where you run tune)")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"adapter {adapter}: no readable adapter_config.json ({e.__class__.__name__}); give a PEFT "
+                          "adapter directory (e.g. a finetune run's adapter/)") from None
+    if not isinstance(settings, dict) or settings.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter {adapter}: not a LoRA adapter (peft_type {settings.get('peft_type')!r})")
+    return settings
+
+
+def combination_base(adapters: list, base=None) -> Path:
+    """The base model every adapter was trained on: `base`, else the one they record (base_model_name_or_path).
+    ConfigError when they record different local bases, `base` differs from what one records, or none is known."""
+    recorded = {}
+    for adapter in adapters:
+        path = adapter_settings(adapter).get("base_model_name_or_path")
+        if isinstance(path, str) and path and Path(path).is_dir():
+            recorded[str(adapter)] = Path(path).resolve()
+    if base is not None:
+        wrong = {a: p for a, p in recorded.items() if p != Path(base).resolve()}
+        if wrong:
+            adapter, path = next(iter(wrong.items()))
+            raise ConfigError(f"adapter {adapter} was trained on {path}, not --base {base}: adapters combine only on "
+                              "their own base")
+        return Path(base)
+    if len(set(recorded.values())) > 1:
+        (first, path), *others = recorded.items()
+        other, other_path = next((a, p) for a, p in others if p != path)
+        raise ConfigError(f"adapters of different bases: {first} was trained on {path}, {other} on {other_path}; "
+                          "combine adapters of one base")
+    if not recorded:
+        raise ConfigError("the adapters record no base model directory that exists here; give it with --base DIR")
+    return next(iter(recorded.values()))
+
+
+def combine_adapters(adapters: list, out, weights: list[float] | None = None, combination: str = "linear",
+                     density: float | None = None, svd_rank: int | None = None, base=None, merged=None):
+    """Combine LoRA adapters of one base into one with peft's add_weighted_adapter and save it to `out` as a plain
+    PEFT adapter directory (rank: the adapters' for linear / ties / dare_* / magnitude_prune, their sum for cat,
+    `svd_rank` or their largest for svd; lora_alpha = rank, the adapters' scalings being folded into A and B).
+
+    linear: A = Σ sign(wᵢ)·sqrt(|wᵢ·sᵢ|)·Aᵢ and B = Σ sqrt(|wᵢ·sᵢ|)·Bᵢ (sᵢ: adapter i's alpha / r), so B·A is not
+    Σ wᵢ·sᵢ·Bᵢ·Aᵢ (cross terms); cat and svd give that sum exactly (svd: truncated to its rank). ties, dare_*,
+    magnitude_prune keep `density` of each adapter's A and B values (dare: at random, rescaled) before summing.
+    `merged`: also write the base with the combined adapter merged in (merge_adapter) there.
+
+    Returns the PeftModel (fp32, on the CPU) with the combined adapter active. ConfigError for what
+    check_combination refuses, missing adapter directories, adapters of different bases, unequal ranks where the
+    combination needs one rank, and adapters whose extra parts peft cannot combine (DoRA, rsLoRA, trainable
+    tokens, modules_to_save, target_parameters, rank patterns with a one-rank combination)."""
+    import shutil
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from tune.files import directory_written_aside
+
+    with quiet_third_party():
+        from peft import PeftModel
+
+    weights = check_combination(adapters, weights, combination, density, svd_rank)
+    settings = [adapter_settings(a) for a in adapters]
+    base = combination_base(adapters, base)
+    check_model_dir(base, "--base")
+    for adapter, s in zip(adapters, settings):
+        for key, what in (("use_dora", "DoRA magnitudes"), ("use_rslora", "rank-stabilised scaling (use_rslora)"),
+                          ("trainable_token_indices", "trainable tokens"), ("modules_to_save", "modules_to_save"),
+                          ("target_parameters", "target_parameters")):
+            if s.get(key):
+                raise ConfigError(f"adapter {adapter} has {what}, which peft's add_weighted_adapter cannot combine; "
+                                  "combine plain LoRA adapters")
+        if s.get("rank_pattern") and combination in SAME_RANK_COMBINATIONS:
+            raise ConfigError(f"adapter {adapter} has a lora.rank_pattern: --combination {combination} needs one rank "
+                              "in every layer; use cat or svd")
+    ranks = {str(a): s.get("r") for a, s in zip(adapters, settings)}
+    if combination in SAME_RANK_COMBINATIONS and len(set(ranks.values())) > 1:
+        raise ConfigError(f"--combination {combination} needs adapters of one rank, got "
+                          f"{', '.join(f'{a} r={r}' for a, r in ranks.items())}; use cat or svd (or retrain)")
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    with quiet_third_party(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
+        try:
+            model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+            for name, adapter in zip(names[1:], adapters[1:]):
+                model.load_adapter(adapter, adapter_name=name)
+        except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
+            raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
+                              "model they were trained on") from None
+        try:
+            model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination, density=density,
+                                       svd_rank=svd_rank)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"peft cannot combine these adapters: {str(e).splitlines()[0]}") from None
+    model.set_adapter(COMBINED)
+    for name in names:
+        model.delete_adapter(name)
+    tokenizer = None  # the first adapter's (a finetune run saves it there), else the base's; saved beside the result
+    for source in (Path(adapters[0]), Path(base)):
+        if (source / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            with quiet_third_party():
+                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            break
+    with directory_written_aside(Path(out)) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[COMBINED])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for item in (tmp / COMBINED).iterdir():  # peft saves a non-default adapter in a folder of its name
+            shutil.move(str(item), tmp / item.name)
+        (tmp / COMBINED).rmdir()
+        (tmp / "combine_info.json").write_text(json.dumps(
+            {"base_model": str(base), "adapters": [str(a) for a in adapters], "weights": weights,
+             "combination": combination, "density": density, "svd_rank": svd_rank}, indent=2))
+    if merged is not None:
+        with directory_written_aside(Path(merged)) as tmp:
+            merge_adapter(base, out, tmp, tokenizer=tokenizer)
+    return model.eval()
