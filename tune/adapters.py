@@ -554,16 +554,6 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     check_combination refuses, missing adapter directories, adapters of different bases, unequal ranks where the
     combination needs one rank, and adapters whose extra parts peft cannot combine (DoRA, rsLoRA, trainable
     tokens, modules_to_save, target_parameters, rank patterns with a one-rank combination)."""
-    import shutil
-    import warnings
-
-    from transformers import AutoModelForCausalLM
-
-    from tune.files import directory_written_aside
-
-    with quiet_third_party():
-        from peft import PeftModel
-
     weights = check_combination(adapters, weights, combination, density, svd_rank)
     settings = [adapter_settings(a) for a in adapters]
     base = combination_base(adapters, base)
@@ -582,22 +572,35 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     if combination in SAME_RANK_COMBINATIONS and len(set(ranks.values())) > 1:
         raise ConfigError(f"--combination {combination} needs adapters of one rank, got "
                           f"{', '.join(f'{a} r={r}' for a, r in ranks.items())}; use cat or svd (or retrain)")
+    import transformers.utils.logging  # noqa: F401 - loaded first, so quiet_third_party hides its progress bars
+
+    with quiet_third_party():
+        return _combine(adapters, out, weights, combination, density, svd_rank, base, merged)
+
+
+def _combine(adapters, out, weights, combination, density, svd_rank, base, merged):
+    """combine_adapters' work once its arguments are checked (called inside quiet_third_party)."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tune.files import directory_written_aside
+
     names = [f"adapter{i}" for i in range(len(adapters))]
-    with quiet_third_party(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
-        try:
-            model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
-            for name, adapter in zip(names[1:], adapters[1:]):
-                model.load_adapter(adapter, adapter_name=name)
-        except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
-            raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
-                              "model they were trained on") from None
-        try:
-            model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination, density=density,
-                                       svd_rank=svd_rank)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"peft cannot combine these adapters: {str(e).splitlines()[0]}") from None
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
+    try:
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+        for name, adapter in zip(names[1:], adapters[1:]):
+            model.load_adapter(adapter, adapter_name=name)
+    except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
+        raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
+                          "model they were trained on") from None
+    try:
+        model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination, density=density,
+                                   svd_rank=svd_rank)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"peft cannot combine these adapters: {str(e).splitlines()[0]}") from None
     model.set_adapter(COMBINED)
     for name in names:
         model.delete_adapter(name)
@@ -606,8 +609,7 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
         if (source / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            with quiet_third_party():
-                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
             break
     with directory_written_aside(Path(out)) as tmp:
         model.save_pretrained(tmp, selected_adapters=[COMBINED])
