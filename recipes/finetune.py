@@ -107,7 +107,7 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
     if base is not None and cfg.method != "full":
         problems.call(check_moe_lora_dropout, cfg.lora, base)
-    if cfg.method != "full" and (init_problem := lora_init_problem(cfg.lora, cfg.method)):
+    if init_problem := lora_init_problem(cfg.lora, cfg.method):
         problems.add(init_problem)
     quantized = problems.call(stored_quant, base) if base is not None else None
     if quantized:

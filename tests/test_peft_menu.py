@@ -292,3 +292,32 @@ def test_pissa_and_olora_runs_resume_export_and_merge_exactly(tmp_path, ni_texts
     resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)
     assert train_losses(run_dir)[-4:] == losses[-4:]
+
+
+def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
+    """`tune validate` takes lora.init / rank_pattern / alpha_pattern / trainable_token_indices as overrides and
+    refuses an init that does not suit the method, in one line, importing neither torch nor transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                       '"n_positions": 64}')
+    (model / "model.safetensors").write_bytes(b"")
+    common = f"'base_model={model}', 'data.max_length=64', 'data.train_tasks={model}'"
+    code = ("import sys; from tune.cli import main; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.init=pissa_niter_4', "
+            "'lora.rank_pattern={c_attn: 8}', 'lora.alpha_pattern={c_attn: 16}', "
+            "'lora.trainable_token_indices=[1, 2]']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.init=loftq']) == 2; "
+            f"assert main(['validate', 'qlora_ni', {common}, 'lora.init=olora']) == 2; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
+    assert "lora.init=olora moves part of each base weight into the adapter" in errors[1], result.stderr

@@ -162,8 +162,14 @@ def mutates_base(lora: LoraSection) -> bool:
     return lora.init.startswith("pissa") or lora.init == "olora"
 
 
-def lora_init_problem(lora: LoraSection, method: str) -> str | None:
-    """The problem line when lora.init does not suit `method` (full / lora / qlora), else None."""
+def lora_init_problem(lora: LoraSection, method: str, converts: bool = True) -> str | None:
+    """The problem line when lora.init does not suit `method` (full / lora / qlora), else None. `converts`: the
+    recipe saves a PiSSA / OLoRA adapter converted for the original base (finetune); the others refuse those."""
+    if method == "full":
+        return None
+    if not converts and mutates_base(lora):
+        return (f"lora.init={lora.init} moves part of each base weight into the adapter, which only the finetune "
+                "recipe converts back when saving; use lora.init=default or gaussian here")
     if method == "qlora" and mutates_base(lora):
         return (f"lora.init={lora.init} moves part of each base weight into the adapter, which a 4-bit base cannot "
                 "hold exactly; use method=lora for it, or lora.init=loftq with method=qlora")
