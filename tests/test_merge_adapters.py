@@ -134,3 +134,29 @@ def test_bad_combinations_are_one_line_errors(tmp_path, two_adapters, capsys):
         assert err.count("\n") == 1 and re.search(message, err), (args, err)
     assert not (tmp_path / "out").exists()
     assert main(["merge-adapters", str(a), str(d), "--out", out, "--combination", "cat"]) == 0
+
+
+def test_qlora_adapters_merge_into_the_dequantized_4bit_base(tmp_path):
+    """Adapters of QLoRA finetune runs (their run's config.yaml says method: qlora) are combined on the 4-bit base and
+    --merge writes them into its dequantized weights: the merged checkpoint computes what the combined adapter
+    computes on the 4-bit base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import load_base_model
+    from tune.train_config import QuantSection
+
+    base = tiny_llama(tmp_path / "base")
+    quant = QuantSection(compute_dtype="fp32")
+    for name, seed in (("a", 1), ("b", 2)):
+        make_adapter(base, tmp_path / name / "adapter", seed)
+        (tmp_path / name / "config.yaml").write_text("method: qlora\nqlora:\n  compute_dtype: fp32\n")
+    assert main(["merge-adapters", str(tmp_path / "a" / "adapter"), str(tmp_path / "b" / "adapter"),
+                 "--out", str(tmp_path / "out"), "--merge", str(tmp_path / "merged")]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        combined = PeftModel.from_pretrained(load_base_model(base, "qlora", torch.float32, quant), tmp_path / "out")
+    ours = logits(combined, IDS)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), IDS), ours,
+                               atol=1e-4, rtol=1e-4)
+    assert json.loads((tmp_path / "merged" / "merge_info.json").read_text())["dequantized_4bit_base"] is True

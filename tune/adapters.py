@@ -540,7 +540,8 @@ def combination_base(adapters: list, base=None) -> Path:
 
 
 def combine_adapters(adapters: list, out, weights: list[float] | None = None, combination: str = "linear",
-                     density: float | None = None, svd_rank: int | None = None, base=None, merged=None):
+                     density: float | None = None, svd_rank: int | None = None, base=None, merged=None,
+                     quant: QuantSection | None = None):
     """Combine LoRA adapters of one base into one with peft's add_weighted_adapter and save it to `out` as a plain
     PEFT adapter directory (rank: the adapters' for linear / ties / dare_* / magnitude_prune, their sum for cat,
     `svd_rank` or their largest for svd; lora_alpha = rank, the adapters' scalings being folded into A and B).
@@ -548,9 +549,10 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     linear: A = Σ sign(wᵢ)·sqrt(|wᵢ·sᵢ|)·Aᵢ and B = Σ sqrt(|wᵢ·sᵢ|)·Bᵢ (sᵢ: adapter i's alpha / r), so B·A is not
     Σ wᵢ·sᵢ·Bᵢ·Aᵢ (cross terms); cat and svd give that sum exactly (svd: truncated to its rank). ties, dare_*,
     magnitude_prune keep `density` of each adapter's A and B values (dare: at random, rescaled) before summing.
-    `merged`: also write the base with the combined adapter merged in (merge_adapter) there.
+    `merged`: also write the base with the combined adapter merged in (merge_adapter) there. `quant`: QLoRA
+    adapters (trained under that section): the base is loaded 4-bit, and merged into its dequantized weights.
 
-    Returns the PeftModel (fp32, on the CPU) with the combined adapter active. ConfigError for what
+    Returns the PeftModel (fp32, or the 4-bit base for `quant`) with the combined adapter active. ConfigError for what
     check_combination refuses, missing adapter directories, adapters of different bases, unequal ranks where the
     combination needs one rank, and adapters whose extra parts peft cannot combine (DoRA, rsLoRA, trainable
     tokens, modules_to_save, target_parameters, rank patterns with a one-rank combination)."""
@@ -575,10 +577,10 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     import transformers.utils.logging  # noqa: F401 - loaded first, so quiet_third_party hides its progress bars
 
     with quiet_third_party():
-        return _combine(adapters, out, weights, combination, density, svd_rank, base, merged)
+        return _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant)
 
 
-def _combine(adapters, out, weights, combination, density, svd_rank, base, merged):
+def _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant):
     """combine_adapters' work once its arguments are checked (called inside quiet_third_party)."""
     import shutil
 
@@ -588,7 +590,10 @@ def _combine(adapters, out, weights, combination, density, svd_rank, base, merge
     from tune.files import directory_written_aside
 
     names = [f"adapter{i}" for i in range(len(adapters))]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
+    if quant is not None:
+        model = load_base_model(base, "qlora", torch.float32, quant)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
     try:
         model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
         for name, adapter in zip(names[1:], adapters[1:]):
@@ -623,5 +628,5 @@ def _combine(adapters, out, weights, combination, density, svd_rank, base, merge
              "combination": combination, "density": density, "svd_rank": svd_rank}, indent=2))
     if merged is not None:
         with directory_written_aside(Path(merged)) as tmp:
-            merge_adapter(base, out, tmp, tokenizer=tokenizer)
+            merge_adapter(base, out, tmp, quant=quant, tokenizer=tokenizer)
     return model.eval()

@@ -557,8 +557,12 @@ def cmd_merge_adapters(args) -> int:
     for path in [args.out] + ([args.merge] if args.merge else []):
         if Path(path).exists() and not args.force:
             raise ConfigError(f"{path} already exists; pass --force to replace it or choose another path")
+    quants = [adapter_qlora_section(adapter) for adapter in args.adapters]  # QLoRA: their finetune run says so
+    if any(q != quants[0] for q in quants):
+        raise ConfigError("the adapters were trained on different bases: some on the 4-bit (QLoRA) base, or under "
+                          "other qlora settings; combine adapters trained alike")
     combine_adapters(args.adapters, args.out, args.weights, args.combination, args.density, args.svd_rank,
-                     base=args.base, merged=args.merge)
+                     base=args.base, merged=args.merge, quant=quants[0])
     print(f"combined {len(args.adapters)} adapters ({args.combination}) into {args.out}"
           + (f"; merged checkpoint: {args.merge}" if args.merge else ""))
     return 0
