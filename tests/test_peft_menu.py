@@ -221,6 +221,9 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
     assert "a 4-bit base cannot hold exactly" in lora_init_problem(LoraSection(init="pissa"), "qlora")
     assert lora_init_problem(LoraSection(init="loftq"), "qlora") is None
     assert lora_init_problem(LoraSection(init="pissa_niter_4"), "lora") is None
+    assert "which only the finetune recipe converts back" in lora_init_problem(LoraSection(init="olora"), "lora",
+                                                                                converts=False)  # distill, classify
+    assert lora_init_problem(LoraSection(init="olora"), "full", converts=False) is None
     base = tiny_llama(tmp_path / "base")
     with pytest.raises(ConfigError, match="lora.init=loftq fits the adapter to the error of a 4-bit base"):
         add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(init="loftq"))
@@ -248,8 +251,7 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         add_lora(gpt2, LoraSection(init="olora"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
+@pytest.mark.parametrize("init", [pytest.param("pissa_niter_2", marks=pytest.mark.slow), "olora"])
 def test_pissa_and_olora_runs_resume_export_and_merge_exactly(tmp_path, ni_texts, init):
     """The finetune recipe with a base-changing init: the saved adapter (converted through run_dir/initial_adapter)
     applies to the untouched base with the trained model's logits, merge=true equals it, `tune export` of the last
