@@ -214,6 +214,11 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         LoraSection(alpha_pattern={"q_proj": "big"})
     with pytest.raises(ConfigError, match="lora.init=olora with lora.use_rslora and a rank/alpha pattern"):
         LoraSection(init="olora", use_rslora=True, rank_pattern={"q_proj": 2})
+    with pytest.raises(ConfigError, match="lora.init=pissa cannot be combined with lora.trainable_token_indices"):
+        LoraSection(init="pissa", trainable_token_indices=[1])
+    with pytest.raises(ConfigError, match="lora.init=olora cannot be combined with lora.trainable_token_indices or "
+                                          "lora.bias"):
+        LoraSection(init="olora", bias="lora_only")
     for bad in ([], [-1], ["a"], {"embed_tokens": []}, {}):
         with pytest.raises(ConfigError, match="lora.trainable_token_indices must list token ids >= 0"):
             LoraSection(trainable_token_indices=bad)
@@ -311,8 +316,8 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
     common = f"'base_model={model}', 'data.max_length=64', 'data.train_tasks={model}'"
     code = ("import sys; from tune.cli import main; "
             f"assert main(['validate', 'lora_ni', {common}, 'lora.init=pissa_niter_4', "
-            "'lora.rank_pattern={c_attn: 8}', 'lora.alpha_pattern={c_attn: 16}', "
-            "'lora.trainable_token_indices=[1, 2]']) == 0; "
+            "'lora.rank_pattern={c_attn: 8}', 'lora.alpha_pattern={c_attn: 16}']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[1, 2]']) == 0; "
             f"assert main(['validate', 'lora_ni', {common}, 'lora.init=loftq']) == 2; "
             f"assert main(['validate', 'qlora_ni', {common}, 'lora.init=olora']) == 2; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")

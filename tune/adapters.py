@@ -6,6 +6,7 @@ and does the one thing they leave to us: merging a QLoRA adapter into the *dequa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -195,8 +196,9 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
         # warns that they match no module: they are applied to the parameters (checked in tests/test_moe.py)
         warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         try:
-            with torch.random.fork_rng(devices=[]):  # pissa_niter: the same residual at every rebuild (resume, export)
-                if lora.init.startswith("pissa_niter_"):
+            niter = lora.init.startswith("pissa_niter_")  # its random SVD: the same residual at every rebuild
+            with torch.random.fork_rng(devices=[]) if niter else contextlib.nullcontext():
+                if niter:
                     torch.manual_seed(PISSA_NITER_SEED)
                 wrapped = get_peft_model(model, config)
         except ValueError as e:

@@ -134,6 +134,10 @@ class LoraSection:
                 what = "an integer >= 1" if key == "rank_pattern" else "a number > 0"
                 raise ConfigError(f"lora.{key} must map module names (or regexes) to {what}, e.g. {{q_proj: 8}}, got "
                                   f"{pattern!r}")
+        if mutates_base(self) and (self.trainable_token_indices or self.bias != "none"):
+            raise ConfigError(f"lora.init={self.init} cannot be combined with lora.trainable_token_indices or "
+                              "lora.bias: the adapter converted for the original base keeps only its LoRA matrices "
+                              "(peft); use lora.init=default or gaussian for those")
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base(self):
             raise ConfigError(f"lora.init={self.init} with lora.use_rslora and a rank/alpha pattern cannot be converted "
                               "back to an adapter of the original base (peft refuses it); drop one of them")
