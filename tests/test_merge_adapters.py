@@ -86,16 +86,18 @@ def test_cat_is_the_exact_weighted_sum_of_the_deltas(tmp_path, two_adapters):
         torch.testing.assert_close(delta(out, layer, 1.0), want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("combination", ["ties", "dare_ties"])
-def test_ties_and_dare_through_the_cli_reload_and_merge_to_the_same_logits(tmp_path, two_adapters, combination,
-                                                                            capsys):
-    """TIES / DARE keep --density of each adapter's values (DARE at random): the written adapter differs from the
-    linear combination, and it reloads in plain peft to the --merge checkpoint's logits."""
+@pytest.mark.parametrize("combination", ["ties", "dare_ties", "dare_linear", "magnitude_prune", "svd"])
+def test_pruning_and_svd_combinations_through_the_cli_reload_and_merge_exactly(tmp_path, two_adapters,
+                                                                               combination, capsys):
+    """TIES / DARE / magnitude pruning keep --density of each adapter's values (DARE at random), svd truncates the
+    exact sum: the written adapter differs from the linear combination, and it reloads in plain peft to the
+    --merge checkpoint's logits."""
     from transformers import AutoModelForCausalLM
 
     base, a, b = two_adapters
+    density = [] if combination == "svd" else ["--density", "0.5"]
     assert main(["merge-adapters", str(a), str(b), "--out", str(tmp_path / "out"), "--weights", "1", "1",
-                 "--combination", combination, "--density", "0.5", "--merge", str(tmp_path / "merged")]) == 0
+                 "--combination", combination, *density, "--merge", str(tmp_path / "merged")]) == 0
     assert f"combined 2 adapters ({combination})" in capsys.readouterr().out
     combined = reloaded(base, tmp_path / "out")
     ours = logits(combined, IDS)
@@ -105,7 +107,8 @@ def test_ties_and_dare_through_the_cli_reload_and_merge_to_the_same_logits(tmp_p
     assert not torch.allclose(ours, logits(linear, IDS), atol=1e-4)
     kept = load_file(tmp_path / "out" / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj"
                                                                      ".lora_A.weight"]
-    assert 0 < (kept == 0).float().mean() < 1  # values were pruned, not all
+    if density:
+        assert 0 < (kept == 0).float().mean() < 1  # values were pruned, not all
 
 
 def test_bad_combinations_are_one_line_errors(tmp_path, two_adapters, capsys):
