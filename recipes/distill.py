@@ -135,6 +135,7 @@ def validate(cfg: DistillConfig) -> None:
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
+    from tune.train_config import lora_init_problem
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
@@ -151,6 +152,8 @@ def validate(cfg: DistillConfig) -> None:
         problems.add("set exactly one of student.model (an HF directory) or student.preset (a fresh native model)")
     elif s.model is not None:
         student = problems.call(check_model_dir, s.model, "student.model")
+        if init_problem := lora_init_problem(cfg.lora, s.method, converts=False):
+            problems.add(init_problem)
     elif not student_sizes:
         if s.method != "full":
             problems.add(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains "

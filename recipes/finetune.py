@@ -83,6 +83,7 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
+    from tune.train_config import lora_init_problem
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
@@ -106,6 +107,8 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.add("merge=true applies to lora/qlora; a full fine-tune already writes a full checkpoint")
     if base is not None and cfg.method != "full":
         problems.call(check_moe_lora_dropout, cfg.lora, base)
+    if init_problem := lora_init_problem(cfg.lora, cfg.method):
+        problems.add(init_problem)
     quantized = problems.call(stored_quant, base) if base is not None else None
     if quantized:
         problems.add(f"base_model={cfg.base_model} is a quantized checkpoint ({quantized}, e.g. `tune "
@@ -209,7 +212,7 @@ def run(cfg: FinetuneConfig):
     from accelerate.utils import set_seed
 
     from tune.packing import PACKED_ATTENTION, NIBatches
-    from tune.adapters import attention_implementation, merge_adapter
+    from tune.adapters import attention_implementation, merge_adapter, prepare_initial_adapter
     from tune.engine import Engine, check_train_device, make_accelerator
     from tune.hf import experts_note, resolve_dtype
     from tune.recipe_utils import prepare_output_dir
@@ -228,6 +231,10 @@ def run(cfg: FinetuneConfig):
 
     weights_dtype = resolve_dtype(cfg.dtype)
     model = build_model(cfg)
+    initial = None  # PiSSA / OLoRA: the adapter as it started, to save the trained one for the original base
+    if cfg.method != "full" and accelerator.is_main_process:
+        resume = cfg.train.resume and any((run_dir / "checkpoints").glob("step_*"))
+        initial = prepare_initial_adapter(model, cfg.lora, run_dir, resume)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{cfg.method}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -246,7 +253,7 @@ def run(cfg: FinetuneConfig):
     if accelerator.is_main_process:
         model = result.model  # unsharded (the same module unless FSDP trained it)
         model.eval()
-        out = save_trained(cfg, model, tokenizer, run_dir / ("model" if cfg.method == "full" else "adapter"))
+        out = save_trained(cfg, model, tokenizer, run_dir / ("model" if cfg.method == "full" else "adapter"), initial)
         say(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {out}")
         if cfg.merge:
             merged = merge_adapter(cfg.base_model, out, run_dir / "merged", dtype=weights_dtype,
@@ -277,27 +284,31 @@ def build_model(cfg: FinetuneConfig):
     return add_lora(base, cfg.lora) if cfg.method in ("lora", "qlora") else base
 
 
-def save_trained(cfg: FinetuneConfig, model, tokenizer, out: Path) -> Path:
-    """The full model (method=full) or the PEFT adapter directory, with the tokenizer."""
+def save_trained(cfg: FinetuneConfig, model, tokenizer, out: Path, initial: Path | None = None) -> Path:
+    """The full model (method=full) or the PEFT adapter directory, with the tokenizer. `initial`: a PiSSA / OLoRA
+    run's initial adapter (tune.adapters.prepare_initial_adapter), to save the adapter for the original base."""
+    from tune.adapters import save_adapter
     from tune.hf import quiet_third_party
 
     if cfg.method == "full":
         with quiet_third_party():
             model.save_pretrained(out, safe_serialization=True)
     else:
-        model.save_pretrained(out)
+        save_adapter(model, out, initial)
     tokenizer.save_pretrained(out)
     return out
 
 
 def export_checkpoint(cfg: FinetuneConfig, run_dir: Path, checkpoint: Path, out: Path) -> Path:
     """One checkpoint of a fine-tuning run as the run saves its end: adapter directory or full model."""
+    from tune.adapters import INITIAL_ADAPTER, mutates_base
     from tune.engine import read_checkpoint_weights
 
     tokenizer = run_tokenizer(cfg)
     model = build_model(cfg)
     model.load_state_dict(read_checkpoint_weights(checkpoint, model), strict=False)
-    return save_trained(cfg, model.eval(), tokenizer, out)
+    initial = run_dir / INITIAL_ADAPTER if cfg.method != "full" and mutates_base(cfg.lora) else None
+    return save_trained(cfg, model.eval(), tokenizer, out, initial)
 
 
 def evaluate_run(cfg: FinetuneConfig, model, tokenizer, splits, prompt_cfg, run_dir: Path, say) -> dict:

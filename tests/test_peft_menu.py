@@ -30,23 +30,52 @@ def logits(model, ids):
         return model.eval()(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("options,config_key,expected", [
-    ({"use_dora": True}, "use_dora", True),
-    ({"use_rslora": True}, "use_rslora", True),
-    ({"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj"]}, "layers_to_transform", [1]),
-    ({"exclude_modules": ["o_proj", "down_proj"]}, "exclude_modules", ["down_proj", "o_proj"]),
+# options -> what adapter_config.json must say. PiSSA / OLoRA adapters are saved converted for the original base
+# (peft's path_initial_model_for_weight_conversion): rank 2r, alpha 2·alpha (patterns doubled), init_lora_weights true
+@pytest.mark.parametrize("options,saved", [
+    ({"use_dora": True}, {"use_dora": True}),
+    ({"use_rslora": True}, {"use_rslora": True}),
+    ({"layers_to_transform": [1], "target_modules": ["q_proj", "v_proj"]}, {"layers_to_transform": [1]}),
+    ({"exclude_modules": ["o_proj", "down_proj"]}, {"exclude_modules": ["down_proj", "o_proj"]}),
+    ({"init": "gaussian"}, {"init_lora_weights": "gaussian", "r": 4}),
+    ({"init": "pissa", "rank_pattern": {"q_proj": 2}}, {"init_lora_weights": True, "r": 8, "lora_alpha": 16,
+                                                         "rank_pattern": {"q_proj": 4}}),
+    ({"init": "pissa_niter_2"}, {"init_lora_weights": True, "r": 8, "lora_alpha": 16}),
+    ({"init": "olora"}, {"init_lora_weights": True, "r": 8, "lora_alpha": 16}),
+    ({"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 2}},
+     {"r": 4, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 2}}),
+    ({"trainable_token_indices": [3, 5, 7]}, {"trainable_token_indices": [3, 5, 7]}),
 ])
-def test_lora_option_reaches_peft_trains_reloads_and_merges_exactly(tmp_path, options, config_key, expected):
+def test_lora_option_reaches_peft_trains_reloads_and_merges_exactly(tmp_path, options, saved):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tune.adapters import prepare_initial_adapter, save_adapter
+
     base = tiny_llama(tmp_path / "base")
-    model = add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(r=4, alpha=8, dropout=0.0, **options))
+    lora = LoraSection(r=4, alpha=8, dropout=0.0, **options)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base), lora)
     targeted = model.targeted_module_names
     if "layers_to_transform" in options:
         assert targeted and all(".layers.1." in name for name in targeted)
     if "exclude_modules" in options:
         assert targeted and not any(name.endswith(("o_proj", "down_proj")) for name in targeted)
+    layers = {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if hasattr(m, "r")}
+    if "rank_pattern" in options:  # q_proj at its own rank; v_proj at its own alpha (scaling alpha / r)
+        q, v, k = (layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qvk")
+        assert (q.r["default"], q.scaling["default"]) == (2, 8 / 2)
+        assert (v.r["default"], v.scaling["default"]) == (4, 2 / 4) if "alpha_pattern" in options else True
+        assert (k.r["default"], k.scaling["default"]) == (4, 8 / 4)
+        assert q.lora_A["default"].weight.shape == (2, 32)
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    q_weight = (q_proj.get_base_layer() if hasattr(q_proj, "get_base_layer") else q_proj).weight
+    original = AutoModelForCausalLM.from_pretrained(base).model.layers[0].self_attn.q_proj.weight
+    if options.get("init", "default").startswith(("pissa", "olora")):  # the base holds W - scaling·B0·A0 now
+        assert model.peft_config["default"].init_lora_weights == options["init"]
+        assert not torch.equal(q_weight, original)
+    else:
+        assert torch.equal(q_weight, original)
+    initial = prepare_initial_adapter(model, lora, tmp_path / "run")
     # a few steps, so B (and DoRA's magnitude) leave their initial values
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -56,10 +85,9 @@ def test_lora_option_reaches_peft_trains_reloads_and_merges_exactly(tmp_path, op
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "adapter")
-    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    got = sorted(saved[config_key]) if isinstance(saved[config_key], list) else saved[config_key]
-    assert got == expected
+    save_adapter(model, tmp_path / "adapter", initial)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {key: sorted(config[key]) if isinstance(config[key], list) else config[key] for key in saved} == saved
     ours = logits(model, ids)
     assert not torch.allclose(ours, logits(AutoModelForCausalLM.from_pretrained(base), ids))  # it trained
     with warnings.catch_warnings():
@@ -68,6 +96,10 @@ def test_lora_option_reaches_peft_trains_reloads_and_merges_exactly(tmp_path, op
     torch.testing.assert_close(logits(plain, ids), ours, atol=1e-5, rtol=1e-5)
     merged = AutoModelForCausalLM.from_pretrained(merge_adapter(base, tmp_path / "adapter", tmp_path / "merged"))
     torch.testing.assert_close(logits(merged, ids), ours, atol=1e-5, rtol=1e-5)
+    if "trainable_token_indices" in options:  # those rows of the input embedding trained, and no other
+        before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+        changed = (merged.get_input_embeddings().weight != before).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [3, 5, 7]
 
 
 def test_rslora_scales_by_the_square_root_of_the_rank(tmp_path):
@@ -118,3 +150,181 @@ def test_loraplus_trains_the_b_matrices_at_ratio_times_the_lr_through_the_schedu
     with pytest.raises(ConfigError, match="train.loraplus_lr_ratio is set but the model has no trainable LoRA B"):
         make_optimizer(cfg, GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1,
                                                        n_head=2)))
+
+
+def test_loftq_fits_the_4bit_error_trains_reloads_on_the_4bit_base_and_merges_exactly(tmp_path):
+    """lora.init=loftq (QLoRA): every adapted layer starts at Q + scaling·B·A = Q + SVD_r(W - Q), the best rank-r
+    approximation of the full-precision weight W, so its error ||W - (Q + scaling·B·A)|| is the norm of W - Q's
+    singular values past r (hand-computed here) and below plain QLoRA's ||W - Q|| (B = 0). The 4-bit weights stay
+    as loaded: the adapter reloads in plain peft on the 4-bit base, and merges into its dequantized weights, exactly."""
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tune.adapters import load_base_model
+    from tune.train_config import QuantSection
+
+    base = tiny_llama(tmp_path / "base")
+    quant = QuantSection(compute_dtype="fp32")
+    full = dict(AutoModelForCausalLM.from_pretrained(base).named_modules())
+    lora = LoraSection(r=4, alpha=8, dropout=0.0, init="loftq")
+    model = add_lora(load_base_model(base, "qlora", torch.float32, quant), lora)
+    layers = [(n.removeprefix("base_model.model."), m) for n, m in model.named_modules() if hasattr(m, "lora_A")
+              and "default" in m.lora_A]
+    assert len(layers) == 2 * 7
+    for name, layer in layers:
+        weight, q = full[name].weight.detach(), layer.get_base_layer().weight
+        error = weight - dequantize_4bit(q.data, q.quant_state)
+        delta = (layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        singular = torch.linalg.svdvals(error)
+        assert (error - delta).norm().item() == pytest.approx(singular[4:].norm().item(), rel=1e-4)
+        assert (error - delta).norm() < 0.9 * error.norm()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    ours = logits(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = PeftModel.from_pretrained(load_base_model(base, "qlora", torch.float32, quant), tmp_path / "adapter")
+    torch.testing.assert_close(logits(plain, ids), ours, atol=1e-5, rtol=1e-5)
+    merged = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged", quant=quant)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(merged), ids), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tune.train_config import lora_init_problem
+
+    with pytest.raises(ConfigError, match=r"lora.init='svd' is not one of default, gaussian, pissa, pissa_niter_N"):
+        LoraSection(init="svd")
+    with pytest.raises(ConfigError, match="lora.init='pissa_niter_0' is not one of"):
+        LoraSection(init="pissa_niter_0")
+    with pytest.raises(ConfigError, match="lora.use_dora cannot start from lora.init=pissa"):
+        LoraSection(init="pissa", use_dora=True)
+    with pytest.raises(ConfigError, match=r"lora.rank_pattern must map module names \(or regexes\) to an integer >= 1"):
+        LoraSection(rank_pattern={"q_proj": 0})
+    with pytest.raises(ConfigError, match="lora.alpha_pattern must map module names"):
+        LoraSection(alpha_pattern={"q_proj": "big"})
+    with pytest.raises(ConfigError, match="lora.init=olora with lora.use_rslora and a rank/alpha pattern"):
+        LoraSection(init="olora", use_rslora=True, rank_pattern={"q_proj": 2})
+    with pytest.raises(ConfigError, match="lora.init=pissa cannot be combined with lora.trainable_token_indices"):
+        LoraSection(init="pissa", trainable_token_indices=[1])
+    with pytest.raises(ConfigError, match="lora.init=olora cannot be combined with lora.trainable_token_indices or "
+                                          "lora.bias"):
+        LoraSection(init="olora", bias="lora_only")
+    for bad in ([], [-1], ["a"], {"embed_tokens": []}, {}):
+        with pytest.raises(ConfigError, match="lora.trainable_token_indices must list token ids >= 0"):
+            LoraSection(trainable_token_indices=bad)
+    assert "is for method=qlora only" in lora_init_problem(LoraSection(init="loftq"), "lora")
+    assert "a 4-bit base cannot hold exactly" in lora_init_problem(LoraSection(init="pissa"), "qlora")
+    assert lora_init_problem(LoraSection(init="loftq"), "qlora") is None
+    assert lora_init_problem(LoraSection(init="pissa_niter_4"), "lora") is None
+    assert "which only the finetune recipe converts back" in lora_init_problem(LoraSection(init="olora"), "lora",
+                                                                                converts=False)  # distill, classify
+    assert lora_init_problem(LoraSection(init="olora"), "full", converts=False) is None
+    base = tiny_llama(tmp_path / "base")
+    with pytest.raises(ConfigError, match="lora.init=loftq fits the adapter to the error of a 4-bit base"):
+        add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(init="loftq"))
+    with pytest.raises(ConfigError, match="token ids must be below the input embedding's 64 rows"):
+        add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(trainable_token_indices=[3, 64]))
+    tied = AutoModelForCausalLM.from_pretrained(base)
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # one tensor, as a tie_word_embeddings base loads
+    with pytest.raises(ConfigError, match="lora.init=pissa would change lm_head, whose weight the model shares"):
+        add_lora(tied, LoraSection(init="pissa", target_modules=["q_proj", "lm_head"]))
+    from tune.adapters import prepare_initial_adapter
+    from tune.errors import TuneError
+
+    pissa = LoraSection(r=4, init="pissa")
+    start = prepare_initial_adapter(add_lora(AutoModelForCausalLM.from_pretrained(base), pissa), pissa, tmp_path / "run")
+    assert prepare_initial_adapter(add_lora(AutoModelForCausalLM.from_pretrained(base), pissa), pissa, tmp_path / "run",
+                                   resume=True) == start
+    other = AutoModelForCausalLM.from_pretrained(base)
+    other.model.layers[0].self_attn.q_proj.weight.data *= 2  # another base: another SVD, another residual
+    with pytest.raises(TuneError, match="initial_adapter: this rebuild of the lora.init=pissa model starts from other"):
+        prepare_initial_adapter(add_lora(other, pissa), pissa, tmp_path / "run", resume=True)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ConfigError, match="lora.init=olora: peft computes it wrongly for Conv1D layers"):
+        add_lora(gpt2, LoraSection(init="olora"))
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
+def test_pissa_and_olora_runs_resume_export_and_merge_exactly(tmp_path, ni_texts, init):
+    """The finetune recipe with a base-changing init: the saved adapter (converted through run_dir/initial_adapter)
+    applies to the untouched base with the trained model's logits, merge=true equals it, `tune export` of the last
+    checkpoint writes the same adapter, and a run stopped at step 4 and resumed (the base residual rebuilt and
+    checked against initial_adapter) ends with the same adapter and losses."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import NI_TASKS, rewind_to_step_4
+    from recipes.finetune import run
+    from test_finetune import finetune_config, make_base, train_losses
+    from tune.cli import main
+
+    if not NI_TASKS.is_dir():
+        pytest.skip(f"{NI_TASKS} not present")
+    base = make_base(tmp_path / "llama_base", ni_texts, "tiny-modern")
+    steps = {"train.max_steps": 8, "train.save_every": 2, "lora.init": init, "lora.r": 4, "lora.dropout": 0.0,
+             "merge": "true"}
+    cfg = finetune_config(tmp_path, base, "lora", **steps)
+    result = run(cfg)
+    run_dir = result.run_dir
+    assert (run_dir / "initial_adapter" / "adapter_model.safetensors").is_file()
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    ids = torch.arange(1, 40)[None]
+    ours = logits(result.model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run_dir / "adapter")
+    torch.testing.assert_close(logits(plain, ids), ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(run_dir / "merged"), ids), ours,
+                               atol=1e-5, rtol=1e-5)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    exported = load_file(tmp_path / "export" / "adapter_model.safetensors")
+    assert exported.keys() == adapter.keys() and all(torch.equal(exported[k], adapter[k]) for k in adapter)
+    losses = train_losses(run_dir)
+    rewind_to_step_4(run_dir)
+    run(finetune_config(tmp_path, base, "lora", **steps, **{"train.resume": "true"}))
+    resumed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)
+    assert train_losses(run_dir)[-4:] == losses[-4:]
+
+
+def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
+    """`tune validate` takes lora.init / rank_pattern / alpha_pattern / trainable_token_indices as overrides and
+    refuses an init that does not suit the method, in one line, importing neither torch nor transformers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                       '"n_positions": 64}')
+    (model / "model.safetensors").write_bytes(b"")
+    common = f"'base_model={model}', 'data.max_length=64', 'data.train_tasks={model}'"
+    code = ("import sys; from tune.cli import main; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.init=pissa_niter_4', "
+            "'lora.rank_pattern={c_attn: 8}', 'lora.alpha_pattern={c_attn: 16}']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[1, 2]']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.init=loftq']) == 2; "
+            f"assert main(['validate', 'qlora_ni', {common}, 'lora.init=olora']) == 2; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
+    assert "lora.init=olora moves part of each base weight into the adapter" in errors[1], result.stderr

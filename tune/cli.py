@@ -548,6 +548,26 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_merge_adapters(args) -> int:
+    """Combine LoRA adapters of one base into one PEFT adapter (peft's add_weighted_adapter), optionally merged into
+    a full checkpoint (tune.adapters.combine_adapters)."""
+    from tune.adapters import check_combination, combine_adapters
+
+    check_combination(args.adapters, args.weights, args.combination, args.density, args.svd_rank)
+    for path in [args.out] + ([args.merge] if args.merge else []):
+        if Path(path).exists() and not args.force:
+            raise ConfigError(f"{path} already exists; pass --force to replace it or choose another path")
+    quants = [adapter_qlora_section(adapter) for adapter in args.adapters]  # QLoRA: their finetune run says so
+    if any(q != quants[0] for q in quants):
+        raise ConfigError("the adapters were trained on different bases: some on the 4-bit (QLoRA) base, or under "
+                          "other qlora settings; combine adapters trained alike")
+    combine_adapters(args.adapters, args.out, args.weights, args.combination, args.density, args.svd_rank,
+                     base=args.base, merged=args.merge, quant=quants[0])
+    print(f"combined {len(args.adapters)} adapters ({args.combination}) into {args.out}"
+          + (f"; merged checkpoint: {args.merge}" if args.merge else ""))
+    return 0
+
+
 PREDICT_FIELDS = {"classification": ("text",), "entailment": ("premise", "hypothesis"), "similarity": ("a", "b"),
                   "multiple_choice": ("context", "choice")}
 
@@ -773,6 +793,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="a LoRA / QLoRA adapter trained on MODEL_DIR: merged in first")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("merge-adapters", help="combine LoRA adapters of one base into one (peft's add_weighted_adapter: "
+                                              "linear, cat, svd, TIES, DARE, magnitude pruning)")
+    p.add_argument("adapters", nargs="+", help="two or more PEFT LoRA adapter directories trained on the same base")
+    p.add_argument("--out", required=True, help="the combined adapter directory to write (written aside, then renamed)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per adapter (default 1.0 each)")
+    p.add_argument("--combination", default="linear", help="linear (default), cat, svd, ties, dare_linear, "
+                                                            "dare_ties or magnitude_prune")
+    p.add_argument("--density", type=float, default=None,
+                   help="ties / dare_* / magnitude_prune: the fraction of each adapter's values kept, in (0, 1]")
+    p.add_argument("--svd-rank", type=int, default=None, help="svd: the combined adapter's rank (default: the largest)")
+    p.add_argument("--base", default=None, help="the base model directory (default: the one the adapters record)")
+    p.add_argument("--merge", default=None, metavar="DIR", help="also write the base with the combined adapter merged "
+                                                                "in, a full HF checkpoint, to DIR")
+    p.add_argument("--force", action="store_true", help="replace --out / --merge if they exist")
+    p.set_defaults(func=cmd_merge_adapters)
     p = sub.add_parser("plan", help="parameters, FLOPs, wall time and memory per process of a config (reads the preset "
                                     "or config.json: no weights, no data)")
     p.add_argument("config", nargs="?", help="a config file or built-in config name (or use --model-size)")

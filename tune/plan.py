@@ -830,10 +830,14 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
                   quant=quant.quant_type if quant else "nf4", double_quant=quant.double_quant if quant else True,
                   processes=processes, fsdp=fsdp, device=device, teacher=teacher, teacher_dtype=teacher_dtype,
                   teacher_quant=teacher_quant, kd_chunk=cfg.kd.chunk_size if distill else 4096, distill=distill)
-    extras = [k for k in ("use_dora", "layers_to_transform", "exclude_modules") if lora and getattr(lora, k, None)]
+    extras = [k for k in ("use_dora", "layers_to_transform", "exclude_modules", "rank_pattern", "alpha_pattern",
+                          "trainable_token_indices") if lora and getattr(lora, k, None)]
+    if lora and getattr(lora, "init", "default") not in ("default", "gaussian"):
+        extras.append(f"init={lora.init}")
     if extras and method in ("lora", "qlora"):
         notes.append(f"lora.{', lora.'.join(extras)}: not modelled; LoRA parameters are counted on every targeted "
-                     "layer, without DoRA's magnitudes (one per output feature of each adapted layer)")
+                     "layer at rank lora.r, without DoRA's magnitudes (one per output feature of each adapted layer) "
+                     "or trainable token rows, and the init's one-off SVD / QR / LoftQ pass is not timed")
     if recipe in ("finetune", "distill") and getattr(cfg.data, "mask_prompt", False):
         notes.append("activations and loss assume every position is a target (prompt masking only lowers the loss "
                      "part) and rows packed full to the sequence length: an upper bound")

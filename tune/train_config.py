@@ -7,6 +7,8 @@ and tune/adapters.py re-export them).
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,9 +106,47 @@ class LoraSection:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)
     layers_to_transform: list[int] | None = None  # adapt only these decoder layers (0-based); null: every layer
     exclude_modules: list[str] | None = None  # module names left out of target_modules (e.g. of all-linear)
+    # the adapter's starting weights: default (A random, B zero: peft's True), gaussian, pissa / pissa_niter_N (the
+    # r principal singular directions of each weight, moved out of the base; niter: fast randomized SVD with N
+    # iterations), olora (QR), loftq (QLoRA only: the rank-r part of the 4-bit quantization error); LORA_INITS
+    init: str = "default"
+    rank_pattern: dict[str, int] | None = None  # module name or regex -> its rank instead of r (peft's rank_pattern)
+    alpha_pattern: dict[str, float] | None = None  # module name or regex -> its alpha instead of alpha
+    # rows of the input embedding trained without the rest of it (peft's trainable tokens; new tokens): token ids,
+    # or module name -> token ids
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self):
         check_ranges("lora.", self, {"r": ">= 1", "dropout": "[0, 1)", "alpha": "> 0"})
+        if not LORA_INIT.fullmatch(str(self.init)):
+            raise ConfigError(f"lora.init={self.init!r} is not one of {', '.join(LORA_INITS)} (or pissa_niter_N, "
+                              "N >= 1: PiSSA with a fast randomized SVD)")
+        if self.use_dora and self.init != "default" and self.init != "gaussian":
+            raise ConfigError(f"lora.use_dora cannot start from lora.init={self.init} (peft sets DoRA's magnitudes "
+                              "from the initial weights and does not convert them back to the original base); "
+                              "use lora.init=default or gaussian with DoRA")
+        for key, kinds in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pattern = getattr(self, key)
+            bad = [k for k, v in (pattern or {}).items()
+                   if not isinstance(k, str) or not k or isinstance(v, bool) or not isinstance(v, kinds) or not v > 0
+                   or not math.isfinite(v)]
+            if pattern is not None and (not pattern or bad):
+                what = "an integer >= 1" if key == "rank_pattern" else "a number > 0"
+                raise ConfigError(f"lora.{key} must map module names (or regexes) to {what}, e.g. {{q_proj: 8}}, got "
+                                  f"{pattern!r}")
+        if mutates_base(self) and (self.trainable_token_indices or self.bias != "none"):
+            raise ConfigError(f"lora.init={self.init} cannot be combined with lora.trainable_token_indices or "
+                              "lora.bias: the adapter converted for the original base keeps only its LoRA matrices "
+                              "(peft); use lora.init=default or gaussian for those")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base(self):
+            raise ConfigError(f"lora.init={self.init} with lora.use_rslora and a rank/alpha pattern cannot be converted "
+                              "back to an adapter of the original base (peft refuses it); drop one of them")
+        tokens = self.trainable_token_indices
+        groups = tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []
+        if any(not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                          for i in ids) for ids in groups) or tokens == {}:
+            raise ConfigError(f"lora.trainable_token_indices must list token ids >= 0 (e.g. [50257, 50258]) or map "
+                              f"embedding module names to such lists, got {tokens!r}")
         if self.layers_to_transform is not None and (not self.layers_to_transform
                                                      or any(i < 0 for i in self.layers_to_transform)):
             raise ConfigError(f"lora.layers_to_transform must list layer indices >= 0 (or be null for every layer), "
@@ -114,6 +154,33 @@ class LoraSection:
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError(f"lora.layers_to_transform needs lora.target_modules as a list of module names (e.g. "
                               f"[q_proj, v_proj]); peft cannot restrict {self.target_modules!r} to layers")
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+LORA_INIT = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*|olora|loftq")
+
+
+def mutates_base(lora: LoraSection) -> bool:
+    """True for the inits that move part of each adapted base weight into the adapter (PiSSA, OLoRA): the trained
+    adapter is converted back to one of the untouched base when saved (tune.adapters.save_adapter)."""
+    return lora.init.startswith("pissa") or lora.init == "olora"
+
+
+def lora_init_problem(lora: LoraSection, method: str, converts: bool = True) -> str | None:
+    """The problem line when lora.init does not suit `method` (full / lora / qlora), else None. `converts`: the
+    recipe saves a PiSSA / OLoRA adapter converted for the original base (finetune); the others refuse those."""
+    if method == "full":
+        return None
+    if not converts and mutates_base(lora):
+        return (f"lora.init={lora.init} moves part of each base weight into the adapter, which only the finetune "
+                "recipe converts back when saving; use lora.init=default or gaussian here")
+    if method == "qlora" and mutates_base(lora):
+        return (f"lora.init={lora.init} moves part of each base weight into the adapter, which a 4-bit base cannot "
+                "hold exactly; use method=lora for it, or lora.init=loftq with method=qlora")
+    if method == "lora" and lora.init == "loftq":
+        return ("lora.init=loftq fits the adapter to the error of a 4-bit base and is for method=qlora only; with "
+                "method=lora use lora.init=default, gaussian, pissa or olora")
+    return None
 
 
 @dataclass
