@@ -1,0 +1,164 @@
+"""data_prep/instructions.py and the finetune / distill recipes on users' instruction data: alpaca, prompt_completion,
+chat messages and plain text, read from JSON, JSONL, CSV, Parquet and save_to_disk folders; chat loss masks checked
+token by token on a Llama-3-style and a ChatML-style template; bad rows refused in one line naming file, row and field.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from tune.errors import ConfigError, DataError
+from tune.losses import IGNORE_INDEX
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# ChatML with its replies marked for transformers' return_assistant_tokens_mask
+CHATML_GENERATION = ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+                     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+                     "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+                     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "And goodbye?"},
+        {"role": "assistant", "content": "Goodbye now."}]
+
+ALPACA_ROWS = [{"instruction": "Reverse the word.", "input": "cat", "output": "tac"},
+               {"instruction": "Name a colour.", "input": "", "output": "blue"},
+               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer with the special tokens of both templates."""
+    from data_prep.text import train_bpe_tokenizer
+
+    texts = [m["content"] for m in CHAT] * 20 + [r[k] for r in ALPACA_ROWS for k in r] * 20
+    tok = train_bpe_tokenizer(texts, 300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+                                                          "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    return tok
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """`rows` written in the format of path's suffix (.json list, .jsonl, .csv with lists as JSON, .parquet), or as a
+    save_to_disk folder for a path without suffix."""
+    import pandas as pd
+    from datasets import Dataset
+
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    elif path.suffix == ".csv":
+        pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
+                     ).to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+FORMATS = [".json", ".jsonl", ".csv", ".parquet", ""]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_every_kind_reads_the_same_rows_from_every_format(tmp_path, suffix):
+    from data_prep.instructions import read_records
+
+    pc = [{"question": "2+2?", "answer": "4"}, {"question": "Capital of France?", "answer": "Paris"}]
+    chats = [{"messages": CHAT}, {"messages": CHAT[1:3]}]
+    texts = [{"text": "one line"}, {"text": "another\nline"}]
+    cases = [("alpaca", ALPACA_ROWS, None), ("prompt_completion", pc, {"prompt": "question", "completion": "answer"}),
+             ("chat", chats, None), ("text", texts, None)]
+    for kind, rows, columns in cases:
+        path = write_rows(tmp_path / f"{kind}{suffix}", rows)
+        records = read_records(path, kind, columns, cache_dir=tmp_path / "cache")
+        mapping = {ours: theirs for ours, theirs in (columns or {}).items()}
+        expected = [{f: r[mapping.get(f, f)] for f in ([*mapping] if columns else r)} for r in rows]
+        assert [r.fields for r in records] == expected, (kind, suffix)
+        assert [r.where for r in records] == [f"{path} row {i}" for i in (1, 2, 3)[:len(rows)]]
+        assert {r.group for r in records} == {kind}
+
+
+def test_alpaca_prompts_and_masks(tmp_path, chat_tokenizer):
+    from data_prep.instructions import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, FormatSettings, Formatter, read_records
+
+    records = read_records(write_rows(tmp_path / "a.jsonl", ALPACA_ROWS), "alpaca")
+    tok = chat_tokenizer
+    fmt = Formatter(FormatSettings(kind="alpaca", max_length=256), tok)
+    assert fmt.prompt_and_completion(records[0]) == (ALPACA_PROMPT.format(instruction="Reverse the word.", input="cat"),
+                                                     "tac")
+    assert fmt.prompt_and_completion(records[1])[0] == ALPACA_PROMPT_NO_INPUT.format(instruction="Name a colour.")
+    examples, report = fmt.encode(records)
+    prompt = tok(ALPACA_PROMPT.format(instruction="Reverse the word.", input="cat"), add_special_tokens=False)["input_ids"]
+    output = tok("tac", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert examples[0]["input_ids"] == prompt + output and examples[0]["prompt_len"] == len(prompt)
+    # targets[t] is the token at t+1 when that token is part of the output (or the eos)
+    assert examples[0]["targets"] == [IGNORE_INDEX] * (len(prompt) - 1) + output + [IGNORE_INDEX]
+    assert report.total == 3 and report.dropped == 0 and report.examples == 3
+    everything, _ = Formatter(FormatSettings(kind="alpaca", max_length=256, train_on="all"), tok).encode(records[:1])
+    assert everything[0]["targets"] == everything[0]["input_ids"][1:] + [IGNORE_INDEX]
+    custom = Formatter(FormatSettings(kind="alpaca", template="Q: {instruction} {input}\nA:"), tok)
+    assert custom.prompt_and_completion(records[0]) == ("Q: Reverse the word. cat\nA:", "tac")
+
+
+def chat_formatter(tok, template, train_on="completion", max_length=256):
+    from data_prep.instructions import FormatSettings, Formatter
+
+    return Formatter(FormatSettings(kind="chat", max_length=max_length, train_on=train_on, chat_template=template), tok)
+
+
+def expected_chat(tok, pieces):
+    """ids and labels from (text, trained) pieces, each tokenized on its own."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
+CHATML_PIECES = [("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nSay hello.<|im_end|>\n"
+                  "<|im_start|>assistant\n", False), ("Hello there.<|im_end|>", "first"),
+                 ("\n<|im_start|>user\nAnd goodbye?<|im_end|>\n<|im_start|>assistant\n", False),
+                 ("Goodbye now.<|im_end|>", "last"), ("\n", False)]
+LLAMA3_PIECES = [("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+                  "<|start_header_id|>user<|end_header_id|>\n\nSay hello.<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n", False), ("Hello there.<|eot_id|>", "first"),
+                 ("<|start_header_id|>user<|end_header_id|>\n\nAnd goodbye?<|eot_id|>"
+                  "<|start_header_id|>assistant<|end_header_id|>\n\n", False), ("Goodbye now.<|eot_id|>", "last")]
+
+
+@pytest.mark.parametrize("template,pieces", [(CHATML, CHATML_PIECES), (LLAMA3, LLAMA3_PIECES),
+                                             (CHATML_GENERATION, CHATML_PIECES)],
+                         ids=["chatml", "llama3", "chatml_generation_blocks"])
+def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
+    from data_prep.instructions import Record
+
+    tok = chat_tokenizer
+    if template is LLAMA3:
+        tok = copy.deepcopy(tok)
+        tok.bos_token = "<|begin_of_text|>"
+    record = Record({"messages": CHAT}, "chat.jsonl row 1", "chat", "chat-1")
+    for train_on, trained in (("completion", {"first", "last"}), ("all_assistant", {"first", "last"}),
+                              ("last_assistant", {"last"}), ("all", {"first", "last", False})):
+        ids, labels = expected_chat(tok, [(text, kind in trained) for text, kind in pieces])
+        example = chat_formatter(tok, template, train_on).encode([record])[0][0]
+        assert example["input_ids"] == ids, train_on
+        assert example["targets"] == labels[1:] + [IGNORE_INDEX], train_on
+        shown = tok.decode([t for t in example["targets"] if t != IGNORE_INDEX], skip_special_tokens=False)
+        end = "<|im_end|>" if "im_end" in pieces[1][0] else "<|eot_id|>"
+        if train_on == "last_assistant":
+            assert shown == f"Goodbye now.{end}"
+        elif train_on != "all":
+            assert shown == f"Hello there.{end}Goodbye now.{end}"
+    # the prompt evaluation and distillation see: everything before the last reply, with the generation prompt
+    fmt = chat_formatter(tok, template)
+    prompt, reference = fmt.prompt_and_completion(record)
+    assert prompt == "".join(text for text, _ in pieces[:3]) and reference == "Goodbye now."
+    assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>" if "im_end" in pieces[1][0] else "<|eot_id|>"])
