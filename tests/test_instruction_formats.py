@@ -162,3 +162,64 @@ def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
     prompt, reference = fmt.prompt_and_completion(record)
     assert prompt == "".join(text for text, _ in pieces[:3]) and reference == "Goodbye now."
     assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>" if "im_end" in pieces[1][0] else "<|eot_id|>"])
+
+
+# -- the finetune recipe on these kinds ------------------------------------------------------------
+PLAIN_CHAT = ("{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] }}{% if m['role'] == 'assistant' %}"
+              "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}"
+              "{% endif %}")
+
+
+def chats(n: int) -> list[dict]:
+    """n short chats with a system turn and two exchanges: the reply repeats the user's word."""
+    words = ["apple", "river", "stone", "cloud", "green", "table", "music", "light"]
+    return [{"messages": [{"role": "system", "content": "Repeat the word."},
+                          {"role": "user", "content": words[i % 8]}, {"role": "assistant", "content": words[i % 8]},
+                          {"role": "user", "content": words[(i + 3) % 8]},
+                          {"role": "assistant", "content": words[(i + 3) % 8]}]} for i in range(n)]
+
+
+def finetune_cfg(tmp_path, base, **data):
+    from recipes.finetune import FinetuneConfig
+    from tune.config import load_config
+
+    return load_config(FinetuneConfig, data={
+        "recipe": "finetune", "method": "lora", "base_model": str(base), "output_dir": str(tmp_path / "run"),
+        "lora": {"r": 4}, "data": {"max_length": 128, "cache_dir": str(tmp_path / "cache"), **data},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "grad_accum_steps": 1, "lr": 1e-2, "warmup_steps": 1,
+                  "eval_every": 3, "eval_batches": 2, "log_every": 1, "progress": False},
+        "eval": {"max_new_tokens": 4, "max_instances_per_task": 3}})
+
+
+def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_lm, capsys):
+    from data_prep.instructions import FormatSettings, Formatter, read_records
+    from recipes.finetune import run
+    from tune.hf import load_tokenizer
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(16))
+    template = tmp_path / "plain.jinja"
+    template.write_text(PLAIN_CHAT, encoding="utf-8")
+    cfg = finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(template),
+                       heldout_fraction=0.25, packing=True)
+    result = run(cfg)
+    out = capsys.readouterr().out
+    assert "train (chat): 12/12 rows kept (12 examples" in out and "held out: 4 examples of 4 rows" in out
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in m for m in metrics) and result.val_loss is not None
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    held = results["heldout"]
+    assert held["n_instances"] == 3 and set(held["overall"]["mean_over_instances"]) == {
+        "rougeL", "exact_match", "copy_input_rougeL", "copy_input_exact_match"}
+    # the prompt is the conversation before the last reply, rendered as at training, with the generation prompt;
+    # the reference is the last reply, which the copy-input baseline (the last user message) matches exactly
+    tokenizer = load_tokenizer(tiny_lm)
+    first = held["predictions"][0]
+    record = next(r for r in read_records(train, "chat") if r.id == first["id"])
+    messages = record.fields["messages"]
+    prompt = "".join(f"{m['role']}:\n{m['content']}" + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n"
+                     for m in messages[:-1]) + "assistant:\n"
+    assert held["example_prompts"]["chats"] == prompt
+    assert first["references"] == [messages[-1]["content"]]
+    assert held["overall"]["mean_over_instances"]["copy_input_exact_match"] == 100.0
+    fmt = Formatter(FormatSettings(kind="chat", chat_template=PLAIN_CHAT), tokenizer)
+    assert fmt.end_of_turn == [tokenizer.eos_token_id]
