@@ -223,3 +223,28 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     assert held["overall"]["mean_over_instances"]["copy_input_exact_match"] == 100.0
     fmt = Formatter(FormatSettings(kind="chat", chat_template=PLAIN_CHAT), tokenizer)
     assert fmt.end_of_turn == [tokenizer.eos_token_id]
+
+
+# -- the distill recipe reuses the data section ----------------------------------------------------
+def test_distill_on_chat_rows_compares_students_on_the_heldout_replies(tmp_path, tiny_lm, capsys):
+    from recipes.distill import DistillConfig, run
+    from tune.config import load_config
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(12))
+    template = tmp_path / "plain.jinja"
+    template.write_text(PLAIN_CHAT, encoding="utf-8")
+    cfg = load_config(DistillConfig, data={
+        "recipe": "distill", "output_dir": str(tmp_path / "distill"), "teacher": {"model": str(tiny_lm)},
+        "student": {"preset": "tiny-gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "data": {"kind": "chat", "train": str(train), "chat_template": str(template), "heldout_fraction": 0.25,
+                 "max_length": 128, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum_steps": 1, "warmup_steps": 1, "eval_every": 2,
+                  "eval_batches": 1, "log_every": 1, "progress": False},
+        "compare": {"ce_only": True, "max_instances_per_task": 2, "max_new_tokens": 3}})
+    result = run(cfg)
+    assert result.step == 2 and (tmp_path / "distill" / "student" / "config.json").is_file()
+    rows = json.loads((tmp_path / "distill" / "comparison.json").read_text())
+    for name in ("teacher", "off-policy KD", "CE-only student"):
+        assert rows[name]["n_instances"] == 2 and 0 <= rows[name]["rougeL"] <= 100, rows
+    assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
+    assert "train (chat): 9/9 rows kept" in capsys.readouterr().out
