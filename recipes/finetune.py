@@ -307,7 +307,7 @@ def load_data(cfg, tokenizer) -> RunData:
     if not train:
         raise DataError(f"data.train: no training rows left ({len(records)} read, {len(heldout)} held out); add rows or "
                         "lower data.heldout_fraction")
-    formatter = Formatter(format_settings(d), tokenizer)
+    formatter = Formatter(format_settings(d), tokenizer, template_source=f"data.chat_template={d.chat_template}")
     if d.kind != "text":  # a row the template cannot render fails now, not at the evaluation after training
         for record in heldout:
             formatter.prompt_and_completion(record)

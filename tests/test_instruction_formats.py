@@ -248,3 +248,89 @@ def test_distill_on_chat_rows_compares_students_on_the_heldout_replies(tmp_path,
         assert rows[name]["n_instances"] == 2 and 0 <= rows[name]["rougeL"] <= 100, rows
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
     assert "train (chat): 9/9 rows kept" in capsys.readouterr().out
+
+
+# -- bad input: one line naming file, row and field, nothing written --------------------------------
+BAD_CASES = {
+    "missing_column": ("alpaca", [{"instruction": "a", "answer": "b"}], {},
+                       r"^error: data.train: {train} has no column 'output' for field output of data.kind=alpaca "
+                       r"\(columns: instruction, answer\); set data.columns.output=<column>$"),
+    "empty_completion": ("prompt_completion", [{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": " "}],
+                         {}, r"^error: {train} row 2: field completion \(column 'completion'\) is empty; fill it in or "
+                             r"remove the row$"),
+    "null_output": ("alpaca", [{"instruction": "a", "output": "b"}, {"instruction": "c"}], {},
+                    r"^error: {train} row 2: field output \(column 'output'\) is missing \(null\)"),
+    "last_turn_user": ("chat", [{"messages": CHAT[:2]}], {},
+                       r"^error: {train} row 1: field messages \(column 'messages'\): the last turn is the user's, not "
+                       r"the assistant's; end every chat with the assistant reply to train on$"),
+    "unknown_role": ("chat", [{"messages": [CHAT[1], {"role": "tool", "content": "x"}, CHAT[2]]}], {},
+                     r"^error: {train} row 1: field messages\[1\] \(column 'messages'\): role 'tool' is not one of "
+                     r"system, user, assistant; rename it or remove the message$"),
+    "template_fails": ("chat", [{"messages": CHAT[1:3]}, {"messages": CHAT[:3]}],
+                       {"chat_template": "{% for m in messages %}{% if m['role'] == 'system' %}"
+                                         "{{ raise_exception('no system turns') }}{% endif %}{{ m['content'] }}"
+                                         "{% endfor %}"},
+                       r"^error: {train} row 2: field messages: data.chat_template=\S+ does not render it "
+                       r"\(TemplateError: no system turns\); fix the template or the row$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_rows_are_one_line_errors_naming_file_row_and_field(tmp_path, tiny_lm, case, capsys):
+    import re
+
+    from tune.cli import main
+    from tune.config import save_config
+
+    kind, rows, extra, pattern = BAD_CASES[case]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    if "chat_template" in extra:
+        (tmp_path / "t.jinja").write_text(extra["chat_template"], encoding="utf-8")
+    elif kind == "chat":
+        (tmp_path / "t.jinja").write_text(PLAIN_CHAT, encoding="utf-8")
+    data = {"kind": kind, "train": str(train), "heldout_fraction": 0.0,
+            **({"chat_template": str(tmp_path / "t.jinja")} if kind == "chat" else {})}
+    save_config(finetune_cfg(tmp_path, tiny_lm, **data), tmp_path / "cfg.yaml")
+    assert main(["run", "finetune", "--config", str(tmp_path / "cfg.yaml")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and re.match(pattern.format(train=re.escape(str(train))), errors[0]), errors
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
+    from data_prep.instructions import read_records
+
+    folder = write_rows(tmp_path / "rows", [{"instruction": "a", "answer": "b"}])  # a save_to_disk folder
+    with pytest.raises(DataError) as e:
+        read_records(folder, "alpaca")
+    assert str(e.value) == (f"{folder}: no column 'output' for field output of data.kind=alpaca (columns there: "
+                            "instruction, answer); set data.columns.output=<column>")
+    with pytest.raises(ConfigError, match=r"^data.columns.answer: not a field of data.kind=alpaca"):
+        read_records(folder, "alpaca", {"answer": "output"})
+    assert read_records(folder, "alpaca", {"output": "answer"})[0].fields == {"instruction": "a", "input": "",
+                                                                               "output": "b"}
+
+
+def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_dir):
+    import subprocess
+    import sys
+
+    train = write_rows(tmp_path / "rows.csv", [{"question": "q", "answer": "a"}])
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"recipe: finetune\nbase_model: {model_dir}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data:\n  kind: prompt_completion\n  train: [{train}, {tmp_path / 'gone.jsonl'}]\n"
+                      f"  columns: {{prompt: question}}\n  train_on: last_assistant\n"
+                      f"  chat_template: {tmp_path / 'none.jinja'}\n", encoding="utf-8")
+    code = ("import sys\nfrom tune.cli import main\n"
+            f"code = main(['validate', {str(config)!r}])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "error: 4 problems in " + str(config) + ":", lines
+    assert sorted(lines[1:]) == sorted([
+        f"  - data.train: {tmp_path / 'gone.jsonl'} does not exist (paths are relative to where you run tune)",
+        "  - data.train_on=last_assistant applies to data.kind=chat; for prompt_completion use completion or all",
+        f"  - data.train: {train} has no column 'completion' for field completion of data.kind=prompt_completion "
+        "(columns: question, answer); set data.columns.completion=<column>",
+        "  - data.chat_template applies to data.kind=chat, not prompt_completion"])
