@@ -172,8 +172,6 @@ def check_data_sources(d: NIDataSection, problems) -> None:
             problems.add(f"data.chat_template applies to data.kind=chat, not {d.kind}")
         elif not Path(d.chat_template).is_file():
             problems.add(f"data.chat_template={d.chat_template} is not a file (a Jinja chat template)")
-    if not 0 <= d.heldout_fraction < 1:
-        problems.add(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:
@@ -196,7 +194,8 @@ def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
         problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
     problems.extend((*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
                                                   "heldout_instances_per_task": ">= 0",
-                                                  "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
+                                                  "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE,
+                                                  "heldout_fraction": "[0, 1)"}),
                      *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})))
 
 

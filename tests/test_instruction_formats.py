@@ -334,3 +334,67 @@ def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_di
         f"  - data.train: {train} has no column 'completion' for field completion of data.kind=prompt_completion "
         "(columns: question, answer); set data.columns.completion=<column>",
         "  - data.chat_template applies to data.kind=chat, not prompt_completion"])
+
+
+# -- text rows, truncation report, held-out split, cache -------------------------------------------
+def test_text_rows_train_on_every_token_in_max_length_pieces(chat_tokenizer):
+    from data_prep.instructions import FormatSettings, Formatter, Record
+
+    tok = chat_tokenizer
+    text = "Hello there. Goodbye now. " * 6
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    examples, report = Formatter(FormatSettings(kind="text", max_length=16), tok).encode(
+        [Record({"text": text}, "t.jsonl row 1", "t", "t-1")])
+    assert [ex["input_ids"] for ex in examples] == [ids[i:i + 16] for i in range(0, len(ids), 16)]
+    assert all(ex["targets"] == ex["input_ids"][1:] + [IGNORE_INDEX] for ex in examples)
+    assert report.examples == len(examples) > 1 and report.dropped == 0 and [ex["id"] for ex in examples][:2] == [
+        "t-1", "t-1#1"]
+
+
+def test_long_prompts_lose_their_start_and_long_completions_are_dropped(chat_tokenizer):
+    from data_prep.instructions import FormatSettings, Formatter, Record
+
+    tok = chat_tokenizer
+    rows = [Record({"prompt": "Say hello. " * 20, "completion": "Hello there."}, "r row 1", "r", "r-1"),
+            Record({"prompt": "Say hello.", "completion": "Hello there. " * 20}, "r row 2", "r", "r-2"),
+            Record({"prompt": "Say hello.", "completion": "Hello there."}, "r row 3", "r", "r-3")]
+    completion = tok("Hello there.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prompt = tok("Say hello. " * 20, add_special_tokens=False)["input_ids"]
+    limit = len(tok("Say hello.", add_special_tokens=False)["input_ids"]) + len(completion)  # row 3 just fits
+    examples, report = Formatter(FormatSettings(kind="prompt_completion", max_length=limit), tok).encode(rows)
+    assert examples[0]["input_ids"] == prompt[len(prompt) - (limit - len(completion)):] + completion
+    assert [ex["id"] for ex in examples] == ["r-1", "r-3"]
+    assert (report.total, report.prompt_truncated, report.dropped, report.dropped_ids) == (3, 1, 1, ["r-2"])
+    assert str(report).startswith("2/3 rows kept (2 examples, ") and "1 had the start of their prompt cut" in str(report)
+
+
+def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
+    from data_prep.instructions import Record, split_records
+
+    rows = [Record({"text": str(i)}, f"f row {i}", "f", f"f-{i}") for i in range(20)]
+    train, held = split_records(rows, None, 0.25, seed=3)
+    again, held_again = split_records(rows, None, 0.25, seed=3)
+    assert [r.id for r in held] == [r.id for r in held_again] and len(held) == 5 and len(train) == 15
+    assert sorted(r.id for r in train + held) == sorted(r.id for r in rows)
+    assert [r.id for r in split_records(rows, None, 0.25, seed=4)[1]] != [r.id for r in held]
+    eval_rows = rows[:2]
+    train, held = split_records(rows, eval_rows, 0.25, seed=3, max_train_per_group=7)
+    assert held == eval_rows and [r.id for r in train] == [f"f-{i}" for i in range(7)]
+
+
+def test_tokenized_rows_are_cached_by_content_settings_and_template(tmp_path, chat_tokenizer, monkeypatch):
+    from data_prep.instructions import FormatSettings, Formatter, Record, build_format_dataset
+
+    records = [Record({"messages": CHAT}, "c row 1", "c", "c-1")]
+    fmt = chat_formatter(chat_tokenizer, CHATML)
+    first, report = build_format_dataset(records, fmt, tmp_path)
+    expected = fmt.encode(records)[0][0]
+    assert first[0] == expected and report.examples == 1
+    monkeypatch.setattr(Formatter, "encode", lambda *a: pytest.fail("tokenized again"))
+    second, _ = build_format_dataset(records, chat_formatter(chat_tokenizer, CHATML), tmp_path)
+    assert second[0] == expected
+    monkeypatch.undo()
+    other, _ = build_format_dataset(records, chat_formatter(chat_tokenizer, CHATML, "last_assistant"), tmp_path)
+    llama, _ = build_format_dataset(records, chat_formatter(chat_tokenizer, LLAMA3), tmp_path)
+    assert other[0]["targets"] != expected["targets"] and llama[0]["input_ids"] != expected["input_ids"]
+    assert len(list(tmp_path.glob("chat-*"))) == 3
