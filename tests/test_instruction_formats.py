@@ -165,9 +165,8 @@ def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
 
 
 # -- the finetune recipe on these kinds ------------------------------------------------------------
-PLAIN_CHAT = ("{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] }}{% if m['role'] == 'assistant' %}"
-              "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}"
-              "{% endif %}")
+PLAIN_CHAT_FILE = Path(__file__).resolve().parents[1] / "recipes" / "templates" / "plain_chat.jinja"  # shipped
+PLAIN_CHAT = PLAIN_CHAT_FILE.read_text(encoding="utf-8")
 
 
 def chats(n: int) -> list[dict]:
@@ -197,8 +196,7 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     from tune.hf import load_tokenizer
 
     train = write_rows(tmp_path / "chats.jsonl", chats(16))
-    template = tmp_path / "plain.jinja"
-    template.write_text(PLAIN_CHAT, encoding="utf-8")
+    template = PLAIN_CHAT_FILE
     cfg = finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(template),
                        heldout_fraction=0.25, packing=True)
     result = run(cfg)
@@ -231,8 +229,7 @@ def test_distill_on_chat_rows_compares_students_on_the_heldout_replies(tmp_path,
     from tune.config import load_config
 
     train = write_rows(tmp_path / "chats.jsonl", chats(12))
-    template = tmp_path / "plain.jinja"
-    template.write_text(PLAIN_CHAT, encoding="utf-8")
+    template = PLAIN_CHAT_FILE
     cfg = load_config(DistillConfig, data={
         "recipe": "distill", "output_dir": str(tmp_path / "distill"), "teacher": {"model": str(tiny_lm)},
         "student": {"preset": "tiny-gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16},
