@@ -224,14 +224,15 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
 
 
 # -- the distill recipe reuses the data section ----------------------------------------------------
-def test_distill_on_chat_rows_compares_students_on_the_heldout_replies(tmp_path, tiny_lm, capsys):
+def test_distill_on_chat_rows_from_the_teacher_cache_compares_students_on_the_heldout_replies(tmp_path, tiny_lm, capsys):
     from recipes.distill import DistillConfig, run
     from tune.config import load_config
 
     train = write_rows(tmp_path / "chats.jsonl", chats(12))
     template = PLAIN_CHAT_FILE
     cfg = load_config(DistillConfig, data={
-        "recipe": "distill", "output_dir": str(tmp_path / "distill"), "teacher": {"model": str(tiny_lm)},
+        "recipe": "distill", "output_dir": str(tmp_path / "distill"), "teacher": {"model": str(tiny_lm), "cache": True,
+                                                                "cache_dir": str(tmp_path / "teacher_cache")},
         "student": {"preset": "tiny-gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16},
         "data": {"kind": "chat", "train": str(train), "chat_template": str(template), "heldout_fraction": 0.25,
                  "max_length": 128, "cache_dir": str(tmp_path / "cache")},
@@ -245,6 +246,7 @@ def test_distill_on_chat_rows_compares_students_on_the_heldout_replies(tmp_path,
         assert rows[name]["n_instances"] == 2 and 0 <= rows[name]["rougeL"] <= 100, rows
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)
     assert "train (chat): 9/9 rows kept" in capsys.readouterr().out
+    assert len(list((tmp_path / "teacher_cache").iterdir())) == 1  # the students distilled from the cached teacher
 
 
 # -- bad input: one line naming file, row and field, nothing written --------------------------------
@@ -395,3 +397,33 @@ def test_tokenized_rows_are_cached_by_content_settings_and_template(tmp_path, ch
     llama, _ = build_format_dataset(records, chat_formatter(chat_tokenizer, LLAMA3), tmp_path)
     assert other[0]["targets"] != expected["targets"] and llama[0]["input_ids"] != expected["input_ids"]
     assert len(list(tmp_path.glob("chat-*"))) == 3
+
+
+def test_heldout_examples_are_prompt_references_and_group_for_every_kind(tmp_path, tiny_lm):
+    """What evaluation, the sample completions and distillation's comparison read: (prompt as trained, references,
+    group) — the NI task's Tk-Instruct prompt and outputs, or a row's rendered prompt and its completion."""
+    from conftest import NI_TASKS
+    from data_prep.instructions import ALPACA_PROMPT
+    from data_prep.natural_instructions import PromptConfig, encode_prompt, load_task
+    from recipes.finetune import heldout_examples, load_data
+    from tune.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_lm)
+    train = write_rows(tmp_path / "alpaca.jsonl", ALPACA_ROWS * 4)
+    data = load_data(finetune_cfg(tmp_path, tiny_lm, kind="alpaca", train=str(train), heldout_fraction=0.25), tokenizer)
+    held = heldout_examples(data, cap=2)["heldout"]
+    assert len(held) == 2 and len(data.heldout_records) == 3 and len(data.train_records) == 9
+    for example, record in zip(held, data.heldout_records):
+        f = record.fields
+        assert example.references == [f["output"]] and example.group == "alpaca" and example.id == record.id
+        if f["input"]:
+            assert example.prompt == ALPACA_PROMPT.format(instruction=f["instruction"], input=f["input"])
+    task_file = NI_TASKS / "task363_sst2_polarity_classification.json"
+    if task_file.is_file():
+        cfg = finetune_cfg(tmp_path, tiny_lm, train_tasks=[str(task_file)], heldout_instances_per_task=3)
+        data = load_data(cfg, tokenizer)
+        held = heldout_examples(data)["heldout_instances"]
+        task = load_task(task_file)
+        assert [(e.prompt, e.references, e.group) for e in held] == [
+            (encode_prompt(task, inst.input, PromptConfig()), inst.outputs, task.name)
+            for _, inst in data.splits["heldout_instances"]] and len(held) == 3
