@@ -1,4 +1,5 @@
-"""Fine-tune any local HF causal LM on Natural-Instructions tasks: full, LoRA or QLoRA.
+"""Fine-tune any local HF causal LM on Natural-Instructions tasks or your own instruction rows (alpaca,
+prompt_completion, chat, text: data.kind, data_prep/instructions.py): full, LoRA or QLoRA.
 
     tune run finetune --config lora_ni [key=value ...]
 
@@ -151,7 +152,14 @@ def check_data_sources(d: NIDataSection, problems) -> None:
         check_task_paths(d, problems)
         if d.train_on not in ("completion", "all"):
             problems.add(f"data.train_on={d.train_on} applies to data.kind=chat; for NI tasks use completion or all")
+        given = [key for key in ("train", "eval", "chat_template", "template") if getattr(d, key) is not None]
+        if given:
+            problems.add(f"data.{given[0]} applies to your rows (data.kind=alpaca, prompt_completion, chat or text); "
+                         "NI tasks are data.train_tasks / data.eval_tasks: set data.kind or drop it")
         return
+    if d.eval_tasks is not None:
+        problems.add(f"data.eval_tasks names NI tasks, which data.kind={d.kind} does not read; held-out rows come from "
+                     "data.eval (or data.heldout_fraction of data.train): set data.eval_tasks=null")
     if not d.train:
         problems.add(f"data.kind={d.kind} reads your rows from data.train (.json / .jsonl / .csv / .parquet files or "
                      "a save_to_disk folder); set it (README: Data formats)")
