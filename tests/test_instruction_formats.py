@@ -427,3 +427,23 @@ def test_heldout_examples_are_prompt_references_and_group_for_every_kind(tmp_pat
         assert [(e.prompt, e.references, e.group) for e in held] == [
             (encode_prompt(task, inst.input, PromptConfig()), inst.outputs, task.name)
             for _, inst in data.splits["heldout_instances"]] and len(held) == 3
+
+
+def test_a_data_key_of_the_other_kind_is_refused_not_ignored(tmp_path):
+    from recipes.finetune import NIDataSection, check_data_sources
+    from tune.errors import Problems
+
+    rows = write_rows(tmp_path / "rows.jsonl", [{"prompt": "p", "completion": "c"}])
+    cases = [(NIDataSection(train_tasks=str(rows), train=str(rows)),
+              "data.train applies to your rows (data.kind=alpaca, prompt_completion, chat or text); NI tasks are "
+              "data.train_tasks / data.eval_tasks: set data.kind or drop it"),
+             (NIDataSection(kind="prompt_completion", train=str(rows), eval_tasks=str(rows)),
+              "data.eval_tasks names NI tasks, which data.kind=prompt_completion does not read; held-out rows come "
+              "from data.eval (or data.heldout_fraction of data.train): set data.eval_tasks=null"),
+             (NIDataSection(kind="chat", train=None), "data.kind=chat reads your rows from data.train (.json / .jsonl "
+                                                      "/ .csv / .parquet files or a save_to_disk folder); set it "
+                                                      "(README: Data formats)")]
+    for section, expected in cases:
+        problems = Problems()
+        check_data_sources(section, problems)
+        assert [str(e) for e in problems.errors] == [expected]
