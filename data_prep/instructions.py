@@ -493,6 +493,10 @@ class Formatter:
                 current.append(t)
             else:
                 current = None
+        for turn in turns:  # a block that leaves the end-of-turn token out: it is a target all the same
+            after = turn[-1] + 1
+            if after < len(ids) and ids[after] in self.end_of_turn:
+                turn.append(after)
         return ids, turns
 
     # all kinds -------------------------------------------------------------------------------------

@@ -135,8 +135,12 @@ LLAMA3_PIECES = [("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n
 
 
 @pytest.mark.parametrize("template,pieces", [(CHATML, CHATML_PIECES), (LLAMA3, LLAMA3_PIECES),
-                                             (CHATML_GENERATION, CHATML_PIECES)],
-                         ids=["chatml", "llama3", "chatml_generation_blocks"])
+                                             (CHATML_GENERATION, CHATML_PIECES),
+                                             (CHATML_GENERATION.replace("{{ message['content'] + '<|im_end|>' }}"
+                                                                        "{% endgeneration %}",
+                                                                        "{{ message['content'] }}{% endgeneration %}"
+                                                                        "{{ '<|im_end|>' }}"), CHATML_PIECES)],
+                         ids=["chatml", "llama3", "chatml_generation_blocks", "generation_blocks_without_end_of_turn"])
 def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
     from data_prep.instructions import Record
 
