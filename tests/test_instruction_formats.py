@@ -43,6 +43,26 @@ def chat_tokenizer(tmp_path_factory):
     return tok
 
 
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """HF dir: a random 2-layer GPT-2 (context 256) and a byte-level BPE tokenizer trained on this file's rows (no
+    chat template of its own), so these tests need no data from ../shared."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data_prep.text import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_lm")
+    texts = [m["content"] for row in chats(8) for m in row["messages"]] + [r[k] for r in ALPACA_ROWS for k in r]
+    tokenizer = train_bpe_tokenizer(texts * 10, 400)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(out)
+    return out
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """`rows` written in the format of path's suffix (.json list, .jsonl, .csv with lists as JSON, .parquet), or as a
     save_to_disk folder for a path without suffix."""
