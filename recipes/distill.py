@@ -221,7 +221,7 @@ def validate(cfg: DistillConfig) -> None:
                      f"{'data.train_tasks' if d.kind == 'ni' else 'data.train'}")
     elif not (d.kind == "text" and d.train is None):
         check_data_sources(d, problems)
-    check_ni_numbers(d, problems, prompts=d.kind == "ni")
+    check_ni_numbers(d, problems, prompts=not windows(d))
     length_key, length = ("data.block_size", d.block_size) if windows(d) else ("data.max_length", d.max_length)
     if teacher is not None:
         problems.call(check_positions, length_key, length, "teacher.model", cfg.teacher.model)
