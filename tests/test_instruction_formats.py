@@ -389,6 +389,11 @@ def test_long_prompts_lose_their_start_and_long_completions_are_dropped(chat_tok
     assert [ex["id"] for ex in examples] == ["r-1", "r-3"]
     assert (report.total, report.prompt_truncated, report.dropped, report.dropped_ids) == (3, 1, 1, ["r-2"])
     assert str(report).startswith("2/3 rows kept (2 examples, ") and "1 had the start of their prompt cut" in str(report)
+    chat = Record({"messages": CHAT}, "c row 1", "c", "c-1")  # a chat is kept whole or not at all
+    length = len(chat_formatter(tok, CHATML).encode([chat])[0][0]["input_ids"])
+    assert chat_formatter(tok, CHATML, max_length=length).encode([chat])[1].dropped == 0
+    examples, report = chat_formatter(tok, CHATML, max_length=length - 1).encode([chat])
+    assert examples == [] and (report.dropped, report.dropped_ids) == (1, ["c-1"])
 
 
 def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
