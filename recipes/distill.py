@@ -55,7 +55,8 @@ class KDSection:
     skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
     # on-policy distillation (GKD, Agarwal et al. 2024): the share of steps trained on the student's own completions
-    # of the prompts, scored by the teacher (needs data.kind=ni and a live teacher); 0 is off-policy KD
+    # of the prompts, scored by the teacher (needs prompts: NI tasks or alpaca / prompt_completion / chat rows, and a
+    # live teacher); 0 is off-policy KD
     lmbda: float = 0.0
     sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
     max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
@@ -169,8 +170,9 @@ def validate(cfg: DistillConfig) -> None:
     if not 0 <= kd.lmbda <= 1:
         problems.add(f"kd.lmbda must be in [0, 1] (the share of on-policy steps), got {kd.lmbda}")
     if kd.lmbda > 0:
-        if d.kind != "ni":
-            problems.add("kd.lmbda > 0 (on-policy distillation) needs data.kind=ni: the student completes prompts")
+        if d.kind == "text":
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs prompts for the student to complete: data.kind=ni, "
+                         "alpaca, prompt_completion or chat, not text")
         if cfg.teacher.cache:
             problems.add("kd.lmbda > 0 (on-policy distillation) needs a live teacher to score the student's own "
                          "samples; set teacher.cache=false (or kd.lmbda=0)")
@@ -186,9 +188,9 @@ def validate(cfg: DistillConfig) -> None:
     if not 0 < cfg.compare.lmbda <= 1:
         problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
     if "on_policy" in cfg.compare.methods:
-        if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
-            problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
-                         "train.compile=false (as kd.lmbda > 0 does)")
+        if d.kind == "text" or cfg.teacher.cache or cfg.train.compile:
+            problems.add("compare.methods names on_policy, which needs prompts (data.kind other than text), "
+                         "teacher.cache=false and train.compile=false (as kd.lmbda > 0 does)")
     if (kd.lmbda > 0 or "on_policy" in cfg.compare.methods) and kd.alpha == 0:
         problems.add("on-policy steps train on kd.alpha * KD alone (the student's samples have no reference for CE), "
                      "so kd.alpha=0 would train nothing on them; set kd.alpha > 0")
@@ -361,6 +363,7 @@ class _Setup:
     teacher_attn: str = "sdpa"
     live_teacher: object = None
     sequence_examples: object = None  # sequence-level KD's training examples (the teacher's outputs), made on first use
+    stop_id: int | None = None  # where the student's on-policy completions end: eos, or a chat template's end-of-turn
 
     def teacher(self):
         """The frozen teacher, loaded on first use."""
@@ -431,7 +434,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
         source = OnPolicyBatches(*setup.batch_args(train), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
                                  temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
-                                 eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
+                                 eos_id=setup.stop_id, vocab_size=vocab_size,
                                  autocast=accelerator.autocast)
     mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
@@ -494,6 +497,8 @@ def run(cfg: DistillConfig):
     set_seed(cfg.seed)
 
     setup = _Setup(cfg, accelerator, say, tokenizer, vocab_size, d.block_size if windows(d) else d.max_length)
+    end_of_turn = data.formatter.end_of_turn if data is not None and data.formatter is not None else []
+    setup.stop_id = end_of_turn[0] if end_of_turn else tokenizer.eos_token_id
     if data is not None:
         setup.train_examples, setup.val_examples = built or build_datasets(d, data, tokenizer, accelerator, say)
         setup.batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length,

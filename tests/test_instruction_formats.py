@@ -476,3 +476,21 @@ def test_a_data_key_of_the_other_kind_is_refused_not_ignored(tmp_path):
         problems = Problems()
         check_data_sources(section, problems)
         assert [str(e) for e in problems.errors] == [expected]
+
+
+def test_on_policy_distillation_completes_the_prompts_of_alpaca_rows(tmp_path, tiny_lm):
+    from recipes.distill import DistillConfig, run
+    from tune.config import load_config
+
+    train = write_rows(tmp_path / "alpaca.jsonl", ALPACA_ROWS * 4)
+    cfg = load_config(DistillConfig, data={
+        "recipe": "distill", "output_dir": str(tmp_path / "gkd"), "teacher": {"model": str(tiny_lm)},
+        "student": {"preset": "tiny-gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "kd": {"alpha": 1.0, "lmbda": 1.0, "max_new_tokens": 4},
+        "data": {"kind": "alpaca", "train": str(train), "max_length": 128, "cache_dir": str(tmp_path / "cache")},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "grad_accum_steps": 1, "warmup_steps": 1, "eval_every": 2,
+                  "eval_batches": 1, "log_every": 1, "progress": False},
+        "compare": {"ce_only": False}})
+    result = run(cfg)
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in rows if "on_policy" in r] == [1.0, 1.0]
