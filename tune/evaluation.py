@@ -164,7 +164,7 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, sto
 
 def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                          device=None, stop_at_newline: bool = False, max_prompt_tokens: int | None = None,
-                         log=None) -> list[str]:
+                         log=None, stop_ids=()) -> list[str]:
     """Greedy continuations of `prompts`, batched with left padding; only the new text, stripped.
 
     Works for HF causal LMs and peft-wrapped ones. Prompts longer than `max_prompt_tokens` (and, for a
@@ -173,10 +173,11 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
     break (after leading whitespace): for base models that would go on with the next few-shot example.
     Prompts are tokenized as the fine-tune recipe tokenizes them (`prompt_ids`) and padded here, so the
     tokenizer is never modified (a tokenizer without a pad token pads with its eos token); the model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. `stop_ids`: token ids that end a continuation besides eos (a chat
+    template's end-of-turn token: RunData.formatter.end_of_turn in recipes/finetune.py).
     """
     return _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, stop_at_newline,
-                     max_prompt_tokens, log)[0]
+                     max_prompt_tokens, log, stop_ids=stop_ids)[0]
 
 
 # ---------------------------------------------------------------------------------------- evaluation
