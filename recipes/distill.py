@@ -55,7 +55,8 @@ class KDSection:
     skew_alpha: float = 0.1  # skew KLs only: KL(p ‖ α·p + (1 − α)·q), DistiLLM's default 0.1
     chunk_size: int = 4096  # target positions projected to the vocabulary at a time (both models)
     # on-policy distillation (GKD, Agarwal et al. 2024): the share of steps trained on the student's own completions
-    # of the prompts, scored by the teacher (needs data.kind=ni and a live teacher); 0 is off-policy KD
+    # of the prompts, scored by the teacher (needs prompts: NI tasks or alpaca / prompt_completion / chat rows, and a
+    # live teacher); 0 is off-policy KD
     lmbda: float = 0.0
     sample_temperature: float = 1.0  # the student's sampling temperature for those completions (0: greedy)
     max_new_tokens: int = 32  # the longest completion sampled (eos ends one earlier)
@@ -73,8 +74,8 @@ class KDSection:
 
 @dataclass
 class DistillDataSection(NIDataSection):
-    kind: Literal["ni", "text"] = "ni"  # Natural-Instructions tasks (the fields above) or a plain text corpus
-    corpus: str | None = None  # text: .txt file(s) or a directory, tokenized with the teacher's tokenizer
+    # data.kind (above): ni tasks, your alpaca / prompt_completion / chat / text rows in data.train, or (text) a corpus
+    corpus: str | None = None  # text: .txt file(s) or a directory, in random block_size windows (instead of data.train)
     block_size: int = 256  # text: window length
     val_fraction: float = 0.1  # text
 
@@ -129,18 +130,18 @@ CONFIG_CLASS = DistillConfig
 def validate(cfg: DistillConfig) -> None:
     """Cheap checks before any heavy work (no weights, no torch); every problem is reported, in one ConfigError.
     Both models' position tables (and a native student's block_size) must hold the training sequences."""
-    from recipes.finetune import check_ni_numbers, check_positions, check_task_paths
+    from recipes.finetune import check_data_sources, check_ni_numbers, check_positions, data_inputs
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import ConfigError, Problems
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
-    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
     from tune.train_config import lora_init_problem
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
                                                 "data.corpus", "data.train_tasks", "data.eval_tasks", "data.tasks_dir",
-                                                "data.cache_dir"]),
+                                                "data.cache_dir", "data.train", "data.eval", "data.chat_template"]),
                      *check_file_free_dir("data.cache_dir", cfg.data.cache_dir),
                      *check_file_free_dir("teacher.cache_dir", cfg.teacher.cache_dir)))
     s, kd, d = cfg.student, cfg.kd, cfg.data
@@ -172,8 +173,9 @@ def validate(cfg: DistillConfig) -> None:
     if not 0 <= kd.lmbda <= 1:
         problems.add(f"kd.lmbda must be in [0, 1] (the share of on-policy steps), got {kd.lmbda}")
     if kd.lmbda > 0:
-        if d.kind != "ni":
-            problems.add("kd.lmbda > 0 (on-policy distillation) needs data.kind=ni: the student completes prompts")
+        if d.kind == "text":
+            problems.add("kd.lmbda > 0 (on-policy distillation) needs prompts for the student to complete: data.kind=ni, "
+                         "alpaca, prompt_completion or chat, not text")
         if cfg.teacher.cache:
             problems.add("kd.lmbda > 0 (on-policy distillation) needs a live teacher to score the student's own "
                          "samples; set teacher.cache=false (or kd.lmbda=0)")
@@ -189,9 +191,9 @@ def validate(cfg: DistillConfig) -> None:
     if not 0 < cfg.compare.lmbda <= 1:
         problems.add(f"compare.lmbda must be in (0, 1], got {cfg.compare.lmbda}")
     if "on_policy" in cfg.compare.methods:
-        if d.kind != "ni" or cfg.teacher.cache or cfg.train.compile:
-            problems.add("compare.methods names on_policy, which needs data.kind=ni, teacher.cache=false and "
-                         "train.compile=false (as kd.lmbda > 0 does)")
+        if d.kind == "text" or cfg.teacher.cache or cfg.train.compile:
+            problems.add("compare.methods names on_policy, which needs prompts (data.kind other than text), "
+                         "teacher.cache=false and train.compile=false (as kd.lmbda > 0 does)")
     if (kd.lmbda > 0 or "on_policy" in cfg.compare.methods) and kd.alpha == 0:
         problems.add("on-policy steps train on kd.alpha * KD alone (the student's samples have no reference for CE), "
                      "so kd.alpha=0 would train nothing on them; set kd.alpha > 0")
@@ -210,16 +212,22 @@ def validate(cfg: DistillConfig) -> None:
                      *range_problems("data.", d, {"block_size": ">= 2", "val_fraction": "(0, 1)"}),
                      *range_problems("compare.", cfg.compare, {"max_instances_per_task": ">= 1",
                                                                "max_new_tokens": ">= 1", "batch_size": ">= 1"})))
-    if d.kind == "text":
-        if not d.corpus or not Path(d.corpus).exists():
-            problems.add(f"data.kind=text needs data.corpus (a .txt file or directory); got {d.corpus}")
+    if d.kind == "text" and (d.corpus is None) == (d.train is None):
+        problems.add("data.kind=text reads either data.corpus (.txt files or a directory, in random block_size windows) "
+                     "or data.train (rows with a text column); set exactly one")
+    if windows(d):
+        if not Path(d.corpus).exists():
+            problems.add(f"data.corpus={d.corpus} does not exist (a .txt file or directory)")
         if cfg.teacher.cache:
-            problems.add("teacher.cache=true needs data.kind=ni: random text windows have no fixed context "
-                         "to cache the teacher on")
-    else:
-        check_task_paths(d, problems)
-    check_ni_numbers(d, problems, prompts=d.kind == "ni")
-    length_key, length = ("data.max_length", d.max_length) if d.kind == "ni" else ("data.block_size", d.block_size)
+            problems.add("teacher.cache=true needs fixed examples (data.kind=ni, or rows in data.train): random text "
+                         "windows have no fixed context to cache the teacher on")
+    elif d.corpus is not None:
+        problems.add(f"data.corpus applies to data.kind=text; data.kind={d.kind} reads "
+                     f"{'data.train_tasks' if d.kind == 'ni' else 'data.train'}")
+    elif not (d.kind == "text" and d.train is None):
+        check_data_sources(d, problems)
+    check_ni_numbers(d, problems, prompts=not windows(d))
+    length_key, length = ("data.block_size", d.block_size) if windows(d) else ("data.max_length", d.max_length)
     if teacher is not None:
         problems.call(check_positions, length_key, length, "teacher.model", cfg.teacher.model)
     if student is not None:
@@ -227,9 +235,9 @@ def validate(cfg: DistillConfig) -> None:
     if s.model is None and s.block_size is not None and length > s.block_size:
         problems.add(f"{length_key}={length} is longer than student.block_size={s.block_size}; set "
                      f"student.block_size >= {length} (or leave it null to use {length_key})")
-    data_inputs = {"data.corpus": d.corpus} if d.kind == "text" else ni_task_inputs(d)
+    inputs = {"data.corpus": d.corpus} if windows(d) else data_inputs(d)
     problems.extend(check_output_dir(cfg.output_dir, {"teacher.model": cfg.teacher.model, "student.model": s.model,
-                                                      **data_inputs}))
+                                                      **inputs}))
     # cross-tokenizer distillation (kd.cross_tokenizer=uld)
     if kd.cross_tokenizer == "uld":
         uld_needs = [(s.model is None, "student.model (an HF directory with its own tokenizer; a fresh "
@@ -266,6 +274,12 @@ def validate(cfg: DistillConfig) -> None:
     problems.raise_if_any()
 
 
+def windows(d: DistillDataSection) -> bool:
+    """Whether the data is a text corpus read in random windows (data.kind=text with data.corpus) rather than fixed,
+    tokenized examples (NI tasks or rows of any kind)."""
+    return d.kind == "text" and d.corpus is not None
+
+
 def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
     """A fresh native GPT of the configured size, or the HF student (+ LoRA). Deterministic under the global seed."""
     from tune.adapters import add_lora, attention_implementation, load_base_model
@@ -276,7 +290,7 @@ def make_student(cfg: DistillConfig, vocab_size: int, block_size: int):
     if s.model is None:
         return GPT(config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                                       block_size=s.block_size or block_size, vocab_size=vocab_size))
-    attn, _ = attention_implementation(s.model, cfg.data.packed_attention if cfg.data.kind == "ni" else "dense")
+    attn, _ = attention_implementation(s.model, "dense" if windows(cfg.data) else cfg.data.packed_attention)
     model = load_base_model(s.model, s.method, resolve_dtype(s.dtype), cfg.qlora, cfg.train.gradient_checkpointing,
                             attn_implementation=attn)
     return add_lora(model, cfg.lora) if s.method in ("lora", "qlora") else model
@@ -305,7 +319,7 @@ def export_checkpoint(cfg: DistillConfig, run_dir: Path, checkpoint: Path, out: 
                  else load_tokenizer(cfg.teacher.model, "teacher.model"))
     # only a fresh native student takes its vocabulary size from here
     vocab_size = checkpoint_tensor_shape(checkpoint, "tok_emb.weight")[0] if cfg.student.model is None else 0
-    block_size = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
+    block_size = cfg.data.block_size if windows(cfg.data) else cfg.data.max_length
     student = make_student(cfg, vocab_size, block_size)
     add_hidden_distillation(cfg, student)  # its projections are in the checkpoint too (save_student drops them)
     student.load_state_dict(read_checkpoint_weights(checkpoint, student), strict=False)
@@ -352,6 +366,7 @@ class _Setup:
     teacher_attn: str = "sdpa"
     live_teacher: object = None
     sequence_examples: object = None  # sequence-level KD's training examples (the teacher's outputs), made on first use
+    stop_id: int | None = None  # where the student's on-policy completions end: eos, or a chat template's end-of-turn
 
     def teacher(self):
         """The frozen teacher, loaded on first use."""
@@ -422,7 +437,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     if kd.lmbda > 0:  # GKD: the student completes the prompts of a share of the steps
         source = OnPolicyBatches(*setup.batch_args(train), **setup.batch_kwargs, student=student, lmbda=kd.lmbda,
                                  temperature=kd.sample_temperature, max_new_tokens=kd.max_new_tokens,
-                                 eos_id=setup.tokenizer.eos_token_id, vocab_size=vocab_size,
+                                 eos_id=setup.stop_id, vocab_size=vocab_size,
                                  autocast=accelerator.autocast)
     mixing = kd.skew_alpha if kd.divergence.startswith("skew_") else kd.beta  # divergence()'s beta
     loss_fn = kd_loss_fn(teacher, kd.alpha, kd.temperature, kd.divergence, mixing, vocab_size, kd.chunk_size,
@@ -451,7 +466,7 @@ def run(cfg: DistillConfig):
 
     from tune.adapters import attention_implementation
     from tune.packing import PACKED_ATTENTION, NIBatches
-    from recipes.finetune import build_ni_datasets, load_splits
+    from recipes.finetune import build_datasets, load_data
     from tune.distill import check_vocabularies
     from tune.engine import check_train_device, make_accelerator
     from tune.hf import load_tokenizer
@@ -478,21 +493,24 @@ def run(cfg: DistillConfig):
                                         _embedding_rows(s.model), t.model, s.model)
     else:
         vocab_size = check_vocabularies(tokenizer, tokenizer, teacher_vocab, len(tokenizer), t.model, "(new)")
-    splits = load_splits(cfg) if d.kind == "ni" else None
+    data = None if windows(d) else load_data(cfg, tokenizer)
+    # rows of the other kinds are rendered as they are tokenized: a bad one is refused before anything is written
+    built = build_datasets(d, data, tokenizer, accelerator, say) if data is not None and data.kind != "ni" else None
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
     set_seed(cfg.seed)
 
-    setup = _Setup(cfg, accelerator, say, tokenizer, vocab_size, d.max_length if d.kind == "ni" else d.block_size)
-    prompt_cfg = None
-    if d.kind == "ni":
-        setup.train_examples, setup.val_examples, prompt_cfg = build_ni_datasets(d, splits, tokenizer, accelerator, say)
+    setup = _Setup(cfg, accelerator, say, tokenizer, vocab_size, d.block_size if windows(d) else d.max_length)
+    end_of_turn = data.formatter.end_of_turn if data is not None and data.formatter is not None else []
+    setup.stop_id = end_of_turn[0] if end_of_turn else tokenizer.eos_token_id
+    if data is not None:
+        setup.train_examples, setup.val_examples = built or build_datasets(d, data, tokenizer, accelerator, say)
         setup.batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length,
                                   pad_id=tokenizer.pad_token_id, mask_mode=PACKED_ATTENTION[d.packed_attention])
         setup.plain_source = NIBatches(*setup.batch_args(), **setup.batch_kwargs)
     else:
         setup.plain_source = _text_source(cfg, accelerator)
-    setup.teacher_attn, why = attention_implementation(t.model, d.packed_attention if d.kind == "ni" else "dense")
-    if d.kind == "ni" and d.packing:
+    setup.teacher_attn, why = attention_implementation(t.model, "dense" if windows(d) else d.packed_attention)
+    if not windows(d) and d.packing:
         say(f"teacher {why}")
 
     method = method_of(cfg)
@@ -513,7 +531,7 @@ def run(cfg: DistillConfig):
             save_student(cfg, students[METHODS[other]].model, tokenizer, run_dir / other / "student")
     if others and accelerator.is_main_process:
         models = {"teacher": setup.teacher(), **{name: r.model for name, r in students.items()}}
-        rows = compare(cfg, models, setup.plain_source, tokenizer, splits, prompt_cfg, vocab_size, accelerator.device)
+        rows = compare(cfg, models, setup.plain_source, tokenizer, data, vocab_size, accelerator.device)
         for name, r in students.items():
             rows[name]["train_steps"] = r.step
         add_gap_closed(rows)
@@ -632,15 +650,14 @@ def _text_source(cfg: DistillConfig, accelerator):
                         cfg.train.grad_accum_steps, cfg.seed)
 
 
-def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_cfg, vocab_size: int, device) -> dict:
-    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (NI data) ROUGE-L / exact match on held-out
-    instances of the training tasks and (data.eval_tasks) on the held-out tasks (keys rougeL_tasks,
-    exact_match_tasks)."""
+def compare(cfg: DistillConfig, models: dict, source, tokenizer, data, vocab_size: int, device) -> dict:
+    """Per model: held-out CE loss, KL(teacher ‖ model) per token, and (fixed examples: `data`, finetune.RunData)
+    ROUGE-L / exact match on the held-out examples — NI: instances of the training tasks and (data.eval_tasks) the
+    held-out tasks (keys rougeL_tasks, exact_match_tasks); other kinds: the held-out rows."""
     import torch
 
-    from recipes.finetune import _cap_per_task
+    from recipes.finetune import evaluate_data
     from tune.distill import kd_loss_fn
-    from tune.evaluation import evaluate_tasks
 
     measure = kd_loss_fn(models["teacher"], 1.0, 1.0, "forward_kl", 0.5, vocab_size, cfg.kd.chunk_size)
     rows = {}
@@ -654,15 +671,13 @@ def compare(cfg: DistillConfig, models: dict, source, tokenizer, splits, prompt_
                 _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
                 kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
         rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
-        if splits is None:
+        if data is None or data.kind == "text":
             continue
         hf = _as_hf(model, tokenizer)
-        for split, suffix in (("heldout_instances", ""), ("heldout_tasks", "_tasks")):
-            pairs = _cap_per_task(splits[split], cfg.compare.max_instances_per_task)
-            if not pairs:
-                continue
-            res = evaluate_tasks(hf, tokenizer, pairs, prompt_cfg, batch_size=cfg.compare.batch_size,
-                                 max_new_tokens=cfg.compare.max_new_tokens, device=device)
+        results = evaluate_data(data, hf, tokenizer, cfg.compare.max_instances_per_task, cfg.compare.batch_size,
+                                cfg.compare.max_new_tokens, device=device)
+        for split, res in results.items():
+            suffix = "_tasks" if split == "heldout_tasks" else ""
             rows[name].update({f"rougeL{suffix}": res["overall"]["mean_over_instances"]["rougeL"],
                                f"exact_match{suffix}": res["overall"]["mean_over_instances"]["exact_match"],
                                f"n_instances{suffix}": res["n_instances"]})

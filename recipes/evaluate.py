@@ -140,6 +140,8 @@ def trained_instances(run_dir) -> set[tuple[str, str]]:
         raise ConfigError(f"data.exclude_train_of={run_dir}: {path} is a {recipe!r} config, not a finetune run")
     finetune = importlib.import_module("recipes.finetune")
     run_cfg = load_config(finetune.CONFIG_CLASS, str(path))
+    if run_cfg.data.kind != "ni":  # trained on rows of its own files: no NI instance to exclude
+        return set()
     return {(task.name, instance.id) for task, instance in finetune.load_splits(run_cfg)["train"]}
 
 

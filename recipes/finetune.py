@@ -1,4 +1,5 @@
-"""Fine-tune any local HF causal LM on Natural-Instructions tasks: full, LoRA or QLoRA.
+"""Fine-tune any local HF causal LM on Natural-Instructions tasks or your own instruction rows (alpaca,
+prompt_completion, chat, text: data.kind, data_prep/instructions.py): full, LoRA or QLoRA.
 
     tune run finetune --config lora_ni [key=value ...]
 
@@ -28,6 +29,9 @@ class PromptSection:
 
 @dataclass
 class NIDataSection:
+    # ni: Natural-Instructions tasks (train_tasks ...); alpaca / prompt_completion / chat / text: your rows in
+    # data.train (README: Data formats; data_prep/instructions.py)
+    kind: Literal["ni", "alpaca", "prompt_completion", "chat", "text"] = "ni"
     train_tasks: str | list[str] = "../shared/data/natural_instructions/tasks"  # dir, split file or list of files
     eval_tasks: str | list[str] | None = None  # held-out tasks, never trained on
     tasks_dir: str | None = None  # where names in split files resolve (default: <split file dir>/tasks)
@@ -43,6 +47,18 @@ class NIDataSection:
     packed_attention: Literal["flex", "dense"] = "flex"
     cache_dir: str = ".cache/ni"
     seed: int = 0
+    # kinds other than ni: .json / .jsonl / .csv / .parquet files or save_to_disk folders (one path or a list)
+    train: str | list[str] | None = None
+    eval: str | list[str] | None = None  # held-out rows in the same form; default: data.heldout_fraction of data.train
+    split: str | None = None  # the split of a DatasetDict folder in data.train (null: "train")
+    eval_split: str | None = None  # the split of a DatasetDict folder in data.eval (null: "validation")
+    columns: dict[str, str] = field(default_factory=dict)  # the column map: our field -> your column, {output: answer}
+    heldout_fraction: float = 0.1  # of data.train's rows (seeded by data.seed), when there is no data.eval
+    template: str | None = None  # alpaca: a format string with {instruction} (and {input}); prompt_completion: {prompt}
+    chat_template: str | None = None  # chat: a Jinja template file (default: the tokenizer's own chat template)
+    # which tokens are trained on: completion (the output / completion; chat: every assistant reply, as
+    # all_assistant), last_assistant (chat: the final reply only) or all; eos / end-of-turn always a target
+    train_on: Literal["completion", "all_assistant", "last_assistant", "all"] = "completion"
 
 
 @dataclass
@@ -82,22 +98,23 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.config import SEED_RANGE, range_problems
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
-    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems, ni_task_inputs
+    from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
     from tune.train_config import lora_init_problem
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
-                                                "data.eval_tasks", "data.tasks_dir", "data.cache_dir"]),
+                                                "data.eval_tasks", "data.tasks_dir", "data.cache_dir", "data.train",
+                                                "data.eval", "data.chat_template"]),
                      *check_file_free_dir("data.cache_dir", cfg.data.cache_dir)))
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
         problems.add(f"tokenizer={cfg.tokenizer} is not a directory")
     elif cfg.tokenizer:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
-    check_task_paths(cfg.data, problems)
+    check_data_sources(cfg.data, problems)
     check_ni_numbers(cfg.data, problems)
     problems.extend(check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
-                                                      **ni_task_inputs(cfg.data)}))
+                                                      **data_inputs(cfg.data)}))
     problems.extend((*range_problems("", cfg, {"seed": SEED_RANGE}),
                      *range_problems("eval.", cfg.eval, {"batch_size": ">= 1", "max_new_tokens": ">= 1",
                                                          "max_instances_per_task": ">= 1"})))
@@ -126,6 +143,59 @@ def check_task_paths(d: NIDataSection, problems) -> None:
                 problems.add(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
 
 
+def check_data_sources(d: NIDataSection, problems) -> None:
+    """Record the problems of the data section's sources: NI task paths (data.kind=ni), else data.train / data.eval
+    files that do not exist or lack a column the kind needs, a data.columns key that is not a field of the kind, a
+    data.template / data.train_on that does not fit it, a missing data.chat_template file. Cheap: no torch, at most
+    a file's header is read."""
+    from data_prep import instructions as formats
+    from tune.errors import ConfigError
+
+    if d.kind == "ni":
+        check_task_paths(d, problems)
+        if d.train_on not in ("completion", "all"):
+            problems.add(f"data.train_on={d.train_on} applies to data.kind=chat; for NI tasks use completion or all")
+        given = [key for key in ("train", "eval", "chat_template", "template") if getattr(d, key) is not None]
+        if given:
+            problems.add(f"data.{given[0]} applies to your rows (data.kind=alpaca, prompt_completion, chat or text); "
+                         "NI tasks are data.train_tasks / data.eval_tasks: set data.kind or drop it")
+        return
+    if d.eval_tasks is not None:
+        problems.add(f"data.eval_tasks names NI tasks, which data.kind={d.kind} does not read; held-out rows come from "
+                     "data.eval (or data.heldout_fraction of data.train): set data.eval_tasks=null")
+    if not d.train:
+        problems.add(f"data.kind={d.kind} reads your rows from data.train (.json / .jsonl / .csv / .parquet files or "
+                     "a save_to_disk folder); set it (README: Data formats)")
+    problems.extend((*formats.file_problems("data.train", d.train), *formats.file_problems("data.eval", d.eval)))
+    for check in (lambda: formats.column_map(d.kind, d.columns), lambda: formats.check_template(d.kind, d.template),
+                  lambda: formats.check_train_on(d.kind, d.train_on, d.mask_prompt)):
+        try:
+            check()
+        except ConfigError as e:
+            problems.add(str(e))
+    try:
+        problems.extend((*formats.column_problems("data.train", d.train, d.kind, d.columns),
+                         *formats.column_problems("data.eval", d.eval, d.kind, d.columns)))
+    except ConfigError:
+        pass  # a data.columns key that is not a field of the kind: reported above
+    if d.chat_template is not None:
+        if d.kind != "chat":
+            problems.add(f"data.chat_template applies to data.kind=chat, not {d.kind}")
+        elif not Path(d.chat_template).is_file():
+            problems.add(f"data.chat_template={d.chat_template} is not a file (a Jinja chat template)")
+
+
+def data_inputs(d: NIDataSection) -> dict[str, list]:
+    """The paths the data section reads, by key (check_output_dir keeps a run from writing among them)."""
+    from data_prep.instructions import data_files
+    from tune.recipe_utils import ni_task_inputs
+
+    if d.kind == "ni":
+        return ni_task_inputs(d)
+    return {"data.train": [str(p) for p in data_files(d.train)], "data.eval": [str(p) for p in data_files(d.eval)],
+            "data.chat_template": [d.chat_template]}
+
+
 def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
     """Record every number of the NI data section (and its prompt) out of its range (max_length: when `prompts`
     are built from it)."""
@@ -135,7 +205,8 @@ def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
         problems.add(f"data.max_length={d.max_length} leaves no room for a prompt; use >= 128")
     problems.extend((*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
                                                   "heldout_instances_per_task": ">= 0",
-                                                  "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE}),
+                                                  "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE,
+                                                  "heldout_fraction": "[0, 1)"}),
                      *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})))
 
 
@@ -192,7 +263,7 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     from tune.hf import unknown_token_warning
 
     prompt_cfg = prompt_config(d)
-    tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt)
+    tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt and d.train_on != "all")
     with accelerator.main_process_first():
         train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
         val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
@@ -206,6 +277,114 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
         f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
     return train_set, val_set, prompt_cfg
+
+
+@dataclass
+class RunData:
+    """The data section read and checked: NI splits and their prompt config (kind ni), or the training and held-out
+    rows of another kind with the Formatter that renders and tokenizes them."""
+    kind: str
+    splits: dict | None = None
+    prompt_cfg: object = None
+    formatter: object = None
+    train_records: list | None = None
+    heldout_records: list | None = None
+
+
+def format_settings(d: NIDataSection):
+    """data_prep.instructions.FormatSettings of the data section (the chat template file read)."""
+    from data_prep.instructions import FormatSettings, read_chat_template
+
+    return FormatSettings(kind=d.kind, max_length=d.max_length, train_on="all" if not d.mask_prompt else d.train_on,
+                          template=d.template,
+                          chat_template=read_chat_template(d.chat_template) if d.chat_template else None)
+
+
+def load_data(cfg, tokenizer) -> RunData:
+    """The run's data, read and checked before anything is written: NI tasks split (load_splits), or data.train's
+    rows (and data.eval's, else a seeded data.heldout_fraction of them held out) with their Formatter. `cfg`: a
+    config with a data section (finetune's or distill's)."""
+    from data_prep.instructions import Formatter, read_records, split_records
+    from tune.errors import DataError
+
+    d = cfg.data
+    if d.kind == "ni":
+        return RunData("ni", splits=load_splits(cfg), prompt_cfg=prompt_config(d))
+    records = read_records(d.train, d.kind, d.columns, d.split, "train", "data.split", d.cache_dir)
+    held = read_records(d.eval, d.kind, d.columns, d.eval_split, "validation", "data.eval_split", d.cache_dir) \
+        if d.eval else None
+    train, heldout = split_records(records, held, d.heldout_fraction, d.seed, d.max_train_instances_per_task)
+    if not train:
+        raise DataError(f"data.train: no training rows left ({len(records)} read, {len(heldout)} held out); add rows or "
+                        "lower data.heldout_fraction")
+    formatter = Formatter(format_settings(d), tokenizer, template_source=f"data.chat_template={d.chat_template}")
+    if d.kind != "text":  # a row the template cannot render fails now, not at the evaluation after training
+        for record in heldout:
+            formatter.prompt_and_completion(record)
+    return RunData(d.kind, formatter=formatter, train_records=train, heldout_records=heldout)
+
+
+def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say):
+    """(training, held-out) tokenized datasets of any kind (cached), their truncation report said."""
+    if data.kind == "ni":
+        return build_ni_datasets(d, data.splits, tokenizer, accelerator, say)[:2]
+    from data_prep.instructions import build_format_dataset
+    from tune.hf import unknown_token_warning
+
+    with accelerator.main_process_first():
+        train_set, report = build_format_dataset(data.train_records, data.formatter, d.cache_dir)
+        val_set, _ = build_format_dataset(data.heldout_records, data.formatter, d.cache_dir)
+    say(f"train ({d.kind}): {report}")
+    warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
+    if warning:
+        say(warning)
+    warning = dropped_examples_warning(report.dropped, report.total, d.max_length)
+    if warning:
+        say(warning.replace(" even without demonstrations", ""))
+    say(f"held out: {len(val_set)} examples of {len(data.heldout_records)} rows (val loss"
+        f"{', evaluation' if d.kind != 'text' else ''})")
+    return train_set, val_set
+
+
+def heldout_examples(data: RunData, cap: int | None = None) -> dict[str, list]:
+    """The held-out examples of any kind as tune.evaluation.HeldOut (prompt text as trained on, references, group),
+    at most `cap` per group: {"heldout_instances": [...], "heldout_tasks": [...]} for NI, {"heldout": [...]} for
+    alpaca / prompt_completion / chat, {} for text (no completions to score). Evaluation, the sample completions
+    and distillation's comparison read these."""
+    from tune.evaluation import HeldOut
+
+    if data.kind == "ni":
+        from data_prep.natural_instructions import encode_prompt
+
+        return {name: [HeldOut(encode_prompt(task, inst.input, data.prompt_cfg), list(inst.outputs), task.name,
+                               inst.id, inst.input)
+                       for task, inst in _cap_per_task(data.splits[name], cap if cap is not None else 10 ** 9)]
+                for name in ("heldout_instances", "heldout_tasks") if data.splits[name]}
+    if data.kind == "text":
+        return {}
+    counts: dict[str, int] = {}
+    examples = []
+    for record in data.heldout_records:
+        if cap is None or counts.get(record.group, 0) < cap:
+            counts[record.group] = counts.get(record.group, 0) + 1
+            prompt, reference = data.formatter.prompt_and_completion(record)
+            examples.append(HeldOut(prompt, [reference], record.group, record.id, data.formatter.heldout_input(record)))
+    return {"heldout": examples} if examples else {}
+
+
+def evaluate_data(data: RunData, model, tokenizer, cap: int, batch_size: int, max_new_tokens: int, device=None) -> dict:
+    """ROUGE-L / exact match of `model` on the held-out examples of any kind, by set name (heldout_examples' names):
+    NI through evaluate_tasks (prompts fitted as at training, copy baselines), the other kinds through
+    evaluate_examples (a chat stops at the template's end-of-turn token too)."""
+    from tune.evaluation import evaluate_examples, evaluate_tasks
+
+    if data.kind == "ni":
+        return {name: evaluate_tasks(model, tokenizer, _cap_per_task(data.splits[name], cap), data.prompt_cfg,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
+                for name in ("heldout_instances", "heldout_tasks") if _cap_per_task(data.splits[name], cap)}
+    return {name: evaluate_examples(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    device=device, stop_ids=data.formatter.end_of_turn, kind=data.kind)
+            for name, examples in heldout_examples(data, cap).items()}
 
 
 def run(cfg: FinetuneConfig):
@@ -223,11 +402,13 @@ def run(cfg: FinetuneConfig):
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     # Everything that can reject the input runs before the output directory is touched.
     tokenizer = run_tokenizer(cfg)
-    splits = load_splits(cfg)
+    data = load_data(cfg, tokenizer)
+    # rows of the other kinds are rendered as they are tokenized: a bad one is refused before anything is written
+    built = build_datasets(cfg.data, data, tokenizer, accelerator, say) if data.kind != "ni" else None
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[cfg.base_model, cfg.tokenizer])
     set_seed(cfg.seed)
 
-    train_set, val_set, prompt_cfg = build_ni_datasets(cfg.data, splits, tokenizer, accelerator, say)
+    train_set, val_set = built or build_datasets(cfg.data, data, tokenizer, accelerator, say)
 
     weights_dtype = resolve_dtype(cfg.dtype)
     model = build_model(cfg)
@@ -260,7 +441,7 @@ def run(cfg: FinetuneConfig):
                                    quant=cfg.qlora if cfg.method == "qlora" else None, tokenizer=tokenizer)
             say(f"merged checkpoint: {merged}")
         if cfg.eval.enabled:
-            evaluate_run(cfg, model, tokenizer, splits, prompt_cfg, run_dir, say)
+            evaluate_run(cfg, model, tokenizer, data, run_dir, say)
     accelerator.wait_for_everyone()
     return result
 
@@ -311,20 +492,17 @@ def export_checkpoint(cfg: FinetuneConfig, run_dir: Path, checkpoint: Path, out:
     return save_trained(cfg, model.eval(), tokenizer, out, initial)
 
 
-def evaluate_run(cfg: FinetuneConfig, model, tokenizer, splits, prompt_cfg, run_dir: Path, say) -> dict:
-    """ROUGE-L / exact match on held-out instances and held-out tasks, saved to eval_results.json."""
+def evaluate_run(cfg: FinetuneConfig, model, tokenizer, data: RunData, run_dir: Path, say) -> dict:
+    """ROUGE-L / exact match on the held-out examples (NI: held-out instances and held-out tasks; other kinds: the
+    held-out rows), saved to eval_results.json."""
     import json
 
-    from tune.evaluation import evaluate_tasks, format_table
+    from tune.evaluation import format_table
 
-    results = {}
-    for name in ("heldout_instances", "heldout_tasks"):
-        pairs = _cap_per_task(splits[name], cfg.eval.max_instances_per_task)
-        if not pairs:
-            continue
-        results[name] = evaluate_tasks(model, tokenizer, pairs, prompt_cfg, batch_size=cfg.eval.batch_size,
-                                       max_new_tokens=cfg.eval.max_new_tokens)
-        say(f"\n{name.replace('_', ' ')}:\n{format_table(results[name])}")
+    results = evaluate_data(data, model, tokenizer, cfg.eval.max_instances_per_task, cfg.eval.batch_size,
+                            cfg.eval.max_new_tokens)
+    for name, result in results.items():
+        say(f"\n{name.replace('_', ' ')}:\n{format_table(result)}")
     tmp = run_dir / "eval_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run_dir / "eval_results.json")

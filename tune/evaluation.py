@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -70,8 +70,9 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     without special tokens, with the bos token first for tokenizers that add one (Llama-style); a prompt
     with no tokens at all starts from the bos (or eos) token."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
+    bos = tokenizer.bos_token_id
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids  # not twice: a chat template may write the bos itself
     if not ids:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
@@ -119,7 +120,7 @@ class _StopAtNewline:
 
 
 def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, stop_at_newline, max_prompt_tokens,
-              log=None) -> tuple[list[str], int]:
+              log=None, stop_ids=()) -> tuple[list[str], int]:
     from transformers import StoppingCriteriaList
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -127,6 +128,7 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, sto
     device = torch.device(device) if device is not None else _model_device(model)
     max_prompt_tokens = prompt_token_limit(model, max_new_tokens, max_prompt_tokens)
     pad_id, eos_ids = special_ids(model, tokenizer)
+    eos_ids = eos_ids + [i for i in stop_ids if i not in eos_ids]  # e.g. a chat template's end-of-turn token
 
     was_training = model.training
     predictions: list[str | None] = [None] * len(prompts)
@@ -162,7 +164,7 @@ def _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, sto
 
 def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = 64,
                          device=None, stop_at_newline: bool = False, max_prompt_tokens: int | None = None,
-                         log=None) -> list[str]:
+                         log=None, stop_ids=()) -> list[str]:
     """Greedy continuations of `prompts`, batched with left padding; only the new text, stripped.
 
     Works for HF causal LMs and peft-wrapped ones. Prompts longer than `max_prompt_tokens` (and, for a
@@ -171,10 +173,11 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
     break (after leading whitespace): for base models that would go on with the next few-shot example.
     Prompts are tokenized as the fine-tune recipe tokenizes them (`prompt_ids`) and padded here, so the
     tokenizer is never modified (a tokenizer without a pad token pads with its eos token); the model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. `stop_ids`: token ids that end a continuation besides eos (a chat
+    template's end-of-turn token: RunData.formatter.end_of_turn in recipes/finetune.py).
     """
     return _generate(model, tokenizer, prompts, batch_size, max_new_tokens, device, stop_at_newline,
-                     max_prompt_tokens, log)[0]
+                     max_prompt_tokens, log, stop_ids=stop_ids)[0]
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -243,41 +246,99 @@ def evaluate_tasks(model, tokenizer, pairs, prompt_cfg=None, batch_size: int = 8
     references = [list(instance.outputs) for _, instance in pairs]
     copy_demo = [task.positive_examples[0].output if task.positive_examples else "" for task, _ in pairs]
     copy_input = [instance.input for _, instance in pairs]
-    per_instance = {}
-    for prefix, preds in (("", predictions), ("copy_demo_", copy_demo), ("copy_input_", copy_input)):
-        for key, values in score(preds, references).items():
-            per_instance[prefix + key] = values
-
-    tasks: dict[str, dict] = {}
-    for i, (task, _) in enumerate(pairs):
-        tasks.setdefault(task.name, {"n": 0, **{k: [] for k in METRIC_KEYS}})
-        tasks[task.name]["n"] += 1
-        for key in METRIC_KEYS:
-            tasks[task.name][key].append(per_instance[key][i])
-    for row in tasks.values():
-        for key in METRIC_KEYS:
-            row[key] = _mean(row[key])
-    example_prompts: dict[str, str] = {}  # each task's first prompt as fed to the model (before any cut from the left)
-    for (task, _), text in zip(pairs, prompts):
-        example_prompts.setdefault(task.name, text)
-    return {
-        "n_tasks": len(tasks),
-        "n_instances": len(pairs),
+    scored = _scored([task.name for task, _ in pairs], [instance.id for _, instance in pairs], prompts, predictions,
+                     references, {"copy_demo_": copy_demo, "copy_input_": copy_input}, METRIC_KEYS)
+    return _laid_out(scored, {
         "n_prompts_fewer_demos": n_fewer_demos,
         "n_prompts_truncated": n_truncated,
         "generation_s": round(elapsed, 3),
         "prompt": asdict(prompt_cfg) if is_dataclass(prompt_cfg) else dict(vars(prompt_cfg)),
         "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
                        "max_prompt_tokens": max_prompt_tokens, "stop_at_newline": stop_at_newline, "greedy": True},
+    })
+
+
+def _laid_out(scored: dict, settings: dict) -> dict:
+    """The results dict in its documented key order: counts, `settings`, then the scores."""
+    return {"n_tasks": scored["n_tasks"], "n_instances": scored["n_instances"], **settings,
+            **{k: scored[k] for k in ("tasks", "overall", "predictions", "example_prompts")}}
+
+
+def _scored(groups: list[str], ids: list[str], prompts: list[str], predictions: list[str],
+            references: list[list[str]], baselines: dict[str, list[str]], keys) -> dict:
+    """The scored part of evaluate_tasks' / evaluate_examples' results: counts, per-group rows, both overall means,
+    the predictions and each group's first prompt (before any cut from the left). `baselines`: key prefix ->
+    the baseline's predictions; `keys`: the metric keys, in table order."""
+    per_instance = {}
+    for prefix, preds in (("", predictions), *baselines.items()):
+        for key, values in score(preds, references).items():
+            per_instance[prefix + key] = values
+    tasks: dict[str, dict] = {}
+    for i, group in enumerate(groups):
+        tasks.setdefault(group, {"n": 0, **{k: [] for k in keys}})
+        tasks[group]["n"] += 1
+        for key in keys:
+            tasks[group][key].append(per_instance[key][i])
+    for row in tasks.values():
+        for key in keys:
+            row[key] = _mean(row[key])
+    example_prompts: dict[str, str] = {}
+    for group, text in zip(groups, prompts):
+        example_prompts.setdefault(group, text)
+    return {
+        "n_tasks": len(tasks),
+        "n_instances": len(groups),
         "tasks": tasks,
         "overall": {
-            "mean_over_instances": {k: _mean(per_instance[k]) for k in METRIC_KEYS},
-            "mean_over_tasks": {k: _mean(row[k] for row in tasks.values()) for k in METRIC_KEYS},
+            "mean_over_instances": {k: _mean(per_instance[k]) for k in keys},
+            "mean_over_tasks": {k: _mean(row[k] for row in tasks.values()) for k in keys},
         },
-        "predictions": [{"task": task.name, "id": instance.id, "prediction": pred, "references": refs}
-                        for (task, instance), pred, refs in zip(pairs, predictions, references)],
+        "predictions": [{"task": group, "id": i, "prediction": pred, "references": refs}
+                        for group, i, pred, refs in zip(groups, ids, predictions, references)],
         "example_prompts": example_prompts,
     }
+
+
+@dataclass
+class HeldOut:
+    """One held-out example as evaluation, the sample completions and distillation's comparison see it, whatever the
+    data kind: the prompt text exactly as the model is given it at training time (generation prompt included), its
+    reference answers, its group (the NI task, or the data file's name) and id; `input` is what the copy-input
+    baseline predicts."""
+    prompt: str
+    references: list[str]
+    group: str
+    id: str = ""
+    input: str = ""
+
+
+EXAMPLE_METRIC_KEYS = ("rougeL", "exact_match", "copy_input_rougeL", "copy_input_exact_match")
+
+
+def evaluate_examples(model, tokenizer, examples: list[HeldOut], batch_size: int = 8, max_new_tokens: int = 64,
+                      device=None, max_prompt_tokens: int | None = None, stop_at_newline: bool = False, log=None,
+                      stop_ids=(), kind: str = "") -> dict:
+    """evaluate_tasks for prompts that are already written (alpaca / prompt_completion / chat rows): greedy
+    generation from each prompt (stopping at eos and at `stop_ids`, e.g. a chat template's end-of-turn token), scored
+    by ROUGE-L and exact match against the references, beside the copy-input baseline. Prompts longer than the
+    model's context (or `max_prompt_tokens`) lose tokens from the left. The same result layout as evaluate_tasks,
+    groups in place of tasks, with "prompt": {"kind": kind} and no copy-demo baseline."""
+    examples = list(examples)
+    start = time.perf_counter()
+    predictions, n_truncated = _generate(model, tokenizer, [e.prompt for e in examples], batch_size, max_new_tokens,
+                                         device, stop_at_newline, max_prompt_tokens, log, stop_ids=stop_ids)
+    elapsed = time.perf_counter() - start
+    scored = _scored([e.group for e in examples], [e.id for e in examples], [e.prompt for e in examples], predictions,
+                     [list(e.references) for e in examples], {"copy_input_": [e.input for e in examples]},
+                     EXAMPLE_METRIC_KEYS)
+    return _laid_out(scored, {
+        "n_prompts_fewer_demos": 0,
+        "n_prompts_truncated": n_truncated,
+        "generation_s": round(elapsed, 3),
+        "prompt": {"kind": kind},
+        "generation": {"batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                       "max_prompt_tokens": max_prompt_tokens, "stop_at_newline": stop_at_newline, "greedy": True},
+    })
 
 
 TABLE_COLUMNS = (("ROUGE-L", "rougeL"), ("EM", "exact_match"), ("copy-demo R-L", "copy_demo_rougeL"),
@@ -288,14 +349,15 @@ TABLE_COLUMNS = (("ROUGE-L", "rougeL"), ("EM", "exact_match"), ("copy-demo R-L",
 def format_table(results: dict) -> str:
     """Per-task rows (task, n, then ROUGE-L and exact match of the model and of both baselines, x100) and
     both overall means."""
-    header = ("task", "n", *(title for title, _ in TABLE_COLUMNS))
-    rows = [(name, str(row["n"]), *(f"{row[k]:.2f}" for _, k in TABLE_COLUMNS))
+    columns = [(title, k) for title, k in TABLE_COLUMNS if k in results["overall"]["mean_over_instances"]]
+    header = ("task", "n", *(title for title, _ in columns))
+    rows = [(name, str(row["n"]), *(f"{row[k]:.2f}" for _, k in columns))
             for name, row in results["tasks"].items()]
     overall = [
         ("all: mean over instances (as SNI)", str(results["n_instances"]), results["overall"]["mean_over_instances"]),
         ("all: mean over tasks", str(results["n_tasks"]), results["overall"]["mean_over_tasks"]),
     ]
-    totals = [(label, n, *(f"{o[k]:.2f}" for _, k in TABLE_COLUMNS)) for label, n, o in overall]
+    totals = [(label, n, *(f"{o[k]:.2f}" for _, k in columns)) for label, n, o in overall]
     widths = [max(len(r[c]) for r in [header, *rows, *totals]) for c in range(len(header))]
 
     def line(r):

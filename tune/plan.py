@@ -766,12 +766,12 @@ def run_facts(recipe: str, cfg, device: str = "cuda", processes: int = 1, fsdp: 
         else:
             from tune.models.config import config_from_preset
 
-            seq = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
+            seq = cfg.data.block_size if cfg.data.kind == "text" and cfg.data.corpus else cfg.data.max_length
             native = config_from_preset(s.preset, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                                         block_size=s.block_size or seq, vocab_size=teacher_shape.vocab_size)
             shape = shape_from_native(native, f"preset {s.preset} (teacher's vocabulary)")
         method = s.method
-        seq_len = cfg.data.max_length if cfg.data.kind == "ni" else cfg.data.block_size
+        seq_len = cfg.data.block_size if cfg.data.kind == "text" and cfg.data.corpus else cfg.data.max_length
         weights = _dtype(s.dtype, device) if s.model is not None else "fp32"
         distill = True
         if t.cache:

@@ -1,0 +1,653 @@
+"""Instruction data in the formats users have -> tokenized, loss-masked examples (cached like the NI path).
+
+    records = read_records(["data/train.jsonl"], "alpaca", columns={"output": "response"})
+    train, heldout = split_records(records, None, heldout_fraction=0.1, seed=0)
+    fmt = Formatter(FormatSettings(kind="alpaca", max_length=512), tokenizer)
+    dataset, report = build_format_dataset(train, fmt, ".cache/ni")
+
+Kinds (data.kind) and the fields of a row (data.columns maps a field to your column name):
+
+    alpaca             instruction, input (optional), output    the Stanford Alpaca prompt (or data.template)
+    prompt_completion  prompt, completion                       the prompt as is (or data.template with {prompt})
+    chat               messages: [{role, content}, ...]         the tokenizer's chat template (or data.chat_template)
+    text               text                                     plain text, loss on every token
+
+Files: JSON (a list of objects, or one object per line), JSONL, CSV, Parquet, or a folder written by
+``datasets.save_to_disk``; all read through ``datasets``. Tokenized examples are dicts with ``input_ids``,
+``targets`` (targets[t] = input_ids[t+1] where that token is trained on, -100 elsewhere; tune/losses.py), ``task``
+(the group: the file's name), ``id`` and ``prompt_len`` — the NI examples' layout, so packing, the batches, the
+teacher cache and the evaluation work on them unchanged.
+
+Loss masking (data.train_on): ``completion`` (default) trains the output / completion and, for chat, every
+assistant reply (TRL's assistant_only_loss, axolotl's roles_to_train: [assistant]); ``all_assistant`` is the same
+for chat; ``last_assistant`` only the final reply; ``all`` every token. A chat reply's trained tokens are its
+content and the template's end-of-turn token(s) (e.g. ``<|im_end|>``, ``<|eot_id|>``), never the role header the
+template writes before it (the generation prompt, given at inference). The eos (or end-of-turn) token of every
+trained reply is always a target.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence, Union
+
+from tune.errors import ConfigError, DataError
+
+PathLike = Union[str, os.PathLike]
+FORMAT_VERSION = 1
+
+KINDS = ("ni", "alpaca", "prompt_completion", "chat", "text")
+FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
+          "chat": ("messages",), "text": ("text",)}
+OPTIONAL_FIELDS = {"input"}  # alpaca rows without an input (column absent, null or empty) use the no-input prompt
+TRAIN_ON = ("completion", "all_assistant", "last_assistant", "all")
+ROLES = ("system", "user", "assistant")
+SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# Stanford Alpaca's two prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
+ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                 "Write a response that appropriately completes the request.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+TEMPLATE_FIELDS = {"alpaca": ({"instruction"}, {"instruction", "input"}), "prompt_completion": ({"prompt"}, {"prompt"})}
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+# -- config checks (no torch, no datasets) -------------------------------------------------------
+def column_map(kind: str, columns: dict[str, str] | None) -> dict[str, str]:
+    """Our field names of `kind` -> the file's column names (data.columns, our field -> your column; unmapped
+    fields keep their name). ConfigError for a key that is not a field of the kind or a value that is no name."""
+    names = FIELDS[kind]
+    columns = dict(columns or {})
+    for key, value in columns.items():
+        if key not in names:
+            raise ConfigError(f"data.columns.{key}: not a field of data.kind={kind} (fields: {', '.join(names)}); "
+                              "data.columns maps our field names to your column names")
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"data.columns.{key} must be a column name (a non-empty string), got {value!r}")
+    return {name: columns.get(name, name) for name in names}
+
+
+def check_template(kind: str, template: str | None) -> None:
+    """ConfigError unless data.template is None or a format string using the fields `kind` allows (alpaca:
+    {instruction}, optionally {input}; prompt_completion: {prompt})."""
+    if template is None:
+        return
+    if kind not in TEMPLATE_FIELDS:
+        raise ConfigError(f"data.template applies to data.kind=alpaca or prompt_completion, not {kind} (chat: "
+                          "data.chat_template, a Jinja file; ni: data.prompt.template)")
+    needed, allowed = TEMPLATE_FIELDS[kind]
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"data.template is not a valid format string ({e}); escape literal braces as {{{{ }}}}") \
+            from None
+    if not needed <= fields or not fields <= allowed:
+        raise ConfigError(f"data.template for data.kind={kind} must use {' and '.join(f'{{{f}}}' for f in sorted(needed))}"
+                          f" and only {', '.join(f'{{{f}}}' for f in sorted(allowed))}; got fields {sorted(fields)}")
+
+
+def check_train_on(kind: str, train_on: str, mask_prompt: bool = True) -> None:
+    """ConfigError for a data.train_on that does not apply to `kind` (the assistant modes are chat's)."""
+    if train_on not in TRAIN_ON:
+        raise ConfigError(f"data.train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    if train_on in ("all_assistant", "last_assistant") and kind != "chat":
+        raise ConfigError(f"data.train_on={train_on} applies to data.kind=chat; for {kind} use completion or all")
+    if not mask_prompt and train_on != "completion":
+        raise ConfigError(f"data.mask_prompt=false trains on every token, which contradicts data.train_on={train_on}; "
+                          "set data.train_on=all and leave data.mask_prompt out")
+
+
+def data_files(source) -> list[Path]:
+    """data.train / data.eval (a path or a list of them) as paths."""
+    if source is None:
+        return []
+    return [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
+
+
+def file_problems(key: str, source) -> list[str]:
+    """One line per entry of data.train / data.eval that does not exist or has no known format."""
+    problems = []
+    for path in data_files(source):
+        if not path.exists():
+            problems.append(f"{key}: {path} does not exist (paths are relative to where you run tune)")
+        elif path.is_file() and path.suffix.lower() not in SUFFIXES:
+            problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .parquet "
+                            "or a folder saved with datasets' save_to_disk")
+    return problems
+
+
+def header_columns(path: Path) -> list[str] | None:
+    """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first JSONL object's keys,
+    a save_to_disk folder's dataset_info.json); None when they cannot be told without reading the file."""
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            info = path / "dataset_info.json"
+            return list(json.loads(info.read_text(encoding="utf-8")).get("features", {})) if info.is_file() else None
+        if suffix == ".csv":
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                return next(csv.reader(f), None)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if suffix in (".jsonl", ".json"):
+            with open(path, encoding="utf-8-sig") as f:
+                first = f.readline().strip()
+            obj = json.loads(first) if first.startswith("{") else None
+            return list(obj) if isinstance(obj, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    except Exception:  # pyarrow's own errors for a file that is not Parquet: reported when the run reads it
+        return None
+    return None
+
+
+def column_problems(key: str, source, kind: str, columns: dict[str, str]) -> list[str]:
+    """One line per file of `source` whose columns (header_columns) lack a required field of `kind`."""
+    mapping = column_map(kind, columns)
+    problems = []
+    for path in data_files(source):
+        present = header_columns(path) if path.exists() else None
+        if present is None:
+            continue
+        for name, column in mapping.items():
+            if column not in present and name not in OPTIONAL_FIELDS:
+                problems.append(f"{key}: {path} has no column '{column}' for field {name} of data.kind={kind} "
+                                f"(columns: {', '.join(present)}); set data.columns.{name}=<column>")
+    return problems
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One row as read: our field names -> values (checked), where it came from, its group (the file's name)."""
+    fields: dict
+    where: str  # "<file> row N" (1-based, in file order)
+    group: str
+    id: str
+
+
+def _load(path: Path, split: str | None, default_split: str, split_key: str, cache_dir: PathLike | None):
+    """The rows of one file / save_to_disk folder as a ``datasets.Dataset``."""
+    from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
+
+    from tune.hf import quiet_third_party
+
+    if path.is_dir():
+        try:
+            ds = load_from_disk(str(path))
+        except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv or "
+                            ".parquet file or a save_to_disk folder") from None
+        if isinstance(ds, DatasetDict):
+            name = default_split if split is None else split
+            if name not in ds:
+                raise DataError(f"{path}: no split {name!r} (splits: {', '.join(ds)}); set {split_key} to one of them")
+            ds = ds[name]
+        return ds
+    if not path.is_file():
+        raise DataError(f"{path}: data file does not exist; check the path (relative paths are taken from {Path.cwd()})")
+    builder = SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .parquet or a folder "
+                        "saved with datasets' save_to_disk")
+    kwargs = {}
+    if builder == "json" and _is_ni_task(path):
+        raise DataError(f"{path} is a Natural-Instructions task file, not rows; give it as data.train_tasks with "
+                        "data.kind=ni")
+    if builder == "csv":  # every cell as text, empty cells as "" (pandas would turn "42" into 42 and "" into NaN)
+        header = header_columns(path) or []
+        kwargs = dict(features=Features({c: Value("string") for c in header}), keep_default_na=False, na_filter=False)
+    try:
+        with quiet_third_party():
+            return load_dataset(builder, data_files=str(path.resolve()), split="train",
+                                cache_dir=None if cache_dir is None else str(Path(cache_dir) / "files"), **kwargs)
+    except Exception as e:  # pyarrow / pandas / json errors of a malformed file
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        cause = e.__cause__ or e.__context__
+        if cause is not None and str(cause):
+            msg += f" ({str(cause).splitlines()[0][:200]})"
+        raise DataError(f"{path}: cannot read it as {builder.upper()} rows: {msg}; fix the file") from None
+
+
+def _is_ni_task(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return head.lstrip().startswith("{") and '"Definition"' in head and '"Instances"' in head
+
+
+def _text(value, where: str, field_name: str, column: str, empty_ok: bool = False) -> str:
+    if value is None:
+        if empty_ok:
+            return ""
+        raise DataError(f"{where}: field {field_name} (column '{column}') is missing (null); fill it in or remove the row")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field_name} (column '{column}') must be text, got {type(value).__name__} "
+                        f"{str(value)[:40]!r}")
+    if not value.strip() and not empty_ok:
+        raise DataError(f"{where}: field {field_name} (column '{column}') is empty; fill it in or remove the row")
+    return value
+
+
+def _messages(value, where: str, column: str) -> list[dict]:
+    """A chat's messages checked: a list of {role, content} with roles in ROLES, the last one the assistant's."""
+    if isinstance(value, str):  # CSV cells hold the list as JSON
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: field messages (column '{column}') must be a list of {{role, content}} objects "
+                            f"(in CSV: as JSON); got {value[:40]!r}") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: field messages (column '{column}') must be a non-empty list of {{role, content}} "
+                        f"objects, got {type(value).__name__ if value is not None else 'null'}")
+    out = []
+    for i, message in enumerate(value):
+        at = f"{where}: field messages[{i}] (column '{column}')"
+        if not isinstance(message, dict):
+            raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}; rename it or remove the message")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: content must be text, got {type(content).__name__ if content is not None else 'null'}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{at}: the assistant's content is empty; a reply to train on needs text (remove the "
+                            "turn or fill it in)")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field messages (column '{column}'): the last turn is the {out[-1]['role']}'s, not "
+                        "the assistant's; end every chat with the assistant reply to train on")
+    return out
+
+
+def read_records(source, kind: str, columns: dict[str, str] | None = None, split: str | None = None,
+                 default_split: str = "train", split_key: str = "data.split",
+                 cache_dir: PathLike | None = None) -> list[Record]:
+    """The rows of the files in `source` (a path or a list of them) for data kind `kind`, in file order, each checked.
+
+    DataError naming the file, the row (1-based) and the field, with the fix, for: a missing column (listing the
+    columns there), a missing / non-text / empty value (alpaca's input may be empty or absent), a chat that is not a
+    list of {role, content}, a role other than system / user / assistant, an empty assistant reply, a chat whose last
+    turn is not the assistant's, an unreadable file, and a file without rows. ConfigError for a data.columns key that
+    is not a field of the kind. Each record's group is its file's name (the file's stem, or the folder's name)."""
+    mapping = column_map(kind, columns)
+    records = []
+    for path in data_files(source):
+        ds = _load(path, split, default_split, split_key, cache_dir)
+        present = list(ds.column_names)
+        for name, column in mapping.items():
+            if column not in present and name not in OPTIONAL_FIELDS:
+                raise DataError(f"{path}: no column '{column}' for field {name} of data.kind={kind} (columns there: "
+                                f"{', '.join(present)}); set data.columns.{name}=<column>")
+        if len(ds) == 0:
+            raise DataError(f"{path}: no rows; the data file is empty")
+        wanted = [c for c in dict.fromkeys(mapping.values()) if c in present]
+        table = ds.select_columns(wanted).to_dict()
+        group = path.stem if path.is_file() else path.name
+        for i in range(len(ds)):
+            where = f"{path} row {i + 1}"
+            fields = {}
+            for name, column in mapping.items():
+                value = table[column][i] if column in table else None
+                if kind == "chat":
+                    fields[name] = _messages(value, where, column)
+                else:
+                    fields[name] = _text(value, where, name, column, empty_ok=name in OPTIONAL_FIELDS)
+            records.append(Record(fields, where, group, f"{group}-{i + 1}"))
+    return records
+
+
+def split_records(train: list[Record], eval_records: list[Record] | None, heldout_fraction: float, seed: int,
+                  max_train_per_group: int | None = None) -> tuple[list[Record], list[Record]]:
+    """(training records, held-out records): the eval file's records when given, else a seeded share
+    `heldout_fraction` of the training rows (at least one when there are two or more rows, never all), kept out of
+    training. `max_train_per_group` caps the training rows of each file (in their shuffled order)."""
+    if eval_records is not None:
+        held, rest = list(eval_records), list(train)
+    else:
+        order = list(range(len(train)))
+        random.Random(int.from_bytes(hashlib.sha256(f"{seed}:heldout".encode()).digest()[:8], "big")).shuffle(order)
+        n = int(round(heldout_fraction * len(train))) if heldout_fraction > 0 else 0
+        n = min(max(n, 1 if heldout_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
+        chosen = set(order[:n])
+        held = [r for i, r in enumerate(train) if i in chosen]
+        rest = [r for i, r in enumerate(train) if i not in chosen]
+    if max_train_per_group is not None:
+        counts: dict[str, int] = {}
+        kept = []
+        for r in rest:
+            if counts.get(r.group, 0) < max_train_per_group:
+                counts[r.group] = counts.get(r.group, 0) + 1
+                kept.append(r)
+        rest = kept
+    return rest, held
+
+
+# -- rendering and tokenizing --------------------------------------------------------------------
+@dataclass
+class FormatSettings:
+    kind: str
+    max_length: int = 1024
+    train_on: str = "completion"
+    template: str | None = None  # alpaca / prompt_completion: a format string
+    chat_template: str | None = None  # chat: the Jinja text (None: the tokenizer's own)
+    add_eos: bool = True
+
+
+@dataclass
+class FormatReport:
+    total: int = 0  # rows considered
+    examples: int = 0  # tokenized examples kept (text rows longer than max_length give several)
+    prompt_truncated: int = 0  # kept examples whose prompt lost tokens from its start to fit max_length
+    dropped: int = 0  # rows whose completion (chat: the whole conversation) does not fit: not trained on
+    dropped_ids: list[str] = field(default_factory=list)
+    tokens: int = 0
+    unknown_tokens: int | None = None
+
+    @property
+    def unknown_rate(self) -> float:
+        return (self.unknown_tokens or 0) / max(self.tokens, 1)
+
+    def __str__(self) -> str:
+        s = (f"{self.total - self.dropped}/{self.total} rows kept ({self.examples} examples, {self.tokens} tokens); "
+             f"{self.prompt_truncated} had the start of their prompt cut to fit max_length; {self.dropped} dropped "
+             "(too long)")
+        if self.dropped_ids:
+            s += f": {', '.join(self.dropped_ids[:3])}{' ...' if len(self.dropped_ids) > 3 else ''}"
+        if self.unknown_tokens is not None:
+            s += f"; {self.unknown_rate:.2%} unknown tokens"
+        return s
+
+
+def read_chat_template(path: PathLike) -> str:
+    """The text of a Jinja chat template file (data.chat_template); DataError when it cannot be read."""
+    from tune.files import read_utf8
+
+    text = read_utf8(path, "chat template")
+    if not text.strip():
+        raise DataError(f"{path}: the chat template file is empty; write a Jinja template there")
+    return text
+
+
+class Formatter:
+    """Turns records of one kind into prompts, references and tokenized, loss-masked examples with `tokenizer`.
+
+    chat: the template is settings.chat_template, else the tokenizer's own; ConfigError when there is neither."""
+
+    def __init__(self, settings: FormatSettings, tokenizer, template_source: str = "data.chat_template"):
+        from tune.hf import unknown_token_id
+
+        self.s, self.tokenizer, self.source = settings, tokenizer, template_source
+        self.unk = unknown_token_id(tokenizer)
+        if settings.add_eos and tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
+        self.chat_template = None
+        self.end_of_turn: list[int] = []
+        if settings.kind == "chat":
+            own = getattr(tokenizer, "chat_template", None)
+            if isinstance(own, dict):
+                own = own.get("default")
+            self.chat_template = settings.chat_template or own
+            if not self.chat_template:
+                raise ConfigError(f"data.kind=chat: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
+                                  "chat template; give one as data.chat_template=<a .jinja file>")
+            self.source = template_source if settings.chat_template else "the tokenizer's chat template"
+            self.generation_blocks = bool(_GENERATION_BLOCK.search(self.chat_template))
+            self.end_of_turn = self._end_of_turn()
+
+    # chat ------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
+        """The conversation as the chat template writes it; DataError naming `where` when the template fails."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template too), TypeError, ...
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{where or 'chat'}: field messages: {self.source} does not render it ({type(e).__name__}: "
+                            f"{msg}); fix the template or the row") from None
+        if not isinstance(text, str):
+            raise DataError(f"{self.source} rendered {type(text).__name__}, not text; check the template")
+        return text
+
+    def _end_of_turn(self) -> list[int]:
+        """The special token ids the template writes right after an assistant reply (its end-of-turn), [] if none."""
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        head = self.render(probe[:1], True, "probe chat")
+        full = self.render(probe, False, "probe chat")
+        if not full.startswith(head + "ok"):
+            return []
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        after = self.tokenizer(full[len(head) + 2:], add_special_tokens=False)["input_ids"]
+        return [i for i in after if i in special][:1]
+
+    def chat_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """(the rendered conversation, the character spans of each assistant reply as the model generates it: from
+        the end of the generation prompt through the reply's end-of-turn text, trailing whitespace excluded).
+
+        Each span comes from rendering the messages before the reply with the generation prompt and the messages
+        through the reply (axolotl's and TRL's prefix method): both must be prefixes of the whole rendering, which
+        holds for templates that write each turn independently of later ones. DataError naming `where` otherwise."""
+        full = self.render(messages, False, where)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = self.render(messages[:i], True, where)
+            upto = self.render(messages[:i + 1], False, where)
+            if not (upto.startswith(head) and full.startswith(upto)):
+                raise DataError(f"{where}: field messages[{i}]: {self.source} does not render the conversation up to "
+                                "this reply as a prefix of the whole (it rewrites earlier turns); use a template that "
+                                "writes each turn on its own, or mark replies with {% generation %} blocks")
+            end = len(upto.rstrip()) if upto.rstrip().startswith(head) else len(upto)
+            spans.append((len(head), max(end, len(head))))
+        return full, spans
+
+    def _chat_tokens(self, messages: list[dict], where: str) -> tuple[list[int], list[list[int]]]:
+        """(input_ids, per assistant reply the token positions it covers)."""
+        if self.generation_blocks:
+            return self._generation_tokens(messages, where)
+        text, spans = self.chat_spans(messages, where)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        turns = [[t for t, (a, b) in enumerate(offsets) if start <= a < end and b > a] for start, end in spans]
+        if not self.end_of_turn and self.s.add_eos:  # a template without an end-of-turn token: eos ends the chat
+            ids.append(self.tokenizer.eos_token_id)
+            turns[-1].append(len(ids) - 1)
+        return ids, turns
+
+    def _generation_tokens(self, messages: list[dict], where: str) -> tuple[list[int], list[list[int]]]:
+        """A template with {% generation %} blocks: transformers' return_assistant_tokens_mask marks the replies."""
+        try:
+            out = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=True,
+                                                     return_dict=True, return_assistant_tokens_mask=True,
+                                                     add_generation_prompt=False)
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{where}: field messages: {self.source} does not render it ({type(e).__name__}: {msg}); "
+                            "fix the template or the row") from None
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"])
+        turns, current = [], None
+        for t, m in enumerate(mask):
+            if m and current is None:
+                current = []
+                turns.append(current)
+            if m:
+                current.append(t)
+            else:
+                current = None
+        for turn in turns:  # a block that leaves the end-of-turn token out: it is a target all the same
+            after = turn[-1] + 1
+            if after < len(ids) and ids[after] in self.end_of_turn:
+                turn.append(after)
+        return ids, turns
+
+    # all kinds -------------------------------------------------------------------------------------
+    def prompt_and_completion(self, record: Record) -> tuple[str, str]:
+        """(prompt text, completion text) of an alpaca / prompt_completion / chat record: for chat the messages
+        before the last reply rendered with the generation prompt, and the last reply's content."""
+        f, kind = record.fields, self.s.kind
+        if kind == "alpaca":
+            has_input = bool(f.get("input", "").strip())
+            template = self.s.template or (ALPACA_PROMPT if has_input else ALPACA_PROMPT_NO_INPUT)
+            return template.format(instruction=f["instruction"], input=f.get("input", "")), f["output"]
+        if kind == "prompt_completion":
+            return (self.s.template or "{prompt}").format(prompt=f["prompt"]), f["completion"]
+        if kind == "chat":
+            return self.render(f["messages"][:-1], True, record.where), f["messages"][-1]["content"]
+        raise ConfigError(f"data.kind={kind} has no prompt and completion")
+
+    def heldout_input(self, record: Record) -> str:
+        """What the copy-input baseline predicts: the row's input (alpaca: else the instruction), prompt, or the
+        last user message."""
+        f = record.fields
+        if self.s.kind == "alpaca":
+            return f.get("input") or f["instruction"]
+        if self.s.kind == "prompt_completion":
+            return f["prompt"]
+        if self.s.kind == "chat":
+            return next((m["content"] for m in reversed(f["messages"]) if m["role"] == "user"), "")
+        return ""
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        tok = self.tokenizer
+        if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
+            return [tok.bos_token_id] + ids
+        return ids
+
+    def encode(self, records: Sequence[Record]) -> tuple[list[dict], FormatReport]:
+        """Tokenized, loss-masked examples of `records` (see the module docstring) and the report of what had to be
+        cut or dropped to fit max_length: a prompt loses tokens from its start, a row whose completion (chat: whole
+        conversation) does not fit is dropped, a text row longer than max_length becomes several examples."""
+        from tune.losses import IGNORE_INDEX
+
+        s, tok = self.s, self.tokenizer
+        report = FormatReport(total=len(records), unknown_tokens=None if self.unk is None else 0)
+        eos = [tok.eos_token_id] if s.add_eos else []
+        examples = []
+
+        def add(record, ids, labels, prompt_len, suffix=""):
+            targets = labels[1:] + [IGNORE_INDEX]
+            examples.append({"input_ids": ids, "targets": targets, "task": record.group, "id": record.id + suffix,
+                             "prompt_len": prompt_len})
+            report.tokens += len(ids)
+            if self.unk is not None:
+                report.unknown_tokens += ids.count(self.unk)
+
+        if s.kind == "text":
+            texts = tok([r.fields["text"] for r in records], add_special_tokens=False)["input_ids"]
+            for record, ids in zip(records, texts):
+                ids = self._with_bos(list(ids)) + eos
+                pieces = [ids[i:i + s.max_length] for i in range(0, len(ids), s.max_length)]
+                pieces = [p for p in pieces if len(p) >= 2] or [ids[:s.max_length]]
+                for k, piece in enumerate(pieces):
+                    add(record, piece, list(piece), 0, "" if k == 0 else f"#{k}")
+            report.examples = len(examples)
+            return examples, report
+
+        if s.kind == "chat":
+            for record in records:
+                ids, turns = self._chat_tokens(record.fields["messages"], record.where)
+                with_bos = self._with_bos(ids)  # a template that does not write the bos its tokenizer wants
+                if len(with_bos) > len(ids):
+                    ids, turns = with_bos, [[t + 1 for t in turn] for turn in turns]
+                if len(ids) > s.max_length:
+                    report.dropped += 1
+                    report.dropped_ids.append(record.id)
+                    continue
+                if s.train_on == "all":
+                    trained = range(len(ids))
+                elif s.train_on == "last_assistant":
+                    trained = turns[-1] if turns else []
+                else:
+                    trained = [t for turn in turns for t in turn]
+                labels = [IGNORE_INDEX] * len(ids)
+                for t in trained:
+                    labels[t] = ids[t]
+                prompt_len = turns[-1][0] if turns and turns[-1] else len(ids)
+                add(record, ids, labels, prompt_len)
+            report.examples = len(examples)
+            return examples, report
+
+        pairs = [self.prompt_and_completion(r) for r in records]
+        prompt_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+        completion_ids = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        for record, prompt, completion in zip(records, prompt_ids, completion_ids):
+            prompt, completion = self._with_bos(list(prompt)), list(completion) + eos
+            room = s.max_length - len(completion)
+            if room < 1:
+                report.dropped += 1
+                report.dropped_ids.append(record.id)
+                continue
+            if len(prompt) > room:
+                report.prompt_truncated += 1
+                prompt = prompt[len(prompt) - room:]
+            ids = prompt + completion
+            labels = list(ids) if s.train_on == "all" else [IGNORE_INDEX] * len(prompt) + completion
+            add(record, ids, labels, len(prompt))
+        report.examples = len(examples)
+        return examples, report
+
+
+# -- cached dataset ------------------------------------------------------------------------------
+def _cache_key(records: Sequence[Record], fmt: Formatter) -> str:
+    from data_prep.natural_instructions import tokenizer_digest
+
+    settings = asdict(fmt.s) | {"chat_template": fmt.chat_template}
+    h = hashlib.sha256(json.dumps([FORMAT_VERSION, settings, tokenizer_digest(fmt.tokenizer)]).encode())
+    for start in range(0, len(records), 10_000):
+        chunk = [[r.group, r.id, r.fields] for r in records[start:start + 10_000]]
+        h.update(json.dumps(chunk, ensure_ascii=False).encode())
+    return f"{fmt.s.kind}-{h.hexdigest()}"
+
+
+def build_format_dataset(records: Sequence[Record], fmt: Formatter, cache_dir: PathLike):
+    """Formatter.encode as a ``datasets.Dataset`` (input_ids, targets, task, id, prompt_len: the NI layout) and its
+    FormatReport, cached under ``cache_dir/<kind>-<sha256 key>/``. The key covers the records, the settings, the
+    chat template's text and the tokenizer, so a second call with the same inputs loads from disk."""
+    from datasets import Dataset, load_from_disk
+
+    from data_prep.natural_instructions import _features
+    from tune.files import directory_written_aside
+    from tune.hf import quiet_third_party
+
+    records = list(records)
+    final = Path(cache_dir) / _cache_key(records, fmt)
+
+    def load(path: Path):
+        try:
+            report = FormatReport(**json.loads((path / "report.json").read_text(encoding="utf-8")))
+            return load_from_disk(str(path / "dataset")), report
+        except (OSError, ValueError, TypeError):
+            return None
+
+    cached = load(final)
+    if cached is not None:
+        return cached
+    examples, report = fmt.encode(records)
+    columns = {k: [ex[k] for ex in examples] for k in ("input_ids", "targets", "task", "id", "prompt_len")}
+    with directory_written_aside(final, lambda path: load(path) is not None) as tmp:
+        with quiet_third_party():
+            Dataset.from_dict(columns, features=_features()).save_to_disk(str(tmp / "dataset"), num_shards=1)
+        (tmp / "report.json").write_text(json.dumps(asdict(report)), encoding="utf-8")
+    loaded = load(final)
+    if loaded is None:
+        raise DataError(f"{final}: cache entry was written but cannot be read back; delete it and run again")
+    return loaded
