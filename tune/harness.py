@@ -159,6 +159,10 @@ def summarize(raw: dict) -> dict:
             "groups": sorted(raw.get("groups", {})), "limit": raw.get("config", {}).get("limit")}
 
 
+def _format(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+
+
 def harness_table(summary: dict) -> str:
     """One row per task (and group) and metric: name, documents scored, shots, metric, value and standard error
     (as lm_eval reports them: fractions, not x100)."""
@@ -169,7 +173,7 @@ def harness_table(summary: dict) -> str:
             stderr = row["stderr"].get(metric)
             rows.append((name if i == 0 else "", str(row["n"]) if i == 0 else "",
                          str(row["num_fewshot"]) if i == 0 else "", metric,
-                         "n/a" if value is None else f"{value:.4f}", "n/a" if stderr is None else f"{stderr:.4f}"))
+                         _format(value), _format(stderr)))
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
 
     def line(r):
