@@ -138,9 +138,9 @@ def write_test_tasks(root: Path, model=None, tokenizer=None) -> Path:
 
 
 def evaluate(lm_dir: Path, out: Path, *overrides) -> dict:
-    """`tune run evaluate` (harness only, 1-shot) in this process; its eval_results.json."""
-    args = ["run", "evaluate", "--config", "eval_ni", f"model={lm_dir}", "adapter=null", "data.exclude_train_of=null",
-            "data.tasks=null", f"output_dir={out}", "harness.num_fewshot=1", "harness.batch_size=4", *overrides]
+    """`tune run evaluate --config eval_harness` (harness only, 1-shot) in this process; its eval_results.json."""
+    args = ["run", "evaluate", "--config", "eval_harness", f"model={lm_dir}", "adapter=null", f"output_dir={out}",
+            "harness.batch_size=4", *overrides]
     assert main(args) == 0
     return json.loads((out / "eval_results.json").read_text())
 
@@ -279,3 +279,10 @@ def test_an_unknown_task_name_is_a_one_line_error_with_close_names(lm, tmp_path,
     assert err.endswith("in lm_eval or in harness.include_path=['tests/harness_tasks']; `lm_eval ls tasks` lists "
                         "lm_eval's, and harness.include_path takes the directory of your own task YAMLs\n"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_task_example_is_the_shipped_task():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- harness-task -->\n```yaml\n", 1)[1].split("```", 1)[0]
+    shipped = "".join(line for line in (TASKS / "tiny_mc.yaml").read_text().splitlines(True) if not line.startswith("#"))
+    assert block == shipped
