@@ -27,7 +27,7 @@ same model in memory: lm_eval's tasks, or task YAMLs of your own under `harness.
 files, `dataset_path: json`, needs no hub). Its metrics and standard errors go into eval_results.json under
 "harness" (tune/harness.py). `data.tasks=null` skips the Natural-Instructions scoring (harness only).
 
-    tune run evaluate --config eval_ni data.tasks=null harness.tasks=[tiny_mc] harness.include_path=tests/harness_tasks
+    tune run evaluate --config eval_harness model=runs/demo/hf adapter=null    # tests/harness_tasks' two tasks
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class HarnessSection:
     num_fewshot: int | None = None  # demonstrations per prompt for every task (null: each task's default)
     limit: int | float | None = None  # the first N documents of each task (a number < 1: that fraction)
     batch_size: int = 8
-    bootstrap_iters: int = 100000  # resamples for the stderr of metrics without a closed form (0: none)
+    bootstrap_iters: int = 100000  # resamples for the stderr of metrics without a closed form (0: no stderr at all)
 
     def __post_init__(self):
         from tune.config import check_ranges
@@ -163,7 +163,8 @@ def validate(cfg: EvaluateConfig) -> None:
         from tune.harness import missing_problem
 
         problems.extend(filter(None, [missing_problem()]))
-        for path in cfg.harness.include_path if isinstance(cfg.harness.include_path, list) else [cfg.harness.include_path]:
+        paths = cfg.harness.include_path
+        for path in paths if isinstance(paths, list) else [paths]:
             if path and not Path(path).exists():
                 problems.add(f"harness.include_path: {path} does not exist (a directory of task YAMLs or a YAML file; "
                              "paths are relative to where you run tune)")
@@ -269,7 +270,7 @@ def resolve_harness(cfg: EvaluateConfig):
 
 
 def run_harness(cfg: EvaluateConfig, harness, model, tokenizer) -> dict:
-    """lm-evaluation-harness on the loaded model: prints lm_eval's table and returns {"harness": summary}
+    """lm-evaluation-harness on the loaded model: prints its table and returns {"harness": summary}
     (tune.harness.summarize) for eval_results.json, or {} when harness.tasks is empty."""
     if harness is None:
         return {}

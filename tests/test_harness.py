@@ -106,7 +106,8 @@ def hand_scores(model, tokenizer) -> dict:
 def log_perplexity(model, tokenizer) -> float:
     """tiny_ll's log-perplexity: minus the mean loglikelihood of tiny_mc's gold answers, 1-shot (a loglikelihood
     task's target follows the prompt without a delimiter)."""
-    lls = [loglikelihood(model, tokenizer, mc_context(doc), doc["choices"][doc["label"]]) for doc in rows("tiny_mc_test")]
+    lls = [loglikelihood(model, tokenizer, mc_context(doc), doc["choices"][doc["label"]])
+           for doc in rows("tiny_mc_test")]
     return -sum(lls) / len(lls)
 
 
@@ -255,8 +256,9 @@ def test_bad_harness_settings_are_one_line_errors(overrides, error, model_dir, t
 
 def test_a_task_whose_data_file_is_missing_is_a_one_line_error(lm, tmp_path, monkeypatch, capsys):
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "broken.yaml").write_text(f"include: {TASKS / 'tiny_mc.yaml'}\ntask: broken\n"
-                                                    f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gone.jsonl'}\n")
+    (tmp_path / "tasks" / "broken.yaml").write_text(
+        f"include: {TASKS / 'tiny_mc.yaml'}\ntask: broken\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'gone.jsonl'}\n")
     args = ["run", "evaluate", "--config", "eval_ni", f"model={lm}", "adapter=null", "data.exclude_train_of=null",
             "data.tasks=null", f"output_dir={tmp_path / 'out'}", "harness.tasks=[broken]",
             f"harness.include_path={tmp_path / 'tasks'}"]
@@ -284,5 +286,6 @@ def test_an_unknown_task_name_is_a_one_line_error_with_close_names(lm, tmp_path,
 def test_readme_task_example_is_the_shipped_task():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- harness-task -->\n```yaml\n", 1)[1].split("```", 1)[0]
-    shipped = "".join(line for line in (TASKS / "tiny_mc.yaml").read_text().splitlines(True) if not line.startswith("#"))
+    lines = (TASKS / "tiny_mc.yaml").read_text().splitlines(True)
+    shipped = "".join(line for line in lines if not line.startswith("#"))
     assert block == shipped

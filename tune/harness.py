@@ -104,9 +104,9 @@ def run_harness(model, tokenizer, manager, names: list[str], num_fewshot: int | 
 
     num_fewshot: demonstrations per prompt for every task (None: each task's default; a task whose YAML sets
     num_fewshot: 0 keeps 0). limit: the first N documents of each task (a float < 1: that fraction).
-    bootstrap_iters: resamples for the stderr of metrics without a closed form (0: none).
-    Returns summarize(lm_eval's results). A task whose data cannot be read (a
-    missing data file, a hub dataset while offline) is a DataError naming the task list.
+    bootstrap_iters: resamples for the stderr of metrics without a closed form (0: no standard errors at all).
+    Returns summarize(lm_eval's results). A task whose data cannot be read (a missing data file, a hub dataset
+    while offline) is a DataError naming the task list.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -151,8 +151,9 @@ def summarize(raw: dict) -> dict:
                 target = metrics
             target[metric if filter_name == "none" else f"{metric},{filter_name}"] = _number(value)
         samples = raw.get("n-samples", {}).get(name, {})
-        tasks[name] = {"n": samples.get("effective", row.get("sample_len")), "num_fewshot": raw.get("n-shot", {}).get(name),
-                       "version": raw.get("versions", {}).get(name), "metrics": metrics, "stderr": stderr}
+        tasks[name] = {"n": samples.get("effective", row.get("sample_len")),
+                       "num_fewshot": raw.get("n-shot", {}).get(name), "version": raw.get("versions", {}).get(name),
+                       "metrics": metrics, "stderr": stderr}
     import lm_eval
 
     return {"lm_eval_version": lm_eval.__version__, "tasks": tasks,
