@@ -8,6 +8,7 @@ acc / acc_norm / perplexity, greedy decoding cut at the first line break for exa
 targets are made the model's own predictions on half the documents, so its exact match must be exactly 0.5).
 """
 
+import importlib.util
 import json
 import math
 import sys
@@ -23,6 +24,9 @@ from conftest import NI_TASKS
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "harness_tasks"
 MAX_GEN = 8  # tiny_gen.yaml's max_gen_toks
+# lm_eval comes with the test extra; an environment installed without it skips what needs it
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason='lm_eval not installed (pip install -e ".[harness]")')
 
 
 def rows(name: str) -> list[dict]:
@@ -146,6 +150,7 @@ def evaluate(lm_dir: Path, out: Path, *overrides) -> dict:
     return json.loads((out / "eval_results.json").read_text())
 
 
+@needs_lm_eval
 def test_harness_scores_equal_a_hand_computation(lm, tmp_path, monkeypatch, capsys):
     from tune.hf import load_model, load_tokenizer
 
@@ -176,6 +181,7 @@ def test_harness_scores_equal_a_hand_computation(lm, tmp_path, monkeypatch, caps
     assert ["tiny_gen_own", "10", "1", "exact_match", "0.5000", "0.1667"] in table
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("kind", ["adapter", "nf4"])
 def test_harness_scores_the_model_as_loaded_with_an_adapter_or_quantized(kind, lm, tmp_path, monkeypatch):
     """The harness scores the model evaluate loaded: base + a LoRA adapter (the hand perplexity of that peft model,
@@ -208,6 +214,7 @@ def test_harness_scores_the_model_as_loaded_with_an_adapter_or_quantized(kind, l
     assert (results["adapter"], results["quant"]) == (str(adapter) if adapter else None, quant)
 
 
+@needs_lm_eval
 @pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not present (see README: Data)")
 def test_harness_results_join_the_natural_instructions_scores(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -232,6 +239,7 @@ def test_missing_lm_eval_is_a_one_line_error_naming_the_extra(model_dir, tmp_pat
                    '".[harness]" (or pip install lm_eval) in this environment\n')
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("overrides,error", [
     (["harness.limit=1.5"], "harness.limit=1.5: give a whole number of documents (e.g. 100) or a fraction below 1"),
     (["harness.limit=0"], "harness.limit must be > 0, got 0"),
@@ -254,6 +262,7 @@ def test_bad_harness_settings_are_one_line_errors(overrides, error, model_dir, t
     assert error.format(root=root) in err and err.count("\n") == 1, err
 
 
+@needs_lm_eval
 def test_a_task_whose_data_file_is_missing_is_a_one_line_error(lm, tmp_path, monkeypatch, capsys):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "broken.yaml").write_text(
@@ -268,6 +277,7 @@ def test_a_task_whose_data_file_is_missing_is_a_one_line_error(lm, tmp_path, mon
     assert str(tmp_path / "gone.jsonl") in err and "relative to where you run tune" in err
 
 
+@needs_lm_eval
 @pytest.mark.slow  # indexes lm_eval's ~15,000 task YAMLs (5-15 s)
 def test_an_unknown_task_name_is_a_one_line_error_with_close_names(lm, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
