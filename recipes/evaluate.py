@@ -21,6 +21,13 @@ A base model that was never tuned to stop tends to go on with another "Input: ..
 evaluating its training tasks measures held-out instances only; without it the first
 `data.max_instances_per_task` instances of each task are scored, trained on or not (printed, and recorded
 as `instances_scored` in eval_results.json).
+
+`harness.tasks=[...]` also runs lm-evaluation-harness (the `harness` extra: pip install -e ".[harness]") on the
+same model in memory: lm_eval's tasks, or task YAMLs of your own under `harness.include_path` (a task on local
+files, `dataset_path: json`, needs no hub). Its metrics and standard errors go into eval_results.json under
+"harness" (tune/harness.py). `data.tasks=null` skips the Natural-Instructions scoring (harness only).
+
+    tune run evaluate --config eval_harness model=runs/demo/hf adapter=null    # tests/harness_tasks' two tasks
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from pathlib import Path
 from typing import Literal
 
 from tune.config import os_errors_as_config_errors
+from tune.errors import ConfigError
 
 
 @dataclass
 class EvalDataSection:
-    tasks: str | list[str] = "../shared/data/natural_instructions/dev_tasks.txt"  # split file, dir or task files
+    # split file, dir or task files; null: no Natural-Instructions scoring (harness.tasks only)
+    tasks: str | list[str] | None = "../shared/data/natural_instructions/dev_tasks.txt"
     tasks_dir: str | None = None  # where names in a split file resolve (default: <split file dir>/tasks)
     max_instances_per_task: int = 100  # the first N instances of each task (after exclude_train_of)
     exclude_train_of: str | None = None  # a finetune run dir: skip the instances it trained on
@@ -58,6 +67,26 @@ class GenerationSection:
 
 
 @dataclass
+class HarnessSection:
+    """lm-evaluation-harness on the evaluated model (the `harness` extra); nothing runs while `tasks` is empty."""
+    tasks: list[str] = field(default_factory=list)  # lm_eval task / group / tag names or glob patterns
+    include_path: str | list[str] | None = None  # directories (or YAML files) of your own task configs
+    num_fewshot: int | None = None  # demonstrations per prompt for every task (null: each task's default)
+    limit: int | float | None = None  # the first N documents of each task (a number < 1: that fraction)
+    batch_size: int = 8
+    bootstrap_iters: int = 100000  # resamples for the stderr of metrics without a closed form (0: no stderr at all)
+
+    def __post_init__(self):
+        from tune.config import check_ranges
+
+        check_ranges("harness.", self, {"num_fewshot": ">= 0", "limit": "> 0", "batch_size": ">= 1",
+                                        "bootstrap_iters": ">= 0"})
+        if isinstance(self.limit, float) and self.limit >= 1:
+            raise ConfigError(f"harness.limit={self.limit}: give a whole number of documents (e.g. 100) or a "
+                              "fraction below 1 (e.g. 0.1)")
+
+
+@dataclass
 class EvaluateConfig:
     model: str  # an HF causal-LM directory (save_pretrained output)
     recipe: Literal["evaluate"] = "evaluate"
@@ -71,6 +100,7 @@ class EvaluateConfig:
     data: EvalDataSection = field(default_factory=EvalDataSection)
     prompt: EvalPromptSection = field(default_factory=EvalPromptSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
+    harness: HarnessSection = field(default_factory=HarnessSection)
 
 
 CONFIG_CLASS = EvaluateConfig
@@ -86,7 +116,7 @@ def validate(cfg: EvaluateConfig) -> None:
 
     problems = Problems()
     problems.extend(empty_path_problems(cfg, ["output_dir", "model", "adapter", "tokenizer", "data.tasks",
-                                              "data.tasks_dir", "data.exclude_train_of"]))
+                                              "data.tasks_dir", "data.exclude_train_of", "harness.include_path"]))
     if problems.call(check_model_dir, cfg.model, "model") is not None and cfg.quant is not None:
         stored = stored_quant(cfg.model)
         if stored not in (None, cfg.quant):
@@ -99,7 +129,15 @@ def validate(cfg: EvaluateConfig) -> None:
     elif cfg.tokenizer:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
-    if not items:
+    if cfg.data.tasks is None:
+        items = []
+        if not cfg.harness.tasks:
+            problems.add("data.tasks is null and harness.tasks is empty: nothing to evaluate; give Natural-"
+                         "Instructions tasks in data.tasks or lm-evaluation-harness tasks in harness.tasks")
+        if cfg.data.exclude_train_of is not None:
+            problems.add("data.exclude_train_of applies to the Natural-Instructions tasks, and data.tasks is null; "
+                         "drop it or give data.tasks")
+    elif not items:
         problems.add("data.tasks is empty; give a split file, a directory of task JSON files or a list of them")
     for item in items:
         if not Path(item).exists() and cfg.data.tasks_dir is None:
@@ -121,8 +159,18 @@ def validate(cfg: EvaluateConfig) -> None:
                      "definition nor a demonstration; for zero-shot set prompt.add_definition=true")
     if cfg.generation.max_prompt_tokens is not None and cfg.generation.max_prompt_tokens < 1:
         problems.add(f"generation.max_prompt_tokens must be >= 1 (or null), got {cfg.generation.max_prompt_tokens}")
+    if cfg.harness.tasks:
+        from tune.harness import missing_problem
+
+        problems.extend(filter(None, [missing_problem()]))
+        paths = cfg.harness.include_path
+        for path in paths if isinstance(paths, list) else [paths]:
+            if path and not Path(path).exists():
+                problems.add(f"harness.include_path: {path} does not exist (a directory of task YAMLs or a YAML file; "
+                             "paths are relative to where you run tune)")
     inputs = {"model": cfg.model, "adapter": cfg.adapter, "tokenizer": cfg.tokenizer,
-              "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir}
+              "data.tasks": task_source_paths(cfg.data.tasks, cfg.data.tasks_dir), "data.tasks_dir": cfg.data.tasks_dir,
+              "harness.include_path": cfg.harness.include_path}
     problems.extend(check_output_dir(cfg.output_dir, inputs))
     problems.raise_if_any()
 
@@ -162,6 +210,9 @@ def run(cfg: EvaluateConfig) -> dict:
     from tune.evaluation import check_vocab, evaluate_tasks, format_table, load_model, load_tokenizer, write_json_atomic
 
     validate(cfg)
+    harness = resolve_harness(cfg)
+    if cfg.data.tasks is None:
+        return run_harness_only(cfg, harness)
     tasks = load_tasks(cfg.data.tasks, cfg.data.tasks_dir)
     exclude = trained_instances(cfg.data.exclude_train_of) if cfg.data.exclude_train_of else set()
     pairs = select_pairs(tasks, cfg.data.max_instances_per_task, exclude)
@@ -175,6 +226,7 @@ def run(cfg: EvaluateConfig) -> dict:
     check_vocab(model, tokenizer, tokenizer_dir)
     device = next(model.parameters()).device
     apply_num_threads(0, key="OMP_NUM_THREADS")
+    harness_results = run_harness(cfg, harness, model, tokenizer)  # first: a task whose data is missing fails early
     n = cfg.data.max_instances_per_task
     print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
           + (f", quantized {cfg.quant}" if cfg.quant else "")
@@ -197,11 +249,61 @@ def run(cfg: EvaluateConfig) -> dict:
                              stop_at_newline=g.stop_at_newline, log=lambda m: print(m, flush=True))
     results = {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant, "tokenizer": tokenizer_dir,
                "tasks_source": cfg.data.tasks,
-               "instances_scored": scored, "excluded_trained_instances": skipped, **results}
+               "instances_scored": scored, "excluded_trained_instances": skipped, **results, **harness_results}
     print(format_table(results))
     if results["n_prompts_fewer_demos"] or results["n_prompts_truncated"]:
         print(f"note: to fit the context, {results['n_prompts_fewer_demos']} prompts lost demonstrations and "
               f"{results['n_prompts_truncated']} were cut from the left")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    path = write_json_atomic(out / "eval_results.json", results)
+    print(f"wrote {path}")
+    return results
+
+
+def resolve_harness(cfg: EvaluateConfig):
+    """(lm_eval TaskManager, task names) for harness.tasks, checked before any model loads; None without tasks."""
+    if not cfg.harness.tasks:
+        return None
+    from tune.harness import resolve_tasks
+
+    return resolve_tasks(cfg.harness.tasks, cfg.harness.include_path)
+
+
+def run_harness(cfg: EvaluateConfig, harness, model, tokenizer) -> dict:
+    """lm-evaluation-harness on the loaded model: prints its table and returns {"harness": summary}
+    (tune.harness.summarize) for eval_results.json, or {} when harness.tasks is empty."""
+    if harness is None:
+        return {}
+    from tune.harness import harness_table, run_harness as run_lm_eval
+
+    manager, names = harness
+    h = cfg.harness
+    print(f"lm-evaluation-harness on {len(names)} task(s): {', '.join(names)}"
+          + (f" ({h.num_fewshot}-shot)" if h.num_fewshot is not None else "")
+          + (f", at most {h.limit} documents each" if h.limit is not None else ""), flush=True)
+    summary = run_lm_eval(model, tokenizer, manager, names, num_fewshot=h.num_fewshot, limit=h.limit,
+                          batch_size=h.batch_size, bootstrap_iters=h.bootstrap_iters)
+    print(harness_table(summary), flush=True)
+    return {"harness": {"tasks_requested": list(h.tasks), "include_path": h.include_path, **summary}}
+
+
+def run_harness_only(cfg: EvaluateConfig, harness) -> dict:
+    """data.tasks=null: lm-evaluation-harness alone; eval_results.json holds the model and the "harness" results."""
+    from tune.config import save_config
+    from tune.engine import apply_num_threads
+    from tune.evaluation import check_vocab, load_model, load_tokenizer, write_json_atomic
+
+    tokenizer_dir = cfg.tokenizer or cfg.model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_model(cfg.model, cfg.adapter, cfg.dtype, quant=cfg.quant)
+    check_vocab(model, tokenizer, tokenizer_dir)
+    apply_num_threads(0, key="OMP_NUM_THREADS")
+    print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
+          + (f", quantized {cfg.quant}" if cfg.quant else "") + f" ({next(model.parameters()).device})", flush=True)
+    results = {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant, "tokenizer": tokenizer_dir,
+               **run_harness(cfg, harness, model, tokenizer)}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
