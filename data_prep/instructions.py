@@ -108,6 +108,23 @@ def check_train_on(kind: str, train_on: str, mask_prompt: bool = True) -> None:
                           "set data.train_on=all and leave data.mask_prompt out")
 
 
+def template_problem(path: PathLike) -> str | None:
+    """The one-line problem of a chat template file that Jinja cannot parse (checked without transformers:
+    `{% generation %}` blocks and loop controls allowed, as transformers' chat templates allow them), else None."""
+    import jinja2
+
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"data.chat_template={path}: cannot be read ({e}); give a UTF-8 Jinja file"
+    text = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", text)
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        return f"data.chat_template={path}: not a valid Jinja template (line {e.lineno}: {e.message}); fix the template"
+    return None
+
+
 def data_files(source) -> list[Path]:
     """data.train / data.eval (a path or a list of them) as paths."""
     if source is None:

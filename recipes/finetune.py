@@ -180,6 +180,8 @@ def check_data_sources(d: NIDataSection, problems) -> None:
             problems.add(f"data.chat_template applies to data.kind=chat, not {d.kind}")
         elif not Path(d.chat_template).is_file():
             problems.add(f"data.chat_template={d.chat_template} is not a file (a Jinja chat template)")
+        elif problem := formats.template_problem(d.chat_template):
+            problems.add(problem)
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:

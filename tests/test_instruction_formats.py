@@ -494,3 +494,16 @@ def test_on_policy_distillation_completes_the_prompts_of_alpaca_rows(tmp_path, t
     result = run(cfg)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["on_policy"] for r in rows if "on_policy" in r] == [1.0, 1.0]
+
+
+def test_a_chat_template_is_needed_and_must_parse(tmp_path, chat_tokenizer):
+    from data_prep.instructions import FormatSettings, Formatter, template_problem
+
+    with pytest.raises(ConfigError, match=r"data.kind=chat: the tokenizer .* has no chat template; give one as "
+                                          r"data.chat_template=<a .jinja file>$"):
+        Formatter(FormatSettings(kind="chat"), chat_tokenizer)
+    good, bad = tmp_path / "good.jinja", tmp_path / "bad.jinja"
+    good.write_text(CHATML_GENERATION, encoding="utf-8")
+    bad.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor", encoding="utf-8")
+    assert template_problem(good) is None
+    assert template_problem(bad).startswith(f"data.chat_template={bad}: not a valid Jinja template (line 2: ")
