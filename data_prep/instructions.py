@@ -334,7 +334,7 @@ def split_records(train: list[Record], eval_records: list[Record] | None, heldou
                   max_train_per_group: int | None = None) -> tuple[list[Record], list[Record]]:
     """(training records, held-out records): the eval file's records when given, else a seeded share
     `heldout_fraction` of the training rows (at least one when there are two or more rows, never all), kept out of
-    training. `max_train_per_group` caps the training rows of each file (in their shuffled order)."""
+    training. `max_train_per_group` caps the training rows of each file (the first ones, in file order)."""
     if eval_records is not None:
         held, rest = list(eval_records), list(train)
     else:
