@@ -331,17 +331,21 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
 
 
 def split_records(train: list[Record], eval_records: list[Record] | None, heldout_fraction: float, seed: int,
-                  max_train_per_group: int | None = None) -> tuple[list[Record], list[Record]]:
-    """(training records, held-out records): the eval file's records when given, else a seeded share
-    `heldout_fraction` of the training rows (at least one when there are two or more rows, never all), kept out of
-    training. `max_train_per_group` caps the training rows of each file (the first ones, in file order)."""
+                  max_train_per_group: int | None = None, heldout_rows: int | None = None
+                  ) -> tuple[list[Record], list[Record]]:
+    """(training records, held-out records): the eval file's records when given, else `heldout_rows` of the training
+    rows or, without a count, a share `heldout_fraction` of them (at least one when there are two or more rows),
+    chosen by a shuffle seeded by `seed`, never all, kept out of training. `max_train_per_group` caps the training rows of each file (the first ones, in file order)."""
     if eval_records is not None:
         held, rest = list(eval_records), list(train)
     else:
         order = list(range(len(train)))
         random.Random(int.from_bytes(hashlib.sha256(f"{seed}:heldout".encode()).digest()[:8], "big")).shuffle(order)
-        n = int(round(heldout_fraction * len(train))) if heldout_fraction > 0 else 0
-        n = min(max(n, 1 if heldout_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
+        if heldout_rows is not None:
+            n = min(heldout_rows, len(train) - 1)
+        else:
+            n = int(round(heldout_fraction * len(train))) if heldout_fraction > 0 else 0
+            n = min(max(n, 1 if heldout_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
         chosen = set(order[:n])
         held = [r for i, r in enumerate(train) if i in chosen]
         rest = [r for i, r in enumerate(train) if i not in chosen]

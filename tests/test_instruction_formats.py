@@ -405,6 +405,9 @@ def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
     assert [r.id for r in held] == [r.id for r in held_again] and len(held) == 5 and len(train) == 15
     assert sorted(r.id for r in train + held) == sorted(r.id for r in rows)
     assert [r.id for r in split_records(rows, None, 0.25, seed=4)[1]] != [r.id for r in held]
+    counted = split_records(rows, None, 0.25, seed=3, heldout_rows=8)[1]
+    assert len(counted) == 8 and {r.id for r in held} <= {r.id for r in counted}  # the same seeded order, 8 deep
+    assert len(split_records(rows, None, 0.25, seed=3, heldout_rows=50)[0]) == 1  # never all
     eval_rows = rows[:2]
     train, held = split_records(rows, eval_rows, 0.25, seed=3, max_train_per_group=7)
     assert held == eval_rows and [r.id for r in train] == [f"f-{i}" for i in range(7)]
