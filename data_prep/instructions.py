@@ -108,6 +108,23 @@ def check_train_on(kind: str, train_on: str, mask_prompt: bool = True) -> None:
                           "set data.train_on=all and leave data.mask_prompt out")
 
 
+def template_problem(path: PathLike) -> str | None:
+    """The one-line problem of a chat template file that Jinja cannot parse (checked without transformers:
+    `{% generation %}` blocks and loop controls allowed, as transformers' chat templates allow them), else None."""
+    import jinja2
+
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"data.chat_template={path}: cannot be read ({e}); give a UTF-8 Jinja file"
+    text = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", text)
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        return f"data.chat_template={path}: not a valid Jinja template (line {e.lineno}: {e.message}); fix the template"
+    return None
+
+
 def data_files(source) -> list[Path]:
     """data.train / data.eval (a path or a list of them) as paths."""
     if source is None:
@@ -314,17 +331,21 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
 
 
 def split_records(train: list[Record], eval_records: list[Record] | None, heldout_fraction: float, seed: int,
-                  max_train_per_group: int | None = None) -> tuple[list[Record], list[Record]]:
-    """(training records, held-out records): the eval file's records when given, else a seeded share
-    `heldout_fraction` of the training rows (at least one when there are two or more rows, never all), kept out of
-    training. `max_train_per_group` caps the training rows of each file (in their shuffled order)."""
+                  max_train_per_group: int | None = None, heldout_rows: int | None = None
+                  ) -> tuple[list[Record], list[Record]]:
+    """(training records, held-out records): the eval file's records when given, else `heldout_rows` of the training
+    rows or, without a count, a share `heldout_fraction` of them (at least one when there are two or more rows),
+    chosen by a shuffle seeded by `seed`, never all, kept out of training. `max_train_per_group` caps the training rows of each file (the first ones, in file order)."""
     if eval_records is not None:
         held, rest = list(eval_records), list(train)
     else:
         order = list(range(len(train)))
         random.Random(int.from_bytes(hashlib.sha256(f"{seed}:heldout".encode()).digest()[:8], "big")).shuffle(order)
-        n = int(round(heldout_fraction * len(train))) if heldout_fraction > 0 else 0
-        n = min(max(n, 1 if heldout_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
+        if heldout_rows is not None:
+            n = min(heldout_rows, len(train) - 1)
+        else:
+            n = int(round(heldout_fraction * len(train))) if heldout_fraction > 0 else 0
+            n = min(max(n, 1 if heldout_fraction > 0 and len(train) > 1 else 0), len(train) - 1)
         chosen = set(order[:n])
         held = [r for i, r in enumerate(train) if i in chosen]
         rest = [r for i, r in enumerate(train) if i not in chosen]

@@ -54,6 +54,7 @@ class NIDataSection:
     eval_split: str | None = None  # the split of a DatasetDict folder in data.eval (null: "validation")
     columns: dict[str, str] = field(default_factory=dict)  # the column map: our field -> your column, {output: answer}
     heldout_fraction: float = 0.1  # of data.train's rows (seeded by data.seed), when there is no data.eval
+    heldout_rows: int | None = None  # a number of rows instead of data.heldout_fraction
     template: str | None = None  # alpaca: a format string with {instruction} (and {input}); prompt_completion: {prompt}
     chat_template: str | None = None  # chat: a Jinja template file (default: the tokenizer's own chat template)
     # which tokens are trained on: completion (the output / completion; chat: every assistant reply, as
@@ -183,6 +184,8 @@ def check_data_sources(d: NIDataSection, problems) -> None:
             problems.add(f"data.chat_template applies to data.kind=chat, not {d.kind}")
         elif not Path(d.chat_template).is_file():
             problems.add(f"data.chat_template={d.chat_template} is not a file (a Jinja chat template)")
+        elif problem := formats.template_problem(d.chat_template):
+            problems.add(problem)
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:
@@ -206,7 +209,7 @@ def check_ni_numbers(d: NIDataSection, problems, prompts: bool = True) -> None:
     problems.extend((*range_problems("data.", d, {"max_train_instances_per_task": ">= 0",
                                                   "heldout_instances_per_task": ">= 0",
                                                   "max_eval_instances_per_task": ">= 0", "seed": SEED_RANGE,
-                                                  "heldout_fraction": "[0, 1)"}),
+                                                  "heldout_fraction": "[0, 1)", "heldout_rows": ">= 0"}),
                      *range_problems("data.prompt.", d.prompt, {"num_pos": ">= 0", "num_neg": ">= 0"})))
 
 
@@ -313,7 +316,8 @@ def load_data(cfg, tokenizer) -> RunData:
     records = read_records(d.train, d.kind, d.columns, d.split, "train", "data.split", d.cache_dir)
     held = read_records(d.eval, d.kind, d.columns, d.eval_split, "validation", "data.eval_split", d.cache_dir) \
         if d.eval else None
-    train, heldout = split_records(records, held, d.heldout_fraction, d.seed, d.max_train_instances_per_task)
+    train, heldout = split_records(records, held, d.heldout_fraction, d.seed, d.max_train_instances_per_task,
+                                   d.heldout_rows)
     if not train:
         raise DataError(f"data.train: no training rows left ({len(records)} read, {len(heldout)} held out); add rows or "
                         "lower data.heldout_fraction")

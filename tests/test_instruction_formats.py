@@ -405,6 +405,9 @@ def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
     assert [r.id for r in held] == [r.id for r in held_again] and len(held) == 5 and len(train) == 15
     assert sorted(r.id for r in train + held) == sorted(r.id for r in rows)
     assert [r.id for r in split_records(rows, None, 0.25, seed=4)[1]] != [r.id for r in held]
+    counted = split_records(rows, None, 0.25, seed=3, heldout_rows=8)[1]
+    assert len(counted) == 8 and {r.id for r in held} <= {r.id for r in counted}  # the same seeded order, 8 deep
+    assert len(split_records(rows, None, 0.25, seed=3, heldout_rows=50)[0]) == 1  # never all
     eval_rows = rows[:2]
     train, held = split_records(rows, eval_rows, 0.25, seed=3, max_train_per_group=7)
     assert held == eval_rows and [r.id for r in train] == [f"f-{i}" for i in range(7)]
@@ -494,3 +497,16 @@ def test_on_policy_distillation_completes_the_prompts_of_alpaca_rows(tmp_path, t
     result = run(cfg)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["on_policy"] for r in rows if "on_policy" in r] == [1.0, 1.0]
+
+
+def test_a_chat_template_is_needed_and_must_parse(tmp_path, chat_tokenizer):
+    from data_prep.instructions import FormatSettings, Formatter, template_problem
+
+    with pytest.raises(ConfigError, match=r"data.kind=chat: the tokenizer .* has no chat template; give one as "
+                                          r"data.chat_template=<a .jinja file>$"):
+        Formatter(FormatSettings(kind="chat"), chat_tokenizer)
+    good, bad = tmp_path / "good.jinja", tmp_path / "bad.jinja"
+    good.write_text(CHATML_GENERATION, encoding="utf-8")
+    bad.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor", encoding="utf-8")
+    assert template_problem(good) is None
+    assert template_problem(bad).startswith(f"data.chat_template={bad}: not a valid Jinja template (line 2: ")
