@@ -144,6 +144,36 @@ def file_problems(key: str, source) -> list[str]:
     return problems
 
 
+def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, template: str | None,
+                    chat_template: str | None, train_on: str | None = None, mask_prompt: bool = True) -> list[str]:
+    """One line per problem of rows of `kind` read from `sources` ({config key: path or list of paths}, e.g.
+    {"data.train": ..., "data.eval": ...}): files that do not exist, have no known format or lack a column of the
+    kind; a data.columns key that is not a field of the kind; data.template / data.train_on / data.chat_template that
+    do not fit it or (chat template) cannot be parsed. Cheap: no torch, at most a file's header is read."""
+    problems = [line for key, source in sources.items() for line in file_problems(key, source)]
+    checks = [lambda: column_map(kind, columns), lambda: check_template(kind, template)]
+    if train_on is not None:
+        checks.append(lambda: check_train_on(kind, train_on, mask_prompt))
+    for check in checks:
+        try:
+            check()
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        problems.extend(line for key, source in sources.items()
+                        for line in column_problems(key, source, kind, columns))
+    except ConfigError:
+        pass  # a data.columns key that is not a field of the kind: reported above
+    if chat_template is not None:
+        if kind != "chat":
+            problems.append(f"data.chat_template applies to data.kind=chat, not {kind}")
+        elif not Path(chat_template).is_file():
+            problems.append(f"data.chat_template={chat_template} is not a file (a Jinja chat template)")
+        elif problem := template_problem(chat_template):
+            problems.append(problem)
+    return problems
+
+
 def header_columns(path: Path) -> list[str] | None:
     """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first JSONL object's keys,
     a save_to_disk folder's dataset_info.json); None when they cannot be told without reading the file."""

@@ -42,8 +42,16 @@ from tune.errors import ConfigError
 
 @dataclass
 class EvalDataSection:
-    # split file, dir or task files; null: no Natural-Instructions scoring (harness.tasks only)
+    # ni: Natural-Instructions tasks (data.tasks); alpaca / prompt_completion / chat: your rows (data.rows), prompted
+    # as the finetune recipe trains on them (README: Data formats)
+    kind: Literal["ni", "alpaca", "prompt_completion", "chat"] = "ni"
+    # split file, dir or task files; null: no Natural-Instructions scoring (harness.tasks only, or data.rows)
     tasks: str | list[str] | None = "../shared/data/natural_instructions/dev_tasks.txt"
+    rows: str | list[str] | None = None  # kind != ni: .json / .jsonl / .csv / .parquet files or a save_to_disk folder
+    split: str | None = None  # rows: the split of a save_to_disk DatasetDict (default: validation)
+    columns: dict[str, str] = field(default_factory=dict)  # rows: our field -> your column, e.g. {output: answer}
+    template: str | None = None  # alpaca / prompt_completion: the prompt format string (default: as finetune)
+    chat_template: str | None = None  # chat: a Jinja template file (default: the tokenizer's own)
     tasks_dir: str | None = None  # where names in a split file resolve (default: <split file dir>/tasks)
     max_instances_per_task: int = 100  # the first N instances of each task (after exclude_train_of)
     exclude_train_of: str | None = None  # a finetune run dir: skip the instances it trained on
@@ -129,7 +137,14 @@ def validate(cfg: EvaluateConfig) -> None:
     elif cfg.tokenizer:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
-    if cfg.data.tasks is None:
+    if cfg.data.kind != "ni":
+        row_problems(cfg.data, problems)
+        items = []
+    elif cfg.data.rows is not None or cfg.data.chat_template is not None or cfg.data.template is not None:
+        given = next(k for k in ("rows", "template", "chat_template") if getattr(cfg.data, k) is not None)
+        problems.add(f"data.{given} applies to your rows (data.kind=alpaca, prompt_completion or chat); NI tasks are "
+                     "data.tasks: set data.kind or drop it")
+    elif cfg.data.tasks is None:
         items = []
         if not cfg.harness.tasks:
             problems.add("data.tasks is null and harness.tasks is empty: nothing to evaluate; give Natural-"
@@ -175,6 +190,22 @@ def validate(cfg: EvaluateConfig) -> None:
     problems.raise_if_any()
 
 
+def row_problems(d: EvalDataSection, problems) -> None:
+    """Record the problems of data.kind != ni: data.rows missing or without the kind's columns, NI-only keys given,
+    data.columns / data.template / data.chat_template that do not fit the kind (no torch, at most a file's header)."""
+    from data_prep import instructions as formats
+
+    for key in ("tasks", "tasks_dir", "exclude_train_of"):
+        if getattr(d, key) is not None:
+            problems.add(f"data.{key} applies to Natural-Instructions tasks, which data.kind={d.kind} does not read; "
+                         f"set data.{key}=null (your rows are data.rows)")
+    if not d.rows:
+        problems.add(f"data.kind={d.kind} scores your rows from data.rows (.json / .jsonl / .csv / .parquet files or a "
+                     "save_to_disk folder); set it (README: Data formats)")
+        return
+    problems.extend(formats.source_problems(d.kind, {"data.rows": d.rows}, d.columns, d.template, d.chat_template))
+
+
 def trained_instances(run_dir) -> set[tuple[str, str]]:
     """(task name, instance id) of every instance a finetune run trained on, from its saved config."""
     import importlib
@@ -211,6 +242,8 @@ def run(cfg: EvaluateConfig) -> dict:
 
     validate(cfg)
     harness = resolve_harness(cfg)
+    if cfg.data.kind != "ni":
+        return run_rows(cfg, harness)
     if cfg.data.tasks is None:
         return run_harness_only(cfg, harness)
     tasks = load_tasks(cfg.data.tasks, cfg.data.tasks_dir)
@@ -289,24 +322,76 @@ def run_harness(cfg: EvaluateConfig, harness, model, tokenizer) -> dict:
     return {"harness": {"tasks_requested": list(h.tasks), "include_path": h.include_path, **summary}}
 
 
-def run_harness_only(cfg: EvaluateConfig, harness) -> dict:
-    """data.tasks=null: lm-evaluation-harness alone; eval_results.json holds the model and the "harness" results."""
-    from tune.config import save_config
+def load_evaluated(cfg: EvaluateConfig, tokenizer=None):
+    """(tokenizer directory, tokenizer, model) of the run: the model (+ adapter, quantized as asked) on its device,
+    checked against the tokenizer's vocabulary; the evaluation's threads set."""
     from tune.engine import apply_num_threads
-    from tune.evaluation import check_vocab, load_model, load_tokenizer, write_json_atomic
+    from tune.evaluation import check_vocab, load_model, load_tokenizer
 
     tokenizer_dir = cfg.tokenizer or cfg.model
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir)
     model = load_model(cfg.model, cfg.adapter, cfg.dtype, quant=cfg.quant)
     check_vocab(model, tokenizer, tokenizer_dir)
     apply_num_threads(0, key="OMP_NUM_THREADS")
-    print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
-          + (f", quantized {cfg.quant}" if cfg.quant else "") + f" ({next(model.parameters()).device})", flush=True)
-    results = {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant, "tokenizer": tokenizer_dir,
-               **run_harness(cfg, harness, model, tokenizer)}
+    return tokenizer_dir, tokenizer, model
+
+
+def save_results(cfg: EvaluateConfig, results: dict) -> dict:
+    """config.yaml and eval_results.json (atomically) in output_dir; returns `results`."""
+    from tune.config import save_config
+    from tune.evaluation import write_json_atomic
+
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     path = write_json_atomic(out / "eval_results.json", results)
     print(f"wrote {path}")
     return results
+
+
+def model_line(cfg: EvaluateConfig) -> str:
+    return (f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
+            + (f", quantized {cfg.quant}" if cfg.quant else ""))
+
+
+def run_harness_only(cfg: EvaluateConfig, harness) -> dict:
+    """data.tasks=null: lm-evaluation-harness alone; eval_results.json holds the model and the "harness" results."""
+    tokenizer_dir, tokenizer, model = load_evaluated(cfg)
+    print(f"{model_line(cfg)} ({next(model.parameters()).device})", flush=True)
+    return save_results(cfg, {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant,
+                              "tokenizer": tokenizer_dir, **run_harness(cfg, harness, model, tokenizer)})
+
+
+def run_rows(cfg: EvaluateConfig, harness) -> dict:
+    """data.kind=alpaca / prompt_completion / chat: the first data.max_instances_per_task rows of each file of
+    data.rows, prompted as the finetune recipe trains on them (a chat: its turns before the last reply, with the
+    generation prompt), scored by ROUGE-L / exact match against the reply (tune.evaluation.evaluate_examples,
+    beside the copy-input baseline); the rows are read and checked before the model loads."""
+    from data_prep.instructions import FormatSettings, Formatter, read_chat_template, read_records
+    from tune.evaluation import HeldOut, evaluate_examples, format_table, load_tokenizer
+
+    d, g = cfg.data, cfg.generation
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    formatter = Formatter(FormatSettings(kind=d.kind, template=d.template,
+                                         chat_template=read_chat_template(d.chat_template) if d.chat_template else None),
+                          tokenizer, template_source=f"data.chat_template={d.chat_template}")
+    counts: dict[str, int] = {}
+    examples = []
+    for record in read_records(d.rows, d.kind, d.columns, d.split, "validation", "data.split"):
+        if counts.setdefault(record.group, 0) < d.max_instances_per_task:
+            counts[record.group] += 1
+            prompt, reference = formatter.prompt_and_completion(record)
+            examples.append(HeldOut(prompt, [reference], record.group, record.id, formatter.heldout_input(record)))
+    tokenizer_dir, tokenizer, model = load_evaluated(cfg, tokenizer)
+    harness_results = run_harness(cfg, harness, model, tokenizer)
+    device = next(model.parameters()).device
+    print(f"{model_line(cfg)} on {len(examples)} rows ({d.kind}) of {len(counts)} files ({device})", flush=True)
+    results = evaluate_examples(model, tokenizer, examples, batch_size=g.batch_size, max_new_tokens=g.max_new_tokens,
+                                device=device, max_prompt_tokens=g.max_prompt_tokens, stop_at_newline=g.stop_at_newline,
+                                log=lambda m: print(m, flush=True), stop_ids=formatter.end_of_turn, kind=d.kind)
+    results = {"model": cfg.model, "adapter": cfg.adapter, "quant": cfg.quant, "tokenizer": tokenizer_dir,
+               "rows_source": d.rows, **results, **harness_results}
+    print(format_table(results))
+    if results["n_prompts_truncated"]:
+        print(f"note: to fit the context, {results['n_prompts_truncated']} prompts were cut from the left")
+    return save_results(cfg, results)

@@ -150,7 +150,6 @@ def check_data_sources(d: NIDataSection, problems) -> None:
     data.template / data.train_on that does not fit it, a missing data.chat_template file. Cheap: no torch, at most
     a file's header is read."""
     from data_prep import instructions as formats
-    from tune.errors import ConfigError
 
     if d.kind == "ni":
         check_task_paths(d, problems)
@@ -167,25 +166,8 @@ def check_data_sources(d: NIDataSection, problems) -> None:
     if not d.train:
         problems.add(f"data.kind={d.kind} reads your rows from data.train (.json / .jsonl / .csv / .parquet files or "
                      "a save_to_disk folder); set it (README: Data formats)")
-    problems.extend((*formats.file_problems("data.train", d.train), *formats.file_problems("data.eval", d.eval)))
-    for check in (lambda: formats.column_map(d.kind, d.columns), lambda: formats.check_template(d.kind, d.template),
-                  lambda: formats.check_train_on(d.kind, d.train_on, d.mask_prompt)):
-        try:
-            check()
-        except ConfigError as e:
-            problems.add(str(e))
-    try:
-        problems.extend((*formats.column_problems("data.train", d.train, d.kind, d.columns),
-                         *formats.column_problems("data.eval", d.eval, d.kind, d.columns)))
-    except ConfigError:
-        pass  # a data.columns key that is not a field of the kind: reported above
-    if d.chat_template is not None:
-        if d.kind != "chat":
-            problems.add(f"data.chat_template applies to data.kind=chat, not {d.kind}")
-        elif not Path(d.chat_template).is_file():
-            problems.add(f"data.chat_template={d.chat_template} is not a file (a Jinja chat template)")
-        elif problem := formats.template_problem(d.chat_template):
-            problems.add(problem)
+    problems.extend(formats.source_problems(d.kind, {"data.train": d.train, "data.eval": d.eval}, d.columns,
+                                            d.template, d.chat_template, d.train_on, d.mask_prompt))
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:

@@ -510,3 +510,39 @@ def test_a_chat_template_is_needed_and_must_parse(tmp_path, chat_tokenizer):
     bad.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor", encoding="utf-8")
     assert template_problem(good) is None
     assert template_problem(bad).startswith(f"data.chat_template={bad}: not a valid Jinja template (line 2: ")
+
+
+def test_evaluate_recipe_scores_chat_rows_as_finetune_prompts_them(tmp_path, tiny_lm, capsys):
+    """`tune run evaluate --config eval_rows`: the first N rows of each file, prompted with the turns before the last
+    reply (rendered as at training, generation prompt included), the model's greedy continuation (stopping at the
+    end-of-turn token) scored against the last reply; NI-only keys and missing rows refused in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from tune.cli import main
+    from tune.evaluation import generate_predictions
+    from tune.hf import load_tokenizer
+
+    rows = write_rows(tmp_path / "test.jsonl", chats(5))
+    other = write_rows(tmp_path / "more.jsonl", chats(3))
+    common = ["--config", "eval_rows", f"model={tiny_lm}", "adapter=null", f"output_dir={tmp_path / 'eval'}",
+              f"data.chat_template={PLAIN_CHAT_FILE}", "generation.max_new_tokens=4"]
+    assert main(["run", "evaluate", *common, f"data.rows=[{rows},{other}]", "data.max_instances_per_task=4"]) == 0
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["n_instances"] == 7 and {t: r["n"] for t, r in results["tasks"].items()} == {"test": 4, "more": 3}
+    tokenizer = load_tokenizer(tiny_lm)
+    messages = chats(5)[0]["messages"]
+    prompt = "".join(f"{m['role']}:\n{m['content']}" + (tokenizer.eos_token if m["role"] == "assistant" else "") + "\n"
+                     for m in messages[:-1]) + "assistant:\n"
+    first = results["predictions"][0]
+    assert first["references"] == [messages[-1]["content"]] and results["example_prompts"]["test"] == prompt
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    assert first["prediction"] == generate_predictions(model, tokenizer, [prompt], max_new_tokens=4,
+                                                       stop_ids=[tokenizer.eos_token_id])[0]
+    assert results["overall"]["mean_over_instances"]["copy_input_exact_match"] == 100.0
+    capsys.readouterr()
+    assert main(["run", "evaluate", *common, f"data.rows={rows}", "data.exclude_train_of=runs/x"]) == 2
+    assert "data.exclude_train_of applies to Natural-Instructions tasks, which data.kind=chat" in capsys.readouterr().err
+    assert main(["run", "evaluate", *common, "data.rows=null"]) == 2
+    assert "data.kind=chat scores your rows from data.rows" in capsys.readouterr().err
+    assert main(["run", "evaluate", *common, f"data.rows={rows}", "data.columns={messages: turns}"]) == 2
+    assert f"{rows}" in capsys.readouterr().err
