@@ -251,9 +251,17 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         prepare_initial_adapter(add_lora(other, pissa), pissa, tmp_path / "run", resume=True)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ConfigError, match="lora.init=olora: peft computes it wrongly for Conv1D layers"):
-        add_lora(gpt2, LoraSection(init="olora"))
+    def make_gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+
+    with pytest.raises(ConfigError, match="lora.init=olora: peft builds it wrongly for Conv1D layers"):
+        add_lora(make_gpt2(), LoraSection(init="olora"))
+    # PiSSA handles GPT-2's transposed Conv1D weights: the model starts computing what the base computes
+    ids, gpt2 = torch.arange(12)[None], make_gpt2()
+    before = logits(gpt2, ids)
+    torch.testing.assert_close(logits(add_lora(gpt2, LoraSection(r=4, init="pissa", dropout=0.0)), ids), before,
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])

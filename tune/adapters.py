@@ -208,9 +208,9 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
     conv1d = [n for n, m in wrapped.named_modules() if getattr(m, "fan_in_fan_out", False) and hasattr(m, "lora_A")]
-    if mutates_base(lora) and conv1d:  # measured: the model no longer computes the base's outputs at step 0
-        raise ConfigError(f"lora.init={lora.init}: peft computes it wrongly for Conv1D layers (GPT-2 style, e.g. "
-                          f"{conv1d[0].rpartition('.')[2]}); use lora.init=default or gaussian with this model")
+    if lora.init == "olora" and conv1d:  # peft's olora_init ignores fan_in_fan_out: A and B get transposed shapes
+        raise ConfigError(f"lora.init=olora: peft builds it wrongly for Conv1D layers (GPT-2 style, e.g. "
+                          f"{conv1d[0].rpartition('.')[2]}); use lora.init=pissa (or default) with this model")
     if mutates_base(lora) and (shared := untie_adapted_weights(wrapped, dry_run=True)):
         raise ConfigError(f"lora.init={lora.init} would change {shared[0]}, whose weight the model shares with another "
                           "module (tied embeddings); leave it out of lora.target_modules or use lora.init=default")
