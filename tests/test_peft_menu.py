@@ -249,6 +249,10 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
     other.model.layers[0].self_attn.q_proj.weight.data *= 2  # another base: another SVD, another residual
     with pytest.raises(TuneError, match="initial_adapter: this rebuild of the lora.init=pissa model starts from other"):
         prepare_initial_adapter(add_lora(other, pissa), pissa, tmp_path / "run", resume=True)
+    from tune.adapters import save_adapter
+
+    with pytest.raises(TuneError, match="gone is missing: a lora.init=pissa / olora run keeps its starting adapter"):
+        save_adapter(add_lora(AutoModelForCausalLM.from_pretrained(base), pissa), tmp_path / "out", tmp_path / "gone")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     def make_gpt2():

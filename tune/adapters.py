@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -343,6 +344,9 @@ def save_adapter(model, out, initial: Path | None = None) -> Path:
     if initial is None:
         model.save_pretrained(out)
         return out
+    if not (Path(initial) / "adapter_model.safetensors").is_file():
+        raise TuneError(f"{initial} is missing: a lora.init=pissa / olora run keeps its starting adapter there, and "
+                        "without it the trained adapter cannot be converted for the original base")
     # peft rewrites the initial adapter's config and loads it by its folder name as a second adapter: a copy
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "initial_adapter"
@@ -487,6 +491,8 @@ def check_combination(adapters: list, weights: list[float] | None, combination: 
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     if len(weights) != len(adapters):
         raise ConfigError(f"--weights gives {len(weights)} weights for {len(adapters)} adapters; give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--weights must be finite numbers, got {weights}")
     if combination not in COMBINATIONS:
         raise ConfigError(f"--combination {combination!r} is not one of {', '.join(COMBINATIONS)}")
     if combination in DENSITY_COMBINATIONS and density is None:
