@@ -279,7 +279,8 @@ def loftq_init(model, base_dir) -> int:
 
     # the module classes of the full-precision model (GPT-2's Conv1D stores its weight transposed), built weightless
     with torch.device("meta"):
-        plain = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir)).named_modules())
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+        plain = dict(AutoModelForCausalLM.from_config(config, trust_remote_code=False).named_modules())
     done = 0
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLinear4bit) or "default" not in layer.lora_A:
