@@ -268,7 +268,7 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
+@pytest.mark.parametrize("init", [pytest.param("pissa_niter_2", marks=pytest.mark.slow), "olora"])
 def test_pissa_and_olora_runs_resume_export_and_merge_exactly(tmp_path, ni_texts, init):
     """The finetune recipe with a base-changing init: the saved adapter (converted through run_dir/initial_adapter)
     applies to the untouched base with the trained model's logits, merge=true equals it, `tune export` of the last
