@@ -222,6 +222,12 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
     for bad in ([], [-1], ["a"], {"embed_tokens": []}, {}):
         with pytest.raises(ConfigError, match="lora.trainable_token_indices must list token ids >= 0"):
             LoraSection(trainable_token_indices=bad)
+    from tune.adapters import token_indices  # classify adds its task tokens to lora.trainable_token_indices
+
+    assert token_indices(LoraSection(trainable_token_indices=[9, 3]), [3, 60]) == [3, 9, 60]
+    assert token_indices(LoraSection(trainable_token_indices={"embed_tokens": [1]})) == {"embed_tokens": [1]}
+    with pytest.raises(ConfigError, match="lora.trainable_token_indices must be a list of token ids here"):
+        token_indices(LoraSection(trainable_token_indices={"embed_tokens": [1]}), [60])
     assert "is for method=qlora only" in lora_init_problem(LoraSection(init="loftq"), "lora")
     assert "a 4-bit base cannot hold exactly" in lora_init_problem(LoraSection(init="pissa"), "qlora")
     assert lora_init_problem(LoraSection(init="loftq"), "qlora") is None
