@@ -123,6 +123,7 @@ def test_bad_combinations_are_one_line_errors(tmp_path, two_adapters, capsys):
         ([str(a), str(d)], r"--combination linear needs adapters of one rank, got .*a r=4, .*d r=2; use cat or svd"),
         ([str(a), str(tmp_path / "missing")], r"adapter .*missing does not exist"),
         ([str(a), str(b), "--weights", "1"], "--weights gives 1 weights for 2 adapters; give one per adapter"),
+        ([str(a), str(b), "--weights", "1", "nan"], r"--weights must be finite numbers, got \[1.0, nan\]"),
         ([str(a), str(b), "--combination", "ties"], "--combination ties needs --density D"),
         ([str(a), str(b), "--combination", "mean"], "--combination 'mean' is not one of linear, cat, svd"),
         ([str(a), str(e)], "adapter .*e has DoRA magnitudes, which peft's add_weighted_adapter cannot combine"),

@@ -222,6 +222,12 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
     for bad in ([], [-1], ["a"], {"embed_tokens": []}, {}):
         with pytest.raises(ConfigError, match="lora.trainable_token_indices must list token ids >= 0"):
             LoraSection(trainable_token_indices=bad)
+    from tune.adapters import token_indices  # classify adds its task tokens to lora.trainable_token_indices
+
+    assert token_indices(LoraSection(trainable_token_indices=[9, 3]), [3, 60]) == [3, 9, 60]
+    assert token_indices(LoraSection(trainable_token_indices={"embed_tokens": [1]})) == {"embed_tokens": [1]}
+    with pytest.raises(ConfigError, match="lora.trainable_token_indices must be a list of token ids here"):
+        token_indices(LoraSection(trainable_token_indices={"embed_tokens": [1]}), [60])
     assert "is for method=qlora only" in lora_init_problem(LoraSection(init="loftq"), "lora")
     assert "a 4-bit base cannot hold exactly" in lora_init_problem(LoraSection(init="pissa"), "qlora")
     assert lora_init_problem(LoraSection(init="loftq"), "qlora") is None
@@ -249,14 +255,26 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
     other.model.layers[0].self_attn.q_proj.weight.data *= 2  # another base: another SVD, another residual
     with pytest.raises(TuneError, match="initial_adapter: this rebuild of the lora.init=pissa model starts from other"):
         prepare_initial_adapter(add_lora(other, pissa), pissa, tmp_path / "run", resume=True)
+    from tune.adapters import save_adapter
+
+    with pytest.raises(TuneError, match="gone is missing: a lora.init=pissa / olora run keeps its starting adapter"):
+        save_adapter(add_lora(AutoModelForCausalLM.from_pretrained(base), pissa), tmp_path / "out", tmp_path / "gone")
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ConfigError, match="lora.init=olora: peft computes it wrongly for Conv1D layers"):
-        add_lora(gpt2, LoraSection(init="olora"))
+    def make_gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2)).eval()
+
+    with pytest.raises(ConfigError, match="lora.init=olora: peft builds it wrongly for Conv1D layers"):
+        add_lora(make_gpt2(), LoraSection(init="olora"))
+    # PiSSA handles GPT-2's transposed Conv1D weights: the model starts computing what the base computes
+    ids, gpt2 = torch.arange(12)[None], make_gpt2()
+    before = logits(gpt2, ids)
+    torch.testing.assert_close(logits(add_lora(gpt2, LoraSection(r=4, init="pissa", dropout=0.0)), ids), before,
+                               atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
+@pytest.mark.parametrize("init", [pytest.param("pissa_niter_2", marks=pytest.mark.slow), "olora"])
 def test_pissa_and_olora_runs_resume_export_and_merge_exactly(tmp_path, ni_texts, init):
     """The finetune recipe with a base-changing init: the saved adapter (converted through run_dir/initial_adapter)
     applies to the untouched base with the trained model's logits, merge=true equals it, `tune export` of the last

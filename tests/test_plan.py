@@ -408,8 +408,9 @@ def test_lora_options_the_plan_does_not_model_are_named(gpt2_config_dir, capsys)
     assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.use_dora=true"]) == 0
     assert "note: lora.use_dora: not modelled" in capsys.readouterr().out
     assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.init=pissa",
-                 "lora.rank_pattern={c_attn: 32}", "lora.trainable_token_indices=[1]"]) == 0
-    assert ("note: lora.rank_pattern, lora.trainable_token_indices, lora.init=pissa: not modelled"
-            in capsys.readouterr().out)
+                 "lora.rank_pattern={c_attn: 32}", "lora.alpha_pattern={c_attn: 8}"]) == 0
+    assert "note: lora.rank_pattern, lora.alpha_pattern, lora.init=pissa: not modelled" in capsys.readouterr().out
+    assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.trainable_token_indices=[1]"]) == 0
+    assert "note: lora.trainable_token_indices: not modelled" in capsys.readouterr().out
     assert main(["plan", "lora_ni", f"base_model={gpt2_config_dir}", "lora.init=gaussian"]) == 0
     assert "not modelled" not in capsys.readouterr().out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -208,9 +209,9 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
     conv1d = [n for n, m in wrapped.named_modules() if getattr(m, "fan_in_fan_out", False) and hasattr(m, "lora_A")]
-    if mutates_base(lora) and conv1d:  # measured: the model no longer computes the base's outputs at step 0
-        raise ConfigError(f"lora.init={lora.init}: peft computes it wrongly for Conv1D layers (GPT-2 style, e.g. "
-                          f"{conv1d[0].rpartition('.')[2]}); use lora.init=default or gaussian with this model")
+    if lora.init == "olora" and conv1d:  # peft's olora_init ignores fan_in_fan_out: A and B get transposed shapes
+        raise ConfigError(f"lora.init=olora: peft builds it wrongly for Conv1D layers (GPT-2 style, e.g. "
+                          f"{conv1d[0].rpartition('.')[2]}); use lora.init=pissa (or default) with this model")
     if mutates_base(lora) and (shared := untie_adapted_weights(wrapped, dry_run=True)):
         raise ConfigError(f"lora.init={lora.init} would change {shared[0]}, whose weight the model shares with another "
                           "module (tied embeddings); leave it out of lora.target_modules or use lora.init=default")
@@ -278,7 +279,8 @@ def loftq_init(model, base_dir) -> int:
 
     # the module classes of the full-precision model (GPT-2's Conv1D stores its weight transposed), built weightless
     with torch.device("meta"):
-        plain = dict(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir)).named_modules())
+        config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+        plain = dict(AutoModelForCausalLM.from_config(config, trust_remote_code=False).named_modules())
     done = 0
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLinear4bit) or "default" not in layer.lora_A:
@@ -343,6 +345,9 @@ def save_adapter(model, out, initial: Path | None = None) -> Path:
     if initial is None:
         model.save_pretrained(out)
         return out
+    if not (Path(initial) / "adapter_model.safetensors").is_file():
+        raise TuneError(f"{initial} is missing: a lora.init=pissa / olora run keeps its starting adapter there, and "
+                        "without it the trained adapter cannot be converted for the original base")
     # peft rewrites the initial adapter's config and loads it by its folder name as a second adapter: a copy
     with tempfile.TemporaryDirectory() as tmp:
         start = Path(tmp) / "initial_adapter"
@@ -487,6 +492,8 @@ def check_combination(adapters: list, weights: list[float] | None, combination: 
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     if len(weights) != len(adapters):
         raise ConfigError(f"--weights gives {len(weights)} weights for {len(adapters)} adapters; give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"--weights must be finite numbers, got {weights}")
     if combination not in COMBINATIONS:
         raise ConfigError(f"--combination {combination!r} is not one of {', '.join(COMBINATIONS)}")
     if combination in DENSITY_COMBINATIONS and density is None:
