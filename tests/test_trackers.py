@@ -58,6 +58,12 @@ def assert_same_series(tracker: dict, jsonl: dict):
             assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-6), name
 
 
+def last_per_step(series: dict) -> dict:
+    """wandb keeps one value per name and step: at an evaluation step, the evaluation row's elapsed_s (logged after
+    the training row's)."""
+    return {name: sorted(dict(values).items()) for name, values in series.items()}
+
+
 def fake_samples(model):
     """A samples callable whose prediction depends on the weights, so each evaluation's is its own."""
     total = sum(float(p.detach().double().sum()) for p in model.parameters())
@@ -167,32 +173,53 @@ def test_wandb_offline_holds_the_same_scalars_and_the_samples_table_and_resume_c
     run = tmp_path / "run"
     run_id = json.loads((run / "trackers.json").read_text())["wandb"]["id"]
     full = wandb_history(run, run_id)
-    assert_same_series(full["scalars"], scalars_of(rows_of(run / "metrics.jsonl")))
+    assert_same_series(full["scalars"], last_per_step(scalars_of(rows_of(run / "metrics.jsonl"))))
     assert full["tables"] == {4: 2, 8: 2}  # one samples table (of 2 rows) per evaluation
 
     rewind_to_step_4(run)
-    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with=["wandb"], resume=True)
+    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with=["wandb"],
+                             resume=True)
     engine.samples = fake_samples
     engine.fit()
     assert json.loads((run / "trackers.json").read_text())["wandb"]["id"] == run_id  # the same wandb run
     resumed = wandb_history(run, run_id, last_only=True)
     assert min(step for series in resumed["scalars"].values() for step, _ in series) == 5  # not from 0
-    assert_same_series(resumed["scalars"], scalars_of([r for r in rows_of(run / "metrics.jsonl") if r["step"] > 4]))
+    assert_same_series(resumed["scalars"],
+                       last_per_step(scalars_of([r for r in rows_of(run / "metrics.jsonl") if r["step"] > 4])))
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a .wandb file (wandb's LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
+    a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes)."""
+    import struct
+
+    data, records, pending, pos = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            records.append(pending)
+    return records
 
 
 def wandb_history(run_dir: Path, run_id: str, last_only: bool = False) -> dict:
     """The scalars ({name: [(step, value)]}) and samples tables ({step: rows}) of an offline wandb run, read back
     from its run-<id>.wandb file(s) (the last one only: the resumed part)."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
 
     files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert files, list((run_dir / "wandb").iterdir())
     scalars, tables = {}, {}
     for file in files[-1:] if last_only else files:
-        store = datastore.DataStore()
-        store.open_for_scan(str(file))
-        while (data := store.scan_data()) is not None:
+        for data in wandb_records(file):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(data)
             if record.WhichOneof("record_type") != "history":
@@ -200,8 +227,8 @@ def wandb_history(run_dir: Path, run_id: str, last_only: bool = False) -> dict:
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             step = items.pop("_step")
             for key, value in items.items():
-                if key == "samples":
-                    tables[step] = value["nrows"]
-                elif not key.startswith("_"):
+                if key == "samples/nrows":  # a wandb.Table is logged as its shape and a file in files/media
+                    tables[step] = value
+                elif not key.startswith(("_", "samples/")):
                     scalars.setdefault(key, []).append((step, float("nan") if value in ("NaN", None) else value))
     return {"scalars": scalars, "tables": tables}
