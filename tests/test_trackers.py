@@ -232,3 +232,35 @@ def wandb_history(run_dir: Path, run_id: str, last_only: bool = False) -> dict:
                 elif not key.startswith(("_", "samples/")):
                     scalars.setdefault(key, []).append((step, float("nan") if value in ("NaN", None) else value))
     return {"scalars": scalars, "tables": tables}
+
+
+def test_mlflow_file_store_holds_the_same_scalars_and_the_samples_table_and_resume_continues_its_run(tmp_path,
+                                                                                                   monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses the file store unless told
+    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with="mlflow")
+    engine.samples = fake_samples
+    engine.fit()
+    run = tmp_path / "run"
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.MlflowClient()
+
+    def history():
+        return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key),
+                                                        key=lambda m: (m.step, m.timestamp))]
+                for key in client.get_run(run_id).data.metrics}
+
+    full = rows_of(run / "metrics.jsonl")
+    assert_same_series(history(), scalars_of(full))
+    table = json.loads(Path(client.download_artifacts(run_id, "samples.json", str(tmp_path))).read_text())
+    assert [row[0] for row in table["data"]] == [4, 4, 8, 8]
+
+    rewind_to_step_4(run)
+    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with="mlflow",
+                             resume=True)
+    engine.samples = fake_samples
+    engine.fit()
+    assert json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"] == run_id  # the same MLflow run
+    resumed = history()  # steps 5..8 logged twice (MLflow keeps every value), nothing from step 1 again
+    assert [s for s, _ in resumed["loss"]] == [1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 8, 8]
