@@ -240,7 +240,7 @@ def run(cfg: FinetuneConfig):
     source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
                        mask_mode=PACKED_ATTENTION[d.packed_attention])
-    samples = sample_fn(model, tokenizer, splits["heldout_instances"], prompt_cfg, cfg.train.num_samples,
+    samples = sample_fn(tokenizer, splits["heldout_instances"], prompt_cfg, cfg.train.num_samples,
                         cfg.eval.max_new_tokens, cfg.eval.batch_size)
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
                     rebuild=lambda: build_model(cfg), run_config=cfg, samples=samples).fit()
@@ -260,19 +260,27 @@ def run(cfg: FinetuneConfig):
     return result
 
 
-def sample_fn(model, tokenizer, pairs, prompt_cfg, n: int, max_new_tokens: int, batch_size: int):
+def sample_fn(tokenizer, pairs, prompt_cfg, n: int, max_new_tokens: int, batch_size: int, as_hf=None):
     """The engine's samples callable (train.num_samples): greedy completions of `n` held-out (NITask, NIInstance)
-    pairs, one task after another, prompted as evaluation prompts them (tune.evaluation.fit_prompt, demonstrations
-    dropped to fit the model's context). None when n is 0 or nothing is held out."""
+    pairs, one task after another, prompted as evaluation prompts them (tune.evaluation.fit_prompt: demonstrations
+    dropped to fit the model's context). `as_hf(model)`: the HF model to generate with, for a model that is not one
+    (distill's native student). None when n is 0 or nothing is held out."""
     from tune.evaluation import fit_prompt, prompt_token_limit, sample_completions, spread_over_groups
 
     chosen = spread_over_groups(list(pairs), n)
     if not chosen:
         return None
-    limit = prompt_token_limit(model, max_new_tokens)
-    examples = [(fit_prompt(tokenizer, task, instance.input, prompt_cfg, limit)[0], list(instance.outputs))
-                for task, instance in chosen]
-    return lambda m: sample_completions(m, tokenizer, examples, max_new_tokens, batch_size)
+    examples = []
+
+    def samples(model):
+        model = as_hf(model) if as_hf is not None else model
+        if not examples:  # the prompts, fitted to the model's context once
+            limit = prompt_token_limit(model, max_new_tokens)
+            examples.extend((fit_prompt(tokenizer, task, instance.input, prompt_cfg, limit)[0],
+                             list(instance.outputs)) for task, instance in chosen)
+        return sample_completions(model, tokenizer, examples, max_new_tokens, batch_size)
+
+    return samples
 
 
 def run_tokenizer(cfg: FinetuneConfig):

@@ -162,6 +162,34 @@ def test_finetune_samples_equal_a_greedy_generation_of_the_saved_adapter(tmp_pat
     assert [s["prediction"] for s in samples[2:]] == [p["prediction"] for p in expected["predictions"]]
 
 
+@pytest.mark.skipif(not NI_TASKS.is_dir(), reason=f"{NI_TASKS} not present (see README: Data)")
+def test_distill_samples_of_a_native_student_equal_a_greedy_generation_of_the_saved_student(tmp_path, gpt2_base):
+    """A fresh native student generates through an HF copy of its weights during training: its final samples are
+    what the saved (exported) student generates greedily, and the samples' prompts are evaluation's."""
+    from transformers import AutoModelForCausalLM
+
+    from recipes.distill import run
+    from recipes.finetune import load_splits, prompt_config
+    from test_distill import distill_config
+    from tune.evaluation import evaluate_tasks
+    from tune.hf import load_tokenizer
+
+    cfg = distill_config(tmp_path, gpt2_base, "kd", **{"train.max_steps": 4, "train.eval_every": 2,
+                                                       "train.num_samples": 2})
+    result = run(cfg)
+    samples = rows_of(result.run_dir / "samples.jsonl")
+    assert [s["step"] for s in samples] == [2, 2, 4, 4]
+    first_per_task = {}
+    for task, instance in load_splits(cfg)["heldout_instances"]:
+        first_per_task.setdefault(task.name, (task, instance))
+    pairs = list(first_per_task.values())[:2]
+    student = AutoModelForCausalLM.from_pretrained(result.run_dir / "student").eval()
+    expected = evaluate_tasks(student, load_tokenizer(str(gpt2_base)), pairs, prompt_config(cfg.data),
+                              batch_size=cfg.compare.batch_size, max_new_tokens=cfg.compare.max_new_tokens)
+    assert [s["prompt"] for s in samples[2:]] == [expected["example_prompts"][t.name] for t, _ in pairs]
+    assert [s["prediction"] for s in samples[2:]] == [p["prediction"] for p in expected["predictions"]]
+
+
 def test_wandb_offline_holds_the_same_scalars_and_the_samples_table_and_resume_continues_its_run(tmp_path,
                                                                                                monkeypatch):
     pytest.importorskip("wandb")

@@ -139,7 +139,8 @@ class Trackers:
 
     def log(self, row: dict) -> None:
         """A metrics.jsonl row's numbers (all but "step") at its step, to every tracker."""
-        values = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {k: v for k, v in row.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for tracker in self.trackers:
             tracker.log(values, step=row["step"])
 

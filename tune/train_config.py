@@ -55,7 +55,8 @@ class TrainConfig:
     # experiment trackers that get metrics.jsonl's scalars and the sample completions (tune.trackers): tensorboard,
     # wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, swanlab; a name or a list; [] for metrics.jsonl alone
     log_with: str | list[str] = "tensorboard"
-    # held-out prompts completed greedily at every evaluation, to samples.jsonl and the trackers (finetune, distill); 0: off
+    # held-out prompts completed greedily at every evaluation, to samples.jsonl and the trackers (finetune and distill
+    # on NI data); 0: off
     num_samples: int = 3
 
     def __post_init__(self):
