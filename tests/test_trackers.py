@@ -101,6 +101,23 @@ def test_engine_sends_metrics_jsonl_scalars_and_samples_to_tensorboard_and_resum
     assert len(moved) == 1 and [s["step"] for s in rows_of(moved[0])] == [6, 6, 8, 8]
 
 
+def test_samples_change_nothing_of_the_training(tmp_path):
+    """A samples callable that draws random numbers (as building a model to generate with does) leaves the run's
+    random stream alone: the losses of a model with dropout equal those of a run without samples."""
+    import torch
+
+    def drawing_samples(model):
+        torch.randn(1000)
+        return [{"prompt": "p", "reference": "r", "prediction": "x"}]
+
+    losses = lambda result: [(r["step"], r.get("loss"), r.get("val_loss")) for r in result.history]
+    plain = losses(resume_setup(tmp_path, "plain", 6, eval_every=2)[0].fit())
+    engine, _ = resume_setup(tmp_path, "samples", 6, eval_every=2)  # seeds the generators as the first did
+    engine.samples = drawing_samples
+    assert losses(engine.fit()) == plain
+    assert len(rows_of(tmp_path / "samples" / "samples.jsonl")) == 3
+
+
 def test_log_with_empty_writes_metrics_jsonl_alone_and_num_samples_is_checked(tmp_path):
     from tune.errors import ConfigError
     from tune.train_config import TrainConfig

@@ -499,10 +499,14 @@ class Engine:
         """The samples callable's completions at `step`, to samples.jsonl and the trackers. Generated on the main
         process from the model itself (the other processes go on to the next step's collectives and wait there);
         under FSDP from an unsharded copy (`_unsharded_model`: every rank takes part in gathering the weights),
-        since generating with the sharded model would need every rank to run the same number of forwards."""
-        model = self._unsharded_model()
-        if self.accelerator.is_main_process:
-            metrics.log_samples(step, self.samples(model))
+        since generating with the sharded model would need every rank to run the same number of forwards. The
+        random number generators are left as they were (building a model draws initial weights from them), so
+        samples change nothing of the training that follows."""
+        cuda = [torch.cuda.current_device()] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            model = self._unsharded_model()
+            if self.accelerator.is_main_process:
+                metrics.log_samples(step, self.samples(model))
 
     def _write_report(self, rows: list[dict]):
         """report.png from the rows so far (main process only)."""
