@@ -309,3 +309,34 @@ def test_mlflow_file_store_holds_the_same_scalars_and_the_samples_table_and_resu
     assert json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"] == run_id  # the same MLflow run
     resumed = history()  # steps 5..8 logged twice (MLflow keeps every value), nothing from step 1 again
     assert [s for s, _ in resumed["loss"]] == [1, 2, 3, 4, 5, 5, 6, 6, 7, 7, 8, 8]
+
+
+def test_trackio_local_holds_the_same_scalars_and_resume_continues_its_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    pytest.importorskip("trackio")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    monkeypatch.setattr("trackio.sqlite_storage.TRACKIO_DIR", tmp_path / "trackio")
+    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with="trackio")
+    engine.samples = fake_samples
+    engine.fit()
+    run = tmp_path / "run"
+    name = json.loads((run / "trackers.json").read_text())["trackio"]["name"]
+
+    def history():
+        series = {}
+        for log in SQLiteStorage.get_logs("gpt-tune", name):
+            for key, value in log.items():
+                if key not in ("step", "timestamp") and not key.startswith("_") and isinstance(value, (int, float)):
+                    series.setdefault(key, []).append((log["step"], value))
+        return series
+
+    assert_same_series(history(), scalars_of(rows_of(run / "metrics.jsonl")))
+    rewind_to_step_4(run)
+    engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with="trackio",
+                             resume=True)
+    engine.samples = fake_samples
+    engine.fit()
+    assert json.loads((run / "trackers.json").read_text())["trackio"]["name"] == name  # the same trackio run
+    # trackio keeps every value, in the order logged: the resumed part starts at step 5, not at 1
+    assert [s for s, _ in history()["loss"]] == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8]
