@@ -3,7 +3,6 @@ completions written at every evaluation (samples.jsonl and the trackers' text / 
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 
 from conftest import NI_TASKS, rewind_to_step_4
 from test_engine import resume_setup
-from tune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
