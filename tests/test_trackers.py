@@ -284,6 +284,7 @@ def test_mlflow_file_store_holds_the_same_scalars_and_the_samples_table_and_resu
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses the file store unless told
     engine, _ = resume_setup(tmp_path, "run", 8, save_every=2, keep_checkpoints=4, eval_every=4, log_with="mlflow")
     engine.samples = fake_samples
+    engine.run_config = engine.cfg  # a dataclass config: stored as the run's parameters
     engine.fit()
     run = tmp_path / "run"
     run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
@@ -296,6 +297,8 @@ def test_mlflow_file_store_holds_the_same_scalars_and_the_samples_table_and_resu
 
     full = rows_of(run / "metrics.jsonl")
     assert_same_series(history(), scalars_of(full))
+    params = client.get_run(run_id).data.params
+    assert params["max_steps"] == "8" and params["log_with"] == "mlflow" and params["betas"] == "[0.9, 0.95]"
     table = json.loads(Path(client.download_artifacts(run_id, "samples.json", str(tmp_path))).read_text())
     assert [row[0] for row in table["data"]] == [4, 4, 8, 8]
 
