@@ -127,6 +127,20 @@ def test_log_with_empty_writes_metrics_jsonl_alone_and_num_samples_is_checked(tm
         TrainConfig(num_samples=-1)
 
 
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
+    from accelerate.tracking import TensorBoardTracker
+
+    from tune.errors import TuneError
+
+    def refuse(self):
+        raise RuntimeError("no place to write\nsecond line")
+
+    monkeypatch.setattr(TensorBoardTracker, "start", refuse)
+    engine, _ = resume_setup(tmp_path, "run", 2)
+    with pytest.raises(TuneError, match=r"^train.log_with: tensorboard did not start: no place to write \(its own"):
+        engine.fit()
+
+
 def test_unknown_or_missing_tracker_is_one_line_at_validation_without_torch(tmp_path, model_dir):
     """`tune validate` names the key and what to install, and imports no torch to say so."""
     code = ("import sys; from tune import trackers; from tune.cli import main; "

@@ -78,10 +78,10 @@ class Trackers:
     run id, Aim its run hash, trackio its run name, TensorBoard drops the events after resume_step; 0 starts new
     ones. `config`: the hyperparameters stored with a new run (not on resume: MLflow refuses a changed parameter).
 
-    Raises ConfigError for an unknown or not installed tracker."""
+    Raises ConfigError for an unknown or not installed tracker, TuneError (one line) for one that fails to start."""
 
     def __init__(self, log_with: str | list[str], run_dir, resume_step: int = 0, config=None):
-        from tune.errors import ConfigError
+        from tune.errors import ConfigError, TuneError
 
         problems = unknown_tracker_problems(log_with) + missing_tracker_problems(log_with)
         if problems:
@@ -92,7 +92,12 @@ class Trackers:
         self.trackers = []
         for name in tracker_names(log_with):
             tracker = self._make(name, resume_step, ids.get(name, {}))
-            tracker.start()
+            try:
+                tracker.start()
+            except Exception as e:  # e.g. wandb online without an API key, an MLflow store it cannot open
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TuneError(f"train.log_with: {name} did not start: {first} (its own settings say where it "
+                                "logs, e.g. WANDB_MODE=offline, MLFLOW_TRACKING_URI)") from e
             ids[name] = self._run_id(tracker)
             if config is not None and not resume_step and name != "tensorboard":  # config.yaml is beside TB's events
                 tracker.store_init_configuration(flat_config(config))
