@@ -367,6 +367,7 @@ class _Setup:
     live_teacher: object = None
     sequence_examples: object = None  # sequence-level KD's training examples (the teacher's outputs), made on first use
     stop_id: int | None = None  # where the student's on-policy completions end: eos, or a chat template's end-of-turn
+    samples: object = None  # the engine's samples callable (train.num_samples), shared by every student
 
     def teacher(self):
         """The frozen teacher, loaded on first use."""
@@ -411,7 +412,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
     if method == "ce_only":  # the baseline: plain cross-entropy on the references, no teacher
         say(f"{METHODS[method]}: the same student trained on the references with CE alone")
         return Engine(cfg.train, run_dir, rebuild(), setup.plain_source, accelerator=accelerator, log=say,
-                      rebuild=rebuild, run_config=run_config).fit()
+                      rebuild=rebuild, run_config=run_config, samples=setup.samples).fit()
     train = setup.examples(cfg)
     source, teacher = setup.plain_source, None
     if train is not setup.train_examples:
@@ -449,7 +450,7 @@ def fit_student(setup: _Setup, cfg: DistillConfig, method: str, run_dir: Path, r
         return model
 
     engine = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=rebuild_kd, run_config=run_config)
+                    rebuild=rebuild_kd, run_config=run_config, samples=setup.samples)
     engine.prefetch = kd.lmbda == 0  # on-policy batches are sampled from the student as it stands at their step
     engine.val_metrics = lambda extras: extras  # print the KD and CE parts (val_loss mixes them: no perplexity)
     try:
@@ -466,7 +467,7 @@ def run(cfg: DistillConfig):
 
     from tune.adapters import attention_implementation
     from tune.packing import PACKED_ATTENTION, NIBatches
-    from recipes.finetune import build_datasets, load_data
+    from recipes.finetune import build_datasets, load_data, sample_fn
     from tune.distill import check_vocabularies
     from tune.engine import check_train_device, make_accelerator
     from tune.hf import load_tokenizer
@@ -507,6 +508,8 @@ def run(cfg: DistillConfig):
         setup.batch_kwargs = dict(seed=cfg.seed, packing=d.packing, max_length=d.max_length,
                                   pad_id=tokenizer.pad_token_id, mask_mode=PACKED_ATTENTION[d.packed_attention])
         setup.plain_source = NIBatches(*setup.batch_args(), **setup.batch_kwargs)
+        setup.samples = sample_fn(tokenizer, data, cfg.train.num_samples, cfg.compare.max_new_tokens, cfg.compare.batch_size,
+                                  as_hf=(lambda m: _hf_copy(m, tokenizer)) if s.model is None else None)
     else:
         setup.plain_source = _text_source(cfg, accelerator)
     setup.teacher_attn, why = attention_implementation(t.model, "dense" if windows(d) else d.packed_attention)
@@ -713,6 +716,14 @@ def _as_hf(model, tokenizer):
             return AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=False).eval()
 
 
+def _hf_copy(model, tokenizer):
+    """An HF model (on the CPU) with a native student's current weights, for generation during training: the
+    student itself stays where it trains (unlike _as_hf, which moves it to the CPU)."""
+    from tune.models.export import to_hf_model
+
+    return to_hf_model(model, tokenizer).eval()
+
+
 def format_comparison(rows: dict) -> str:
     """The comparison table, then one line per student: "<method>: closes N% of the gap" (add_gap_closed)."""
     keys = [("val_loss", "val loss"), ("kl_to_teacher", "KL(teacher‖model)"), ("rougeL", "ROUGE-L"),
@@ -732,7 +743,7 @@ def run_uld(cfg: DistillConfig):
     (tune.distill.uld_loss_fn) and is saved with its own tokenizer to output_dir/student."""
     from accelerate.utils import set_seed
 
-    from recipes.finetune import build_ni_datasets, load_splits
+    from recipes.finetune import RunData, build_ni_datasets, load_splits, sample_fn
     from tune.adapters import attention_implementation
     from tune.distill import CrossTokenizerBatches, load_teacher, pair_examples, uld_loss_fn
     from tune.engine import Engine, check_train_device, make_accelerator
@@ -758,8 +769,8 @@ def run_uld(cfg: DistillConfig):
     run_dir = prepare_output_dir(cfg, accelerator, inputs=[t.model, s.model])
     set_seed(cfg.seed)
 
-    student_train, student_val, _ = build_ni_datasets(d, splits, student_tokenizer, accelerator,
-                                                      lambda m: say(f"student tokenizer, {m}"))
+    student_train, student_val, prompt_cfg = build_ni_datasets(d, splits, student_tokenizer, accelerator,
+                                                               lambda m: say(f"student tokenizer, {m}"))
     teacher_train, teacher_val, _ = build_ni_datasets(d, splits, teacher_tokenizer, accelerator,
                                                       lambda m: say(f"teacher tokenizer, {m}"))
     student_train, teacher_train, dropped = pair_examples(student_train, teacher_train, "train")
@@ -783,7 +794,9 @@ def run_uld(cfg: DistillConfig):
     loss_fn = uld_loss_fn(teacher, kd.alpha, kd.temperature, vocab["student.model"], vocab["teacher.model"],
                           kd.chunk_size)
     result = Engine(cfg.train, run_dir, student, source, loss_fn=loss_fn, accelerator=accelerator, log=say,
-                    rebuild=lambda: make_student(cfg, 0, d.max_length), run_config=cfg).fit()
+                    rebuild=lambda: make_student(cfg, 0, d.max_length), run_config=cfg,
+                    samples=sample_fn(student_tokenizer, RunData("ni", splits=splits, prompt_cfg=prompt_cfg), cfg.train.num_samples,
+                                      cfg.compare.max_new_tokens, cfg.compare.batch_size)).fit()
     if accelerator.is_main_process:
         student = result.model  # unsharded (the same module unless FSDP trained it)
         student.eval()

@@ -414,8 +414,10 @@ def run(cfg: FinetuneConfig):
     source = NIBatches(train_set, val_set, cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
                        seed=cfg.seed, packing=d.packing, max_length=d.max_length, pad_id=tokenizer.pad_token_id,
                        mask_mode=PACKED_ATTENTION[d.packed_attention])
+    samples = sample_fn(tokenizer, data, cfg.train.num_samples,
+                        cfg.eval.max_new_tokens, cfg.eval.batch_size)
     result = Engine(cfg.train, run_dir, model, source, accelerator=accelerator, log=say,
-                    rebuild=lambda: build_model(cfg), run_config=cfg).fit()
+                    rebuild=lambda: build_model(cfg), run_config=cfg, samples=samples).fit()
 
     if accelerator.is_main_process:
         model = result.model  # unsharded (the same module unless FSDP trained it)
@@ -430,6 +432,36 @@ def run(cfg: FinetuneConfig):
             evaluate_run(cfg, model, tokenizer, data, run_dir, say)
     accelerator.wait_for_everyone()
     return result
+
+
+def sample_fn(tokenizer, data: RunData, n: int, max_new_tokens: int, batch_size: int, as_hf=None):
+    """The engine's samples callable (train.num_samples): greedy completions of `n` held-out examples, one group (NI
+    task, data file) after another, prompted as evaluation prompts them (NI: tune.evaluation.fit_prompt drops
+    demonstrations to fit the model's context; a chat stops at its end-of-turn token). `as_hf(model)`: the HF model
+    to generate with, for a model that is not one (distill's native student). None when n is 0 or nothing is held
+    out (a text corpus has no completions)."""
+    from tune.evaluation import fit_prompt, prompt_token_limit, sample_completions, spread_over_groups
+
+    if data.kind == "ni":
+        chosen = spread_over_groups(list(data.splits["heldout_instances"]), n)
+    else:
+        chosen = spread_over_groups(heldout_examples(data, n).get("heldout", []), n, group=lambda e: e.group)
+    if not chosen:
+        return None
+    stop_ids = data.formatter.end_of_turn if data.formatter is not None else ()
+    examples = []
+
+    def samples(model):
+        model = as_hf(model) if as_hf is not None else model
+        if not examples and data.kind == "ni":  # the prompts, fitted to the model's context once
+            limit = prompt_token_limit(model, max_new_tokens)
+            examples.extend((fit_prompt(tokenizer, task, instance.input, data.prompt_cfg, limit)[0],
+                             list(instance.outputs)) for task, instance in chosen)
+        elif not examples:
+            examples.extend((e.prompt, list(e.references)) for e in chosen)
+        return sample_completions(model, tokenizer, examples, max_new_tokens, batch_size, stop_ids=stop_ids)
+
+    return samples
 
 
 def run_tokenizer(cfg: FinetuneConfig):

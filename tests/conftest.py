@@ -98,10 +98,13 @@ def recipe_configs(tmp_path_factory, gpt2_base) -> dict[str, tuple[str, list[str
         "pretrain": ("demo", [f"data.corpus={corpus}", "data.tokenizer=char", f"data.cache_dir={tmp / 'text_cache'}",
                               "model.preset=tiny-gpt2", "model.block_size=32", "sample.max_new_tokens=4",
                               "export=false"]),
-        "finetune": ("lora_ni", [f"base_model={gpt2_base}", "lora.r=4", "eval.enabled=false", *ni]),
+        # short sample completions at each evaluation (eval.max_new_tokens, compare.max_new_tokens: only their length)
+        "finetune": ("lora_ni", [f"base_model={gpt2_base}", "lora.r=4", "eval.enabled=false", "eval.max_new_tokens=8",
+                                 *ni]),
         # on-policy GKD on half the steps (kd.lmbda): resume, multi-process and FSDP tests cover both kinds of step
         "distill": ("distill_ni", [f"teacher.model={gpt2_base}", "student.n_layer=1", "student.n_embd=32",
                                    "student.n_head=2", "compare.ce_only=false", "kd.lmbda=0.5", "kd.max_new_tokens=6",
+                                   "compare.max_new_tokens=8",
                                    *ni]),
         "classify": ("classify_ni", [f"base_model={gpt2_base}", f"data.ni_task={NI_TASKS / 'task363_sst2_polarity_classification.json'}",
                                      "epochs=null", "warmup_ratio=null", "eval.generation_baseline=false",

@@ -9,6 +9,8 @@ summation order differs from sequential accumulation, and Adam's division by sqr
 dropout are equivalent in distribution but not equal.
 """
 
+import json
+
 import pytest
 
 from conftest import NI_TASKS, REPO, SHARED_DATA, assert_losses_close, losses, rewind_to_step_4, tune_run
@@ -35,6 +37,11 @@ def test_two_processes_match_one_with_the_same_global_batch(recipe, recipe_confi
     assert len(one[0]) == 8 and len(one[1]) == 3
     assert_losses_close(one[0], two[0])
     assert_losses_close(one[1], two[1])
+    if recipe in ("finetune", "distill"):  # sample completions at each evaluation, written by the main process alone
+        samples = [[json.loads(line) for line in (tmp_path / n / "samples.jsonl").read_text().splitlines()]
+                   for n in ("one", "two")]
+        assert [s["step"] for s in samples[1]] == [3, 3, 3, 6, 6, 6, 8, 8, 8]
+        assert [s["prompt"] for s in samples[1]] == [s["prompt"] for s in samples[0]]
 
 
 def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 from tune.config import CONFIG_DIR, load_config, problem_lines, read_yaml, resolve_config_path, with_validate_problems
 from tune.errors import ConfigError, ConfigProblems, TuneError
 from tune.plan import GPU_PEAK_TFLOPS
-from tune.train_config import ce_kernel_problem, schedule_warning
+from tune.train_config import environment_problems, schedule_warning
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -70,17 +70,18 @@ def load_recipe_config(config: str, overrides: list[str], recipe: str | None = N
     module = load_recipe(name)
 
     def validate(cfg):
-        """The recipe's own checks, and whether train.ce_kernel can run here: every problem in one report."""
+        """The recipe's own checks, and whether train.ce_kernel and train.log_with can run here: every problem in
+        one report."""
         lines = []
+        environment = environment_problems(getattr(cfg, "train", None))
         try:
             if hasattr(module, "validate"):
                 module.validate(cfg)
         except ConfigError as e:
-            if not isinstance(e, ConfigProblems) and ce_kernel_problem(getattr(cfg, "train", None)) is None:
+            if not isinstance(e, ConfigProblems) and not environment:
                 raise
             lines = problem_lines(e)
-        problem = ce_kernel_problem(cfg.train) if hasattr(cfg, "train") else None
-        lines += [problem] if problem else []
+        lines += environment
         if len(lines) > 1:
             raise ConfigProblems(lines, str(path))
         if lines:

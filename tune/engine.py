@@ -3,7 +3,8 @@
 A recipe hands the engine a model, a BatchSource and (optionally) a loss function; the engine owns
 everything else: Accelerate setup, mixed precision, gradient accumulation with per-token
 normalisation, clipping, AdamW + warmup/cosine, torch.compile, periodic evaluation, checkpoints with
-exact resume, progress bar, metrics.jsonl + TensorBoard, and report.png.
+exact resume, progress bar, metrics.jsonl + the trackers of train.log_with (TensorBoard by default), sample
+completions at every evaluation (samples.jsonl), and report.png.
 
 Checkpoints (tune/checkpoint.py) hold whole tensors, also under FSDP (Accelerate's FSDP2): they are
 gathered to rank 0 on save and re-sharded on load, so a checkpoint resumes under any process count.
@@ -217,14 +218,18 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig, run_dir, model: nn.Module, source: BatchSource, loss_fn: LossFn | None = None,
                  accelerator=None, log: Callable[[str], None] = print, rebuild: Callable[[], nn.Module] | None = None,
-                 run_config=None):
+                 run_config=None, samples: Callable[[nn.Module], list[dict]] | None = None):
         """`rebuild()` makes a fresh, unsharded copy of the model (same structure and frozen weights): under
         FSDP, the trained model handed back in FitResult.model is that copy with the trained weights.
         `run_config`: the recipe's whole config, saved as run_dir/config.yaml once training starts (after the
         resume checks), so a run that fails before its first step leaves no config.yaml; its `seed` (if any)
         is one of the schedule settings a resume must keep. `loss_fn` None: next-token cross-entropy computed as
-        train.ce_kernel says (tune.losses: causal_lm_loss, or liger_loss_fn for liger)."""
+        train.ce_kernel says (tune.losses: causal_lm_loss, or liger_loss_fn for liger). `samples(model)`: a few
+        completions [{"prompt", "reference", "prediction"}] of the model as it stands, made at every evaluation on
+        the main process (under FSDP from the unsharded copy `rebuild` makes) and written to samples.jsonl and the
+        trackers."""
         self.cfg, self.run_dir, self.model, self.source, self.rebuild = cfg, Path(run_dir), model, source, rebuild
+        self.samples = samples
         self.run_config, self.seed = run_config, getattr(run_config, "seed", None)
         self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.num_threads)
         self.log_line = log if self.accelerator.is_main_process else (lambda s: None)
@@ -350,9 +355,11 @@ class Engine:
             from tune.config import save_config
 
             save_config(self.run_config, self.run_dir / "config.yaml")
-        metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step)
-        if metrics.superseded is not None:
-            self.log_line(f"metrics.jsonl rows after step {step} moved to {metrics.superseded.name}")
+        metrics = MetricsLog(self.run_dir, acc.is_main_process, resume_step=step, log_with=cfg.log_with,
+                             config=self.run_config)
+        for moved in (metrics.superseded, metrics.samples_superseded):
+            if moved is not None:
+                self.log_line(f"{moved.name.split('.superseded')[0]} rows after step {step} moved to {moved.name}")
         history = [r for r in metrics.rows()] if step else []
         if latest is not None and "tokens" not in state:  # a checkpoint from before state.json kept the count
             self.counters["tokens"] = next((r["tokens"] for r in reversed(history) if "tokens" in r), 0)
@@ -436,6 +443,8 @@ class Engine:
                     # a perplexity means nothing for a loss that is not a per-token cross-entropy (val_metrics' users)
                     ppl = f" (ppl {row['val_ppl']:.2f})" if self.val_metrics is None else ""
                     self.log_line(f"step {step}: val_loss {last_val:.4f}{ppl}{shown}")
+                    if self.samples is not None:
+                        self._log_samples(step, metrics)
                     best_so_far = self.counters["best_val_loss"]
                     if cfg.keep_best and math.isfinite(last_val) and (best_so_far is None or last_val < best_so_far):
                         is_best = True
@@ -485,6 +494,19 @@ class Engine:
             metrics.close()
         self._write_report(history)
         return FitResult(step, last_loss, last_val, self.run_dir, history, self._unsharded_model())
+
+    def _log_samples(self, step: int, metrics: MetricsLog):
+        """The samples callable's completions at `step`, to samples.jsonl and the trackers. Generated on the main
+        process from the model itself (the other processes go on to the next step's collectives and wait there);
+        under FSDP from an unsharded copy (`_unsharded_model`: every rank takes part in gathering the weights),
+        since generating with the sharded model would need every rank to run the same number of forwards. The
+        random number generators are left as they were (building a model draws initial weights from them), so
+        samples change nothing of the training that follows."""
+        cuda = [torch.cuda.current_device()] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            model = self._unsharded_model()
+            if self.accelerator.is_main_process:
+                metrics.log_samples(step, self.samples(model))
 
     def _write_report(self, rows: list[dict]):
         """report.png from the rows so far (main process only)."""

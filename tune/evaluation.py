@@ -180,6 +180,29 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
                      max_prompt_tokens, log, stop_ids=stop_ids)[0]
 
 
+def sample_completions(model, tokenizer, examples: list[tuple[str, list[str]]], max_new_tokens: int,
+                       batch_size: int = 8, stop_ids=()) -> list[dict]:
+    """Greedy completions of a few held-out examples, (prompt text, reference strings) each, by `model` as it
+    stands (generate_predictions: the same prompts and decoding as evaluation): [{"prompt", "reference",
+    "prediction"}], the reference being the example's first. What the engine writes to samples.jsonl and the
+    trackers at every evaluation. `stop_ids`: token ids that end a completion besides eos (generate_predictions)."""
+    predictions = generate_predictions(model, tokenizer, [prompt for prompt, _ in examples], batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+    return [{"prompt": prompt, "reference": references[0] if references else "", "prediction": prediction}
+            for (prompt, references), prediction in zip(examples, predictions)]
+
+
+def spread_over_groups(pairs: list, n: int, group=lambda pair: pair[0].name) -> list:
+    """The first `n` of `pairs` taken one group at a time (the first pair of each group, then the second, ...), so a
+    few samples show several tasks rather than one."""
+    rank, seen = [], {}
+    for i, pair in enumerate(pairs):
+        key = group(pair)
+        rank.append((seen.get(key, 0), i))
+        seen[key] = seen.get(key, 0) + 1
+    return [pairs[i] for _, i in sorted(rank)[:n]]
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 
 def _mean(values) -> float:

@@ -1,5 +1,6 @@
-"""A run's record: metrics.jsonl and TensorBoard scalars as it trains (MetricsLog), and report.png, the training
-and validation loss curves drawn from those rows (write_report)."""
+"""A run's record: metrics.jsonl, samples.jsonl and the same scalars and samples in the trackers of train.log_with
+as it trains (MetricsLog), and report.png, the training and validation loss curves drawn from those rows
+(write_report)."""
 
 from __future__ import annotations
 
@@ -66,52 +67,29 @@ def write_report(rows: list[dict], path: Path, title: str | None = None) -> Path
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per event) + TensorBoard scalars, on the main process only.
+    """metrics.jsonl (one JSON object per event), samples.jsonl (one per sample completion) and the trackers of
+    train.log_with (tune.trackers: TensorBoard by default), on the main process only.
 
-    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl holds rows of later steps (the
-    steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh), those rows
-    move to metrics.jsonl.superseded-<time> and metrics.jsonl keeps the rows up to resume_step, so it always
-    describes the one history that the weights went through."""
+    Rows are never deleted: when a run starts at `resume_step` and metrics.jsonl (or samples.jsonl) holds rows of
+    later steps (the steps trained after the checkpoint it resumes, or a whole earlier run when it starts afresh),
+    those rows move to metrics.jsonl.superseded-<time> (samples.jsonl.superseded-<time>) and the file keeps the
+    rows up to resume_step, so it always describes the one history that the weights went through."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0, log_with: str | list[str] = "tensorboard",
+                 config=None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
         self.enabled = enabled
-        self.tb = None
+        self.trackers = None
         self.superseded: Path | None = None
+        self.samples_superseded: Path | None = None
         if not enabled:
             return
-        if self.path.is_file():
-            self._supersede_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        self.superseded = _supersede_after(self.path, resume_step)
+        self.samples_superseded = _supersede_after(self.samples_path, resume_step)
+        from tune.trackers import Trackers
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:
-            self.tb = None
-
-    def _supersede_after(self, step: int):
-        lines = self.path.read_text().splitlines(keepends=True)
-        keep, later = [], []
-        for line in lines:
-            try:
-                row_step = json.loads(line).get("step", 0)
-            except ValueError:  # a line cut short by a killed process: kept with the superseded rows
-                row_step = math.inf
-            (keep if row_step <= step else later).append(line)
-        if not later:
-            return
-        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
-        self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}")
-        while self.superseded.exists():
-            n += 1
-            self.superseded = self.path.with_name(f"{self.path.name}.superseded-{stamp}-{n}")
-        for path, content in ((self.superseded, later), (self.path, keep)):  # the moved rows are safe first
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as fh:
-                fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        self.trackers = Trackers(log_with, run_dir, resume_step, config)
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
@@ -129,11 +107,48 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+        self.trackers.log(row)
+
+    def log_samples(self, step: int, samples: list[dict]):
+        """Sample completions ({"prompt", "reference", "prediction"}) at `step`: to samples.jsonl, one row each with
+        "step", and to the trackers' text / table APIs."""
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
+        self.trackers.log_samples(step, samples)
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers is not None:
+            self.trackers.finish()
+
+
+def _supersede_after(path: Path, step: int) -> Path | None:
+    """Move the rows of `path` (JSON lines with "step") after `step` to path.superseded-<time>, which is returned
+    (None when there were none to move)."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep, later = [], []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut short by a killed process: kept with the superseded rows
+            row_step = math.inf
+        (keep if row_step <= step else later).append(line)
+    if not later:
+        return None
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    superseded = path.with_name(f"{path.name}.superseded-{stamp}")
+    while superseded.exists():
+        n += 1
+        superseded = path.with_name(f"{path.name}.superseded-{stamp}-{n}")
+    for target, content in ((superseded, later), (path, keep)):  # the moved rows are safe first
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(line if line.endswith("\n") else line + "\n" for line in content))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    return superseded

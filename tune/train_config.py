@@ -14,6 +14,7 @@ from typing import Literal
 
 from tune.config import check_ranges, range_problems
 from tune.errors import ConfigError, ConfigProblems
+from tune.trackers import missing_tracker_problems, unknown_tracker_problems
 
 
 @dataclass
@@ -53,12 +54,19 @@ class TrainConfig:
     ce_kernel: Literal["chunked", "liger"] = "chunked"  # fused chunks (tune.losses), or Liger-Kernel (CUDA only)
     # LoRA+ (Hayou et al. 2024): the LoRA B matrices train at lr x this ratio (16 in the paper), A at lr; null: off
     loraplus_lr_ratio: float | None = None
+    # experiment trackers that get metrics.jsonl's scalars and the sample completions (tune.trackers): tensorboard,
+    # wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, swanlab; a name or a list; [] for metrics.jsonl alone
+    log_with: str | list[str] = "tensorboard"
+    # held-out prompts completed greedily at every evaluation, to samples.jsonl and the trackers (finetune and distill
+    # on NI data); 0: off
+    num_samples: int = 3
 
     def __post_init__(self):
         """Every range problem at once (ConfigProblems when several)."""
         rules = {name: ">= 1" for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches",
                                            "keep_checkpoints", "log_every", "max_skipped_steps")}
-        rules.update({name: ">= 0" for name in ("warmup_steps", "eval_every", "save_every", "num_threads")})
+        rules.update({name: ">= 0" for name in ("warmup_steps", "eval_every", "save_every", "num_threads",
+                                                "num_samples")})
         # stop_at_val_loss: a cross-entropy is >= 0, so a negative target would never end the run
         rules.update({"lr": "> 0", "weight_decay": ">= 0", "eps": "> 0", "grad_clip": ">= 0",
                       "stop_at_val_loss": ">= 0", "loraplus_lr_ratio": "> 0"})
@@ -67,6 +75,7 @@ class TrainConfig:
             problems.append(f"train.min_lr must be within [0, train.lr={self.lr}], got {self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        problems += unknown_tracker_problems(self.log_with)
         if len(problems) > 1:
             raise ConfigProblems(problems)
         if problems:
@@ -91,6 +100,15 @@ def ce_kernel_problem(train: TrainConfig | None) -> str | None:
         return None
     return ("train.ce_kernel=liger needs Liger-Kernel, which is not installed: pip install liger-kernel "
             "(or the gpt-tune[liger] extra), or set train.ce_kernel=chunked")
+
+
+def environment_problems(train: TrainConfig | None) -> list[str]:
+    """What keeps `train` from running here (checked by `tune validate` and at run start, not by the config itself):
+    train.ce_kernel=liger without Liger-Kernel, trackers of train.log_with that are not installed."""
+    if train is None:
+        return []
+    problem = ce_kernel_problem(train)
+    return ([problem] if problem else []) + missing_tracker_problems(train.log_with)
 
 
 @dataclass

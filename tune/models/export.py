@@ -178,22 +178,8 @@ def from_hf_state_dict(config: GPTConfig, hf_sd: dict[str, torch.Tensor]) -> dic
 
 def export_hf(model: GPT, out_dir, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
     """Write `model` (and its tokenizer) as a standard HF checkpoint that AutoModelForCausalLM loads."""
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
-    ids = {}
-    if tokenizer is not None:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
-    config = hf_config(model.config, **ids)
-    config.dtype = dtype
-    hf_model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = hf_model.load_state_dict(to_hf_state_dict(model), strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"export mapping incomplete: missing={missing} unexpected={unexpected}")
-    hf_model.tie_weights()
-    hf_model.to(dtype)
+    hf_model = to_hf_model(model, tokenizer, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_third_party():
         hf_model.save_pretrained(out_dir, safe_serialization=True)
@@ -201,6 +187,27 @@ def export_hf(model: GPT, out_dir, tokenizer=None, dtype: torch.dtype = torch.fl
         tokenizer.save_pretrained(out_dir)
     (out_dir / "native_gpt.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     return out_dir
+
+
+def to_hf_model(model: GPT, tokenizer=None, dtype: torch.dtype = torch.float32):
+    """The HF causal LM (on the CPU, in `dtype`) holding a copy of `model`'s weights, the special token ids of
+    `tokenizer` in its config; `model` itself is left as it is (device, training mode)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = {}
+    if tokenizer is not None:
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config = hf_config(model.config, **ids)
+    config.dtype = dtype
+    hf_model = AutoModelForCausalLM.from_config(config)
+    weights = {k: v.detach().cpu() for k, v in to_hf_state_dict(model).items()}  # copies (to_hf_state_dict clones)
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping incomplete: missing={missing} unexpected={unexpected}")
+    hf_model.tie_weights()
+    return hf_model.to(dtype)
 
 
 def import_hf(model_dir) -> GPT:
