@@ -223,6 +223,7 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     template = PLAIN_CHAT_FILE
     cfg = finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(template),
                        heldout_fraction=0.25, packing=True)
+    cfg.train.num_samples = 2
     result = run(cfg)
     out = capsys.readouterr().out
     assert "train (chat): 12/12 rows kept (12 examples" in out and "held out: 4 examples of 4 rows" in out
@@ -245,6 +246,12 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     assert held["overall"]["mean_over_instances"]["copy_input_exact_match"] == 100.0
     fmt = Formatter(FormatSettings(kind="chat", chat_template=PLAIN_CHAT), tokenizer)
     assert fmt.end_of_turn == [tokenizer.eos_token_id]
+    # the final evaluation's sample completions: the first held-out chats, prompted and decoded as evaluated
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    final = [s for s in samples if s["step"] == 3]
+    assert len(final) == 2 and final[0]["prompt"] == held["example_prompts"]["chats"]
+    for sample, evaluated in zip(final, held["predictions"][:2]):
+        assert sample["reference"] == evaluated["references"][0] and sample["prediction"] == evaluated["prediction"]
 
 
 # -- the distill recipe reuses the data section ----------------------------------------------------
