@@ -171,6 +171,7 @@ def test_readme_demo_command_runs(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out, runs = result.stdout, clone / "runs"
     assert "warning" not in out.lower(), out  # no unknown characters, no demonstrations lost, nothing dropped
+    assert out.count("0.00% unknown tokens") == 3, out  # the corpus, the tasks for LoRA, the tasks for distillation
     # 1. pretrain: the demo grammar is learnt well below ln(47) = 3.85; a sample and an HF export
     vals = [json.loads(line)["val_loss"] for line in (runs / "demo" / "metrics.jsonl").read_text().splitlines()
             if "val_loss" in line]
@@ -182,8 +183,8 @@ def test_readme_demo_command_runs(tmp_path):
     lora = json.loads((runs / "demo_lora" / "eval_results.json").read_text())["heldout_instances"]
     overall = lora["overall"]["mean_over_instances"]
     assert lora["n_instances"] == 80 and "heldout instances:" in out
-    assert overall["rougeL"] > max(overall["copy_demo_rougeL"], overall["copy_input_rougeL"]) + 30, overall
-    assert overall["exact_match"] > max(overall["copy_demo_exact_match"], overall["copy_input_exact_match"]) + 30
+    assert overall["rougeL"] > max(overall["copy_demo_rougeL"], overall["copy_input_rougeL"]) + 15, overall
+    assert overall["exact_match"] > max(overall["copy_demo_exact_match"], overall["copy_input_exact_match"]) + 20
     # 3. distillation: the KD student beats the same student trained with CE alone and closes part of the gap
     rows = json.loads((runs / "demo_distill" / "comparison.json").read_text())
     kd, ce, teacher = rows["off-policy KD"], rows["CE-only student"], rows["teacher"]
