@@ -55,12 +55,12 @@ def test_builtin_demo_train_tasks_reach_finetune_and_distill(tmp_path, capsys):
     from recipes.distill import DistillConfig
     from recipes.finetune import FinetuneConfig, load_splits
 
-    for config_class, name in ((FinetuneConfig, "demo_lora"), (DistillConfig, "demo_distill")):
+    for config_class, name, n_train in ((FinetuneConfig, "demo_lora", 800), (DistillConfig, "demo_distill", 80)):
         cfg = load_config(config_class, name, [f"data.cache_dir={tmp_path / 'cache'}"])
         assert cfg.data.train_tasks == "builtin:demo"
         splits = load_splits(cfg)
         assert {t.name for t, _ in splits["heldout_instances"]} == {name for name, _, _ in DEMO_TASKS}
-        assert len(splits["heldout_instances"]) == 80 and len(splits["train"]) == 800
+        assert len(splits["heldout_instances"]) == 80 and len(splits["train"]) == n_train
         train_ids = {(t.name, i.id) for t, i in splits["train"]}
         assert not train_ids & {(t.name, i.id) for t, i in splits["heldout_instances"]}
         assert (tmp_path / "cache" / "builtin" / "demo_tasks" / "demo_who.json").is_file()
