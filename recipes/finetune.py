@@ -32,7 +32,8 @@ class NIDataSection:
     # ni: Natural-Instructions tasks (train_tasks ...); alpaca / prompt_completion / chat / text: your rows in
     # data.train (README: Data formats; data_prep/instructions.py)
     kind: Literal["ni", "alpaca", "prompt_completion", "chat", "text"] = "ni"
-    train_tasks: str | list[str] = "../shared/data/natural_instructions/tasks"  # dir, split file or list of files
+    # a directory, split file or list of task files; builtin:demo = the built-in demo tasks (data_prep/demo.py)
+    train_tasks: str | list[str] = "../shared/data/natural_instructions/tasks"
     eval_tasks: str | list[str] | None = None  # held-out tasks, never trained on
     tasks_dir: str | None = None  # where names in split files resolve (default: <split file dir>/tasks)
     max_train_instances_per_task: int | None = None
@@ -140,7 +141,7 @@ def check_task_paths(d: NIDataSection, problems) -> None:
     for key in ("train_tasks", "eval_tasks"):
         value = getattr(d, key)
         for item in value if isinstance(value, list) else [value]:
-            if item is not None and not Path(item).exists() and d.tasks_dir is None:
+            if item is not None and item != BUILTIN_TASKS and not Path(item).exists() and d.tasks_dir is None:
                 problems.add(f"data.{key}: {item} does not exist (paths are relative to where you run tune)")
 
 
@@ -206,13 +207,29 @@ def check_positions(length_key: str, length: int, model_key: str, model_dir) -> 
                           f"({table} positions); set {length_key} <= {table}")
 
 
+BUILTIN_TASKS = "builtin:demo"  # data.train_tasks / data.eval_tasks: the tasks of data_prep/demo.py
+
+
+def task_source(source, cache_dir: str):
+    """A data.train_tasks / data.eval_tasks value with builtin:demo (alone or in a list) replaced by the directory
+    the built-in demo tasks are written to, <cache_dir>/builtin/demo_tasks (as pretrain's data.corpus=builtin:demo
+    is written to its cache); other entries are returned as they are."""
+    from data_prep.demo import write_demo_tasks
+
+    def resolve(item):
+        return str(write_demo_tasks(Path(cache_dir) / "builtin" / "demo_tasks")) if item == BUILTIN_TASKS else item
+
+    return [resolve(item) for item in source] if isinstance(source, list) else resolve(source)
+
+
 def load_splits(cfg: FinetuneConfig):
     from data_prep.natural_instructions import NISplitConfig, load_tasks, split_instances
 
     d = cfg.data
-    tasks = load_tasks(d.train_tasks, d.tasks_dir)
-    held_out = load_tasks(d.eval_tasks, d.tasks_dir) if d.eval_tasks else []
-    if isinstance(d.train_tasks, str) and Path(d.train_tasks).is_dir():  # a directory: all its tasks but the held-out
+    train_tasks, eval_tasks = task_source(d.train_tasks, d.cache_dir), task_source(d.eval_tasks, d.cache_dir)
+    tasks = load_tasks(train_tasks, d.tasks_dir)
+    held_out = load_tasks(eval_tasks, d.tasks_dir) if eval_tasks else []
+    if isinstance(train_tasks, str) and Path(train_tasks).is_dir():  # a directory: all its tasks but the held-out
         tasks = [t for t in tasks if t.name not in {h.name for h in held_out}]
     return split_instances(tasks + held_out, NISplitConfig(
         train_tasks=[t.name for t in tasks], eval_tasks=[t.name for t in held_out],
