@@ -515,12 +515,22 @@ class Formatter:
         if self.generation_blocks:
             return self._generation_tokens(messages, where)
         text, spans = self.chat_spans(messages, where)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        turns = [[t for t, (a, b) in enumerate(offsets) if start <= a < end and b > a] for start, end in spans]
+        # The text between the spans and each span are tokenized on their own, as prompt and completion are for the
+        # other kinds: a BPE merge across a boundary ("assistant: " + "Hi" -> "assistant:", " Hi") would otherwise put
+        # the reply's first token half in the prompt (untrained) and train on a prompt tokenization inference never
+        # sees (the generation prompt is tokenized alone, ending in " ").
+        cuts = [0, *(p for span in spans for p in span), len(text)]
+        pieces = self.tokenizer([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)["input_ids"]
+        ids, turns = [], []
+        for k, piece in enumerate(pieces):
+            if k % 2:  # odd pieces are the replies
+                turns.append(list(range(len(ids), len(ids) + len(piece))))
+            ids += piece
         if not self.end_of_turn and self.s.add_eos:  # a template without an end-of-turn token: eos ends the chat
+            # the whitespace the template writes after the last reply comes before that eos: trained too, else the
+            # model never learns the way to the eos it must stop on
             ids.append(self.tokenizer.eos_token_id)
-            turns[-1].append(len(ids) - 1)
+            turns[-1] = list(range(turns[-1][0] if turns[-1] else len(ids) - 1, len(ids)))
         return ids, turns
 
     def _generation_tokens(self, messages: list[dict], where: str) -> tuple[list[int], list[list[int]]]:

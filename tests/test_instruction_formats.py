@@ -188,6 +188,37 @@ def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
     assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>" if "im_end" in pieces[1][0] else "<|eot_id|>"])
 
 
+PLAIN_NO_END_OF_TURN = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_chat_masks_when_the_tokenizer_merges_across_the_reply_boundary(chat_tokenizer):
+    """A template whose generation prompt ends in a space ("assistant: "): tokenizing the whole conversation merges
+    that space into the reply's first token (" t"), which then started in the prompt and was left untrained. The text
+    between the replies and each reply are tokenized on their own (as alpaca's prompt and output are; LLaMA-Factory's
+    way), so every reply token is a target and a generation prompt ends as it does alone. Without an end-of-turn
+    token, the newline after the last reply and the eos are trained (the way to the stop)."""
+    from data_prep.instructions import Record
+
+    tok = chat_tokenizer
+    messages = [*CHAT[:2], {"role": "assistant", "content": "terse now."}, CHAT[3], {"role": "assistant", "content": "now."}]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    reply = text.index("assistant: ") + len("assistant: ")
+    whole = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert any(a < reply < b for a, b in whole["offset_mapping"])  # " t" straddles the boundary: the case at issue
+    record = Record({"messages": messages}, "chat.jsonl row 1", "chat", "chat-1")
+    pieces = [("system: You are terse.\nuser: Say hello.\nassistant: ", None), ("terse now.", "first"),
+              ("\nuser: And goodbye?\nassistant: ", None), ("now.", "last"), ("\n", "last")]
+    for train_on, trained in (("completion", {"first", "last"}), ("last_assistant", {"last"})):
+        ids, labels = expected_chat(tok, [(t, kind in trained) for t, kind in pieces])
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+        fmt = chat_formatter(tok, PLAIN_NO_END_OF_TURN, train_on)
+        example = fmt.encode([record])[0][0]
+        assert example["input_ids"] == ids and example["targets"] == labels[1:] + [IGNORE_INDEX], train_on
+        prompt, _ = fmt.prompt_and_completion(record)  # the evaluation prompt ends where the last reply's ids start
+        assert tok.decode(example["input_ids"][:example["prompt_len"]]) == prompt
+
+
 # -- the finetune recipe on these kinds ------------------------------------------------------------
 PLAIN_CHAT_FILE = Path(__file__).resolve().parents[1] / "recipes" / "templates" / "plain_chat.jinja"  # shipped
 PLAIN_CHAT = PLAIN_CHAT_FILE.read_text(encoding="utf-8")
