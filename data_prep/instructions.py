@@ -43,7 +43,7 @@ from typing import Sequence, Union
 from tune.errors import ConfigError, DataError
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bumped when the same rows tokenize differently (2: chat replies tokenized on their own)
 
 KINDS = ("ni", "alpaca", "prompt_completion", "chat", "text")
 FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
