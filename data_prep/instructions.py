@@ -132,8 +132,9 @@ def data_files(source) -> list[Path]:
     return [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
 
 
-def file_problems(key: str, source) -> list[str]:
-    """One line per entry of data.train / data.eval that does not exist or has no known format."""
+def file_problems(key: str, source, split: SplitChoice | None = None) -> list[str]:
+    """One line per entry of data.train / data.eval that does not exist, has no known format, is empty, or (a
+    DatasetDict folder) lacks the split `split` chooses."""
     problems = []
     for path in data_files(source):
         if not path.exists():
@@ -141,16 +142,63 @@ def file_problems(key: str, source) -> list[str]:
         elif path.is_file() and path.suffix.lower() not in SUFFIXES:
             problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .parquet "
                             "or a folder saved with datasets' save_to_disk")
+        elif path.is_file() and _is_blank(path):
+            problems.append(f"{key}: {_empty_file(path)}")
+        elif path.is_dir() and split is not None and (problem := _split_problem(path, split)):
+            problems.append(f"{key}: {problem}")
     return problems
 
 
+@dataclass(frozen=True)
+class SplitChoice:
+    """Which split of a DatasetDict folder a key reads: `name` (None: `default`), set by the config key `key`."""
+    name: str | None
+    default: str
+    key: str
+
+    @property
+    def chosen(self) -> str:
+        return self.default if self.name is None else self.name
+
+
+def _dataset_dict_splits(path: Path) -> list[str] | None:
+    """The splits of a DatasetDict folder written by save_to_disk (its dataset_dict.json), None for other folders."""
+    try:
+        return list(json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _split_problem(path: Path, split: SplitChoice) -> str | None:
+    splits = _dataset_dict_splits(path)
+    if splits is None or split.chosen in splits:
+        return None
+    return f"{path}: no split {split.chosen!r} (splits: {', '.join(splits)}); set {split.key} to one of them"
+
+
+def _is_blank(path: Path) -> bool:
+    """True for a file holding nothing but whitespace (and a BOM), or an empty JSON list."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(head) < 4096 and re.fullmatch(r"\s*(\[\s*\])?\s*", head) is not None  # larger: datasets judges it
+
+
+def _empty_file(path: Path) -> str:
+    return f"{path} is empty (no rows); write one row per object / line (CSV: a header row, then the rows)"
+
+
 def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, template: str | None,
-                    chat_template: str | None, train_on: str | None = None, mask_prompt: bool = True) -> list[str]:
+                    chat_template: str | None, train_on: str | None = None, mask_prompt: bool = True,
+                    splits: dict[str, SplitChoice] | None = None) -> list[str]:
     """One line per problem of rows of `kind` read from `sources` ({config key: path or list of paths}, e.g.
     {"data.train": ..., "data.eval": ...}): files that do not exist, have no known format or lack a column of the
     kind; a data.columns key that is not a field of the kind; data.template / data.train_on / data.chat_template that
     do not fit it or (chat template) cannot be parsed. Cheap: no torch, at most a file's header is read."""
-    problems = [line for key, source in sources.items() for line in file_problems(key, source)]
+    splits = splits or {}
+    problems = [line for key, source in sources.items() for line in file_problems(key, source, splits.get(key))]
     checks = [lambda: column_map(kind, columns), lambda: check_template(kind, template)]
     if train_on is not None:
         checks.append(lambda: check_train_on(kind, train_on, mask_prompt))
@@ -161,7 +209,7 @@ def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, te
             problems.append(str(e))
     try:
         problems.extend(line for key, source in sources.items()
-                        for line in column_problems(key, source, kind, columns))
+                        for line in column_problems(key, source, kind, columns, splits.get(key)))
     except ConfigError:
         pass  # a data.columns key that is not a field of the kind: reported above
     if chat_template is not None:
@@ -174,12 +222,15 @@ def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, te
     return problems
 
 
-def header_columns(path: Path) -> list[str] | None:
-    """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first JSONL object's keys,
-    a save_to_disk folder's dataset_info.json); None when they cannot be told without reading the file."""
+def header_columns(path: Path, split: SplitChoice | None = None) -> list[str] | None:
+    """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first object's keys of a
+    JSONL file or of a JSON list, a save_to_disk folder's dataset_info.json: a DatasetDict's `split`, default
+    "train"); None when they cannot be told without reading much of the file."""
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
+            if _dataset_dict_splits(path) is not None:
+                path = path / (split.chosen if split is not None else "train")
             info = path / "dataset_info.json"
             return list(json.loads(info.read_text(encoding="utf-8")).get("features", {})) if info.is_file() else None
         if suffix == ".csv":
@@ -192,7 +243,14 @@ def header_columns(path: Path) -> list[str] | None:
         if suffix in (".jsonl", ".json"):
             with open(path, encoding="utf-8-sig") as f:
                 first = f.readline().strip()
-            obj = json.loads(first) if first.startswith("{") else None
+                if first.startswith("{"):
+                    obj = json.loads(first)
+                else:  # a JSON list (pretty-printed or on one line): its first object, from the first MiB
+                    head = (first + f.read(1 << 20)).lstrip()
+                    if not head.startswith("["):
+                        return None
+                    start = len(head) - len(head[1:].lstrip())
+                    obj = json.JSONDecoder().raw_decode(head, start)[0]
             return list(obj) if isinstance(obj, dict) else None
     except (OSError, ValueError, UnicodeDecodeError):
         return None
@@ -201,12 +259,13 @@ def header_columns(path: Path) -> list[str] | None:
     return None
 
 
-def column_problems(key: str, source, kind: str, columns: dict[str, str]) -> list[str]:
+def column_problems(key: str, source, kind: str, columns: dict[str, str], split: SplitChoice | None = None
+                    ) -> list[str]:
     """One line per file of `source` whose columns (header_columns) lack a required field of `kind`."""
     mapping = column_map(kind, columns)
     problems = []
     for path in data_files(source):
-        present = header_columns(path) if path.exists() else None
+        present = header_columns(path, split) if path.exists() else None
         if present is None:
             continue
         for name, column in mapping.items():
@@ -251,6 +310,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
     if builder is None:
         raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .parquet or a folder "
                         "saved with datasets' save_to_disk")
+    if _is_blank(path):
+        raise DataError(_empty_file(path))
     kwargs = {}
     if builder == "json" and _is_ni_task(path):
         raise DataError(f"{path} is a Natural-Instructions task file, not rows; give it as data.train_tasks with "
@@ -263,6 +324,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
             return load_dataset(builder, data_files=str(path.resolve()), split="train",
                                 cache_dir=None if cache_dir is None else str(Path(cache_dir) / "files"), **kwargs)
     except Exception as e:  # pyarrow / pandas / json errors of a malformed file
+        if "corresponds to no data" in str(e):  # datasets' words for a file without rows (a CSV header alone)
+            raise DataError(_empty_file(path)) from None
         msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
         cause = e.__cause__ or e.__context__
         if cause is not None and str(cause):

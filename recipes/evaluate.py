@@ -203,7 +203,9 @@ def row_problems(d: EvalDataSection, problems) -> None:
         problems.add(f"data.kind={d.kind} scores your rows from data.rows (.json / .jsonl / .csv / .parquet files or a "
                      "save_to_disk folder); set it (README: Data formats)")
         return
-    problems.extend(formats.source_problems(d.kind, {"data.rows": d.rows}, d.columns, d.template, d.chat_template))
+    problems.extend(formats.source_problems(d.kind, {"data.rows": d.rows}, d.columns, d.template, d.chat_template,
+                                            splits={"data.rows": formats.SplitChoice(d.split, "validation",
+                                                                                     "data.split")}))
 
 
 def trained_instances(run_dir) -> set[tuple[str, str]]:

@@ -166,8 +166,10 @@ def check_data_sources(d: NIDataSection, problems) -> None:
     if not d.train:
         problems.add(f"data.kind={d.kind} reads your rows from data.train (.json / .jsonl / .csv / .parquet files or "
                      "a save_to_disk folder); set it (README: Data formats)")
+    splits = {"data.train": formats.SplitChoice(d.split, "train", "data.split"),
+              "data.eval": formats.SplitChoice(d.eval_split, "validation", "data.eval_split")}
     problems.extend(formats.source_problems(d.kind, {"data.train": d.train, "data.eval": d.eval}, d.columns,
-                                            d.template, d.chat_template, d.train_on, d.mask_prompt))
+                                            d.template, d.chat_template, d.train_on, d.mask_prompt, splits))
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:

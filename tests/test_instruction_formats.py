@@ -5,6 +5,7 @@ token by token on a Llama-3-style and a ChatML-style template; bad rows refused 
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,43 @@ def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_di
         f"  - data.train: {train} has no column 'completion' for field completion of data.kind=prompt_completion "
         "(columns: question, answer); set data.columns.completion=<column>",
         "  - data.chat_template applies to data.kind=chat, not prompt_completion"])
+
+
+def test_validate_reads_the_columns_of_json_lists_and_dataset_dict_splits_and_refuses_empty_files(tmp_path):
+    """tune validate's cheap checks reach every format: a JSON list (one line or pretty-printed) and a DatasetDict
+    folder's chosen split have their columns checked, a split that is not there and an empty file are named; the
+    run says the same of an empty file or a CSV header without rows (not datasets' "StopIteration")."""
+    from datasets import Dataset, DatasetDict
+
+    from data_prep.instructions import SplitChoice, read_records, source_problems
+
+    rows = [{"instruction": "a", "response": "b"}]
+    compact = tmp_path / "compact.json"
+    compact.write_text(json.dumps(rows), encoding="utf-8")
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    folder = tmp_path / "dd"
+    DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(rows)).save_to_disk(str(folder))
+    splits = {"data.train": SplitChoice(None, "train", "data.split"),
+              "data.eval": SplitChoice(None, "validation", "data.eval_split")}
+    missing = "has no column 'output' for field output of data.kind=alpaca (columns: instruction, response); " \
+              "set data.columns.output=<column>"
+    assert source_problems("alpaca", {"data.train": [compact, pretty, folder], "data.eval": folder}, None, None, None,
+                           splits=splits) == [
+        f"data.eval: {folder}: no split 'validation' (splits: train, test); set data.eval_split to one of them",
+        f"data.train: {compact} {missing}", f"data.train: {pretty} {missing}", f"data.train: {folder} {missing}"]
+    assert source_problems("alpaca", {"data.train": [compact, folder]}, {"output": "response"}, None, None,
+                           splits=splits) == []
+    empty = "is empty (no rows); write one row per object / line (CSV: a header row, then the rows)"
+    for name, text in (("none.jsonl", ""), ("blank.jsonl", "\n\n"), ("list.json", " [ ] "), ("bom.csv", "\ufeff")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert source_problems("text", {"data.train": tmp_path / name}, None, None, None) == [
+            f"data.train: {tmp_path / name} {empty}"]
+        with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))} {re.escape(empty)}$"):
+            read_records(tmp_path / name, "text")
+    (tmp_path / "header.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'header.csv'))} {re.escape(empty)}$"):
+        read_records(tmp_path / "header.csv", "text", cache_dir=tmp_path / "cache")
 
 
 # -- text rows, truncation report, held-out split, cache -------------------------------------------
