@@ -544,20 +544,26 @@ class Formatter:
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         head = self.render(probe[:1], True, "probe chat")
         full = self.render(probe, False, "probe chat")
-        if not full.startswith(head + "ok"):
+        # the reply may follow more than the generation prompt (Qwen3's empty <think> block in the last turn)
+        reply = full.find("ok", len(head)) if full.startswith(head) else -1
+        if reply < 0:
             return []
         special = set(self.tokenizer.all_special_ids) | {
             i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-        after = self.tokenizer(full[len(head) + 2:], add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(full[reply + 2:], add_special_tokens=False)["input_ids"]
         return [i for i in after if i in special][:1]
 
-    def chat_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def chat_spans(self, messages: list[dict], where: str, last_only: bool = False
+                   ) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, the character spans of each assistant reply as the model generates it: from
-        the end of the generation prompt through the reply's end-of-turn text, trailing whitespace excluded).
+        the end of the generation prompt through the reply's end-of-turn text, trailing whitespace excluded;
+        `last_only`: an earlier reply whose span cannot be found is left out, only the last one's is needed).
 
         Each span comes from rendering the messages before the reply with the generation prompt and the messages
         through the reply (axolotl's and TRL's prefix method): both must be prefixes of the whole rendering, which
-        holds for templates that write each turn independently of later ones. DataError naming `where` otherwise."""
+        holds for templates that write each turn independently of later ones, and for the last reply of templates
+        that write earlier turns differently (loop.last, Qwen3's thinking blocks). DataError naming `where`
+        otherwise."""
         full = self.render(messages, False, where)
         spans = []
         for i, m in enumerate(messages):
@@ -566,9 +572,13 @@ class Formatter:
             head = self.render(messages[:i], True, where)
             upto = self.render(messages[:i + 1], False, where)
             if not (upto.startswith(head) and full.startswith(upto)):
+                if last_only and i < len(messages) - 1:
+                    continue
+                fix = "" if last_only else "train on the last reply only (data.train_on=last_assistant), "
                 raise DataError(f"{where}: field messages[{i}]: {self.source} does not render the conversation up to "
-                                "this reply as a prefix of the whole (it rewrites earlier turns); use a template that "
-                                "writes each turn on its own, or mark replies with {% generation %} blocks")
+                                "this reply as a prefix of the whole (it writes a turn differently once later turns "
+                                f"follow, e.g. by loop.last); {fix}use a template that writes each turn on its own, "
+                                "or mark replies with {% generation %} blocks")
             end = len(upto.rstrip()) if upto.rstrip().startswith(head) else len(upto)
             spans.append((len(head), max(end, len(head))))
         return full, spans
@@ -577,7 +587,9 @@ class Formatter:
         """(input_ids, per assistant reply the token positions it covers)."""
         if self.generation_blocks:
             return self._generation_tokens(messages, where)
-        text, spans = self.chat_spans(messages, where)
+        # last_assistant and all need the last reply's span alone (its start is the prompt's end); the others, where
+        # found, cut the text as in the other modes so that the ids do not depend on data.train_on
+        text, spans = self.chat_spans(messages, where, last_only=self.s.train_on in ("last_assistant", "all"))
         # The text between the spans and each span are tokenized on their own, as prompt and completion are for the
         # other kinds: a BPE merge across a boundary ("assistant: " + "Hi" -> "assistant:", " Hi") would otherwise put
         # the reply's first token half in the prompt (untrained) and train on a prompt tokenization inference never

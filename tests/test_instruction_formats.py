@@ -220,6 +220,39 @@ def test_chat_masks_when_the_tokenizer_merges_across_the_reply_boundary(chat_tok
         assert tok.decode(example["input_ids"][:example["prompt_len"]]) == prompt
 
 
+# Qwen3's way (simplified): the replies after the last user turn get an (empty) thinking block, earlier ones do not, so
+# a reply is written differently once a later user turn follows
+QWEN3_LIKE = ("{%- set ns = namespace(found=false, last_query=messages|length - 1) %}{%- for m in messages[::-1] %}"
+              "{%- if m.role == 'user' and not ns.found %}{%- set ns.found = true %}"
+              "{%- set ns.last_query = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}"
+              "{%- for m in messages %}{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}"
+              "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+              "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_reply_with_its_end_of_turn(chat_tokenizer):
+    """Templates like Qwen3's write a reply differently once a later turn follows: every reply's span cannot be
+    found by prefixes (refused, naming the fix), but the last reply's can, so data.train_on=last_assistant (and all)
+    work; the end-of-turn token is found behind the reply's thinking block, so no eos is appended after it."""
+    from data_prep.instructions import Record
+
+    tok = chat_tokenizer
+    record = Record({"messages": CHAT}, "chat.jsonl row 1", "chat", "chat-1")
+    with pytest.raises(DataError, match=r"^chat.jsonl row 1: field messages\[2\]: .*\(data.train_on=last_assistant\)"):
+        chat_formatter(tok, QWEN3_LIKE).encode([record])
+    fmt = chat_formatter(tok, QWEN3_LIKE, "last_assistant")
+    assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>"])
+    prompt = CHATML_PIECES[0][0] + "Hello there.<|im_end|>" + CHATML_PIECES[2][0]
+    ids, labels = expected_chat(tok, [(prompt, False), ("<think>\n\n</think>\n\nGoodbye now.<|im_end|>", True),
+                                      ("\n", False)])
+    example = fmt.encode([record])[0][0]
+    assert example["input_ids"] == ids and example["targets"] == labels[1:] + [IGNORE_INDEX]
+    assert fmt.prompt_and_completion(record) == (prompt, "Goodbye now.")
+    everything = chat_formatter(tok, QWEN3_LIKE, "all").encode([record])[0][0]
+    assert everything["input_ids"] == ids and everything["targets"] == ids[1:] + [IGNORE_INDEX]
+
+
 # -- the finetune recipe on these kinds ------------------------------------------------------------
 PLAIN_CHAT_FILE = Path(__file__).resolve().parents[1] / "recipes" / "templates" / "plain_chat.jinja"  # shipped
 PLAIN_CHAT = PLAIN_CHAT_FILE.read_text(encoding="utf-8")
