@@ -51,6 +51,7 @@ FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("p
 OPTIONAL_FIELDS = {"input"}  # alpaca rows without an input (column absent, null or empty) use the no-input prompt
 TRAIN_ON = ("completion", "all_assistant", "last_assistant", "all")
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's `from` values; system / user / assistant as is
 SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # Stanford Alpaca's two prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
@@ -348,8 +349,10 @@ def _text(value, where: str, field_name: str, column: str, empty_ok: bool = Fals
             return ""
         raise DataError(f"{where}: field {field_name} (column '{column}') is missing (null); fill it in or remove the row")
     if not isinstance(value, str):
+        fix = ("write it as text (in JSON: quoted)" if isinstance(value, (int, float, bool)) else
+               f"map data.columns.{field_name} to a text column, or flatten this one into text")
         raise DataError(f"{where}: field {field_name} (column '{column}') must be text, got {type(value).__name__} "
-                        f"{str(value)[:40]!r}")
+                        f"{str(value)[:40]!r}; {fix}")
     if not value.strip() and not empty_ok:
         raise DataError(f"{where}: field {field_name} (column '{column}') is empty; fill it in or remove the row")
     return value
@@ -364,18 +367,28 @@ def _messages(value, where: str, column: str) -> list[dict]:
             raise DataError(f"{where}: field messages (column '{column}') must be a list of {{role, content}} objects "
                             f"(in CSV: as JSON); got {value[:40]!r}") from None
     if not isinstance(value, (list, tuple)) or not value:
+        got = "an empty list" if isinstance(value, (list, tuple)) else \
+            type(value).__name__ if value is not None else "null"
         raise DataError(f"{where}: field messages (column '{column}') must be a non-empty list of {{role, content}} "
-                        f"objects, got {type(value).__name__ if value is not None else 'null'}")
+                        f"objects, got {got}; give the turns as a list, one object per turn, or remove the row")
     out = []
     for i, message in enumerate(value):
         at = f"{where}: field messages[{i}] (column '{column}')"
         if not isinstance(message, dict):
-            raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
+            raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}; write "
+                            "each turn as {\"role\": ..., \"content\": ...}")
+        if "role" not in message and "from" in message:  # ShareGPT's {from, value} turns, as TRL's maybe_convert_to_chatml
+            role = SHAREGPT_ROLES.get(message["from"], message["from"])
+            content = message.get("value")
+        else:
+            role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}; rename it or remove the message")
         if not isinstance(content, str):
-            raise DataError(f"{at}: content must be text, got {type(content).__name__ if content is not None else 'null'}")
+            got = type(content).__name__ if content is not None else "null"
+            fix = "join its text parts into one string" if isinstance(content, (list, tuple)) else \
+                "write the turn's text there (or remove the turn)"
+            raise DataError(f"{at}: content must be text, got {got}; {fix}")
         if role == "assistant" and not content.strip():
             raise DataError(f"{at}: the assistant's content is empty; a reply to train on needs text (remove the "
                             "turn or fill it in)")

@@ -385,6 +385,45 @@ def test_bad_rows_are_one_line_errors_naming_file_row_and_field(tmp_path, tiny_l
     assert not (tmp_path / "run").exists()
 
 
+def test_sharegpt_turns_are_read_as_role_and_content(tmp_path):
+    """axolotl / LLaMA-Factory's ShareGPT rows ({from, value}; human / gpt) read as chat messages, as TRL converts
+    them; in a JSONL file and in Parquet (a list of structs)."""
+    from data_prep.instructions import read_records
+
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]
+    for path in (write_rows(tmp_path / "share.jsonl", [{"conversations": turns}]),
+                 write_rows(tmp_path / "share.parquet", [{"conversations": turns}])):
+        assert read_records(path, "chat", {"messages": "conversations"})[0].fields["messages"] == [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hey"}]
+
+
+@pytest.mark.parametrize("kind,row,message", [
+    ("text", {"text": 42}, "field text (column 'text') must be text, got int '42'; write it as text (in JSON: quoted)"),
+    ("alpaca", {"instruction": {"a": 1}, "output": "y"},
+     "field instruction (column 'instruction') must be text, got dict \"{'a': 1}\"; map data.columns.instruction to a "
+     "text column, or flatten this one into text"),
+    ("chat", {"messages": {"role": "user", "content": "hi"}},
+     "field messages (column 'messages') must be a non-empty list of {role, content} objects, got dict; give the "
+     "turns as a list, one object per turn, or remove the row"),
+    ("chat", {"messages": []}, "field messages (column 'messages') must be a non-empty list of {role, content} objects, "
+                               "got an empty list; give the turns as a list, one object per turn, or remove the row"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, CHAT[2]]},
+     "field messages[0] (column 'messages'): content must be text, got list; join its text parts into one string"),
+    ("chat", {"messages": ["hi", "there"]}, "field messages[0] (column 'messages') must be an object with 'role' and "
+                                            "'content', got str; write each turn as {\"role\": ..., \"content\": ...}"),
+], ids=["number", "nested", "messages_dict", "messages_empty", "content_parts", "messages_strings"])
+def test_values_of_the_wrong_type_name_row_field_and_fix(tmp_path, kind, row, message):
+    from data_prep.instructions import read_records
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"id": 1, "text": "ok", "instruction": "i", "output": "o", "messages": CHAT}) + "\n" +
+                    json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(path, kind, cache_dir=tmp_path / "cache")
+    assert str(e.value) == f"{path} row 2: {message}"
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
