@@ -52,7 +52,7 @@ OPTIONAL_FIELDS = {"input"}  # alpaca rows without an input (column absent, null
 TRAIN_ON = ("completion", "all_assistant", "last_assistant", "all")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's `from` values; system / user / assistant as is
-SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 # Stanford Alpaca's two prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -141,8 +141,8 @@ def file_problems(key: str, source, split: SplitChoice | None = None) -> list[st
         if not path.exists():
             problems.append(f"{key}: {path} does not exist (paths are relative to where you run tune)")
         elif path.is_file() and path.suffix.lower() not in SUFFIXES:
-            problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .parquet "
-                            "or a folder saved with datasets' save_to_disk")
+            problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .tsv, "
+                            ".parquet or a folder saved with datasets' save_to_disk")
         elif path.is_file() and _is_blank(path):
             problems.append(f"{key}: {_empty_file(path)}")
         elif path.is_dir() and split is not None and (problem := _split_problem(path, split)):
@@ -234,9 +234,9 @@ def header_columns(path: Path, split: SplitChoice | None = None) -> list[str] | 
                 path = path / (split.chosen if split is not None else "train")
             info = path / "dataset_info.json"
             return list(json.loads(info.read_text(encoding="utf-8")).get("features", {})) if info.is_file() else None
-        if suffix == ".csv":
+        if suffix in (".csv", ".tsv"):
             with open(path, encoding="utf-8-sig", newline="") as f:
-                return next(csv.reader(f), None)
+                return next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), None)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -297,8 +297,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
             ds = load_from_disk(str(path))
         except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv or "
-                            ".parquet file or a save_to_disk folder") from None
+            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv, "
+                            ".tsv or .parquet file or a save_to_disk folder") from None
         if isinstance(ds, DatasetDict):
             name = default_split if split is None else split
             if name not in ds:
@@ -309,8 +309,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
         raise DataError(f"{path}: data file does not exist; check the path (relative paths are taken from {Path.cwd()})")
     builder = SUFFIXES.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .parquet or a folder "
-                        "saved with datasets' save_to_disk")
+        raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .tsv, .parquet or a "
+                        "folder saved with datasets' save_to_disk")
     if _is_blank(path):
         raise DataError(_empty_file(path))
     kwargs = {}
@@ -319,7 +319,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
                         "data.kind=ni")
     if builder == "csv":  # every cell as text, empty cells as "" (pandas would turn "42" into 42 and "" into NaN)
         header = header_columns(path) or []
-        kwargs = dict(features=Features({c: Value("string") for c in header}), keep_default_na=False, na_filter=False)
+        kwargs = dict(features=Features({c: Value("string") for c in header}), keep_default_na=False, na_filter=False,
+                      sep="\t" if path.suffix.lower() == ".tsv" else ",")
     try:
         with quiet_third_party():
             return load_dataset(builder, data_files=str(path.resolve()), split="train",
@@ -327,6 +328,9 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
     except Exception as e:  # pyarrow / pandas / json errors of a malformed file
         if "corresponds to no data" in str(e):  # datasets' words for a file without rows (a CSV header alone)
             raise DataError(_empty_file(path)) from None
+        if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__ or e.__context__, UnicodeDecodeError):
+            raise DataError(f"{path}: cannot read it as {builder.upper()} rows: it is not UTF-8 text; save it as UTF-8 "
+                            "(e.g. from a spreadsheet: CSV UTF-8)") from None
         msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
         cause = e.__cause__ or e.__context__
         if cause is not None and str(cause):
@@ -377,7 +381,7 @@ def _messages(value, where: str, column: str) -> list[dict]:
         if not isinstance(message, dict):
             raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}; write "
                             "each turn as {\"role\": ..., \"content\": ...}")
-        if "role" not in message and "from" in message:  # ShareGPT's {from, value} turns, as TRL's maybe_convert_to_chatml
+        if "role" not in message and "from" in message:  # ShareGPT's {from, value}, as TRL's maybe_convert_to_chatml
             role = SHAREGPT_ROLES.get(message["from"], message["from"])
             content = message.get("value")
         else:

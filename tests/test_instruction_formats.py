@@ -424,6 +424,26 @@ def test_values_of_the_wrong_type_name_row_field_and_fix(tmp_path, kind, row, me
     assert str(e.value) == f"{path} row 2: {message}"
 
 
+def test_tsv_rows_are_read_and_a_file_that_is_not_utf8_is_named(tmp_path):
+    """A .tsv file reads as classify's rows do (tab-separated, header checked by validate); a Latin-1 CSV (a
+    spreadsheet's default export) gets the fix, not a codec traceback's first line."""
+    from data_prep.instructions import read_records, source_problems
+
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("instruction\tinput\toutput\nRépète, s'il te plaît\tcafé\tcafé 日本\n", encoding="utf-8")
+    assert [r.fields for r in read_records(tsv, "alpaca", cache_dir=tmp_path / "c")] == [
+        {"instruction": "Répète, s'il te plaît", "input": "café", "output": "café 日本"}]
+    assert source_problems("alpaca", {"data.train": tsv}, {"output": "answer"}, None, None) == [
+        f"data.train: {tsv} has no column 'answer' for field output of data.kind=alpaca (columns: instruction, input, "
+        "output); set data.columns.output=<column>"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("instruction,output\nRépète,café\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_records(latin, "alpaca", cache_dir=tmp_path / "c")
+    assert str(e.value) == (f"{latin}: cannot read it as CSV rows: it is not UTF-8 text; save it as UTF-8 (e.g. from a "
+                            "spreadsheet: CSV UTF-8)")
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
