@@ -270,10 +270,16 @@ def column_problems(key: str, source, kind: str, columns: dict[str, str], split:
         if present is None:
             continue
         for name, column in mapping.items():
-            if column not in present and name not in OPTIONAL_FIELDS:
+            if column not in present and _required(name, columns):
                 problems.append(f"{key}: {path} has no column '{column}' for field {name} of data.kind={kind} "
                                 f"(columns: {', '.join(present)}); set data.columns.{name}=<column>")
     return problems
+
+
+def _required(name: str, columns: dict[str, str] | None) -> bool:
+    """Whether field `name` must have a column: every field but alpaca's input, and that one too when data.columns
+    maps it (a misspelt column must not silently read as rows without input)."""
+    return name not in OPTIONAL_FIELDS or name in (columns or {})
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -419,7 +425,7 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
         ds = _load(path, split, default_split, split_key, cache_dir)
         present = list(ds.column_names)
         for name, column in mapping.items():
-            if column not in present and name not in OPTIONAL_FIELDS:
+            if column not in present and _required(name, columns):
                 raise DataError(f"{path}: no column '{column}' for field {name} of data.kind={kind} (columns there: "
                                 f"{', '.join(present)}); set data.columns.{name}=<column>")
         if len(ds) == 0:

@@ -456,6 +456,15 @@ def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_pat
         read_records(folder, "alpaca", {"answer": "output"})
     assert read_records(folder, "alpaca", {"output": "answer"})[0].fields == {"instruction": "a", "input": "",
                                                                                "output": "b"}
+    # alpaca's input may be absent, but not when data.columns names a column for it (a typo would drop every input)
+    with pytest.raises(DataError, match=r"no column 'contxt' for field input of data.kind=alpaca \(columns there: "
+                                        r"instruction, answer\); set data.columns.input=<column>$"):
+        read_records(folder, "alpaca", {"output": "answer", "input": "contxt"})
+    from data_prep.instructions import source_problems
+
+    assert source_problems("alpaca", {"data.train": folder}, {"output": "answer", "input": "contxt"}, None, None) == [
+        f"data.train: {folder} has no column 'contxt' for field input of data.kind=alpaca (columns: instruction, "
+        "answer); set data.columns.input=<column>"]
 
 
 def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_dir):
