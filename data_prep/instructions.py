@@ -223,6 +223,25 @@ def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, te
     return problems
 
 
+def chat_template_problem(kind: str, chat_template: str | None, tokenizer_dir, key: str) -> str | None:
+    """The problem of data.kind=chat without data.chat_template on a tokenizer directory (`key`: its config key)
+    whose files hold no chat template (tokenizer_config.json's chat_template, chat_template.jinja / .json), else
+    None (also when that cannot be told cheaply). The run would say the same after loading the tokenizer."""
+    if kind != "chat" or chat_template is not None or not tokenizer_dir:
+        return None
+    folder = Path(tokenizer_dir)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(config, dict) or config.get("chat_template")
+            or any((folder / name).exists() for name in ("chat_template.jinja", "chat_template.json",
+                                                         "additional_chat_templates"))):
+        return None
+    return (f"data.kind=chat: the tokenizer of {key}={tokenizer_dir} has no chat template; give one as "
+            "data.chat_template=<a .jinja file> (e.g. recipes/templates/plain_chat.jinja)")
+
+
 def header_columns(path: Path, split: SplitChoice | None = None) -> list[str] | None:
     """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first object's keys of a
     JSONL file or of a JSON list, a save_to_disk folder's dataset_info.json: a DatasetDict's `split`, default

@@ -226,6 +226,10 @@ def validate(cfg: DistillConfig) -> None:
                      f"{'data.train_tasks' if d.kind == 'ni' else 'data.train'}")
     elif not (d.kind == "text" and d.train is None):
         check_data_sources(d, problems)
+        from data_prep.instructions import chat_template_problem
+
+        if problem := chat_template_problem(d.kind, d.chat_template, cfg.teacher.model, "teacher.model"):
+            problems.add(problem)
     check_ni_numbers(d, problems, prompts=not windows(d))
     length_key, length = ("data.block_size", d.block_size) if windows(d) else ("data.max_length", d.max_length)
     if teacher is not None:

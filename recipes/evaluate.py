@@ -139,6 +139,11 @@ def validate(cfg: EvaluateConfig) -> None:
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if cfg.data.kind != "ni":
         row_problems(cfg.data, problems)
+        from data_prep.instructions import chat_template_problem
+
+        if problem := chat_template_problem(cfg.data.kind, cfg.data.chat_template, cfg.tokenizer or cfg.model,
+                                            "tokenizer" if cfg.tokenizer else "model"):
+            problems.add(problem)
         items = []
     elif cfg.data.rows is not None or cfg.data.chat_template is not None or cfg.data.template is not None:
         given = next(k for k in ("rows", "template", "chat_template") if getattr(cfg.data, k) is not None)

@@ -100,6 +100,7 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
+    from data_prep.instructions import chat_template_problem
     from tune.train_config import lora_init_problem
 
     problems = Problems()
@@ -113,6 +114,9 @@ def validate(cfg: FinetuneConfig) -> None:
     elif cfg.tokenizer:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     check_data_sources(cfg.data, problems)
+    if problem := chat_template_problem(cfg.data.kind, cfg.data.chat_template, cfg.tokenizer or cfg.base_model,
+                                        "tokenizer" if cfg.tokenizer else "base_model"):
+        problems.add(problem)
     check_ni_numbers(cfg.data, problems)
     problems.extend(check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
                                                       **data_inputs(cfg.data)}))

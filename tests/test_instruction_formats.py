@@ -529,6 +529,28 @@ def test_validate_reads_the_columns_of_json_lists_and_dataset_dict_splits_and_re
         read_records(tmp_path / "header.csv", "text", cache_dir=tmp_path / "cache")
 
 
+def test_validate_names_a_chat_run_on_a_tokenizer_without_a_chat_template(tmp_path, tiny_lm):
+    """data.kind=chat without data.chat_template on a base whose tokenizer has none: tune validate says so (it was
+    found only by the run, after loading the tokenizer); a tokenizer saved with a template passes."""
+    import shutil
+
+    from recipes.finetune import validate
+    from tune.hf import load_tokenizer
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(4))
+    with pytest.raises(ConfigError) as e:
+        validate(finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train)))
+    assert str(e.value) == (f"data.kind=chat: the tokenizer of base_model={tiny_lm} has no chat template; give one as "
+                            "data.chat_template=<a .jinja file> (e.g. recipes/templates/plain_chat.jinja)")
+    validate(finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(PLAIN_CHAT_FILE)))
+    own = tmp_path / "own"
+    shutil.copytree(tiny_lm, own)
+    tokenizer = load_tokenizer(own)
+    tokenizer.chat_template = PLAIN_CHAT
+    tokenizer.save_pretrained(own)
+    validate(finetune_cfg(tmp_path, own, kind="chat", train=str(train)))
+
+
 # -- text rows, truncation report, held-out split, cache -------------------------------------------
 def test_text_rows_train_on_every_token_in_max_length_pieces(chat_tokenizer):
     from data_prep.instructions import FormatSettings, Formatter, Record
