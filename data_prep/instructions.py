@@ -437,10 +437,12 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
     columns there), a missing / non-text / empty value (alpaca's input may be empty or absent), a chat that is not a
     list of {role, content}, a role other than system / user / assistant, an empty assistant reply, a chat whose last
     turn is not the assistant's, an unreadable file, and a file without rows. ConfigError for a data.columns key that
-    is not a field of the kind. Each record's group is its file's name (the file's stem, or the folder's name)."""
+    is not a field of the kind. Each record's group is its file's name (the file's stem, or the folder's name; the
+    path without suffix where two files of `source` share it)."""
     mapping = column_map(kind, columns)
     records = []
-    for path in data_files(source):
+    paths = data_files(source)
+    for path, group in zip(paths, _group_names(paths)):
         ds = _load(path, split, default_split, split_key, cache_dir)
         present = list(ds.column_names)
         for name, column in mapping.items():
@@ -451,7 +453,6 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
             raise DataError(f"{path}: no rows; the data file is empty")
         wanted = [c for c in dict.fromkeys(mapping.values()) if c in present]
         table = ds.select_columns(wanted).to_dict()
-        group = path.stem if path.is_file() else path.name
         for i in range(len(ds)):
             where = f"{path} row {i + 1}"
             fields = {}
@@ -463,6 +464,14 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
                     fields[name] = _text(value, where, name, column, empty_ok=name in OPTIONAL_FIELDS)
             records.append(Record(fields, where, group, f"{group}-{i + 1}"))
     return records
+
+
+def _group_names(paths: list[Path]) -> list[str]:
+    """Each file's group: its stem (a folder: its name), or, where two files would share it (a/train.jsonl and
+    b/train.jsonl), its path without suffix, so that per-file caps, ids and reports keep the files apart."""
+    stems = [p.stem if p.is_file() else p.name for p in paths]
+    return [stem if stems.count(stem) == 1 else str(p.with_suffix("") if p.is_file() else p)
+            for p, stem in zip(paths, stems)]
 
 
 def split_records(train: list[Record], eval_records: list[Record] | None, heldout_fraction: float, seed: int,

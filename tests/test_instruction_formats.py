@@ -444,6 +444,23 @@ def test_tsv_rows_are_read_and_a_file_that_is_not_utf8_is_named(tmp_path):
                             "spreadsheet: CSV UTF-8)")
 
 
+def test_files_with_the_same_name_in_two_folders_stay_apart(tmp_path):
+    """data.train=[a/train.jsonl, b/train.jsonl]: each file is its own group (ids, the per-file cap, the reports),
+    not one group "train" with every id twice."""
+    from data_prep.instructions import read_records, split_records
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [write_rows(tmp_path / d / "train.jsonl", [{"text": f"{d} {i}"} for i in range(3)]) for d in "ab"]
+    paths.append(write_rows(tmp_path / "other.jsonl", [{"text": "x"}]))
+    records = read_records(paths, "text", cache_dir=tmp_path / "c")
+    a, b = str(tmp_path / "a" / "train"), str(tmp_path / "b" / "train")
+    assert [r.group for r in records] == [a] * 3 + [b] * 3 + ["other"]
+    assert len({r.id for r in records}) == 7 and records[3].id == f"{b}-1"
+    train, _ = split_records(records, [], 0.0, 0, max_train_per_group=2)
+    assert [r.fields["text"] for r in train] == ["a 0", "a 1", "b 0", "b 1", "x"]
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
