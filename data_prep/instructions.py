@@ -504,6 +504,18 @@ def split_records(train: list[Record], eval_records: list[Record] | None, heldou
     return rest, held
 
 
+def heldout_overlap_warning(train: Sequence[Record], heldout: Sequence[Record]) -> str | None:
+    """A `warning:` line when held-out rows have the same fields as a training row (duplicated rows in the files, or
+    data.eval overlapping data.train): their val loss and scores then measure recall, not generalization. None
+    when no row is shared."""
+    seen = {json.dumps(r.fields, sort_keys=True, ensure_ascii=False) for r in train}
+    shared = [r for r in heldout if json.dumps(r.fields, sort_keys=True, ensure_ascii=False) in seen]
+    if not shared:
+        return None
+    return (f"warning: {len(shared)} of {len(heldout)} held-out rows are also training rows (e.g. {shared[0].where}): "
+            "their val loss and scores measure recall; remove duplicated rows (or data.eval's rows from data.train)")
+
+
 # -- rendering and tokenizing --------------------------------------------------------------------
 @dataclass
 class FormatSettings:

@@ -320,7 +320,7 @@ def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say)
     """(training, held-out) tokenized datasets of any kind (cached), their truncation report said."""
     if data.kind == "ni":
         return build_ni_datasets(d, data.splits, tokenizer, accelerator, say)[:2]
-    from data_prep.instructions import build_format_dataset
+    from data_prep.instructions import build_format_dataset, heldout_overlap_warning
     from tune.hf import unknown_token_warning
 
     with accelerator.main_process_first():
@@ -335,6 +335,8 @@ def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say)
         say(warning.replace(" even without demonstrations", ""))
     say(f"held out: {len(val_set)} examples of {len(data.heldout_records)} rows (val loss"
         f"{', evaluation' if d.kind != 'text' else ''})")
+    if warning := heldout_overlap_warning(data.train_records, data.heldout_records):
+        say(warning)
     return train_set, val_set
 
 

@@ -622,6 +622,20 @@ def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
     assert held == eval_rows and [r.id for r in train] == [f"f-{i}" for i in range(7)]
 
 
+def test_heldout_rows_that_are_also_training_rows_are_warned_about(tmp_path):
+    from data_prep.instructions import Record, heldout_overlap_warning, split_records
+
+    rows = [Record({"prompt": "p", "completion": "c"}, f"f.jsonl row {i + 1}", "f", f"f-{i + 1}") for i in range(8)]
+    rows += [Record({"prompt": f"q{i}", "completion": "c"}, f"f.jsonl row {i + 9}", "f", f"f-{i + 9}") for i in range(8)]
+    train, held = split_records(rows, None, 0.25, seed=0)
+    shared = [r for r in held if r.fields["prompt"] == "p"]
+    assert shared  # the seeded split puts some of the 8 copies on each side
+    assert heldout_overlap_warning(train, held) == (
+        f"warning: {len(shared)} of 4 held-out rows are also training rows (e.g. {shared[0].where}): their val loss "
+        "and scores measure recall; remove duplicated rows (or data.eval's rows from data.train)")
+    assert heldout_overlap_warning(rows[8:12], rows[12:]) is None
+
+
 def test_tokenized_rows_are_cached_by_content_settings_and_template(tmp_path, chat_tokenizer, monkeypatch):
     from data_prep.instructions import FormatSettings, Formatter, Record, build_format_dataset
 
