@@ -291,8 +291,15 @@ def column_problems(key: str, source, kind: str, columns: dict[str, str], split:
         for name, column in mapping.items():
             if column not in present and _required(name, columns):
                 problems.append(f"{key}: {path} has no column '{column}' for field {name} of data.kind={kind} "
-                                f"(columns: {', '.join(present)}); set data.columns.{name}=<column>")
+                                f"(columns: {', '.join(present)}); set data.columns.{name}=<column>"
+                                f"{_header_hint(path)}")
     return problems
+
+
+def _header_hint(path: Path) -> str:
+    """For a CSV / TSV file: a reminder that its first line names the columns (a file without a header row reads its
+    first row as the names)."""
+    return " or add a header row (the first line names the columns)" if path.suffix.lower() in (".csv", ".tsv") else ""
 
 
 def _required(name: str, columns: dict[str, str] | None) -> bool:
@@ -448,7 +455,7 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
         for name, column in mapping.items():
             if column not in present and _required(name, columns):
                 raise DataError(f"{path}: no column '{column}' for field {name} of data.kind={kind} (columns there: "
-                                f"{', '.join(present)}); set data.columns.{name}=<column>")
+                                f"{', '.join(present)}); set data.columns.{name}=<column>{_header_hint(path)}")
         if len(ds) == 0:
             raise DataError(f"{path}: no rows; the data file is empty")
         wanted = [c for c in dict.fromkeys(mapping.values()) if c in present]

@@ -425,8 +425,8 @@ def test_values_of_the_wrong_type_name_row_field_and_fix(tmp_path, kind, row, me
 
 
 def test_tsv_rows_are_read_and_a_file_that_is_not_utf8_is_named(tmp_path):
-    """A .tsv file reads as classify's rows do (tab-separated, header checked by validate); a Latin-1 CSV (a
-    spreadsheet's default export) gets the fix, not a codec traceback's first line."""
+    """A .tsv file reads as classify's rows do (tab-separated, header checked by validate); a CSV without its header
+    row is told to add one; a Latin-1 CSV (a spreadsheet's default export) gets the fix, not a codec error."""
     from data_prep.instructions import read_records, source_problems
 
     tsv = tmp_path / "rows.tsv"
@@ -435,7 +435,14 @@ def test_tsv_rows_are_read_and_a_file_that_is_not_utf8_is_named(tmp_path):
         {"instruction": "Répète, s'il te plaît", "input": "café", "output": "café 日本"}]
     assert source_problems("alpaca", {"data.train": tsv}, {"output": "answer"}, None, None) == [
         f"data.train: {tsv} has no column 'answer' for field output of data.kind=alpaca (columns: instruction, input, "
-        "output); set data.columns.output=<column>"]
+        "output); set data.columns.output=<column> or add a header row (the first line names the columns)"]
+    headless = tmp_path / "headless.csv"  # a header row forgotten: the first row reads as the column names
+    headless.write_text("Reverse the word.,cat,tac\nName a colour.,,blue\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(headless, "alpaca", cache_dir=tmp_path / "c")
+    assert str(e.value) == (f"{headless}: no column 'instruction' for field instruction of data.kind=alpaca (columns "
+                            "there: Reverse the word., cat, tac); set data.columns.instruction=<column> or add a "
+                            "header row (the first line names the columns)")
     latin = tmp_path / "latin.csv"
     latin.write_bytes("instruction,output\nRépète,café\n".encode("latin-1"))
     with pytest.raises(DataError) as e:
@@ -505,7 +512,8 @@ def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_di
         f"  - data.train: {tmp_path / 'gone.jsonl'} does not exist (paths are relative to where you run tune)",
         "  - data.train_on=last_assistant applies to data.kind=chat; for prompt_completion use completion or all",
         f"  - data.train: {train} has no column 'completion' for field completion of data.kind=prompt_completion "
-        "(columns: question, answer); set data.columns.completion=<column>",
+        "(columns: question, answer); set data.columns.completion=<column> or add a header row (the first line names "
+        "the columns)",
         "  - data.chat_template applies to data.kind=chat, not prompt_completion"])
 
 
