@@ -748,6 +748,8 @@ class Formatter:
         report = FormatReport(total=len(records), unknown_tokens=None if self.unk is None else 0)
         eos = [tok.eos_token_id] if s.add_eos else []
         examples = []
+        if not records:  # no held-out rows (data.heldout_fraction=0): tokenizers fail on an empty batch
+            return examples, report
 
         def add(record, ids, labels, prompt_len, suffix=""):
             targets = labels[1:] + [IGNORE_INDEX]

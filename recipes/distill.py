@@ -674,7 +674,8 @@ def compare(cfg: DistillConfig, models: dict, source, tokenizer, data, vocab_siz
             for batch in source.val_batches(0, 1, cfg.train.eval_batches):
                 _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
                 kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
-        rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
+        # no held-out tokens: no val loss or KL (not the 0.0 of an empty mean)
+        rows[name] = {"val_loss": ce / n, "kl_to_teacher": kd / n} if n else {}
         if data is None or data.kind == "text":
             continue
         hf = _as_hf(model, tokenizer)

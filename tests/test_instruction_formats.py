@@ -312,6 +312,27 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     assert fmt.end_of_turn == [tokenizer.eos_token_id]
 
 
+def test_no_heldout_rows_means_no_val_loss_not_zero(tmp_path, tiny_lm, capsys):
+    """data.heldout_fraction=0 without data.eval: the rows tokenize (an empty held-out batch used to crash the
+    tokenizer for alpaca / prompt_completion / text) and the run measures no val_loss, where it logged 0.0 (the mean
+    of nothing), on which stop_at_val_loss stopped at the first evaluation."""
+    from data_prep.instructions import FormatSettings, Formatter
+    from recipes.finetune import run
+    from tune.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_lm)
+    for kind in ("alpaca", "prompt_completion", "text"):
+        assert Formatter(FormatSettings(kind=kind), tokenizer).encode([])[0] == []
+    train = write_rows(tmp_path / "rows.jsonl", ALPACA_ROWS * 4)
+    cfg = finetune_cfg(tmp_path, tiny_lm, kind="alpaca", train=str(train), heldout_fraction=0.0)
+    cfg.train.eval_every, cfg.train.stop_at_val_loss = 1, 1.0
+    result = run(cfg)
+    assert result.step == 3 and result.val_loss is None
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_loss" in m for m in metrics) and max(m["step"] for m in metrics) == 3
+    assert "no validation examples: val_loss is not measured" in capsys.readouterr().out
+
+
 # -- the distill recipe reuses the data section ----------------------------------------------------
 def test_distill_on_chat_rows_from_the_teacher_cache_compares_students_on_the_heldout_replies(tmp_path, tiny_lm, capsys):
     from recipes.distill import DistillConfig, run
