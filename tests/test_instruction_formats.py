@@ -333,6 +333,45 @@ def test_no_heldout_rows_means_no_val_loss_not_zero(tmp_path, tiny_lm, capsys):
     assert "no validation examples: val_loss is not measured" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # three short runs: ~20 s on a loaded CPU
+def test_a_run_on_chat_rows_resumes_exactly(tmp_path, tiny_lm, monkeypatch):
+    """Ctrl-C in step 5 of 6 on chat rows (packed, held-out share): train.resume=true continues from the step-3
+    checkpoint to the same losses, val losses and held-out scores as the uninterrupted run."""
+    from recipes.finetune import run
+    from tune.packing import NIBatches
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(16))
+
+    def cfg(out, **extra):
+        c = finetune_cfg(tmp_path / out, tiny_lm, kind="chat", train=str(train), chat_template=str(PLAIN_CHAT_FILE),
+                         heldout_fraction=0.25)
+        c.train.max_steps, c.train.save_every, c.train.resume = 6, 3, extra.get("resume", False)
+        return c
+
+    full = run(cfg("a"))
+    original = NIBatches.step_batches
+
+    def dies_in_step_5(self, step, rank, world):
+        if step == 5:
+            raise KeyboardInterrupt  # as Ctrl-C: the engine saves a checkpoint and re-raises
+        return original(self, step, rank, world)
+
+    monkeypatch.setattr(NIBatches, "step_batches", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg("b"))
+    monkeypatch.setattr(NIBatches, "step_batches", original)
+    resumed = run(cfg("b", resume=True))
+
+    def losses(out):
+        rows = [json.loads(line) for line in (tmp_path / out / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m.get("loss"), m.get("val_loss")) for m in rows if "loss" in m or "val_loss" in m]
+
+    assert losses("b") == losses("a") and resumed.val_loss == full.val_loss
+    scores = [json.loads((tmp_path / out / "run" / "eval_results.json").read_text())["heldout"]["predictions"]
+              for out in ("a", "b")]
+    assert scores[0] == scores[1]
+
+
 # -- the distill recipe reuses the data section ----------------------------------------------------
 def test_distill_on_chat_rows_from_the_teacher_cache_compares_students_on_the_heldout_replies(tmp_path, tiny_lm, capsys):
     from recipes.distill import DistillConfig, run
