@@ -360,6 +360,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
     except Exception as e:  # pyarrow / pandas / json errors of a malformed file
         if "corresponds to no data" in str(e):  # datasets' words for a file without rows (a CSV header alone)
             raise DataError(_empty_file(path)) from None
+        if builder == "json" and (line := _bad_json_line(path)):
+            raise DataError(f"{path} {line}; fix that line (one JSON object per line, or one JSON list)") from None
         if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__ or e.__context__, UnicodeDecodeError):
             raise DataError(f"{path}: cannot read it as {builder.upper()} rows: it is not UTF-8 text; save it as UTF-8 "
                             "(e.g. from a spreadsheet: CSV UTF-8)") from None
@@ -368,6 +370,28 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
         if cause is not None and str(cause):
             msg += f" ({str(cause).splitlines()[0][:200]})"
         raise DataError(f"{path}: cannot read it as {builder.upper()} rows: {msg}; fix the file") from None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """For a JSON-lines file datasets could not read: "line N: <what is wrong>" of its first line that is not a
+    JSON object (datasets counts its rows from 0, and within blocks); None for a JSON list file or when every line
+    parses."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if n == 1 and line.lstrip().startswith("["):
+                    return None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(obj, dict):
+                    return f"line {n}: a JSON {type(obj).__name__}, not an object"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _is_ni_task(path: Path) -> bool:

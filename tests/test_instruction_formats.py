@@ -528,6 +528,22 @@ def test_files_with_the_same_name_in_two_folders_stay_apart(tmp_path):
     assert [r.fields["text"] for r in train] == ["a 0", "a 1", "b 0", "b 1", "x"]
 
 
+def test_a_malformed_json_line_is_named_by_its_line_number(tmp_path):
+    """datasets reports a JSON-lines parse error as "in row 1" for the second line (0-based, per block); the error
+    names the file's line as users count them, and what is wrong."""
+    from data_prep.instructions import read_records
+
+    good = json.dumps({"instruction": "a", "output": "b"})
+    cases = {"comma.jsonl": (f"{good}\n\n{good[:-1]},}}\n", "line 3: not valid JSON (Expecting property name "
+                                                               "enclosed in double quotes at column 36)"),
+             "list.jsonl": (f"{good}\n[1, 2]\n", "line 2: a JSON list, not an object")}
+    for name, (text, problem) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(DataError) as e:
+            read_records(tmp_path / name, "alpaca", cache_dir=tmp_path / "c")
+        assert str(e.value) == f"{tmp_path / name} {problem}; fix that line (one JSON object per line, or one JSON list)"
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
