@@ -312,7 +312,14 @@ def load_data(cfg, tokenizer) -> RunData:
     formatter = Formatter(format_settings(d), tokenizer, template_source=f"data.chat_template={d.chat_template}")
     if d.kind != "text":  # a row the template cannot render fails now, not at the evaluation after training
         for record in heldout:
-            formatter.prompt_and_completion(record)
+            try:
+                formatter.prompt_and_completion(record)
+            except DataError:
+                for earlier in records:  # name the file's first row that fails, not the first held-out one
+                    if earlier is record:
+                        break
+                    formatter.prompt_and_completion(earlier)
+                raise
     return RunData(d.kind, formatter=formatter, train_records=train, heldout_records=heldout)
 
 

@@ -544,6 +544,24 @@ def test_a_malformed_json_line_is_named_by_its_line_number(tmp_path):
         assert str(e.value) == f"{tmp_path / name} {problem}; fix that line (one JSON object per line, or one JSON list)"
 
 
+def test_a_template_that_fails_every_row_is_reported_at_the_first_row(tmp_path, tiny_lm):
+    """The held-out rows are rendered first (to fail before training, not at the evaluation); when one fails, the
+    error still names the file's first failing row (row 1 here, a training row), not the first held-out one."""
+    from recipes.finetune import load_data
+    from tune.hf import load_tokenizer
+
+    template = tmp_path / "alternating.jinja"  # Mistral's rule: no system turn, user / assistant alternating
+    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                        "{% endif %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    train = write_rows(tmp_path / "chats.jsonl", chats(8))  # every chat starts with a system turn
+    cfg = finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(template),
+                       heldout_fraction=0.5)
+    with pytest.raises(DataError, match=f"^{re.escape(str(train))} row 1: field messages: .* Conversation roles must "
+                                        "alternate"):
+        load_data(cfg, load_tokenizer(tiny_lm))
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
