@@ -448,11 +448,17 @@ def run(cfg: FinetuneConfig):
 
 
 def run_tokenizer(cfg: FinetuneConfig):
-    """The tokenizer of the run (cfg.tokenizer, else the base model's), with its pad token checked."""
+    """The tokenizer of the run (cfg.tokenizer, else the base model's), with its pad token checked; chat rows with
+    data.chat_template: that template as its chat template, so the saved adapter / model chats as it was trained
+    (apply_chat_template, as TRL saves a given template)."""
+    from data_prep.instructions import read_chat_template
     from tune.hf import load_tokenizer
 
-    return load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
-                          pad_token=cfg.pad_token, pad_with_eos=False)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
+                               pad_token=cfg.pad_token, pad_with_eos=False)
+    if cfg.data.kind == "chat" and cfg.data.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
+    return tokenizer
 
 
 def build_model(cfg: FinetuneConfig):

@@ -310,6 +310,10 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     assert held["overall"]["mean_over_instances"]["copy_input_exact_match"] == 100.0
     fmt = Formatter(FormatSettings(kind="chat", chat_template=PLAIN_CHAT), tokenizer)
     assert fmt.end_of_turn == [tokenizer.eos_token_id]
+    # the adapter's tokenizer carries data.chat_template: it renders the held-out prompt as training did
+    saved = load_tokenizer(tmp_path / "run" / "adapter")
+    assert saved.chat_template == PLAIN_CHAT
+    assert saved.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == prompt
 
 
 def test_no_heldout_rows_means_no_val_loss_not_zero(tmp_path, tiny_lm, capsys):
