@@ -607,6 +607,7 @@ class Formatter:
             raise ConfigError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
         self.chat_template = None
         self.end_of_turn: list[int] = []
+        self.pieces_tokenize_alone = True
         if settings.kind == "chat":
             own = getattr(tokenizer, "chat_template", None)
             if isinstance(own, dict):
@@ -618,6 +619,18 @@ class Formatter:
             self.source = template_source if settings.chat_template else "the tokenizer's chat template"
             self.generation_blocks = bool(_GENERATION_BLOCK.search(self.chat_template))
             self.end_of_turn = self._end_of_turn()
+            self.pieces_tokenize_alone = self._pieces_tokenize_alone()
+
+    def _pieces_tokenize_alone(self) -> bool:
+        """Whether a text tokenized on its own gets the ids it has in context after a special token (byte-level BPE:
+        yes; SentencePiece with a "▁" prefix on every text: no)."""
+        tok = self.tokenizer
+        special = tok.eos_token or tok.bos_token
+        if special is None:
+            return True
+        alone = tok("a", add_special_tokens=False)["input_ids"]
+        after = tok(special + "a", add_special_tokens=False)["input_ids"]
+        return after[1:] == alone
 
     # chat ------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
@@ -688,13 +701,21 @@ class Formatter:
         # other kinds: a BPE merge across a boundary ("assistant: " + "Hi" -> "assistant:", " Hi") would otherwise put
         # the reply's first token half in the prompt (untrained) and train on a prompt tokenization inference never
         # sees (the generation prompt is tokenized alone, ending in " ").
-        cuts = [0, *(p for span in spans for p in span), len(text)]
-        pieces = self.tokenizer([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)["input_ids"]
-        ids, turns = [], []
-        for k, piece in enumerate(pieces):
-            if k % 2:  # odd pieces are the replies
-                turns.append(list(range(len(ids), len(ids) + len(piece))))
-            ids += piece
+        # A tokenizer that marks the start of every text it is given (SentencePiece's "▁" prefix: Llama-2, Mistral
+        # v0.1) would put that mark inside the conversation at each cut: it tokenizes the whole text, and a token
+        # that straddles a reply's start is counted in the reply (it holds the reply's first characters).
+        if self.pieces_tokenize_alone:
+            cuts = [0, *(p for span in spans for p in span), len(text)]
+            pieces = self.tokenizer([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)["input_ids"]
+            ids, turns = [], []
+            for k, piece in enumerate(pieces):
+                if k % 2:  # odd pieces are the replies
+                    turns.append(list(range(len(ids), len(ids) + len(piece))))
+                ids += piece
+        else:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+            turns = [[t for t, (a, b) in enumerate(offsets) if a < end and b > start and b > a] for start, end in spans]
         if not self.end_of_turn and self.s.add_eos:  # a template without an end-of-turn token: eos ends the chat
             # the whitespace the template writes after the last reply comes before that eos: trained too, else the
             # model never learns the way to the eos it must stop on

@@ -220,6 +220,35 @@ def test_chat_masks_when_the_tokenizer_merges_across_the_reply_boundary(chat_tok
         assert tok.decode(example["input_ids"][:example["prompt_len"]]) == prompt
 
 
+def test_chat_masks_with_a_tokenizer_that_prefixes_every_text(tmp_path):
+    """A SentencePiece-style tokenizer (Metaspace, prepend "first": Llama-2, Mistral v0.1) writes "▁" before every
+    text it is given, so the replies are not tokenized on their own there: the ids are the whole conversation's
+    (no "▁Hello" where the text has "Hello" after a special token), and each reply's tokens are trained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.instructions import Record
+
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    model.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    model.train_from_iterator([" ".join(m["content"] for m in CHAT) + " system user assistant"] * 50,
+                              trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                  "<|im_start|>", "<|im_end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok.convert_ids_to_tokens(tok("Hello", add_special_tokens=False)["input_ids"]) == ["\u2581Hello"]
+    record = Record({"messages": CHAT}, "chat.jsonl row 1", "chat", "chat-1")
+    fmt = chat_formatter(tok, CHATML)
+    assert not fmt.pieces_tokenize_alone
+    example = fmt.encode([record])[0][0]
+    text = "".join(piece for piece, _ in CHATML_PIECES)
+    assert example["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    trained = tok.convert_ids_to_tokens([t for t in example["targets"] if t != IGNORE_INDEX])
+    assert "".join(trained).replace("\u2581", " ") == "Hello there.<|im_end|>Goodbye now.<|im_end|>"
+    prompt, _ = fmt.prompt_and_completion(record)
+    assert example["input_ids"][:example["prompt_len"]] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
 # Qwen3's way (simplified): the replies after the last user turn get an (empty) thinking block, earlier ones do not, so
 # a reply is written differently once a later user turn follows
 QWEN3_LIKE = ("{%- set ns = namespace(found=false, last_query=messages|length - 1) %}{%- for m in messages[::-1] %}"
