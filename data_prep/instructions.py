@@ -43,7 +43,7 @@ from typing import Sequence, Union
 from tune.errors import ConfigError, DataError
 
 PathLike = Union[str, os.PathLike]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bumped when the same rows tokenize differently (2: chat replies tokenized on their own)
 
 KINDS = ("ni", "alpaca", "prompt_completion", "chat", "text")
 FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
@@ -51,7 +51,8 @@ FIELDS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("p
 OPTIONAL_FIELDS = {"input"}  # alpaca rows without an input (column absent, null or empty) use the no-input prompt
 TRAIN_ON = ("completion", "all_assistant", "last_assistant", "all")
 ROLES = ("system", "user", "assistant")
-SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}  # ShareGPT's `from` values; system / user / assistant as is
+SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 # Stanford Alpaca's two prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -132,25 +133,73 @@ def data_files(source) -> list[Path]:
     return [Path(p) for p in (source if isinstance(source, (list, tuple)) else [source])]
 
 
-def file_problems(key: str, source) -> list[str]:
-    """One line per entry of data.train / data.eval that does not exist or has no known format."""
+def file_problems(key: str, source, split: SplitChoice | None = None) -> list[str]:
+    """One line per entry of data.train / data.eval that does not exist, has no known format, is empty, or (a
+    DatasetDict folder) lacks the split `split` chooses."""
     problems = []
     for path in data_files(source):
         if not path.exists():
             problems.append(f"{key}: {path} does not exist (paths are relative to where you run tune)")
         elif path.is_file() and path.suffix.lower() not in SUFFIXES:
-            problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .parquet "
-                            "or a folder saved with datasets' save_to_disk")
+            problems.append(f"{key}: {path} has an unknown format '{path.suffix}'; use .json, .jsonl, .csv, .tsv, "
+                            ".parquet or a folder saved with datasets' save_to_disk")
+        elif path.is_file() and _is_blank(path):
+            problems.append(f"{key}: {_empty_file(path)}")
+        elif path.is_dir() and split is not None and (problem := _split_problem(path, split)):
+            problems.append(f"{key}: {problem}")
     return problems
 
 
+@dataclass(frozen=True)
+class SplitChoice:
+    """Which split of a DatasetDict folder a key reads: `name` (None: `default`), set by the config key `key`."""
+    name: str | None
+    default: str
+    key: str
+
+    @property
+    def chosen(self) -> str:
+        return self.default if self.name is None else self.name
+
+
+def _dataset_dict_splits(path: Path) -> list[str] | None:
+    """The splits of a DatasetDict folder written by save_to_disk (its dataset_dict.json), None for other folders."""
+    try:
+        return list(json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _split_problem(path: Path, split: SplitChoice) -> str | None:
+    splits = _dataset_dict_splits(path)
+    if splits is None or split.chosen in splits:
+        return None
+    return f"{path}: no split {split.chosen!r} (splits: {', '.join(splits)}); set {split.key} to one of them"
+
+
+def _is_blank(path: Path) -> bool:
+    """True for a file holding nothing but whitespace (and a BOM), or an empty JSON list."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(head) < 4096 and re.fullmatch(r"\s*(\[\s*\])?\s*", head) is not None  # larger: datasets judges it
+
+
+def _empty_file(path: Path) -> str:
+    return f"{path} is empty (no rows); write one row per object / line (CSV: a header row, then the rows)"
+
+
 def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, template: str | None,
-                    chat_template: str | None, train_on: str | None = None, mask_prompt: bool = True) -> list[str]:
+                    chat_template: str | None, train_on: str | None = None, mask_prompt: bool = True,
+                    splits: dict[str, SplitChoice] | None = None) -> list[str]:
     """One line per problem of rows of `kind` read from `sources` ({config key: path or list of paths}, e.g.
     {"data.train": ..., "data.eval": ...}): files that do not exist, have no known format or lack a column of the
     kind; a data.columns key that is not a field of the kind; data.template / data.train_on / data.chat_template that
     do not fit it or (chat template) cannot be parsed. Cheap: no torch, at most a file's header is read."""
-    problems = [line for key, source in sources.items() for line in file_problems(key, source)]
+    splits = splits or {}
+    problems = [line for key, source in sources.items() for line in file_problems(key, source, splits.get(key))]
     checks = [lambda: column_map(kind, columns), lambda: check_template(kind, template)]
     if train_on is not None:
         checks.append(lambda: check_train_on(kind, train_on, mask_prompt))
@@ -161,7 +210,7 @@ def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, te
             problems.append(str(e))
     try:
         problems.extend(line for key, source in sources.items()
-                        for line in column_problems(key, source, kind, columns))
+                        for line in column_problems(key, source, kind, columns, splits.get(key)))
     except ConfigError:
         pass  # a data.columns key that is not a field of the kind: reported above
     if chat_template is not None:
@@ -174,17 +223,39 @@ def source_problems(kind: str, sources: dict, columns: dict[str, str] | None, te
     return problems
 
 
-def header_columns(path: Path) -> list[str] | None:
-    """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first JSONL object's keys,
-    a save_to_disk folder's dataset_info.json); None when they cannot be told without reading the file."""
+def chat_template_problem(kind: str, chat_template: str | None, tokenizer_dir, key: str) -> str | None:
+    """The problem of data.kind=chat without data.chat_template on a tokenizer directory (`key`: its config key)
+    whose files hold no chat template (tokenizer_config.json's chat_template, chat_template.jinja / .json), else
+    None (also when that cannot be told cheaply). The run would say the same after loading the tokenizer."""
+    if kind != "chat" or chat_template is not None or not tokenizer_dir:
+        return None
+    folder = Path(tokenizer_dir)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(config, dict) or config.get("chat_template")
+            or any((folder / name).exists() for name in ("chat_template.jinja", "chat_template.json",
+                                                         "additional_chat_templates"))):
+        return None
+    return (f"data.kind=chat: the tokenizer of {key}={tokenizer_dir} has no chat template; give one as "
+            "data.chat_template=<a .jinja file> (e.g. recipes/templates/plain_chat.jinja)")
+
+
+def header_columns(path: Path, split: SplitChoice | None = None) -> list[str] | None:
+    """The column names of a data file, read cheaply (a CSV header, a Parquet schema, the first object's keys of a
+    JSONL file or of a JSON list, a save_to_disk folder's dataset_info.json: a DatasetDict's `split`, default
+    "train"); None when they cannot be told without reading much of the file."""
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
+            if _dataset_dict_splits(path) is not None:
+                path = path / (split.chosen if split is not None else "train")
             info = path / "dataset_info.json"
             return list(json.loads(info.read_text(encoding="utf-8")).get("features", {})) if info.is_file() else None
-        if suffix == ".csv":
+        if suffix in (".csv", ".tsv"):
             with open(path, encoding="utf-8-sig", newline="") as f:
-                return next(csv.reader(f), None)
+                return next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), None)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -192,7 +263,14 @@ def header_columns(path: Path) -> list[str] | None:
         if suffix in (".jsonl", ".json"):
             with open(path, encoding="utf-8-sig") as f:
                 first = f.readline().strip()
-            obj = json.loads(first) if first.startswith("{") else None
+                if first.startswith("{"):
+                    obj = json.loads(first)
+                else:  # a JSON list (pretty-printed or on one line): its first object, from the first MiB
+                    head = (first + f.read(1 << 20)).lstrip()
+                    if not head.startswith("["):
+                        return None
+                    start = len(head) - len(head[1:].lstrip())
+                    obj = json.JSONDecoder().raw_decode(head, start)[0]
             return list(obj) if isinstance(obj, dict) else None
     except (OSError, ValueError, UnicodeDecodeError):
         return None
@@ -201,19 +279,33 @@ def header_columns(path: Path) -> list[str] | None:
     return None
 
 
-def column_problems(key: str, source, kind: str, columns: dict[str, str]) -> list[str]:
+def column_problems(key: str, source, kind: str, columns: dict[str, str], split: SplitChoice | None = None
+                    ) -> list[str]:
     """One line per file of `source` whose columns (header_columns) lack a required field of `kind`."""
     mapping = column_map(kind, columns)
     problems = []
     for path in data_files(source):
-        present = header_columns(path) if path.exists() else None
+        present = header_columns(path, split) if path.exists() else None
         if present is None:
             continue
         for name, column in mapping.items():
-            if column not in present and name not in OPTIONAL_FIELDS:
+            if column not in present and _required(name, columns):
                 problems.append(f"{key}: {path} has no column '{column}' for field {name} of data.kind={kind} "
-                                f"(columns: {', '.join(present)}); set data.columns.{name}=<column>")
+                                f"(columns: {', '.join(present)}); set data.columns.{name}=<column>"
+                                f"{_header_hint(path)}")
     return problems
+
+
+def _header_hint(path: Path) -> str:
+    """For a CSV / TSV file: a reminder that its first line names the columns (a file without a header row reads its
+    first row as the names)."""
+    return " or add a header row (the first line names the columns)" if path.suffix.lower() in (".csv", ".tsv") else ""
+
+
+def _required(name: str, columns: dict[str, str] | None) -> bool:
+    """Whether field `name` must have a column: every field but alpaca's input, and that one too when data.columns
+    maps it (a misspelt column must not silently read as rows without input)."""
+    return name not in OPTIONAL_FIELDS or name in (columns or {})
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -237,8 +329,8 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
             ds = load_from_disk(str(path))
         except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv or "
-                            ".parquet file or a save_to_disk folder") from None
+            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv, "
+                            ".tsv or .parquet file or a save_to_disk folder") from None
         if isinstance(ds, DatasetDict):
             name = default_split if split is None else split
             if name not in ds:
@@ -249,25 +341,57 @@ def _load(path: Path, split: str | None, default_split: str, split_key: str, cac
         raise DataError(f"{path}: data file does not exist; check the path (relative paths are taken from {Path.cwd()})")
     builder = SUFFIXES.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .parquet or a folder "
-                        "saved with datasets' save_to_disk")
+        raise DataError(f"{path}: unknown data format '{path.suffix}'; use .json, .jsonl, .csv, .tsv, .parquet or a "
+                        "folder saved with datasets' save_to_disk")
+    if _is_blank(path):
+        raise DataError(_empty_file(path))
     kwargs = {}
     if builder == "json" and _is_ni_task(path):
         raise DataError(f"{path} is a Natural-Instructions task file, not rows; give it as data.train_tasks with "
                         "data.kind=ni")
     if builder == "csv":  # every cell as text, empty cells as "" (pandas would turn "42" into 42 and "" into NaN)
         header = header_columns(path) or []
-        kwargs = dict(features=Features({c: Value("string") for c in header}), keep_default_na=False, na_filter=False)
+        kwargs = dict(features=Features({c: Value("string") for c in header}), keep_default_na=False, na_filter=False,
+                      sep="\t" if path.suffix.lower() == ".tsv" else ",")
     try:
         with quiet_third_party():
             return load_dataset(builder, data_files=str(path.resolve()), split="train",
                                 cache_dir=None if cache_dir is None else str(Path(cache_dir) / "files"), **kwargs)
     except Exception as e:  # pyarrow / pandas / json errors of a malformed file
+        if "corresponds to no data" in str(e):  # datasets' words for a file without rows (a CSV header alone)
+            raise DataError(_empty_file(path)) from None
+        if builder == "json" and (line := _bad_json_line(path)):
+            raise DataError(f"{path} {line}; fix that line (one JSON object per line, or one JSON list)") from None
+        if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__ or e.__context__, UnicodeDecodeError):
+            raise DataError(f"{path}: cannot read it as {builder.upper()} rows: it is not UTF-8 text; save it as UTF-8 "
+                            "(e.g. from a spreadsheet: CSV UTF-8)") from None
         msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
         cause = e.__cause__ or e.__context__
         if cause is not None and str(cause):
             msg += f" ({str(cause).splitlines()[0][:200]})"
         raise DataError(f"{path}: cannot read it as {builder.upper()} rows: {msg}; fix the file") from None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """For a JSON-lines file datasets could not read: "line N: <what is wrong>" of its first line that is not a
+    JSON object (datasets counts its rows from 0, and within blocks); None for a JSON list file or when every line
+    parses."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if n == 1 and line.lstrip().startswith("["):
+                    return None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(obj, dict):
+                    return f"line {n}: a JSON {type(obj).__name__}, not an object"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _is_ni_task(path: Path) -> bool:
@@ -285,8 +409,10 @@ def _text(value, where: str, field_name: str, column: str, empty_ok: bool = Fals
             return ""
         raise DataError(f"{where}: field {field_name} (column '{column}') is missing (null); fill it in or remove the row")
     if not isinstance(value, str):
+        fix = ("write it as text (in JSON: quoted)" if isinstance(value, (int, float, bool)) else
+               f"map data.columns.{field_name} to a text column, or flatten this one into text")
         raise DataError(f"{where}: field {field_name} (column '{column}') must be text, got {type(value).__name__} "
-                        f"{str(value)[:40]!r}")
+                        f"{str(value)[:40]!r}; {fix}")
     if not value.strip() and not empty_ok:
         raise DataError(f"{where}: field {field_name} (column '{column}') is empty; fill it in or remove the row")
     return value
@@ -301,18 +427,28 @@ def _messages(value, where: str, column: str) -> list[dict]:
             raise DataError(f"{where}: field messages (column '{column}') must be a list of {{role, content}} objects "
                             f"(in CSV: as JSON); got {value[:40]!r}") from None
     if not isinstance(value, (list, tuple)) or not value:
+        got = "an empty list" if isinstance(value, (list, tuple)) else \
+            type(value).__name__ if value is not None else "null"
         raise DataError(f"{where}: field messages (column '{column}') must be a non-empty list of {{role, content}} "
-                        f"objects, got {type(value).__name__ if value is not None else 'null'}")
+                        f"objects, got {got}; give the turns as a list, one object per turn, or remove the row")
     out = []
     for i, message in enumerate(value):
         at = f"{where}: field messages[{i}] (column '{column}')"
         if not isinstance(message, dict):
-            raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
+            raise DataError(f"{at} must be an object with 'role' and 'content', got {type(message).__name__}; write "
+                            "each turn as {\"role\": ..., \"content\": ...}")
+        if "role" not in message and "from" in message:  # ShareGPT's {from, value}, as TRL's maybe_convert_to_chatml
+            role = SHAREGPT_ROLES.get(message["from"], message["from"])
+            content = message.get("value")
+        else:
+            role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}; rename it or remove the message")
         if not isinstance(content, str):
-            raise DataError(f"{at}: content must be text, got {type(content).__name__ if content is not None else 'null'}")
+            got = type(content).__name__ if content is not None else "null"
+            fix = "join its text parts into one string" if isinstance(content, (list, tuple)) else \
+                "write the turn's text there (or remove the turn)"
+            raise DataError(f"{at}: content must be text, got {got}; {fix}")
         if role == "assistant" and not content.strip():
             raise DataError(f"{at}: the assistant's content is empty; a reply to train on needs text (remove the "
                             "turn or fill it in)")
@@ -332,21 +468,22 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
     columns there), a missing / non-text / empty value (alpaca's input may be empty or absent), a chat that is not a
     list of {role, content}, a role other than system / user / assistant, an empty assistant reply, a chat whose last
     turn is not the assistant's, an unreadable file, and a file without rows. ConfigError for a data.columns key that
-    is not a field of the kind. Each record's group is its file's name (the file's stem, or the folder's name)."""
+    is not a field of the kind. Each record's group is its file's name (the file's stem, or the folder's name; the
+    path without suffix where two files of `source` share it)."""
     mapping = column_map(kind, columns)
     records = []
-    for path in data_files(source):
+    paths = data_files(source)
+    for path, group in zip(paths, _group_names(paths)):
         ds = _load(path, split, default_split, split_key, cache_dir)
         present = list(ds.column_names)
         for name, column in mapping.items():
-            if column not in present and name not in OPTIONAL_FIELDS:
+            if column not in present and _required(name, columns):
                 raise DataError(f"{path}: no column '{column}' for field {name} of data.kind={kind} (columns there: "
-                                f"{', '.join(present)}); set data.columns.{name}=<column>")
+                                f"{', '.join(present)}); set data.columns.{name}=<column>{_header_hint(path)}")
         if len(ds) == 0:
             raise DataError(f"{path}: no rows; the data file is empty")
         wanted = [c for c in dict.fromkeys(mapping.values()) if c in present]
         table = ds.select_columns(wanted).to_dict()
-        group = path.stem if path.is_file() else path.name
         for i in range(len(ds)):
             where = f"{path} row {i + 1}"
             fields = {}
@@ -358,6 +495,14 @@ def read_records(source, kind: str, columns: dict[str, str] | None = None, split
                     fields[name] = _text(value, where, name, column, empty_ok=name in OPTIONAL_FIELDS)
             records.append(Record(fields, where, group, f"{group}-{i + 1}"))
     return records
+
+
+def _group_names(paths: list[Path]) -> list[str]:
+    """Each file's group: its stem (a folder: its name), or, where two files would share it (a/train.jsonl and
+    b/train.jsonl), its path without suffix, so that per-file caps, ids and reports keep the files apart."""
+    stems = [p.stem if p.is_file() else p.name for p in paths]
+    return [stem if stems.count(stem) == 1 else str(p.with_suffix("") if p.is_file() else p)
+            for p, stem in zip(paths, stems)]
 
 
 def split_records(train: list[Record], eval_records: list[Record] | None, heldout_fraction: float, seed: int,
@@ -388,6 +533,18 @@ def split_records(train: list[Record], eval_records: list[Record] | None, heldou
                 kept.append(r)
         rest = kept
     return rest, held
+
+
+def heldout_overlap_warning(train: Sequence[Record], heldout: Sequence[Record]) -> str | None:
+    """A `warning:` line when held-out rows have the same fields as a training row (duplicated rows in the files, or
+    data.eval overlapping data.train): their val loss and scores then measure recall, not generalization. None
+    when no row is shared."""
+    seen = {json.dumps(r.fields, sort_keys=True, ensure_ascii=False) for r in train}
+    shared = [r for r in heldout if json.dumps(r.fields, sort_keys=True, ensure_ascii=False) in seen]
+    if not shared:
+        return None
+    return (f"warning: {len(shared)} of {len(heldout)} held-out rows are also training rows (e.g. {shared[0].where}): "
+            "their val loss and scores measure recall; remove duplicated rows (or data.eval's rows from data.train)")
 
 
 # -- rendering and tokenizing --------------------------------------------------------------------
@@ -450,6 +607,7 @@ class Formatter:
             raise ConfigError("the tokenizer has no eos_token; set one in its tokenizer_config.json")
         self.chat_template = None
         self.end_of_turn: list[int] = []
+        self.pieces_tokenize_alone = True
         if settings.kind == "chat":
             own = getattr(tokenizer, "chat_template", None)
             if isinstance(own, dict):
@@ -461,6 +619,18 @@ class Formatter:
             self.source = template_source if settings.chat_template else "the tokenizer's chat template"
             self.generation_blocks = bool(_GENERATION_BLOCK.search(self.chat_template))
             self.end_of_turn = self._end_of_turn()
+            self.pieces_tokenize_alone = self._pieces_tokenize_alone()
+
+    def _pieces_tokenize_alone(self) -> bool:
+        """Whether a text tokenized on its own gets the ids it has in context after a special token (byte-level BPE:
+        yes; SentencePiece with a "▁" prefix on every text: no)."""
+        tok = self.tokenizer
+        special = tok.eos_token or tok.bos_token
+        if special is None:
+            return True
+        alone = tok("a", add_special_tokens=False)["input_ids"]
+        after = tok(special + "a", add_special_tokens=False)["input_ids"]
+        return after[1:] == alone
 
     # chat ------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
@@ -481,20 +651,26 @@ class Formatter:
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         head = self.render(probe[:1], True, "probe chat")
         full = self.render(probe, False, "probe chat")
-        if not full.startswith(head + "ok"):
+        # the reply may follow more than the generation prompt (Qwen3's empty <think> block in the last turn)
+        reply = full.find("ok", len(head)) if full.startswith(head) else -1
+        if reply < 0:
             return []
         special = set(self.tokenizer.all_special_ids) | {
             i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
-        after = self.tokenizer(full[len(head) + 2:], add_special_tokens=False)["input_ids"]
+        after = self.tokenizer(full[reply + 2:], add_special_tokens=False)["input_ids"]
         return [i for i in after if i in special][:1]
 
-    def chat_spans(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def chat_spans(self, messages: list[dict], where: str, last_only: bool = False
+                   ) -> tuple[str, list[tuple[int, int]]]:
         """(the rendered conversation, the character spans of each assistant reply as the model generates it: from
-        the end of the generation prompt through the reply's end-of-turn text, trailing whitespace excluded).
+        the end of the generation prompt through the reply's end-of-turn text, trailing whitespace excluded;
+        `last_only`: an earlier reply whose span cannot be found is left out, only the last one's is needed).
 
         Each span comes from rendering the messages before the reply with the generation prompt and the messages
         through the reply (axolotl's and TRL's prefix method): both must be prefixes of the whole rendering, which
-        holds for templates that write each turn independently of later ones. DataError naming `where` otherwise."""
+        holds for templates that write each turn independently of later ones, and for the last reply of templates
+        that write earlier turns differently (loop.last, Qwen3's thinking blocks). DataError naming `where`
+        otherwise."""
         full = self.render(messages, False, where)
         spans = []
         for i, m in enumerate(messages):
@@ -503,9 +679,13 @@ class Formatter:
             head = self.render(messages[:i], True, where)
             upto = self.render(messages[:i + 1], False, where)
             if not (upto.startswith(head) and full.startswith(upto)):
+                if last_only and i < len(messages) - 1:
+                    continue
+                fix = "" if last_only else "train on the last reply only (data.train_on=last_assistant), "
                 raise DataError(f"{where}: field messages[{i}]: {self.source} does not render the conversation up to "
-                                "this reply as a prefix of the whole (it rewrites earlier turns); use a template that "
-                                "writes each turn on its own, or mark replies with {% generation %} blocks")
+                                "this reply as a prefix of the whole (it writes a turn differently once later turns "
+                                f"follow, e.g. by loop.last); {fix}use a template that writes each turn on its own, "
+                                "or mark replies with {% generation %} blocks")
             end = len(upto.rstrip()) if upto.rstrip().startswith(head) else len(upto)
             spans.append((len(head), max(end, len(head))))
         return full, spans
@@ -514,13 +694,33 @@ class Formatter:
         """(input_ids, per assistant reply the token positions it covers)."""
         if self.generation_blocks:
             return self._generation_tokens(messages, where)
-        text, spans = self.chat_spans(messages, where)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        turns = [[t for t, (a, b) in enumerate(offsets) if start <= a < end and b > a] for start, end in spans]
+        # last_assistant and all need the last reply's span alone (its start is the prompt's end); the others, where
+        # found, cut the text as in the other modes so that the ids do not depend on data.train_on
+        text, spans = self.chat_spans(messages, where, last_only=self.s.train_on in ("last_assistant", "all"))
+        # The text between the spans and each span are tokenized on their own, as prompt and completion are for the
+        # other kinds: a BPE merge across a boundary ("assistant: " + "Hi" -> "assistant:", " Hi") would otherwise put
+        # the reply's first token half in the prompt (untrained) and train on a prompt tokenization inference never
+        # sees (the generation prompt is tokenized alone, ending in " ").
+        # A tokenizer that marks the start of every text it is given (SentencePiece's "▁" prefix: Llama-2, Mistral
+        # v0.1) would put that mark inside the conversation at each cut: it tokenizes the whole text, and a token
+        # that straddles a reply's start is counted in the reply (it holds the reply's first characters).
+        if self.pieces_tokenize_alone:
+            cuts = [0, *(p for span in spans for p in span), len(text)]
+            pieces = self.tokenizer([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)["input_ids"]
+            ids, turns = [], []
+            for k, piece in enumerate(pieces):
+                if k % 2:  # odd pieces are the replies
+                    turns.append(list(range(len(ids), len(ids) + len(piece))))
+                ids += piece
+        else:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+            turns = [[t for t, (a, b) in enumerate(offsets) if a < end and b > start and b > a] for start, end in spans]
         if not self.end_of_turn and self.s.add_eos:  # a template without an end-of-turn token: eos ends the chat
+            # the whitespace the template writes after the last reply comes before that eos: trained too, else the
+            # model never learns the way to the eos it must stop on
             ids.append(self.tokenizer.eos_token_id)
-            turns[-1].append(len(ids) - 1)
+            turns[-1] = list(range(turns[-1][0] if turns[-1] else len(ids) - 1, len(ids)))
         return ids, turns
 
     def _generation_tokens(self, messages: list[dict], where: str) -> tuple[list[int], list[list[int]]]:
@@ -593,6 +793,8 @@ class Formatter:
         report = FormatReport(total=len(records), unknown_tokens=None if self.unk is None else 0)
         eos = [tok.eos_token_id] if s.add_eos else []
         examples = []
+        if not records:  # no held-out rows (data.heldout_fraction=0): tokenizers fail on an empty batch
+            return examples, report
 
         def add(record, ids, labels, prompt_len, suffix=""):
             targets = labels[1:] + [IGNORE_INDEX]

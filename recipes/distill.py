@@ -226,6 +226,10 @@ def validate(cfg: DistillConfig) -> None:
                      f"{'data.train_tasks' if d.kind == 'ni' else 'data.train'}")
     elif not (d.kind == "text" and d.train is None):
         check_data_sources(d, problems)
+        from data_prep.instructions import chat_template_problem
+
+        if problem := chat_template_problem(d.kind, d.chat_template, cfg.teacher.model, "teacher.model"):
+            problems.add(problem)
     check_ni_numbers(d, problems, prompts=not windows(d))
     length_key, length = ("data.block_size", d.block_size) if windows(d) else ("data.max_length", d.max_length)
     if teacher is not None:
@@ -673,7 +677,8 @@ def compare(cfg: DistillConfig, models: dict, source, tokenizer, data, vocab_siz
             for batch in source.val_batches(0, 1, cfg.train.eval_batches):
                 _, count, parts = measure(model, {k: v.to(device) for k, v in batch.items()})
                 kd, ce, n = kd + float(parts["kd"]), ce + float(parts["ce"]), n + float(count)
-        rows[name] = {"val_loss": ce / max(n, 1), "kl_to_teacher": kd / max(n, 1)}
+        # no held-out tokens: no val loss or KL (not the 0.0 of an empty mean)
+        rows[name] = {"val_loss": ce / n, "kl_to_teacher": kd / n} if n else {}
         if data is None or data.kind == "text":
             continue
         hf = _as_hf(model, tokenizer)

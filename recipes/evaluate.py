@@ -139,6 +139,11 @@ def validate(cfg: EvaluateConfig) -> None:
     items = cfg.data.tasks if isinstance(cfg.data.tasks, list) else [cfg.data.tasks]
     if cfg.data.kind != "ni":
         row_problems(cfg.data, problems)
+        from data_prep.instructions import chat_template_problem
+
+        if problem := chat_template_problem(cfg.data.kind, cfg.data.chat_template, cfg.tokenizer or cfg.model,
+                                            "tokenizer" if cfg.tokenizer else "model"):
+            problems.add(problem)
         items = []
     elif cfg.data.rows is not None or cfg.data.chat_template is not None or cfg.data.template is not None:
         given = next(k for k in ("rows", "template", "chat_template") if getattr(cfg.data, k) is not None)
@@ -203,7 +208,9 @@ def row_problems(d: EvalDataSection, problems) -> None:
         problems.add(f"data.kind={d.kind} scores your rows from data.rows (.json / .jsonl / .csv / .parquet files or a "
                      "save_to_disk folder); set it (README: Data formats)")
         return
-    problems.extend(formats.source_problems(d.kind, {"data.rows": d.rows}, d.columns, d.template, d.chat_template))
+    problems.extend(formats.source_problems(d.kind, {"data.rows": d.rows}, d.columns, d.template, d.chat_template,
+                                            splits={"data.rows": formats.SplitChoice(d.split, "validation",
+                                                                                     "data.split")}))
 
 
 def trained_instances(run_dir) -> set[tuple[str, str]]:

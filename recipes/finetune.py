@@ -101,6 +101,7 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
+    from data_prep.instructions import chat_template_problem
     from tune.train_config import lora_init_problem
 
     problems = Problems()
@@ -114,6 +115,9 @@ def validate(cfg: FinetuneConfig) -> None:
     elif cfg.tokenizer:
         problems.call(check_no_custom_code, cfg.tokenizer, "tokenizer")
     check_data_sources(cfg.data, problems)
+    if problem := chat_template_problem(cfg.data.kind, cfg.data.chat_template, cfg.tokenizer or cfg.base_model,
+                                        "tokenizer" if cfg.tokenizer else "base_model"):
+        problems.add(problem)
     check_ni_numbers(cfg.data, problems)
     problems.extend(check_output_dir(cfg.output_dir, {"base_model": cfg.base_model, "tokenizer": cfg.tokenizer,
                                                       **data_inputs(cfg.data)}))
@@ -167,8 +171,10 @@ def check_data_sources(d: NIDataSection, problems) -> None:
     if not d.train:
         problems.add(f"data.kind={d.kind} reads your rows from data.train (.json / .jsonl / .csv / .parquet files or "
                      "a save_to_disk folder); set it (README: Data formats)")
+    splits = {"data.train": formats.SplitChoice(d.split, "train", "data.split"),
+              "data.eval": formats.SplitChoice(d.eval_split, "validation", "data.eval_split")}
     problems.extend(formats.source_problems(d.kind, {"data.train": d.train, "data.eval": d.eval}, d.columns,
-                                            d.template, d.chat_template, d.train_on, d.mask_prompt))
+                                            d.template, d.chat_template, d.train_on, d.mask_prompt, splits))
 
 
 def data_inputs(d: NIDataSection) -> dict[str, list]:
@@ -323,7 +329,14 @@ def load_data(cfg, tokenizer) -> RunData:
     formatter = Formatter(format_settings(d), tokenizer, template_source=f"data.chat_template={d.chat_template}")
     if d.kind != "text":  # a row the template cannot render fails now, not at the evaluation after training
         for record in heldout:
-            formatter.prompt_and_completion(record)
+            try:
+                formatter.prompt_and_completion(record)
+            except DataError:
+                for earlier in records:  # name the file's first row that fails, not the first held-out one
+                    if earlier is record:
+                        break
+                    formatter.prompt_and_completion(earlier)
+                raise
     return RunData(d.kind, formatter=formatter, train_records=train, heldout_records=heldout)
 
 
@@ -331,7 +344,7 @@ def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say)
     """(training, held-out) tokenized datasets of any kind (cached), their truncation report said."""
     if data.kind == "ni":
         return build_ni_datasets(d, data.splits, tokenizer, accelerator, say)[:2]
-    from data_prep.instructions import build_format_dataset
+    from data_prep.instructions import build_format_dataset, heldout_overlap_warning
     from tune.hf import unknown_token_warning
 
     with accelerator.main_process_first():
@@ -346,6 +359,8 @@ def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say)
         say(warning.replace(" even without demonstrations", ""))
     say(f"held out: {len(val_set)} examples of {len(data.heldout_records)} rows (val loss"
         f"{', evaluation' if d.kind != 'text' else ''})")
+    if warning := heldout_overlap_warning(data.train_records, data.heldout_records):
+        say(warning)
     return train_set, val_set
 
 
@@ -482,11 +497,17 @@ def sample_fn(tokenizer, data: RunData, n: int, max_new_tokens: int, batch_size:
 
 
 def run_tokenizer(cfg: FinetuneConfig):
-    """The tokenizer of the run (cfg.tokenizer, else the base model's), with its pad token checked."""
+    """The tokenizer of the run (cfg.tokenizer, else the base model's), with its pad token checked; chat rows with
+    data.chat_template: that template as its chat template, so the saved adapter / model chats as it was trained
+    (apply_chat_template, as TRL saves a given template)."""
+    from data_prep.instructions import read_chat_template
     from tune.hf import load_tokenizer
 
-    return load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
-                          pad_token=cfg.pad_token, pad_with_eos=False)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.base_model, "tokenizer" if cfg.tokenizer else "base_model",
+                               pad_token=cfg.pad_token, pad_with_eos=False)
+    if cfg.data.kind == "chat" and cfg.data.chat_template:
+        tokenizer.chat_template = read_chat_template(cfg.data.chat_template)
+    return tokenizer
 
 
 def build_model(cfg: FinetuneConfig):

@@ -5,6 +5,7 @@ token by token on a Llama-3-style and a ChatML-style template; bad rows refused 
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,99 @@ def test_chat_label_masks_token_by_token(chat_tokenizer, template, pieces):
     assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>" if "im_end" in pieces[1][0] else "<|eot_id|>"])
 
 
+PLAIN_NO_END_OF_TURN = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+def test_chat_masks_when_the_tokenizer_merges_across_the_reply_boundary(chat_tokenizer):
+    """A template whose generation prompt ends in a space ("assistant: "): tokenizing the whole conversation merges
+    that space into the reply's first token (" t"), which then started in the prompt and was left untrained. The text
+    between the replies and each reply are tokenized on their own (as alpaca's prompt and output are; LLaMA-Factory's
+    way), so every reply token is a target and a generation prompt ends as it does alone. Without an end-of-turn
+    token, the newline after the last reply and the eos are trained (the way to the stop)."""
+    from data_prep.instructions import Record
+
+    tok = chat_tokenizer
+    messages = [*CHAT[:2], {"role": "assistant", "content": "terse now."}, CHAT[3], {"role": "assistant", "content": "now."}]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    reply = text.index("assistant: ") + len("assistant: ")
+    whole = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert any(a < reply < b for a, b in whole["offset_mapping"])  # " t" straddles the boundary: the case at issue
+    record = Record({"messages": messages}, "chat.jsonl row 1", "chat", "chat-1")
+    pieces = [("system: You are terse.\nuser: Say hello.\nassistant: ", None), ("terse now.", "first"),
+              ("\nuser: And goodbye?\nassistant: ", None), ("now.", "last"), ("\n", "last")]
+    for train_on, trained in (("completion", {"first", "last"}), ("last_assistant", {"last"})):
+        ids, labels = expected_chat(tok, [(t, kind in trained) for t, kind in pieces])
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+        fmt = chat_formatter(tok, PLAIN_NO_END_OF_TURN, train_on)
+        example = fmt.encode([record])[0][0]
+        assert example["input_ids"] == ids and example["targets"] == labels[1:] + [IGNORE_INDEX], train_on
+        prompt, _ = fmt.prompt_and_completion(record)  # the evaluation prompt ends where the last reply's ids start
+        assert tok.decode(example["input_ids"][:example["prompt_len"]]) == prompt
+
+
+def test_chat_masks_with_a_tokenizer_that_prefixes_every_text(tmp_path):
+    """A SentencePiece-style tokenizer (Metaspace, prepend "first": Llama-2, Mistral v0.1) writes "▁" before every
+    text it is given, so the replies are not tokenized on their own there: the ids are the whole conversation's
+    (no "▁Hello" where the text has "Hello" after a special token), and each reply's tokens are trained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data_prep.instructions import Record
+
+    model = Tokenizer(models.BPE(unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    model.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    model.train_from_iterator([" ".join(m["content"] for m in CHAT) + " system user assistant"] * 50,
+                              trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                  "<|im_start|>", "<|im_end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok.convert_ids_to_tokens(tok("Hello", add_special_tokens=False)["input_ids"]) == ["\u2581Hello"]
+    record = Record({"messages": CHAT}, "chat.jsonl row 1", "chat", "chat-1")
+    fmt = chat_formatter(tok, CHATML)
+    assert not fmt.pieces_tokenize_alone
+    example = fmt.encode([record])[0][0]
+    text = "".join(piece for piece, _ in CHATML_PIECES)
+    assert example["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    trained = tok.convert_ids_to_tokens([t for t in example["targets"] if t != IGNORE_INDEX])
+    assert "".join(trained).replace("\u2581", " ") == "Hello there.<|im_end|>Goodbye now.<|im_end|>"
+    prompt, _ = fmt.prompt_and_completion(record)
+    assert example["input_ids"][:example["prompt_len"]] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+# Qwen3's way (simplified): the replies after the last user turn get an (empty) thinking block, earlier ones do not, so
+# a reply is written differently once a later user turn follows
+QWEN3_LIKE = ("{%- set ns = namespace(found=false, last_query=messages|length - 1) %}{%- for m in messages[::-1] %}"
+              "{%- if m.role == 'user' and not ns.found %}{%- set ns.found = true %}"
+              "{%- set ns.last_query = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}"
+              "{%- for m in messages %}{%- if m.role == 'assistant' and loop.index0 > ns.last_query %}"
+              "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+              "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_the_last_reply_with_its_end_of_turn(chat_tokenizer):
+    """Templates like Qwen3's write a reply differently once a later turn follows: every reply's span cannot be
+    found by prefixes (refused, naming the fix), but the last reply's can, so data.train_on=last_assistant (and all)
+    work; the end-of-turn token is found behind the reply's thinking block, so no eos is appended after it."""
+    from data_prep.instructions import Record
+
+    tok = chat_tokenizer
+    record = Record({"messages": CHAT}, "chat.jsonl row 1", "chat", "chat-1")
+    with pytest.raises(DataError, match=r"^chat.jsonl row 1: field messages\[2\]: .*\(data.train_on=last_assistant\)"):
+        chat_formatter(tok, QWEN3_LIKE).encode([record])
+    fmt = chat_formatter(tok, QWEN3_LIKE, "last_assistant")
+    assert fmt.end_of_turn == tok.convert_tokens_to_ids(["<|im_end|>"])
+    prompt = CHATML_PIECES[0][0] + "Hello there.<|im_end|>" + CHATML_PIECES[2][0]
+    ids, labels = expected_chat(tok, [(prompt, False), ("<think>\n\n</think>\n\nGoodbye now.<|im_end|>", True),
+                                      ("\n", False)])
+    example = fmt.encode([record])[0][0]
+    assert example["input_ids"] == ids and example["targets"] == labels[1:] + [IGNORE_INDEX]
+    assert fmt.prompt_and_completion(record) == (prompt, "Goodbye now.")
+    everything = chat_formatter(tok, QWEN3_LIKE, "all").encode([record])[0][0]
+    assert everything["input_ids"] == ids and everything["targets"] == ids[1:] + [IGNORE_INDEX]
+
+
 # -- the finetune recipe on these kinds ------------------------------------------------------------
 PLAIN_CHAT_FILE = Path(__file__).resolve().parents[1] / "recipes" / "templates" / "plain_chat.jinja"  # shipped
 PLAIN_CHAT = PLAIN_CHAT_FILE.read_text(encoding="utf-8")
@@ -252,6 +346,70 @@ def test_lora_on_chat_rows_packs_reports_val_loss_and_evaluates(tmp_path, tiny_l
     assert len(final) == 2 and final[0]["prompt"] == held["example_prompts"]["chats"]
     for sample, evaluated in zip(final, held["predictions"][:2]):
         assert sample["reference"] == evaluated["references"][0] and sample["prediction"] == evaluated["prediction"]
+    # the adapter's tokenizer carries data.chat_template: it renders the held-out prompt as training did
+    saved = load_tokenizer(tmp_path / "run" / "adapter")
+    assert saved.chat_template == PLAIN_CHAT
+    assert saved.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True) == prompt
+
+
+def test_no_heldout_rows_means_no_val_loss_not_zero(tmp_path, tiny_lm, capsys):
+    """data.heldout_fraction=0 without data.eval: the rows tokenize (an empty held-out batch used to crash the
+    tokenizer for alpaca / prompt_completion / text) and the run measures no val_loss, where it logged 0.0 (the mean
+    of nothing), on which stop_at_val_loss stopped at the first evaluation."""
+    from data_prep.instructions import FormatSettings, Formatter
+    from recipes.finetune import run
+    from tune.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_lm)
+    for kind in ("alpaca", "prompt_completion", "text"):
+        assert Formatter(FormatSettings(kind=kind), tokenizer).encode([])[0] == []
+    train = write_rows(tmp_path / "rows.jsonl", ALPACA_ROWS * 4)
+    cfg = finetune_cfg(tmp_path, tiny_lm, kind="alpaca", train=str(train), heldout_fraction=0.0)
+    cfg.train.eval_every, cfg.train.stop_at_val_loss = 1, 1.0
+    result = run(cfg)
+    assert result.step == 3 and result.val_loss is None
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("val_loss" in m for m in metrics) and max(m["step"] for m in metrics) == 3
+    assert "no validation examples: val_loss is not measured" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # three short runs: ~20 s on a loaded CPU
+def test_a_run_on_chat_rows_resumes_exactly(tmp_path, tiny_lm, monkeypatch):
+    """Ctrl-C in step 5 of 6 on chat rows (packed, held-out share): train.resume=true continues from the step-3
+    checkpoint to the same losses, val losses and held-out scores as the uninterrupted run."""
+    from recipes.finetune import run
+    from tune.packing import NIBatches
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(16))
+
+    def cfg(out, **extra):
+        c = finetune_cfg(tmp_path / out, tiny_lm, kind="chat", train=str(train), chat_template=str(PLAIN_CHAT_FILE),
+                         heldout_fraction=0.25)
+        c.train.max_steps, c.train.save_every, c.train.resume = 6, 3, extra.get("resume", False)
+        return c
+
+    full = run(cfg("a"))
+    original = NIBatches.step_batches
+
+    def dies_in_step_5(self, step, rank, world):
+        if step == 5:
+            raise KeyboardInterrupt  # as Ctrl-C: the engine saves a checkpoint and re-raises
+        return original(self, step, rank, world)
+
+    monkeypatch.setattr(NIBatches, "step_batches", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg("b"))
+    monkeypatch.setattr(NIBatches, "step_batches", original)
+    resumed = run(cfg("b", resume=True))
+
+    def losses(out):
+        rows = [json.loads(line) for line in (tmp_path / out / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m.get("loss"), m.get("val_loss")) for m in rows if "loss" in m or "val_loss" in m]
+
+    assert losses("b") == losses("a") and resumed.val_loss == full.val_loss
+    scores = [json.loads((tmp_path / out / "run" / "eval_results.json").read_text())["heldout"]["predictions"]
+              for out in ("a", "b")]
+    assert scores[0] == scores[1]
 
 
 # -- the distill recipe reuses the data section ----------------------------------------------------
@@ -327,6 +485,123 @@ def test_bad_rows_are_one_line_errors_naming_file_row_and_field(tmp_path, tiny_l
     assert not (tmp_path / "run").exists()
 
 
+def test_sharegpt_turns_are_read_as_role_and_content(tmp_path):
+    """axolotl / LLaMA-Factory's ShareGPT rows ({from, value}; human / gpt) read as chat messages, as TRL converts
+    them; in a JSONL file and in Parquet (a list of structs)."""
+    from data_prep.instructions import read_records
+
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]
+    for path in (write_rows(tmp_path / "share.jsonl", [{"conversations": turns}]),
+                 write_rows(tmp_path / "share.parquet", [{"conversations": turns}])):
+        assert read_records(path, "chat", {"messages": "conversations"})[0].fields["messages"] == [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hey"}]
+
+
+@pytest.mark.parametrize("kind,row,message", [
+    ("text", {"text": 42}, "field text (column 'text') must be text, got int '42'; write it as text (in JSON: quoted)"),
+    ("alpaca", {"instruction": {"a": 1}, "output": "y"},
+     "field instruction (column 'instruction') must be text, got dict \"{'a': 1}\"; map data.columns.instruction to a "
+     "text column, or flatten this one into text"),
+    ("chat", {"messages": {"role": "user", "content": "hi"}},
+     "field messages (column 'messages') must be a non-empty list of {role, content} objects, got dict; give the "
+     "turns as a list, one object per turn, or remove the row"),
+    ("chat", {"messages": []}, "field messages (column 'messages') must be a non-empty list of {role, content} objects, "
+                               "got an empty list; give the turns as a list, one object per turn, or remove the row"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, CHAT[2]]},
+     "field messages[0] (column 'messages'): content must be text, got list; join its text parts into one string"),
+    ("chat", {"messages": ["hi", "there"]}, "field messages[0] (column 'messages') must be an object with 'role' and "
+                                            "'content', got str; write each turn as {\"role\": ..., \"content\": ...}"),
+], ids=["number", "nested", "messages_dict", "messages_empty", "content_parts", "messages_strings"])
+def test_values_of_the_wrong_type_name_row_field_and_fix(tmp_path, kind, row, message):
+    from data_prep.instructions import read_records
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"id": 1, "text": "ok", "instruction": "i", "output": "o", "messages": CHAT}) + "\n" +
+                    json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(path, kind, cache_dir=tmp_path / "cache")
+    assert str(e.value) == f"{path} row 2: {message}"
+
+
+def test_tsv_rows_are_read_and_a_file_that_is_not_utf8_is_named(tmp_path):
+    """A .tsv file reads as classify's rows do (tab-separated, header checked by validate); a CSV without its header
+    row is told to add one; a Latin-1 CSV (a spreadsheet's default export) gets the fix, not a codec error."""
+    from data_prep.instructions import read_records, source_problems
+
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text("instruction\tinput\toutput\nRépète, s'il te plaît\tcafé\tcafé 日本\n", encoding="utf-8")
+    assert [r.fields for r in read_records(tsv, "alpaca", cache_dir=tmp_path / "c")] == [
+        {"instruction": "Répète, s'il te plaît", "input": "café", "output": "café 日本"}]
+    assert source_problems("alpaca", {"data.train": tsv}, {"output": "answer"}, None, None) == [
+        f"data.train: {tsv} has no column 'answer' for field output of data.kind=alpaca (columns: instruction, input, "
+        "output); set data.columns.output=<column> or add a header row (the first line names the columns)"]
+    headless = tmp_path / "headless.csv"  # a header row forgotten: the first row reads as the column names
+    headless.write_text("Reverse the word.,cat,tac\nName a colour.,,blue\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_records(headless, "alpaca", cache_dir=tmp_path / "c")
+    assert str(e.value) == (f"{headless}: no column 'instruction' for field instruction of data.kind=alpaca (columns "
+                            "there: Reverse the word., cat, tac); set data.columns.instruction=<column> or add a "
+                            "header row (the first line names the columns)")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("instruction,output\nRépète,café\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_records(latin, "alpaca", cache_dir=tmp_path / "c")
+    assert str(e.value) == (f"{latin}: cannot read it as CSV rows: it is not UTF-8 text; save it as UTF-8 (e.g. from a "
+                            "spreadsheet: CSV UTF-8)")
+
+
+def test_files_with_the_same_name_in_two_folders_stay_apart(tmp_path):
+    """data.train=[a/train.jsonl, b/train.jsonl]: each file is its own group (ids, the per-file cap, the reports),
+    not one group "train" with every id twice."""
+    from data_prep.instructions import read_records, split_records
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [write_rows(tmp_path / d / "train.jsonl", [{"text": f"{d} {i}"} for i in range(3)]) for d in "ab"]
+    paths.append(write_rows(tmp_path / "other.jsonl", [{"text": "x"}]))
+    records = read_records(paths, "text", cache_dir=tmp_path / "c")
+    a, b = str(tmp_path / "a" / "train"), str(tmp_path / "b" / "train")
+    assert [r.group for r in records] == [a] * 3 + [b] * 3 + ["other"]
+    assert len({r.id for r in records}) == 7 and records[3].id == f"{b}-1"
+    train, _ = split_records(records, [], 0.0, 0, max_train_per_group=2)
+    assert [r.fields["text"] for r in train] == ["a 0", "a 1", "b 0", "b 1", "x"]
+
+
+def test_a_malformed_json_line_is_named_by_its_line_number(tmp_path):
+    """datasets reports a JSON-lines parse error as "in row 1" for the second line (0-based, per block); the error
+    names the file's line as users count them, and what is wrong."""
+    from data_prep.instructions import read_records
+
+    good = json.dumps({"instruction": "a", "output": "b"})
+    cases = {"comma.jsonl": (f"{good}\n\n{good[:-1]},}}\n", "line 3: not valid JSON (Expecting property name "
+                                                               "enclosed in double quotes at column 36)"),
+             "list.jsonl": (f"{good}\n[1, 2]\n", "line 2: a JSON list, not an object")}
+    for name, (text, problem) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(DataError) as e:
+            read_records(tmp_path / name, "alpaca", cache_dir=tmp_path / "c")
+        assert str(e.value) == f"{tmp_path / name} {problem}; fix that line (one JSON object per line, or one JSON list)"
+
+
+def test_a_template_that_fails_every_row_is_reported_at_the_first_row(tmp_path, tiny_lm):
+    """The held-out rows are rendered first (to fail before training, not at the evaluation); when one fails, the
+    error still names the file's first failing row (row 1 here, a training row), not the first held-out one."""
+    from recipes.finetune import load_data
+    from tune.hf import load_tokenizer
+
+    template = tmp_path / "alternating.jinja"  # Mistral's rule: no system turn, user / assistant alternating
+    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                        "{% endif %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    train = write_rows(tmp_path / "chats.jsonl", chats(8))  # every chat starts with a system turn
+    cfg = finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(template),
+                       heldout_fraction=0.5)
+    with pytest.raises(DataError, match=f"^{re.escape(str(train))} row 1: field messages: .* Conversation roles must "
+                                        "alternate"):
+        load_data(cfg, load_tokenizer(tiny_lm))
+
+
 def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_path):
     from data_prep.instructions import read_records
 
@@ -339,6 +614,15 @@ def test_a_missing_column_found_while_reading_names_the_file_and_the_fix(tmp_pat
         read_records(folder, "alpaca", {"answer": "output"})
     assert read_records(folder, "alpaca", {"output": "answer"})[0].fields == {"instruction": "a", "input": "",
                                                                                "output": "b"}
+    # alpaca's input may be absent, but not when data.columns names a column for it (a typo would drop every input)
+    with pytest.raises(DataError, match=r"no column 'contxt' for field input of data.kind=alpaca \(columns there: "
+                                        r"instruction, answer\); set data.columns.input=<column>$"):
+        read_records(folder, "alpaca", {"output": "answer", "input": "contxt"})
+    from data_prep.instructions import source_problems
+
+    assert source_problems("alpaca", {"data.train": folder}, {"output": "answer", "input": "contxt"}, None, None) == [
+        f"data.train: {folder} has no column 'contxt' for field input of data.kind=alpaca (columns: instruction, "
+        "answer); set data.columns.input=<column>"]
 
 
 def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_dir):
@@ -362,8 +646,68 @@ def test_validate_checks_files_kind_and_columns_without_torch(tmp_path, model_di
         f"  - data.train: {tmp_path / 'gone.jsonl'} does not exist (paths are relative to where you run tune)",
         "  - data.train_on=last_assistant applies to data.kind=chat; for prompt_completion use completion or all",
         f"  - data.train: {train} has no column 'completion' for field completion of data.kind=prompt_completion "
-        "(columns: question, answer); set data.columns.completion=<column>",
+        "(columns: question, answer); set data.columns.completion=<column> or add a header row (the first line names "
+        "the columns)",
         "  - data.chat_template applies to data.kind=chat, not prompt_completion"])
+
+
+def test_validate_reads_the_columns_of_json_lists_and_dataset_dict_splits_and_refuses_empty_files(tmp_path):
+    """tune validate's cheap checks reach every format: a JSON list (one line or pretty-printed) and a DatasetDict
+    folder's chosen split have their columns checked, a split that is not there and an empty file are named; the
+    run says the same of an empty file or a CSV header without rows (not datasets' "StopIteration")."""
+    from datasets import Dataset, DatasetDict
+
+    from data_prep.instructions import SplitChoice, read_records, source_problems
+
+    rows = [{"instruction": "a", "response": "b"}]
+    compact = tmp_path / "compact.json"
+    compact.write_text(json.dumps(rows), encoding="utf-8")
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    folder = tmp_path / "dd"
+    DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(rows)).save_to_disk(str(folder))
+    splits = {"data.train": SplitChoice(None, "train", "data.split"),
+              "data.eval": SplitChoice(None, "validation", "data.eval_split")}
+    missing = "has no column 'output' for field output of data.kind=alpaca (columns: instruction, response); " \
+              "set data.columns.output=<column>"
+    assert source_problems("alpaca", {"data.train": [compact, pretty, folder], "data.eval": folder}, None, None, None,
+                           splits=splits) == [
+        f"data.eval: {folder}: no split 'validation' (splits: train, test); set data.eval_split to one of them",
+        f"data.train: {compact} {missing}", f"data.train: {pretty} {missing}", f"data.train: {folder} {missing}"]
+    assert source_problems("alpaca", {"data.train": [compact, folder]}, {"output": "response"}, None, None,
+                           splits=splits) == []
+    empty = "is empty (no rows); write one row per object / line (CSV: a header row, then the rows)"
+    for name, text in (("none.jsonl", ""), ("blank.jsonl", "\n\n"), ("list.json", " [ ] "), ("bom.csv", "\ufeff")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert source_problems("text", {"data.train": tmp_path / name}, None, None, None) == [
+            f"data.train: {tmp_path / name} {empty}"]
+        with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / name))} {re.escape(empty)}$"):
+            read_records(tmp_path / name, "text")
+    (tmp_path / "header.csv").write_text("text\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'header.csv'))} {re.escape(empty)}$"):
+        read_records(tmp_path / "header.csv", "text", cache_dir=tmp_path / "cache")
+
+
+def test_validate_names_a_chat_run_on_a_tokenizer_without_a_chat_template(tmp_path, tiny_lm):
+    """data.kind=chat without data.chat_template on a base whose tokenizer has none: tune validate says so (it was
+    found only by the run, after loading the tokenizer); a tokenizer saved with a template passes."""
+    import shutil
+
+    from recipes.finetune import validate
+    from tune.hf import load_tokenizer
+
+    train = write_rows(tmp_path / "chats.jsonl", chats(4))
+    with pytest.raises(ConfigError) as e:
+        validate(finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train)))
+    assert str(e.value) == (f"data.kind=chat: the tokenizer of base_model={tiny_lm} has no chat template; give one as "
+                            "data.chat_template=<a .jinja file> (e.g. recipes/templates/plain_chat.jinja)")
+    validate(finetune_cfg(tmp_path, tiny_lm, kind="chat", train=str(train), chat_template=str(PLAIN_CHAT_FILE)))
+    own = tmp_path / "own"
+    shutil.copytree(tiny_lm, own)
+    tokenizer = load_tokenizer(own)
+    tokenizer.chat_template = PLAIN_CHAT
+    tokenizer.save_pretrained(own)
+    validate(finetune_cfg(tmp_path, own, kind="chat", train=str(train)))
 
 
 # -- text rows, truncation report, held-out split, cache -------------------------------------------
@@ -418,6 +762,20 @@ def test_heldout_rows_are_a_seeded_share_or_the_eval_file(tmp_path):
     eval_rows = rows[:2]
     train, held = split_records(rows, eval_rows, 0.25, seed=3, max_train_per_group=7)
     assert held == eval_rows and [r.id for r in train] == [f"f-{i}" for i in range(7)]
+
+
+def test_heldout_rows_that_are_also_training_rows_are_warned_about(tmp_path):
+    from data_prep.instructions import Record, heldout_overlap_warning, split_records
+
+    rows = [Record({"prompt": "p", "completion": "c"}, f"f.jsonl row {i + 1}", "f", f"f-{i + 1}") for i in range(8)]
+    rows += [Record({"prompt": f"q{i}", "completion": "c"}, f"f.jsonl row {i + 9}", "f", f"f-{i + 9}") for i in range(8)]
+    train, held = split_records(rows, None, 0.25, seed=0)
+    shared = [r for r in held if r.fields["prompt"] == "p"]
+    assert shared  # the seeded split puts some of the 8 copies on each side
+    assert heldout_overlap_warning(train, held) == (
+        f"warning: {len(shared)} of 4 held-out rows are also training rows (e.g. {shared[0].where}): their val loss "
+        "and scores measure recall; remove duplicated rows (or data.eval's rows from data.train)")
+    assert heldout_overlap_warning(rows[8:12], rows[12:]) is None
 
 
 def test_tokenized_rows_are_cached_by_content_settings_and_template(tmp_path, chat_tokenizer, monkeypatch):

@@ -372,6 +372,12 @@ class Engine:
             progress = tqdm(total=cfg.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
         module.train()
         last_loss = last_val = None
+        # no validation examples (e.g. data.heldout_fraction=0): no val_loss at all, not the 0.0 of an empty mean,
+        # which keep_best would keep and stop_at_val_loss would stop on
+        validates = next(iter(self.source.val_batches(0, 1, 1)), None) is not None
+        if not validates:
+            self.log_line("no validation examples: val_loss is not measured (hold some rows or instances out to "
+                          "measure it)")
         speed_tokens, speed_start, bar = 0, time.time(), {}
         step_start_rng = None
 
@@ -427,7 +433,7 @@ class Engine:
                         bar["loss"] = f"{sums['loss'] / max(targets, 1.0):.4f}"
                     progress.set_postfix(bar, refresh=False)
                 is_last, is_best = step == cfg.max_steps, False
-                if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+                if validates and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last):
                     read_pending()
                     self._eval_step = step
                     last_val, val_extras = self.evaluate(module)
