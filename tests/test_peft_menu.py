@@ -212,6 +212,8 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         LoraSection(rank_pattern={"q_proj": 0})
     with pytest.raises(ConfigError, match="lora.alpha_pattern must map module names"):
         LoraSection(alpha_pattern={"q_proj": "big"})
+    with pytest.raises(ConfigError, match=r"lora.rank_pattern: '\(q_proj' is not a valid regex"):
+        LoraSection(rank_pattern={"(q_proj": 2})
     with pytest.raises(ConfigError, match="lora.init=olora with lora.use_rslora and a rank/alpha pattern"):
         LoraSection(init="olora", use_rslora=True, rank_pattern={"q_proj": 2})
     with pytest.raises(ConfigError, match="lora.init=pissa cannot be combined with lora.trainable_token_indices"):
@@ -346,3 +348,32 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
     assert "lora.init=olora moves part of each base weight into the adapter" in errors[1], result.stderr
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"rank_pattern": {"q_projj": 2}}, r"lora.rank_pattern: 'q_projj' matches no module LoRA adapts"),
+    ({"alpha_pattern": {"v_proj": 2, "nothing": 4}}, r"lora.alpha_pattern: 'nothing' matches no module LoRA adapts"),
+    ({"rank_pattern": {"q_proj": 2}, "target_modules": ["v_proj"]}, r"lora.rank_pattern: 'q_proj' matches no module"),
+    ({"exclude_modules": ["o_projj"]}, r"lora.exclude_modules: 'o_projj' is no module of the model"),
+    ({"layers_to_transform": [0, 2], "target_modules": ["q_proj"]},
+     r"lora.layers_to_transform=\[0, 2\]: the model has 2 decoder layers \(indices 0 to 1\)"),
+    ({"trainable_token_indices": {"embed_tokenz": [3]}},
+     r"lora.trainable_token_indices: 'embed_tokenz' is no module of the model"),
+])
+def test_lora_names_that_match_nothing_are_config_errors_naming_their_key(tmp_path, options, message):
+    """peft ignores (with a warning) rank/alpha pattern keys and exclude_modules entries that match nothing, so a typo
+    silently trained every layer at r / alpha; a layer index past the model, or a trainable-token module that does not
+    exist, failed in peft under lora.target_modules' name."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tmp_path / "base")
+    with pytest.raises(ConfigError, match=message):
+        add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(r=4, alpha=8, **options))
+    # the right names still apply: a regex key reaches layer 0's q_proj only
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base),
+                     LoraSection(r=4, alpha=8, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2},
+                                 exclude_modules=["layers.1.self_attn.o_proj"], target_modules=["q_proj", "o_proj"]))
+    assert sorted(model.targeted_module_names) == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
+                                                   "model.layers.1.self_attn.q_proj"]
+    layers = model.get_base_model().model.layers
+    assert [layer.self_attn.q_proj.r["default"] for layer in layers] == [2, 4]

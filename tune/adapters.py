@@ -179,6 +179,7 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
     if tokens and any(i >= vocab for ids in (tokens.values() if isinstance(tokens, dict) else [tokens]) for i in ids):
         raise ConfigError(f"lora.trainable_token_indices: token ids must be below the input embedding's {vocab} rows, "
                           f"got {tokens!r}")
+    check_lora_names(model, lora)
     init = {"default": True, "loftq": True}.get(lora.init, lora.init)  # loftq: loftq_init after get_peft_model
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, target_parameters=lora.target_parameters,
@@ -208,6 +209,7 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
                                   "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
+    check_lora_patterns(wrapped, lora)
     conv1d = [n for n, m in wrapped.named_modules() if getattr(m, "fan_in_fan_out", False) and hasattr(m, "lora_A")]
     if lora.init == "olora" and conv1d:  # peft's olora_init ignores fan_in_fan_out: A and B get transposed shapes
         raise ConfigError(f"lora.init=olora: peft builds it wrongly for Conv1D layers (GPT-2 style, e.g. "
@@ -218,6 +220,43 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
     if lora.init == "loftq":
         loftq_init(wrapped, model.name_or_path)
     return wrapped
+
+
+def check_lora_names(model, lora: LoraSection) -> None:
+    """ConfigError, before peft wraps `model`, for the lora.* settings that name parts of it and would otherwise fail
+    in peft under another key's name or be ignored: a layers_to_transform index past the model's decoder layers, an
+    exclude_modules entry that is no module of the model (peft only warns), a trainable_token_indices module that
+    does not exist."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if lora.layers_to_transform and isinstance(layers, int) and max(lora.layers_to_transform) >= layers:
+        raise ConfigError(f"lora.layers_to_transform={lora.layers_to_transform}: the model has {layers} decoder layers "
+                          f"(indices 0 to {layers - 1}); give indices below {layers}")
+    for name in lora.exclude_modules or []:
+        if not any(n == name or n.endswith("." + name) for n in names):
+            raise ConfigError(f"lora.exclude_modules: {name!r} is no module of the model, so it excludes nothing; check "
+                              "the name (e.g. o_proj, down_proj)")
+    tokens = lora.trainable_token_indices
+    for name in tokens if isinstance(tokens, dict) else []:
+        if not any(n == name or n.endswith("." + name) or re.fullmatch(name, n) for n in names):
+            raise ConfigError(f"lora.trainable_token_indices: {name!r} is no module of the model; name its input "
+                              "embedding (e.g. embed_tokens, wte) or give a plain list of token ids")
+
+
+def check_lora_patterns(model, lora: LoraSection) -> None:
+    """ConfigError naming the first key of lora.rank_pattern / lora.alpha_pattern that matches no adapted module or
+    parameter: peft ignores it (with a warning), so the rank or alpha it sets would silently not apply. Matching is
+    peft's (peft.utils.other.get_pattern_key): the key, a regex, matches a name's end at a dot."""
+    import re
+
+    adapted = list(model.targeted_module_names) + list(getattr(model, "targeted_parameter_names", []))
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(lora, key) or {}:
+            if not any(re.match(rf"(.*\.)?({pattern})$", name) for name in adapted):  # (LoraSection checked the regex)
+                raise ConfigError(f"lora.{key}: {pattern!r} matches no module LoRA adapts (lora.target_modules); "
+                                  "name one of them (e.g. q_proj, or a regex such as layers\\.0\\..*q_proj)")
 
 
 def check_lora_targets(model, lora: LoraSection) -> None:

@@ -134,6 +134,12 @@ class LoraSection:
                 what = "an integer >= 1" if key == "rank_pattern" else "a number > 0"
                 raise ConfigError(f"lora.{key} must map module names (or regexes) to {what}, e.g. {{q_proj: 8}}, got "
                                   f"{pattern!r}")
+            for k in pattern or {}:
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise ConfigError(f"lora.{key}: {k!r} is not a valid regex ({e}); give a module name such as "
+                                      "q_proj") from None
         if mutates_base(self) and (self.trainable_token_indices or self.bias != "none"):
             raise ConfigError(f"lora.init={self.init} cannot be combined with lora.trainable_token_indices or "
                               "lora.bias: the adapter converted for the original base keeps only its LoRA matrices "
