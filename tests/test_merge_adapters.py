@@ -128,6 +128,12 @@ def test_bad_combinations_are_one_line_errors(tmp_path, two_adapters, capsys):
         ([str(a), str(b), "--combination", "mean"], "--combination 'mean' is not one of linear, cat, svd"),
         ([str(a), str(e)], "adapter .*e has DoRA magnitudes, which peft's add_weighted_adapter cannot combine"),
         ([str(a), str(b), "--base", str(other)], "adapter .*a was trained on .*base, not --base"),
+        ([str(a), str(b), "--merge", out], "--out and --merge are both .*out: the merged checkpoint would replace"),
+        ([str(a), str(b), "--merge", str(base), "--force"], r"--merge .*base would replace --base .*base, which"),
+        ([str(a), str(b), "--merge", str(tmp_path), "--force"], r"--merge .* would replace --base .*base, which"),
+        ([str(a), str(b), "--combination", "svd", "--svd-rank", "17"],
+         r"--svd-rank 17 is more than the 16 dimensions of the adapted layer model.layers.0.self_attn.v_proj; give "
+         r"--svd-rank 16 or less"),
     ]
     import re
 

@@ -587,6 +587,22 @@ def combination_base(adapters: list, base=None) -> Path:
     return next(iter(recorded.values()))
 
 
+def check_outputs(adapters: list, base, out, merged=None) -> None:
+    """ConfigError when merge-adapters' outputs would overwrite what it reads or each other: --out and --merge one
+    directory (the merged checkpoint would replace the combined adapter), or either of them the base, one of the
+    adapters or a directory holding one (with --force they would be deleted)."""
+    outputs = [("--out", Path(out))] + ([("--merge", Path(merged))] if merged is not None else [])
+    if merged is not None and Path(out).resolve() == Path(merged).resolve():
+        raise ConfigError(f"--out and --merge are both {out}: the merged checkpoint would replace the combined adapter; "
+                          "give --merge another directory")
+    inputs = [("--base", Path(base))] + [("adapter", Path(a)) for a in adapters]
+    for flag, path in outputs:
+        for what, source in inputs:
+            if source.resolve().is_relative_to(path.resolve()):
+                raise ConfigError(f"{flag} {path} would replace {what} {source}, which merge-adapters reads; write to "
+                                  "another directory")
+
+
 def combine_adapters(adapters: list, out, weights: list[float] | None = None, combination: str = "linear",
                      density: float | None = None, svd_rank: int | None = None, base=None, merged=None,
                      quant: QuantSection | None = None):
@@ -608,6 +624,7 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     settings = [adapter_settings(a) for a in adapters]
     base = combination_base(adapters, base)
     check_model_dir(base, "--base")
+    check_outputs(adapters, base, out, merged)
     for adapter, s in zip(adapters, settings):
         for key, what in (("use_dora", "DoRA magnitudes"), ("use_rslora", "rank-stabilised scaling (use_rslora)"),
                           ("trainable_token_indices", "trainable tokens"), ("modules_to_save", "modules_to_save"),
@@ -649,6 +666,14 @@ def _combine(adapters, out, weights, combination, density, svd_rank, base, merge
     except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
         raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
                           "model they were trained on") from None
+    if svd_rank is not None:  # peft's SVD cannot give more directions than a layer has (it fails on the shapes)
+        from peft.tuners.lora import LoraLayer
+
+        smallest = min((min(m.in_features, m.out_features), n) for n, m in model.named_modules()
+                       if isinstance(m, LoraLayer))
+        if svd_rank > smallest[0]:
+            raise ConfigError(f"--svd-rank {svd_rank} is more than the {smallest[0]} dimensions of the adapted layer "
+                              f"{smallest[1].removeprefix('base_model.model.')}; give --svd-rank {smallest[0]} or less")
     try:
         model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination, density=density,
                                    svd_rank=svd_rank)
