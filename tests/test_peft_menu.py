@@ -331,7 +331,7 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
-                                       '"n_positions": 64}')
+                                       '"n_positions": 64, "n_layer": 2, "vocab_size": 100}')
     (model / "model.safetensors").write_bytes(b"")
     common = f"'base_model={model}', 'data.max_length=64', 'data.train_tasks={model}'"
     code = ("import sys; from tune.cli import main; "
@@ -340,14 +340,27 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
             f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[1, 2]']) == 0; "
             f"assert main(['validate', 'lora_ni', {common}, 'lora.init=loftq']) == 2; "
             f"assert main(['validate', 'qlora_ni', {common}, 'lora.init=olora']) == 2; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.layers_to_transform=[1]', "
+            "'lora.target_modules=[c_attn]', 'lora.trainable_token_indices=[99]', 'train.loraplus_lr_ratio=16']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.layers_to_transform=[0, 2]', "
+            "'lora.target_modules=[c_attn]']) == 2; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[5, 100]']) == 2; "
+            f"assert main(['validate', 'full_ni', {common}, 'train.loraplus_lr_ratio=16']) == 2; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
+    assert len(errors) == 5 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
     assert "lora.init=olora moves part of each base weight into the adapter" in errors[1], result.stderr
+    # what the model's config.json says: its layers, its vocabulary; LoRA+ needs LoRA
+    assert errors[2:] == [
+        "error: lora.layers_to_transform=[0, 2]: the model has 2 decoder layers (indices 0 to 1); give indices below 2",
+        "error: lora.trainable_token_indices: token ids must be below the model's vocabulary of 100, got 100; add the "
+        "new tokens to the tokenizer and base model first",
+        "error: train.loraplus_lr_ratio applies to method=lora or qlora (it speeds up the LoRA B matrices); set it to "
+        "null for a full fine-tune"], result.stderr
 
 
 @pytest.mark.parametrize("options,message", [

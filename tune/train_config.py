@@ -189,6 +189,28 @@ def lora_init_problem(lora: LoraSection, method: str, converts: bool = True) -> 
     return None
 
 
+def lora_model_problems(lora: LoraSection, method: str, model_config: dict, loraplus_lr_ratio=None) -> list[str]:
+    """The problem lines of lora.* / train.loraplus_lr_ratio against the base's config.json (`model_config`, a dict:
+    no weights, no torch): LoRA+ without LoRA (method=full), a lora.layers_to_transform index past the model's
+    decoder layers, a lora.trainable_token_indices id past its vocabulary. add_lora checks them again on the model."""
+    if method == "full":
+        return (["train.loraplus_lr_ratio applies to method=lora or qlora (it speeds up the LoRA B matrices); set it "
+                 "to null for a full fine-tune"] if loraplus_lr_ratio is not None else [])
+    problems = []
+    text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else model_config
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
+                  None)
+    if lora.layers_to_transform and layers is not None and max(lora.layers_to_transform) >= layers:
+        problems.append(f"lora.layers_to_transform={lora.layers_to_transform}: the model has {layers} decoder layers "
+                        f"(indices 0 to {layers - 1}); give indices below {layers}")
+    vocab, tokens = text.get("vocab_size"), lora.trainable_token_indices
+    ids = [i for group in (tokens.values() if isinstance(tokens, dict) else [tokens or []]) for i in group]
+    if isinstance(vocab, int) and ids and max(ids) >= vocab:
+        problems.append(f"lora.trainable_token_indices: token ids must be below the model's vocabulary of {vocab}, "
+                        f"got {max(ids)}; add the new tokens to the tokenizer and base model first")
+    return problems
+
+
 @dataclass
 class QuantSection:
     quant_type: Literal["nf4", "fp4"] = "nf4"
