@@ -390,3 +390,33 @@ def test_lora_names_that_match_nothing_are_config_errors_naming_their_key(tmp_pa
                                                    "model.layers.1.self_attn.q_proj"]
     layers = model.get_base_model().model.layers
     assert [layer.self_attn.q_proj.r["default"] for layer in layers] == [2, 4]
+
+
+def test_a_resume_that_changes_what_the_adapter_computes_is_refused_by_validate(tmp_path, capsys):
+    """The checkpoint holds the adapter's tensors only: resumed with another lora.alpha, rsLoRA, init or other
+    trainable-token ids (same shapes) they loaded silently into a different model. tune validate (and so the run)
+    refuses every such change in one line, naming old and new; lora.dropout may change; method=full has no adapter."""
+    from tune.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                       '"n_positions": 64, "n_layer": 2, "vocab_size": 100}')
+    (model / "model.safetensors").write_bytes(b"")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: finetune\nmethod: lora\nlora:\n  alpha: 32\n  use_rslora: true\n"
+                                     "  trainable_token_indices: [5, 7]\n")  # keys it lacks: their defaults
+    common = ["validate", "lora_ni", f"base_model={model}", "data.max_length=64", f"data.train_tasks={model}",
+              f"output_dir={run}", "train.resume=true", "lora.use_rslora=true", "lora.trainable_token_indices=[5, 7]"]
+    assert main([*common, "lora.dropout=0.2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "lora.alpha=64", "lora.trainable_token_indices=[5, 8]", "lora.init=gaussian"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: resuming {run} would change the model its checkpoints were trained as: lora.alpha 32 -> 64, "
+        "lora.init default -> gaussian, lora.trainable_token_indices [5, 7] -> [5, 8]; resume with the run's own "
+        "settings (its config.yaml) or start a new output_dir\n")
+    assert main([*common, "lora.use_rslora=false"]) == 2
+    assert "lora.use_rslora True -> False" in capsys.readouterr().err
+    assert main(["validate", "qlora_ni", *common[2:]]) == 2
+    assert "would change the model its checkpoints were trained as: method lora -> qlora" in capsys.readouterr().err

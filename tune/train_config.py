@@ -211,6 +211,27 @@ def lora_model_problems(lora: LoraSection, method: str, model_config: dict, lora
     return problems
 
 
+# lora.* settings a resumed run must keep: they decide what the checkpointed adapter weights compute (the scaling,
+# the base residual of PiSSA / OLoRA, which embedding rows the trainable-token deltas belong to) or which weights
+# exist. lora.dropout may change (it only acts in training).
+LORA_RESUME_KEYS = ("r", "alpha", "target_modules", "target_parameters", "bias", "use_dora", "use_rslora",
+                    "layers_to_transform", "exclude_modules", "init", "rank_pattern", "alpha_pattern",
+                    "trainable_token_indices")
+
+
+def lora_resume_changes(saved: dict, method: str, lora: LoraSection) -> list[str]:
+    """The "KEY old -> new" changes of `method` and the LORA_RESUME_KEYS between a run's saved config (`saved`: its
+    config.yaml as a dict; a key it lacks counts as its default) and the config resuming it. Empty for method=full."""
+    old_method = saved.get("method", "full")
+    if old_method != method:
+        return [f"method {old_method} -> {method}"]
+    if method == "full":
+        return []
+    old, default = saved.get("lora") or {}, LoraSection()
+    return [f"lora.{key} {old.get(key, getattr(default, key))} -> {getattr(lora, key)}" for key in LORA_RESUME_KEYS
+            if old.get(key, getattr(default, key)) != getattr(lora, key)]
+
+
 @dataclass
 class QuantSection:
     quant_type: Literal["nf4", "fp4"] = "nf4"
