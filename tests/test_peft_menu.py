@@ -212,6 +212,8 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         LoraSection(rank_pattern={"q_proj": 0})
     with pytest.raises(ConfigError, match="lora.alpha_pattern must map module names"):
         LoraSection(alpha_pattern={"q_proj": "big"})
+    with pytest.raises(ConfigError, match=r"got \{'q_proj:8': None\}; YAML needs a space after the colon"):
+        LoraSection(rank_pattern={"q_proj:8": None})  # what YAML makes of lora.rank_pattern={q_proj:8}
     with pytest.raises(ConfigError, match=r"lora.rank_pattern: '\(q_proj' is not a valid regex"):
         LoraSection(rank_pattern={"(q_proj": 2})
     with pytest.raises(ConfigError, match="lora.init=olora with lora.use_rslora and a rank/alpha pattern"):

@@ -132,8 +132,11 @@ class LoraSection:
                    or not math.isfinite(v)]
             if pattern is not None and (not pattern or bad):
                 what = "an integer >= 1" if key == "rank_pattern" else "a number > 0"
+                # YAML reads {q_proj:8} (no space after the colon) as the key "q_proj:8" with no value
+                hint = ("; YAML needs a space after the colon ({q_proj: 8})"
+                        if any(v is None and ":" in str(k) for k, v in pattern.items()) else "")
                 raise ConfigError(f"lora.{key} must map module names (or regexes) to {what}, e.g. {{q_proj: 8}}, got "
-                                  f"{pattern!r}")
+                                  f"{pattern!r}{hint}")
             for k in pattern or {}:
                 try:
                     re.compile(k)
