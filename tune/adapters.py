@@ -645,6 +645,27 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
         return _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant)
 
 
+def explicit_targets(model, names: list[str]) -> bool:
+    """When the loaded adapters `names` of a PeftModel restrict their targets differently (layers_to_transform,
+    layers_pattern, exclude_modules), give each the set of full names of the modules it adapted as target_modules and
+    drop those restrictions. add_weighted_adapter builds the combined adapter with the union of the target_modules but
+    the first adapter's restrictions, so the others' layers outside them were silently left out. Returns whether the
+    configs were rewritten."""
+    from peft.tuners.lora import LoraLayer
+
+    keys = ("layers_to_transform", "layers_pattern", "exclude_modules")
+    restrictions = [tuple(str(getattr(model.peft_config[n], k, None)) for k in keys) for n in names]
+    if len(set(restrictions)) == 1:
+        return False
+    for name in names:
+        config = model.peft_config[name]
+        config.target_modules = {m.removeprefix("base_model.model.") for m, layer in model.named_modules()
+                                 if isinstance(layer, LoraLayer) and (name in layer.lora_A or name in
+                                                                      layer.lora_embedding_A)}
+        config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
+    return True
+
+
 def _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant):
     """combine_adapters' work once its arguments are checked (called inside quiet_third_party)."""
     import shutil
@@ -666,6 +687,7 @@ def _combine(adapters, out, weights, combination, density, svd_rank, base, merge
     except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
         raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
                           "model they were trained on") from None
+    explicit_targets(model, names)
     if svd_rank is not None:  # peft's SVD cannot give more directions than a layer has (it fails on the shapes)
         from peft.tuners.lora import LoraLayer
 
