@@ -278,7 +278,7 @@ def test_a_task_whose_data_file_is_missing_is_a_one_line_error(lm, tmp_path, mon
 
 
 @needs_lm_eval
-def test_unreadable_task_yamls_and_templates_are_one_line_errors_naming_the_file(lm, tmp_path, capsys):
+def test_unreadable_task_yamls_and_templates_are_one_line_errors_naming_the_file(lm, tmp_path, monkeypatch, capsys):
     """lm_eval skips a task YAML it cannot parse (and *.yml files) without a word, so the task was just "not found";
     a Jinja template that does not render was a traceback after the model loaded. Both are one-line errors now, and
     nothing is written."""
@@ -302,6 +302,13 @@ def test_unreadable_task_yamls_and_templates_are_one_line_errors_naming_the_file
     err = captured.err.strip().splitlines()[-1]
     assert err == ("error: harness.tasks=['badtpl']: a task's Jinja template does not render (line 1): "
                    "TemplateSyntaxError: unexpected '}', expected ')'; fix the doc_to_* templates of its task YAML")
+    assert not (tmp_path / "out").exists()
+    # tiny_mc's train split (its fewshot_split) holds fewer documents than 5 demonstrations: a ValueError traceback
+    monkeypatch.chdir(REPO)  # the shipped YAMLs name their data files relative to the repository root
+    assert main([*args, f"harness.include_path={TASKS}", "harness.tasks=[tiny_mc]", "harness.num_fewshot=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: harness.num_fewshot=5: a task of ['tiny_mc'] has fewer documents than that to draw "
+                          "demonstrations from"), err
     assert not (tmp_path / "out").exists()
 
 

@@ -150,6 +150,12 @@ def run_harness(model, tokenizer, manager, names: list[str], num_fewshot: int | 
             raise DataError(f"harness.tasks={names}: cannot load a task's data ({reason}); data_files in a task YAML "
                             "are relative to where you run tune, and a hub dataset needs the network "
                             "(with HF_DATASETS_OFFLINE=1 only what is cached)") from None
+        except ValueError as e:
+            if "Sample larger than population" not in str(e):
+                raise
+            raise ConfigError(f"harness.num_fewshot={num_fewshot}: a task of {names} has fewer documents than that to "
+                              "draw demonstrations from (its fewshot_split, else its training split); lower "
+                              "harness.num_fewshot (null: each task's default)") from None
         except TemplateError as e:  # a doc_to_text / doc_to_target / doc_to_choice Jinja template of a task YAML
             where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
             raise ConfigError(f"harness.tasks={names}: a task's Jinja template does not render{where}: "
