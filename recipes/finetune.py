@@ -101,7 +101,7 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
     from tune.hf import read_model_config
-    from tune.train_config import lora_init_problem, lora_model_problems
+    from tune.train_config import check_resume_keeps_lora, lora_init_problem, lora_model_problems
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
@@ -128,7 +128,7 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.call(check_moe_lora_dropout, cfg.lora, base)
     if init_problem := lora_init_problem(cfg.lora, cfg.method):
         problems.add(init_problem)
-    problems.call(check_resume_keeps_lora, cfg)
+    problems.call(check_resume_keeps_lora, cfg.output_dir, cfg.train.resume, cfg.method, cfg.lora)
     model_config = problems.call(read_model_config, base) if base is not None else None
     problems.extend(lora_model_problems(cfg.lora, cfg.method, model_config or {}, cfg.train.loraplus_lr_ratio))
     quantized = problems.call(stored_quant, base) if base is not None else None
@@ -137,25 +137,6 @@ def validate(cfg: FinetuneConfig) -> None:
                      "quantize` output): fine-tune the full-precision model it was made from (method=qlora "
                      "quantizes it to 4-bit as it loads)")
     problems.raise_if_any()
-
-
-def check_resume_keeps_lora(cfg: FinetuneConfig) -> None:
-    """ConfigError when train.resume would continue a run (its checkpoints and config.yaml in output_dir) with another
-    method or other lora.* settings that change what its adapter weights compute (LORA_RESUME_KEYS: alpha, rsLoRA,
-    the init, the trainable token ids, ...): the checkpoint's tensors would load into a different model, silently
-    when the shapes agree. Reads config.yaml only."""
-    from tune.config import read_yaml
-    from tune.errors import ConfigError
-    from tune.train_config import lora_resume_changes
-
-    run_dir = Path(cfg.output_dir)
-    if not cfg.train.resume or not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("checkpoints/step_*")):
-        return
-    changes = lora_resume_changes(read_yaml(run_dir / "config.yaml"), cfg.method, cfg.lora)
-    if changes:
-        raise ConfigError(f"resuming {run_dir} would change the model its checkpoints were trained as: "
-                          f"{', '.join(changes)}; resume with the run's own settings (its config.yaml) or start a new "
-                          "output_dir")
 
 
 def check_task_paths(d: NIDataSection, problems) -> None:

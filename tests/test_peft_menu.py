@@ -422,3 +422,13 @@ def test_a_resume_that_changes_what_the_adapter_computes_is_refused_by_validate(
     assert "lora.use_rslora True -> False" in capsys.readouterr().err
     assert main(["validate", "qlora_ni", *common[2:]]) == 2
     assert "would change the model its checkpoints were trained as: method lora -> qlora" in capsys.readouterr().err
+    # distill and classify keep the same check (distill's method is student.method)
+    from tune.train_config import check_resume_keeps_lora
+
+    (run / "config.yaml").write_text("recipe: distill\nstudent:\n  method: lora\nlora:\n  alpha: 16\n")
+    check_resume_keeps_lora(run, True, "lora", LoraSection(alpha=16), "student.method")
+    check_resume_keeps_lora(run, False, "qlora", LoraSection(alpha=8), "student.method")  # no resume: no check
+    with pytest.raises(ConfigError, match=r"trained as: student.method lora -> qlora;"):
+        check_resume_keeps_lora(run, True, "qlora", LoraSection(alpha=16), "student.method")
+    with pytest.raises(ConfigError, match=r"trained as: lora.alpha 16 -> 8;"):
+        check_resume_keeps_lora(run, True, "lora", LoraSection(alpha=8), "student.method")

@@ -222,17 +222,40 @@ LORA_RESUME_KEYS = ("r", "alpha", "target_modules", "target_parameters", "bias",
                     "trainable_token_indices")
 
 
-def lora_resume_changes(saved: dict, method: str, lora: LoraSection) -> list[str]:
-    """The "KEY old -> new" changes of `method` and the LORA_RESUME_KEYS between a run's saved config (`saved`: its
-    config.yaml as a dict; a key it lacks counts as its default) and the config resuming it. Empty for method=full."""
-    old_method = saved.get("method", "full")
+def lora_resume_changes(saved: dict, method: str, lora: LoraSection, method_key: str = "method") -> list[str]:
+    """The "KEY old -> new" changes of `method` (the config key `method_key`, e.g. student.method) and the
+    LORA_RESUME_KEYS between a run's saved config (`saved`: its config.yaml as a dict; a key it lacks counts as its
+    default) and the config resuming it. Empty for method=full."""
+    old_method = saved
+    for part in method_key.split("."):
+        old_method = old_method.get(part) if isinstance(old_method, dict) else None
+    old_method = old_method or "full"
     if old_method != method:
-        return [f"method {old_method} -> {method}"]
+        return [f"{method_key} {old_method} -> {method}"]
     if method == "full":
         return []
     old, default = saved.get("lora") or {}, LoraSection()
     return [f"lora.{key} {old.get(key, getattr(default, key))} -> {getattr(lora, key)}" for key in LORA_RESUME_KEYS
             if old.get(key, getattr(default, key)) != getattr(lora, key)]
+
+
+def check_resume_keeps_lora(output_dir, resume: bool, method: str, lora: LoraSection, method_key: str = "method"):
+    """ConfigError when train.resume would continue the run in `output_dir` (its checkpoints and config.yaml) with
+    another method or other lora.* settings that change what its adapter weights compute (LORA_RESUME_KEYS: alpha,
+    rsLoRA, the init, the trainable token ids, ...): the checkpoint's tensors would load into a different model,
+    silently when the shapes agree. Reads config.yaml only (no torch)."""
+    from pathlib import Path
+
+    from tune.config import read_yaml
+
+    run_dir = Path(output_dir)
+    if not resume or not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("checkpoints/step_*")):
+        return
+    changes = lora_resume_changes(read_yaml(run_dir / "config.yaml"), method, lora, method_key)
+    if changes:
+        raise ConfigError(f"resuming {run_dir} would change the model its checkpoints were trained as: "
+                          f"{', '.join(changes)}; resume with the run's own settings (its config.yaml) or start a new "
+                          "output_dir")
 
 
 @dataclass
