@@ -236,8 +236,8 @@ def check_lora_names(model, lora: LoraSection) -> None:
                           f"(indices 0 to {layers - 1}); give indices below {layers}")
     for name in lora.exclude_modules or []:
         if not any(n == name or n.endswith("." + name) for n in names):
-            raise ConfigError(f"lora.exclude_modules: {name!r} is no module of the model, so it excludes nothing; check "
-                              "the name (e.g. o_proj, down_proj)")
+            raise ConfigError(f"lora.exclude_modules: {name!r} is no module of the model, so it excludes nothing; "
+                              "check the name (e.g. o_proj, down_proj)")
     tokens = lora.trainable_token_indices
     for name in tokens if isinstance(tokens, dict) else []:
         if not any(n == name or n.endswith("." + name) or re.fullmatch(name, n) for n in names):
@@ -593,8 +593,8 @@ def check_outputs(adapters: list, base, out, merged=None) -> None:
     adapters or a directory holding one (with --force they would be deleted)."""
     outputs = [("--out", Path(out))] + ([("--merge", Path(merged))] if merged is not None else [])
     if merged is not None and Path(out).resolve() == Path(merged).resolve():
-        raise ConfigError(f"--out and --merge are both {out}: the merged checkpoint would replace the combined adapter; "
-                          "give --merge another directory")
+        raise ConfigError(f"--out and --merge are both {out}: the merged checkpoint would replace the combined "
+                          "adapter; give --merge another directory")
     inputs = [("--base", Path(base))] + [("adapter", Path(a)) for a in adapters]
     for flag, path in outputs:
         for what, source in inputs:
