@@ -118,7 +118,7 @@ def validate(cfg: ClassifyConfig) -> None:
     from tune.errors import Problems
     from tune.hf import check_model_dir, check_no_custom_code
     from tune.recipe_utils import check_output_dir, empty_path_problems
-    from tune.train_config import lora_init_problem
+    from tune.train_config import check_resume_keeps_lora, lora_init_problem
 
     d, problems = cfg.data, Problems()
     problems.extend(empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train", "data.eval",
@@ -126,6 +126,7 @@ def validate(cfg: ClassifyConfig) -> None:
     base = problems.call(check_model_dir, cfg.base_model, "base_model")
     if init_problem := lora_init_problem(cfg.lora, cfg.method, converts=False):
         problems.add(init_problem)
+    problems.call(check_resume_keeps_lora, cfg.output_dir, cfg.train.resume, cfg.method, cfg.lora)
     if isinstance(cfg.lora.trainable_token_indices, dict) and cfg.method != "full":
         problems.add("lora.trainable_token_indices must be a list of token ids here (classify adds its own tokens to "
                      "the input embedding), not a mapping of modules")

@@ -136,7 +136,7 @@ def validate(cfg: DistillConfig) -> None:
     from tune.hf import check_model_dir
     from tune.models.config import config_from_preset
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
-    from tune.train_config import lora_init_problem
+    from tune.train_config import check_resume_keeps_lora, lora_init_problem
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "teacher.model", "teacher.cache_dir", "student.model",
@@ -155,6 +155,7 @@ def validate(cfg: DistillConfig) -> None:
         student = problems.call(check_model_dir, s.model, "student.model")
         if init_problem := lora_init_problem(cfg.lora, s.method, converts=False):
             problems.add(init_problem)
+        problems.call(check_resume_keeps_lora, cfg.output_dir, cfg.train.resume, s.method, cfg.lora, "student.method")
     elif not student_sizes:
         if s.method != "full":
             problems.add(f"student.method={s.method} needs student.model (an HF directory); a fresh preset trains "

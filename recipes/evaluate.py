@@ -322,7 +322,8 @@ def run_harness(cfg: EvaluateConfig, harness, model, tokenizer) -> dict:
     h = cfg.harness
     print(f"lm-evaluation-harness on {len(names)} task(s): {', '.join(names)}"
           + (f" ({h.num_fewshot}-shot)" if h.num_fewshot is not None else "")
-          + (f", at most {h.limit} documents each" if h.limit is not None else ""), flush=True)
+          + (f", the first {h.limit:.0%} of each task's documents" if isinstance(h.limit, float)
+             else f", at most {h.limit} documents each" if h.limit is not None else ""), flush=True)
     summary = run_lm_eval(model, tokenizer, manager, names, num_fewshot=h.num_fewshot, limit=h.limit,
                           batch_size=h.batch_size, bootstrap_iters=h.bootstrap_iters)
     print(harness_table(summary), flush=True)

@@ -102,7 +102,8 @@ def validate(cfg: FinetuneConfig) -> None:
     from tune.hf import check_model_dir, check_moe_lora_dropout, check_no_custom_code, stored_quant
     from tune.recipe_utils import check_file_free_dir, check_output_dir, empty_path_problems
     from data_prep.instructions import chat_template_problem
-    from tune.train_config import lora_init_problem
+    from tune.hf import read_model_config
+    from tune.train_config import check_resume_keeps_lora, lora_init_problem, lora_model_problems
 
     problems = Problems()
     problems.extend((*empty_path_problems(cfg, ["output_dir", "base_model", "tokenizer", "data.train_tasks",
@@ -132,6 +133,9 @@ def validate(cfg: FinetuneConfig) -> None:
         problems.call(check_moe_lora_dropout, cfg.lora, base)
     if init_problem := lora_init_problem(cfg.lora, cfg.method):
         problems.add(init_problem)
+    problems.call(check_resume_keeps_lora, cfg.output_dir, cfg.train.resume, cfg.method, cfg.lora)
+    model_config = problems.call(read_model_config, base) if base is not None else None
+    problems.extend(lora_model_problems(cfg.lora, cfg.method, model_config or {}, cfg.train.loraplus_lr_ratio))
     quantized = problems.call(stored_quant, base) if base is not None else None
     if quantized:
         problems.add(f"base_model={cfg.base_model} is a quantized checkpoint ({quantized}, e.g. `tune "

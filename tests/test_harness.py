@@ -278,6 +278,41 @@ def test_a_task_whose_data_file_is_missing_is_a_one_line_error(lm, tmp_path, mon
 
 
 @needs_lm_eval
+def test_unreadable_task_yamls_and_templates_are_one_line_errors_naming_the_file(lm, tmp_path, monkeypatch, capsys):
+    """lm_eval skips a task YAML it cannot parse (and *.yml files) without a word, so the task was just "not found";
+    a Jinja template that does not render was a traceback after the model loaded. Both are one-line errors now, and
+    nothing is written."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text("task: broken\ndataset_path: json\n  oops: [\n")
+    (tasks / "other.yml").write_text(f"include: {TASKS / 'tiny_mc.yaml'}\ntask: other\n")
+    (tasks / "badtpl.yaml").write_text(f"include: {TASKS / 'tiny_mc.yaml'}\ntask: badtpl\n"
+                                       "doc_to_text: \"Question: {{question.nope(}}\"\n")
+    args = ["run", "evaluate", "--config", "eval_ni", f"model={lm}", "adapter=null", "data.exclude_train_of=null",
+            "data.tasks=null", f"output_dir={tmp_path / 'out'}", f"harness.include_path={tasks}"]
+    assert main([*args, "harness.tasks=[broken]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: harness.tasks: no task named 'broken', and lm_eval skipped "
+                                                   f"task YAML(s) it could not read: {tasks / 'broken.yaml'} "
+                                                   "(ScannerError: mapping values are not allowed"), err
+    assert f"{tasks / 'other.yml'} (lm_eval reads *.yaml files only: rename it); fix them" in err
+    assert main([*args, "harness.tasks=[badtpl]", "harness.limit=0.25"]) == 2
+    captured = capsys.readouterr()
+    assert "lm-evaluation-harness on 1 task(s): badtpl, the first 25% of each task's documents" in captured.out
+    err = captured.err.strip().splitlines()[-1]
+    assert err == ("error: harness.tasks=['badtpl']: a task's Jinja template does not render (line 1): "
+                   "TemplateSyntaxError: unexpected '}', expected ')'; fix the doc_to_* templates of its task YAML")
+    assert not (tmp_path / "out").exists()
+    # tiny_mc's train split (its fewshot_split) holds fewer documents than 5 demonstrations: a ValueError traceback
+    monkeypatch.chdir(REPO)  # the shipped YAMLs name their data files relative to the repository root
+    assert main([*args, f"harness.include_path={TASKS}", "harness.tasks=[tiny_mc]", "harness.num_fewshot=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: harness.num_fewshot=5: a task of ['tiny_mc'] has fewer documents than that to draw "
+                          "demonstrations from"), err
+    assert not (tmp_path / "out").exists()
+
+
+@needs_lm_eval
 @pytest.mark.slow  # indexes lm_eval's ~15,000 task YAMLs (5-15 s)
 def test_an_unknown_task_name_is_a_one_line_error_with_close_names(lm, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)

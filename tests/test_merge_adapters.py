@@ -86,6 +86,31 @@ def test_cat_is_the_exact_weighted_sum_of_the_deltas(tmp_path, two_adapters):
         torch.testing.assert_close(delta(out, layer, 1.0), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("options", [({"layers_to_transform": [0]}, {"layers_to_transform": [1]}),
+                                     ({"exclude_modules": ["v_proj"]}, {})])
+def test_adapters_restricted_to_other_layers_or_modules_combine_all_their_layers(tmp_path, options):
+    """add_weighted_adapter gives the combined adapter the first adapter's layers_to_transform / exclude_modules, so the
+    second's layers outside them were silently dropped: a's layer-0 and b's layer-1 adapters gave a layer-0 one. Every
+    adapted layer is in the combination now (cat: w·ΔW of the adapter that has it, hand-computed), and it reloads in
+    plain peft to the --merge checkpoint's logits."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tmp_path / "base")
+    a = make_adapter(base, tmp_path / "a", 1, **options[0])
+    b = make_adapter(base, tmp_path / "b", 2, alpha=4, **options[1])
+    model = combine_adapters([a, b], tmp_path / "out", [0.5, 2.0], "cat", merged=tmp_path / "merged")
+    ta, tb, out = (load_file(d / "adapter_model.safetensors") for d in (a, b, tmp_path / "out"))
+    assert {k for k in out if k.endswith("lora_A.weight")} == {k for k in {**ta, **tb} if k.endswith("lora_A.weight")}
+    for layer in LAYERS:
+        want = sum(w * delta(t, layer, s) for t, w, s in ((ta, 0.5, 2.0), (tb, 2.0, 1.0))
+                   if f"base_model.model.{layer}.lora_A.weight" in t)
+        torch.testing.assert_close(delta(out, layer, 1.0), want, atol=1e-6, rtol=1e-5)
+    ours = logits(model, IDS)
+    torch.testing.assert_close(logits(reloaded(base, tmp_path / "out"), IDS), ours, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), IDS), ours,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("combination", ["ties", "dare_ties", "dare_linear", "magnitude_prune", "svd"])
 def test_pruning_and_svd_combinations_through_the_cli_reload_and_merge_exactly(tmp_path, two_adapters,
                                                                                combination, capsys):
@@ -128,6 +153,12 @@ def test_bad_combinations_are_one_line_errors(tmp_path, two_adapters, capsys):
         ([str(a), str(b), "--combination", "mean"], "--combination 'mean' is not one of linear, cat, svd"),
         ([str(a), str(e)], "adapter .*e has DoRA magnitudes, which peft's add_weighted_adapter cannot combine"),
         ([str(a), str(b), "--base", str(other)], "adapter .*a was trained on .*base, not --base"),
+        ([str(a), str(b), "--merge", out], "--out and --merge are both .*out: the merged checkpoint would replace"),
+        ([str(a), str(b), "--merge", str(base), "--force"], r"--merge .*base would replace --base .*base, which"),
+        ([str(a), str(b), "--merge", str(tmp_path), "--force"], r"--merge .* would replace --base .*base, which"),
+        ([str(a), str(b), "--combination", "svd", "--svd-rank", "17"],
+         r"--svd-rank 17 is more than the 16 dimensions of the adapted layer model.layers.0.self_attn.v_proj; give "
+         r"--svd-rank 16 or less"),
     ]
     import re
 

@@ -212,6 +212,10 @@ def test_lora_init_patterns_and_tokens_are_checked_in_one_line(tmp_path):
         LoraSection(rank_pattern={"q_proj": 0})
     with pytest.raises(ConfigError, match="lora.alpha_pattern must map module names"):
         LoraSection(alpha_pattern={"q_proj": "big"})
+    with pytest.raises(ConfigError, match=r"got \{'q_proj:8': None\}; YAML needs a space after the colon"):
+        LoraSection(rank_pattern={"q_proj:8": None})  # what YAML makes of lora.rank_pattern={q_proj:8}
+    with pytest.raises(ConfigError, match=r"lora.rank_pattern: '\(q_proj' is not a valid regex"):
+        LoraSection(rank_pattern={"(q_proj": 2})
     with pytest.raises(ConfigError, match="lora.init=olora with lora.use_rslora and a rank/alpha pattern"):
         LoraSection(init="olora", use_rslora=True, rank_pattern={"q_proj": 2})
     with pytest.raises(ConfigError, match="lora.init=pissa cannot be combined with lora.trainable_token_indices"):
@@ -329,7 +333,7 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
-                                       '"n_positions": 64}')
+                                       '"n_positions": 64, "n_layer": 2, "vocab_size": 100}')
     (model / "model.safetensors").write_bytes(b"")
     common = f"'base_model={model}', 'data.max_length=64', 'data.train_tasks={model}'"
     code = ("import sys; from tune.cli import main; "
@@ -338,11 +342,93 @@ def test_validate_checks_the_new_lora_keys_without_torch(tmp_path):
             f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[1, 2]']) == 0; "
             f"assert main(['validate', 'lora_ni', {common}, 'lora.init=loftq']) == 2; "
             f"assert main(['validate', 'qlora_ni', {common}, 'lora.init=olora']) == 2; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.layers_to_transform=[1]', "
+            "'lora.target_modules=[c_attn]', 'lora.trainable_token_indices=[99]', 'train.loraplus_lr_ratio=16']) == 0; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.layers_to_transform=[0, 2]', "
+            "'lora.target_modules=[c_attn]']) == 2; "
+            f"assert main(['validate', 'lora_ni', {common}, 'lora.trainable_token_indices=[5, 100]']) == 2; "
+            f"assert main(['validate', 'full_ni', {common}, 'train.loraplus_lr_ratio=16']) == 2; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
+    assert len(errors) == 5 and "lora.init=loftq fits the adapter to the error of a 4-bit base" in errors[0]
     assert "lora.init=olora moves part of each base weight into the adapter" in errors[1], result.stderr
+    # what the model's config.json says: its layers, its vocabulary; LoRA+ needs LoRA
+    assert errors[2:] == [
+        "error: lora.layers_to_transform=[0, 2]: the model has 2 decoder layers (indices 0 to 1); give indices below 2",
+        "error: lora.trainable_token_indices: token ids must be below the model's vocabulary of 100, got 100; add the "
+        "new tokens to the tokenizer and base model first",
+        "error: train.loraplus_lr_ratio applies to method=lora or qlora (it speeds up the LoRA B matrices); set it to "
+        "null for a full fine-tune"], result.stderr
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"rank_pattern": {"q_projj": 2}}, r"lora.rank_pattern: 'q_projj' matches no module LoRA adapts"),
+    ({"alpha_pattern": {"v_proj": 2, "nothing": 4}}, r"lora.alpha_pattern: 'nothing' matches no module LoRA adapts"),
+    ({"rank_pattern": {"q_proj": 2}, "target_modules": ["v_proj"]}, r"lora.rank_pattern: 'q_proj' matches no module"),
+    ({"exclude_modules": ["o_projj"]}, r"lora.exclude_modules: 'o_projj' is no module of the model"),
+    ({"layers_to_transform": [0, 2], "target_modules": ["q_proj"]},
+     r"lora.layers_to_transform=\[0, 2\]: the model has 2 decoder layers \(indices 0 to 1\)"),
+    ({"trainable_token_indices": {"embed_tokenz": [3]}},
+     r"lora.trainable_token_indices: 'embed_tokenz' is no module of the model"),
+])
+def test_lora_names_that_match_nothing_are_config_errors_naming_their_key(tmp_path, options, message):
+    """peft ignores (with a warning) rank/alpha pattern keys and exclude_modules entries that match nothing, so a typo
+    silently trained every layer at r / alpha; a layer index past the model, or a trainable-token module that does not
+    exist, failed in peft under lora.target_modules' name."""
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_llama(tmp_path / "base")
+    with pytest.raises(ConfigError, match=message):
+        add_lora(AutoModelForCausalLM.from_pretrained(base), LoraSection(r=4, alpha=8, **options))
+    # the right names still apply: a regex key reaches layer 0's q_proj only
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base),
+                     LoraSection(r=4, alpha=8, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2},
+                                 exclude_modules=["layers.1.self_attn.o_proj"], target_modules=["q_proj", "o_proj"]))
+    assert sorted(model.targeted_module_names) == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj",
+                                                   "model.layers.1.self_attn.q_proj"]
+    layers = model.get_base_model().model.layers
+    assert [layer.self_attn.q_proj.r["default"] for layer in layers] == [2, 4]
+
+
+def test_a_resume_that_changes_what_the_adapter_computes_is_refused_by_validate(tmp_path, capsys):
+    """The checkpoint holds the adapter's tensors only: resumed with another lora.alpha, rsLoRA, init or other
+    trainable-token ids (same shapes) they loaded silently into a different model. tune validate (and so the run)
+    refuses every such change in one line, naming old and new; lora.dropout may change; method=full has no adapter."""
+    from tune.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
+                                       '"n_positions": 64, "n_layer": 2, "vocab_size": 100}')
+    (model / "model.safetensors").write_bytes(b"")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: finetune\nmethod: lora\nlora:\n  alpha: 32\n  use_rslora: true\n"
+                                     "  trainable_token_indices: [5, 7]\n")  # keys it lacks: their defaults
+    common = ["validate", "lora_ni", f"base_model={model}", "data.max_length=64", f"data.train_tasks={model}",
+              f"output_dir={run}", "train.resume=true", "lora.use_rslora=true", "lora.trainable_token_indices=[5, 7]"]
+    assert main([*common, "lora.dropout=0.2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "lora.alpha=64", "lora.trainable_token_indices=[5, 8]", "lora.init=gaussian"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: resuming {run} would change the model its checkpoints were trained as: lora.alpha 32 -> 64, "
+        "lora.init default -> gaussian, lora.trainable_token_indices [5, 7] -> [5, 8]; resume with the run's own "
+        "settings (its config.yaml) or start a new output_dir\n")
+    assert main([*common, "lora.use_rslora=false"]) == 2
+    assert "lora.use_rslora True -> False" in capsys.readouterr().err
+    assert main(["validate", "qlora_ni", *common[2:]]) == 2
+    assert "would change the model its checkpoints were trained as: method lora -> qlora" in capsys.readouterr().err
+    # distill and classify keep the same check (distill's method is student.method)
+    from tune.train_config import check_resume_keeps_lora
+
+    (run / "config.yaml").write_text("recipe: distill\nstudent:\n  method: lora\nlora:\n  alpha: 16\n")
+    check_resume_keeps_lora(run, True, "lora", LoraSection(alpha=16), "student.method")
+    check_resume_keeps_lora(run, False, "qlora", LoraSection(alpha=8), "student.method")  # no resume: no check
+    with pytest.raises(ConfigError, match=r"trained as: student.method lora -> qlora;"):
+        check_resume_keeps_lora(run, True, "qlora", LoraSection(alpha=16), "student.method")
+    with pytest.raises(ConfigError, match=r"trained as: lora.alpha 16 -> 8;"):
+        check_resume_keeps_lora(run, True, "lora", LoraSection(alpha=8), "student.method")

@@ -179,6 +179,7 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
     if tokens and any(i >= vocab for ids in (tokens.values() if isinstance(tokens, dict) else [tokens]) for i in ids):
         raise ConfigError(f"lora.trainable_token_indices: token ids must be below the input embedding's {vocab} rows, "
                           f"got {tokens!r}")
+    check_lora_names(model, lora)
     init = {"default": True, "loftq": True}.get(lora.init, lora.init)  # loftq: loftq_init after get_peft_model
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                         target_modules=lora.target_modules, target_parameters=lora.target_parameters,
@@ -208,6 +209,7 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
                                   "Mixtral) takes no dropout in peft; set lora.dropout=0") from None
             raise ConfigError(f"lora.target_modules={lora.target_modules!r}: {str(e).splitlines()[0]}") from None
     check_lora_targets(wrapped, lora)
+    check_lora_patterns(wrapped, lora)
     conv1d = [n for n, m in wrapped.named_modules() if getattr(m, "fan_in_fan_out", False) and hasattr(m, "lora_A")]
     if lora.init == "olora" and conv1d:  # peft's olora_init ignores fan_in_fan_out: A and B get transposed shapes
         raise ConfigError(f"lora.init=olora: peft builds it wrongly for Conv1D layers (GPT-2 style, e.g. "
@@ -218,6 +220,43 @@ def add_lora(model, lora: LoraSection, trainable_token_indices: list[int] | None
     if lora.init == "loftq":
         loftq_init(wrapped, model.name_or_path)
     return wrapped
+
+
+def check_lora_names(model, lora: LoraSection) -> None:
+    """ConfigError, before peft wraps `model`, for the lora.* settings that name parts of it and would otherwise fail
+    in peft under another key's name or be ignored: a layers_to_transform index past the model's decoder layers, an
+    exclude_modules entry that is no module of the model (peft only warns), a trainable_token_indices module that
+    does not exist."""
+    import re
+
+    names = [name for name, _ in model.named_modules() if name]
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if lora.layers_to_transform and isinstance(layers, int) and max(lora.layers_to_transform) >= layers:
+        raise ConfigError(f"lora.layers_to_transform={lora.layers_to_transform}: the model has {layers} decoder layers "
+                          f"(indices 0 to {layers - 1}); give indices below {layers}")
+    for name in lora.exclude_modules or []:
+        if not any(n == name or n.endswith("." + name) for n in names):
+            raise ConfigError(f"lora.exclude_modules: {name!r} is no module of the model, so it excludes nothing; "
+                              "check the name (e.g. o_proj, down_proj)")
+    tokens = lora.trainable_token_indices
+    for name in tokens if isinstance(tokens, dict) else []:
+        if not any(n == name or n.endswith("." + name) or re.fullmatch(name, n) for n in names):
+            raise ConfigError(f"lora.trainable_token_indices: {name!r} is no module of the model; name its input "
+                              "embedding (e.g. embed_tokens, wte) or give a plain list of token ids")
+
+
+def check_lora_patterns(model, lora: LoraSection) -> None:
+    """ConfigError naming the first key of lora.rank_pattern / lora.alpha_pattern that matches no adapted module or
+    parameter: peft ignores it (with a warning), so the rank or alpha it sets would silently not apply. Matching is
+    peft's (peft.utils.other.get_pattern_key): the key, a regex, matches a name's end at a dot."""
+    import re
+
+    adapted = list(model.targeted_module_names) + list(getattr(model, "targeted_parameter_names", []))
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(lora, key) or {}:
+            if not any(re.match(rf"(.*\.)?({pattern})$", name) for name in adapted):  # (LoraSection checked the regex)
+                raise ConfigError(f"lora.{key}: {pattern!r} matches no module LoRA adapts (lora.target_modules); "
+                                  "name one of them (e.g. q_proj, or a regex such as layers\\.0\\..*q_proj)")
 
 
 def check_lora_targets(model, lora: LoraSection) -> None:
@@ -548,6 +587,22 @@ def combination_base(adapters: list, base=None) -> Path:
     return next(iter(recorded.values()))
 
 
+def check_outputs(adapters: list, base, out, merged=None) -> None:
+    """ConfigError when merge-adapters' outputs would overwrite what it reads or each other: --out and --merge one
+    directory (the merged checkpoint would replace the combined adapter), or either of them the base, one of the
+    adapters or a directory holding one (with --force they would be deleted)."""
+    outputs = [("--out", Path(out))] + ([("--merge", Path(merged))] if merged is not None else [])
+    if merged is not None and Path(out).resolve() == Path(merged).resolve():
+        raise ConfigError(f"--out and --merge are both {out}: the merged checkpoint would replace the combined "
+                          "adapter; give --merge another directory")
+    inputs = [("--base", Path(base))] + [("adapter", Path(a)) for a in adapters]
+    for flag, path in outputs:
+        for what, source in inputs:
+            if source.resolve().is_relative_to(path.resolve()):
+                raise ConfigError(f"{flag} {path} would replace {what} {source}, which merge-adapters reads; write to "
+                                  "another directory")
+
+
 def combine_adapters(adapters: list, out, weights: list[float] | None = None, combination: str = "linear",
                      density: float | None = None, svd_rank: int | None = None, base=None, merged=None,
                      quant: QuantSection | None = None):
@@ -569,6 +624,7 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
     settings = [adapter_settings(a) for a in adapters]
     base = combination_base(adapters, base)
     check_model_dir(base, "--base")
+    check_outputs(adapters, base, out, merged)
     for adapter, s in zip(adapters, settings):
         for key, what in (("use_dora", "DoRA magnitudes"), ("use_rslora", "rank-stabilised scaling (use_rslora)"),
                           ("trainable_token_indices", "trainable tokens"), ("modules_to_save", "modules_to_save"),
@@ -587,6 +643,27 @@ def combine_adapters(adapters: list, out, weights: list[float] | None = None, co
 
     with quiet_third_party():
         return _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant)
+
+
+def explicit_targets(model, names: list[str]) -> bool:
+    """When the loaded adapters `names` of a PeftModel restrict their targets differently (layers_to_transform,
+    layers_pattern, exclude_modules), give each the set of full names of the modules it adapted as target_modules and
+    drop those restrictions. add_weighted_adapter builds the combined adapter with the union of the target_modules but
+    the first adapter's restrictions, so the others' layers outside them were silently left out. Returns whether the
+    configs were rewritten."""
+    from peft.tuners.lora import LoraLayer
+
+    keys = ("layers_to_transform", "layers_pattern", "exclude_modules")
+    restrictions = [tuple(str(getattr(model.peft_config[n], k, None)) for k in keys) for n in names]
+    if len(set(restrictions)) == 1:
+        return False
+    for name in names:
+        config = model.peft_config[name]
+        config.target_modules = {m.removeprefix("base_model.model.") for m, layer in model.named_modules()
+                                 if isinstance(layer, LoraLayer) and (name in layer.lora_A or name in
+                                                                      layer.lora_embedding_A)}
+        config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
+    return True
 
 
 def _combine(adapters, out, weights, combination, density, svd_rank, base, merged, quant):
@@ -610,6 +687,15 @@ def _combine(adapters, out, weights, combination, density, svd_rank, base, merge
     except RuntimeError as e:  # load_state_dict: the adapter's shapes are another model's
         raise ConfigError(f"the adapters do not fit --base {base} ({str(e).splitlines()[0][:160]}); give the base "
                           "model they were trained on") from None
+    explicit_targets(model, names)
+    if svd_rank is not None:  # peft's SVD cannot give more directions than a layer has (it fails on the shapes)
+        from peft.tuners.lora import LoraLayer
+
+        smallest = min((min(m.in_features, m.out_features), n) for n, m in model.named_modules()
+                       if isinstance(m, LoraLayer))
+        if svd_rank > smallest[0]:
+            raise ConfigError(f"--svd-rank {svd_rank} is more than the {smallest[0]} dimensions of the adapted layer "
+                              f"{smallest[1].removeprefix('base_model.model.')}; give --svd-rank {smallest[0]} or less")
     try:
         model.add_weighted_adapter(names, weights, COMBINED, combination_type=combination, density=density,
                                    svd_rank=svd_rank)

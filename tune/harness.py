@@ -79,10 +79,37 @@ def resolve_tasks(tasks: list[str], include_path=None):
             close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
             unknown.append(f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
         where = f" or in harness.include_path={paths}" if paths else ""
+        skipped = unreadable_yamls(paths)
+        if skipped:  # lm_eval skips a task YAML it cannot read without a word: the likely cause, named
+            files = "; ".join(f"{path} ({reason})" for path, reason in skipped[:3])
+            raise ConfigError(f"harness.tasks: no task named {', '.join(unknown)}, and lm_eval skipped task YAML(s) it "
+                              f"could not read: {files}; fix them")
         raise ConfigError(f"harness.tasks: no task, group or tag named {', '.join(unknown)} in lm_eval{where}; "
                           "`lm_eval ls tasks` lists lm_eval's, and harness.include_path takes the directory of "
                           "your own task YAMLs")
     return manager, names
+
+
+def unreadable_yamls(paths: list[str]) -> list[tuple[Path, str]]:
+    """(file, reason) for each task YAML under the `paths` (directories or files) that lm_eval's task index skips
+    silently: a YAML syntax error, an `include` that does not exist, no `task` / `group` key; and *.yml files, which it
+    does not read at all."""
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    bad = []
+    for root in map(Path, paths):
+        files = [root] if root.is_file() else sorted([*root.glob("**/*.yaml"), *root.glob("**/*.yml")])
+        for path in files:
+            if path.suffix != ".yaml":
+                bad.append((path, "lm_eval reads *.yaml files only: rename it"))
+                continue
+            try:
+                TaskIndex.process_cfg(load_yaml(path, resolve_func=False, recursive=True), path, {})
+            except Exception as e:  # what TaskIndex.build catches and logs at debug level
+                text = " ".join(str(e).split())[:200]
+                bad.append((path, f"{type(e).__name__}: {text}" if text else type(e).__name__))
+    return bad
 
 
 def _match(manager, tasks: list[str]) -> list[str] | None:
@@ -108,6 +135,7 @@ def run_harness(model, tokenizer, manager, names: list[str], num_fewshot: int | 
     Returns summarize(lm_eval's results). A task whose data cannot be read (a missing data file, a hub dataset
     while offline) is a DataError naming the task list.
     """
+    from jinja2 import TemplateError
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -122,6 +150,17 @@ def run_harness(model, tokenizer, manager, names: list[str], num_fewshot: int | 
             raise DataError(f"harness.tasks={names}: cannot load a task's data ({reason}); data_files in a task YAML "
                             "are relative to where you run tune, and a hub dataset needs the network "
                             "(with HF_DATASETS_OFFLINE=1 only what is cached)") from None
+        except ValueError as e:
+            if "Sample larger than population" not in str(e):
+                raise
+            raise ConfigError(f"harness.num_fewshot={num_fewshot}: a task of {names} has fewer documents than that to "
+                              "draw demonstrations from (its fewshot_split, else its training split); lower "
+                              "harness.num_fewshot (null: each task's default)") from None
+        except TemplateError as e:  # a doc_to_text / doc_to_target / doc_to_choice Jinja template of a task YAML
+            where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise ConfigError(f"harness.tasks={names}: a task's Jinja template does not render{where}: "
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; fix the doc_to_* templates of "
+                              "its task YAML") from None
     return summarize(raw)
 
 

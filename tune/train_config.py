@@ -150,8 +150,17 @@ class LoraSection:
                    or not math.isfinite(v)]
             if pattern is not None and (not pattern or bad):
                 what = "an integer >= 1" if key == "rank_pattern" else "a number > 0"
+                # YAML reads {q_proj:8} (no space after the colon) as the key "q_proj:8" with no value
+                hint = ("; YAML needs a space after the colon ({q_proj: 8})"
+                        if any(v is None and ":" in str(k) for k, v in pattern.items()) else "")
                 raise ConfigError(f"lora.{key} must map module names (or regexes) to {what}, e.g. {{q_proj: 8}}, got "
-                                  f"{pattern!r}")
+                                  f"{pattern!r}{hint}")
+            for k in pattern or {}:
+                try:
+                    re.compile(k)
+                except re.error as e:
+                    raise ConfigError(f"lora.{key}: {k!r} is not a valid regex ({e}); give a module name such as "
+                                      "q_proj") from None
         if mutates_base(self) and (self.trainable_token_indices or self.bias != "none"):
             raise ConfigError(f"lora.init={self.init} cannot be combined with lora.trainable_token_indices or "
                               "lora.bias: the adapter converted for the original base keeps only its LoRA matrices "
@@ -199,6 +208,72 @@ def lora_init_problem(lora: LoraSection, method: str, converts: bool = True) -> 
         return ("lora.init=loftq fits the adapter to the error of a 4-bit base and is for method=qlora only; with "
                 "method=lora use lora.init=default, gaussian, pissa or olora")
     return None
+
+
+def lora_model_problems(lora: LoraSection, method: str, model_config: dict, loraplus_lr_ratio=None) -> list[str]:
+    """The problem lines of lora.* / train.loraplus_lr_ratio against the base's config.json (`model_config`, a dict:
+    no weights, no torch): LoRA+ without LoRA (method=full), a lora.layers_to_transform index past the model's
+    decoder layers, a lora.trainable_token_indices id past its vocabulary. add_lora checks them again on the model."""
+    if method == "full":
+        return (["train.loraplus_lr_ratio applies to method=lora or qlora (it speeds up the LoRA B matrices); set it "
+                 "to null for a full fine-tune"] if loraplus_lr_ratio is not None else [])
+    problems = []
+    text = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else model_config
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
+                  None)
+    if lora.layers_to_transform and layers is not None and max(lora.layers_to_transform) >= layers:
+        problems.append(f"lora.layers_to_transform={lora.layers_to_transform}: the model has {layers} decoder layers "
+                        f"(indices 0 to {layers - 1}); give indices below {layers}")
+    vocab, tokens = text.get("vocab_size"), lora.trainable_token_indices
+    ids = [i for group in (tokens.values() if isinstance(tokens, dict) else [tokens or []]) for i in group]
+    if isinstance(vocab, int) and ids and max(ids) >= vocab:
+        problems.append(f"lora.trainable_token_indices: token ids must be below the model's vocabulary of {vocab}, "
+                        f"got {max(ids)}; add the new tokens to the tokenizer and base model first")
+    return problems
+
+
+# lora.* settings a resumed run must keep: they decide what the checkpointed adapter weights compute (the scaling,
+# the base residual of PiSSA / OLoRA, which embedding rows the trainable-token deltas belong to) or which weights
+# exist. lora.dropout may change (it only acts in training).
+LORA_RESUME_KEYS = ("r", "alpha", "target_modules", "target_parameters", "bias", "use_dora", "use_rslora",
+                    "layers_to_transform", "exclude_modules", "init", "rank_pattern", "alpha_pattern",
+                    "trainable_token_indices")
+
+
+def lora_resume_changes(saved: dict, method: str, lora: LoraSection, method_key: str = "method") -> list[str]:
+    """The "KEY old -> new" changes of `method` (the config key `method_key`, e.g. student.method) and the
+    LORA_RESUME_KEYS between a run's saved config (`saved`: its config.yaml as a dict; a key it lacks counts as its
+    default) and the config resuming it. Empty for method=full."""
+    old_method = saved
+    for part in method_key.split("."):
+        old_method = old_method.get(part) if isinstance(old_method, dict) else None
+    old_method = old_method or "full"
+    if old_method != method:
+        return [f"{method_key} {old_method} -> {method}"]
+    if method == "full":
+        return []
+    old, default = saved.get("lora") or {}, LoraSection()
+    return [f"lora.{key} {old.get(key, getattr(default, key))} -> {getattr(lora, key)}" for key in LORA_RESUME_KEYS
+            if old.get(key, getattr(default, key)) != getattr(lora, key)]
+
+
+def check_resume_keeps_lora(output_dir, resume: bool, method: str, lora: LoraSection, method_key: str = "method"):
+    """ConfigError when train.resume would continue the run in `output_dir` (its checkpoints and config.yaml) with
+    another method or other lora.* settings that change what its adapter weights compute (LORA_RESUME_KEYS: alpha,
+    rsLoRA, the init, the trainable token ids, ...): the checkpoint's tensors would load into a different model,
+    silently when the shapes agree. Reads config.yaml only (no torch)."""
+    from pathlib import Path
+
+    from tune.config import read_yaml
+
+    run_dir = Path(output_dir)
+    if not resume or not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("checkpoints/step_*")):
+        return
+    changes = lora_resume_changes(read_yaml(run_dir / "config.yaml"), method, lora, method_key)
+    if changes:
+        raise ConfigError(f"resuming {run_dir} would change the model its checkpoints were trained as: "
+                          f"{', '.join(changes)}; resume with the run's own settings (its config.yaml) or start a new "
+                          "output_dir")
 
 
 @dataclass
