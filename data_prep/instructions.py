@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
 
+from data_prep.natural_instructions import report_tail
 from tune.errors import ConfigError, DataError
 
 PathLike = Union[str, os.PathLike]
@@ -318,25 +319,37 @@ class Record:
     id: str
 
 
+def load_saved_split(path: Path, split: str | None, default_split: str, split_key: str,
+                     formats: str = ".json, .jsonl, .csv, .tsv or .parquet file"):
+    """The ``datasets.Dataset`` of a save_to_disk folder: a Dataset, or the `split` (default `default_split`) of a
+    DatasetDict. DataError naming the folder and the fix (`split_key`: the config key of the split) when it is no
+    dataset folder, the split is missing, or a split is given for a plain Dataset."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a {formats} or a save_to_disk "
+                        "folder") from None
+    if isinstance(ds, DatasetDict):
+        name = default_split if split is None else split
+        if name not in ds:
+            raise DataError(f"{path}: no split {name!r} (splits: {', '.join(ds)}); set {split_key} to one of them")
+        return ds[name]
+    if split is not None:
+        raise DataError(f"{path}: a single Dataset, not a DatasetDict with splits; drop {split_key}={split!r}")
+    return ds
+
+
 def _load(path: Path, split: str | None, default_split: str, split_key: str, cache_dir: PathLike | None):
     """The rows of one file / save_to_disk folder as a ``datasets.Dataset``."""
-    from datasets import DatasetDict, Features, Value, load_dataset, load_from_disk
+    from datasets import Features, Value, load_dataset
 
     from tune.hf import quiet_third_party
 
     if path.is_dir():
-        try:
-            ds = load_from_disk(str(path))
-        except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .json, .jsonl, .csv, "
-                            ".tsv or .parquet file or a save_to_disk folder") from None
-        if isinstance(ds, DatasetDict):
-            name = default_split if split is None else split
-            if name not in ds:
-                raise DataError(f"{path}: no split {name!r} (splits: {', '.join(ds)}); set {split_key} to one of them")
-            ds = ds[name]
-        return ds
+        return load_saved_split(path, split, default_split, split_key)
     if not path.is_file():
         raise DataError(f"{path}: data file does not exist; check the path (relative paths are taken from {Path.cwd()})")
     builder = SUFFIXES.get(path.suffix.lower())
@@ -576,11 +589,7 @@ class FormatReport:
         s = (f"{self.total - self.dropped}/{self.total} rows kept ({self.examples} examples, {self.tokens} tokens); "
              f"{self.prompt_truncated} had the start of their prompt cut to fit max_length; {self.dropped} dropped "
              "(too long)")
-        if self.dropped_ids:
-            s += f": {', '.join(self.dropped_ids[:3])}{' ...' if len(self.dropped_ids) > 3 else ''}"
-        if self.unknown_tokens is not None:
-            s += f"; {self.unknown_rate:.2%} unknown tokens"
-        return s
+        return s + report_tail(self.dropped_ids, self.unknown_tokens, self.unknown_rate)
 
 
 def read_chat_template(path: PathLike) -> str:

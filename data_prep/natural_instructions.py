@@ -379,6 +379,12 @@ class TokenizeConfig:
             raise ConfigError(f"data.train_on must be 'first' or 'all', got {self.train_on!r}")
 
 
+def report_tail(dropped_ids: list[str], unknown_tokens: int | None, unknown_rate: float) -> str:
+    """The end of a tokenization report line: the first dropped ids, and the share of unknown tokens."""
+    tail = f": {', '.join(dropped_ids[:3])}{' ...' if len(dropped_ids) > 3 else ''}" if dropped_ids else ""
+    return tail + (f"; {unknown_rate:.2%} unknown tokens" if unknown_tokens is not None else "")
+
+
 @dataclass
 class TruncationReport:
     total: int = 0  # examples considered
@@ -397,11 +403,7 @@ class TruncationReport:
         s = (f"{self.total - self.dropped}/{self.total} examples kept; {self.examples_dropped_demos} lost demonstrations "
              f"and {self.definition_truncated} a truncated definition to fit max_length; {self.dropped} dropped "
              "(instance + target too long)")
-        if self.dropped_ids:
-            s += f": {', '.join(self.dropped_ids[:3])}{' ...' if len(self.dropped_ids) > 3 else ''}"
-        if self.unknown_tokens is not None:
-            s += f"; {self.unknown_rate:.2%} unknown tokens"
-        return s
+        return s + report_tail(self.dropped_ids, self.unknown_tokens, self.unknown_rate)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -152,23 +152,12 @@ def _csv_records(path: Path, delimiter: str):
 def _dataset_records(path: Path, split: str | None, columns: list[str], default_split: str = "train",
                      split_key: str = "data.split"):
     """(where, {column: value}) per row of a `datasets` directory, ClassLabel integers as their names."""
-    from datasets import ClassLabel, DatasetDict, load_from_disk
+    from datasets import ClassLabel
 
-    try:
-        ds = load_from_disk(str(path))
-    except Exception as e:  # datasets raises FileNotFoundError / ValueError / others for non-dataset folders
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: not a dataset saved with save_to_disk ({msg}); pass a .jsonl, .csv or .tsv file "
-                        "or a save_to_disk folder") from None
-    if isinstance(ds, DatasetDict):
-        split = default_split if split is None else split
-        if split not in ds:
-            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set {split_key} to one of them")
-        ds, name = ds[split], f"{path} [{split}]"
-    else:
-        if split is not None:
-            raise DataError(f"{path}: a single Dataset, not a DatasetDict with splits; drop {split_key}={split!r}")
-        name = str(path)
+    from .instructions import load_saved_split
+
+    ds = load_saved_split(path, split, default_split, split_key, ".jsonl, .csv or .tsv file")
+    name = f"{path} [{split or default_split}]" if _is_dataset_dict(path) else str(path)
     present = [c for c in columns if c in ds.column_names]
     table = ds.select_columns(present).to_dict()
     n_rows = len(ds)
@@ -228,6 +217,10 @@ def _looks_like_ni_task(path: Path) -> bool:
         return False  # a complete object on the first line: JSONL
     except ValueError:
         return first.startswith("{") and '"Definition"' in head
+
+
+def _is_dataset_dict(path: Path) -> bool:
+    return (Path(path) / "dataset_dict.json").is_file()
 
 
 def dataset_label_names(path: PathLike, label_column: str = "label", split: str | None = None,

@@ -242,10 +242,8 @@ def select_pairs(tasks, max_per_task: int, exclude: set[tuple[str, str]] = froze
 
 def run(cfg: EvaluateConfig) -> dict:
     from data_prep.natural_instructions import PromptConfig, load_tasks
-    from tune.config import save_config
-    from tune.engine import apply_num_threads
     from tune.errors import DataError
-    from tune.evaluation import check_vocab, evaluate_tasks, format_table, load_model, load_tokenizer, write_json_atomic
+    from tune.evaluation import evaluate_tasks, format_table
 
     validate(cfg)
     harness = resolve_harness(cfg)
@@ -260,17 +258,11 @@ def run(cfg: EvaluateConfig) -> dict:
         raise DataError(f"data.tasks={cfg.data.tasks}: no instances left to evaluate"
                         + (f" after excluding those run {cfg.data.exclude_train_of} trained on" if exclude else ""))
     skipped = sum(1 for task in tasks for inst in task.instances if (task.name, inst.id) in exclude)
-    tokenizer_dir = cfg.tokenizer or cfg.model
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = load_model(cfg.model, cfg.adapter, cfg.dtype, quant=cfg.quant)
-    check_vocab(model, tokenizer, tokenizer_dir)
+    tokenizer_dir, tokenizer, model = load_evaluated(cfg)
     device = next(model.parameters()).device
-    apply_num_threads(0, key="OMP_NUM_THREADS")
     harness_results = run_harness(cfg, harness, model, tokenizer)  # first: a task whose data is missing fails early
     n = cfg.data.max_instances_per_task
-    print(f"evaluating {cfg.model}" + (f" + adapter {cfg.adapter}" if cfg.adapter else "")
-          + (f", quantized {cfg.quant}" if cfg.quant else "")
-          + f" on {len(pairs)} instances of {len({t.name for t, _ in pairs})} tasks ({device})"
+    print(f"{model_line(cfg)} on {len(pairs)} instances of {len({t.name for t, _ in pairs})} tasks ({device})"
           + (f"; {skipped} instances skipped as trained on by {cfg.data.exclude_train_of}" if exclude else ""),
           flush=True)
     if exclude:
@@ -294,12 +286,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if results["n_prompts_fewer_demos"] or results["n_prompts_truncated"]:
         print(f"note: to fit the context, {results['n_prompts_fewer_demos']} prompts lost demonstrations and "
               f"{results['n_prompts_truncated']} were cut from the left")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    path = write_json_atomic(out / "eval_results.json", results)
-    print(f"wrote {path}")
-    return results
+    return save_results(cfg, results)
 
 
 def resolve_harness(cfg: EvaluateConfig):

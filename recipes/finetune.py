@@ -269,10 +269,18 @@ def dropped_examples_warning(dropped: int, total: int, max_length: int) -> str |
             "(up to the base's context), or use a tokenizer that needs fewer tokens for this text")
 
 
+def report_warnings(report, tokenizer, max_length: int) -> list[str]:
+    """The `warning:` lines of a tokenization report (NI's TruncationReport or the rows' FormatReport): too many
+    unknown tokens for the tokenizer, too many examples dropped for data.max_length."""
+    from tune.hf import unknown_token_warning
+
+    return [w for w in (unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)"),
+                        dropped_examples_warning(report.dropped, report.total, max_length)) if w]
+
+
 def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
     """Tokenized (cached) training and held-out-instance datasets, and the prompt config they were built with."""
     from data_prep.natural_instructions import TokenizeConfig, build_dataset
-    from tune.hf import unknown_token_warning
 
     prompt_cfg = prompt_config(d)
     tok_cfg = TokenizeConfig(max_length=d.max_length, mask_prompt=d.mask_prompt and d.train_on != "all")
@@ -280,11 +288,7 @@ def build_ni_datasets(d: NIDataSection, splits, tokenizer, accelerator, say):
         train_set, report = build_dataset(splits["train"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
         val_set, _ = build_dataset(splits["heldout_instances"], tokenizer, prompt_cfg, tok_cfg, d.cache_dir)
     say(f"train: {report}")
-    warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
-    if warning:
-        say(warning)
-    warning = dropped_examples_warning(report.dropped, report.total, d.max_length)
-    if warning:
+    for warning in report_warnings(report, tokenizer, d.max_length):
         say(warning)
     say(f"held out: {len(val_set)} instances of training tasks (val loss), {len(splits['heldout_tasks'])} instances "
         f"of {len({t.name for t, _ in splits['heldout_tasks']})} unseen tasks")
@@ -349,17 +353,12 @@ def build_datasets(d: NIDataSection, data: RunData, tokenizer, accelerator, say)
     if data.kind == "ni":
         return build_ni_datasets(d, data.splits, tokenizer, accelerator, say)[:2]
     from data_prep.instructions import build_format_dataset, heldout_overlap_warning
-    from tune.hf import unknown_token_warning
 
     with accelerator.main_process_first():
         train_set, report = build_format_dataset(data.train_records, data.formatter, d.cache_dir)
         val_set, _ = build_format_dataset(data.heldout_records, data.formatter, d.cache_dir)
     say(f"train ({d.kind}): {report}")
-    warning = unknown_token_warning(report.unknown_rate, getattr(tokenizer, "name_or_path", "") or "(given)")
-    if warning:
-        say(warning)
-    warning = dropped_examples_warning(report.dropped, report.total, d.max_length)
-    if warning:
+    for warning in report_warnings(report, tokenizer, d.max_length):
         say(warning.replace(" even without demonstrations", ""))
     say(f"held out: {len(val_set)} examples of {len(data.heldout_records)} rows (val loss"
         f"{', evaluation' if d.kind != 'text' else ''})")

@@ -65,6 +65,7 @@ def test_fsdp_matches_one_process(recipe, recipe_configs, tmp_path):
     assert_same_weights(tmp_path / "one" / artifact[0], tmp_path / "fsdp" / artifact[0], artifact[1])
 
 
+@pytest.mark.slow  # ~35 s: three FSDP / one-process LoRA runs
 @needs_data
 def test_lora_checkpoints_move_between_fsdp_and_one_process(recipe_configs, tmp_path):
     fsdp = run("finetune", recipe_configs, tmp_path / "fsdp", True)

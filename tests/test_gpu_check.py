@@ -43,6 +43,7 @@ def test_smoke_runs_every_check_and_benchmark(tmp_path):
     assert "moe" not in benches  # opt-in: --only moe
 
 
+@pytest.mark.slow  # ~25 s: the MoE bench's CPU dry run
 def test_the_opt_in_moe_benchmark_and_check_run_with_only(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out), "--only",

@@ -44,6 +44,7 @@ def test_two_processes_match_one_with_the_same_global_batch(recipe, recipe_confi
         assert [s["prompt"] for s in samples[1]] == [s["prompt"] for s in samples[0]]
 
 
+@pytest.mark.slow  # ~40 s: one- and two-process runs of every recipe
 def test_checkpoints_move_between_one_and_two_processes(recipe_configs, tmp_path):
     two = run("finetune", recipe_configs, tmp_path / "two", 2)
     one = run("finetune", recipe_configs, tmp_path / "one", 1)

@@ -147,14 +147,14 @@ def test_init_from_shape_matches_the_import(exported):
 def test_validate_checks_init_from_shape_and_positions(exported, tmp_path, capsys):
     out, config = exported
     base = ["validate", "demo", f"output_dir={tmp_path / 'run'}", f"model.init_from={out}"]
-    # demo.yaml's own n_layer=4 / n_head=4 / n_embd=128 / block_size=128 differ from this model's: each named
+    # demo.yaml's own n_layer=4 / n_head=4 / n_embd=128 / block_size=256 differ from this model's: each named
     assert main(base) == 2
     err = capsys.readouterr().err
     assert f"model.n_layer=4 would change the shape of init_from={out} (its n_layer is 2); set model.n_layer=2 " \
            "or model.n_layer=null" in err, err
     assert "model.n_head=4" in err and "model.n_embd=128" in err, err
     learned = config.position == "learned"
-    assert ("model.block_size=128 is larger than the position table (64)" in err) == learned, err
+    assert ("model.block_size=256 is larger than the position table (64)" in err) == learned, err
     same = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]  # equal to the model's own: no change
     assert main([*base, *same, "model.block_size=64"]) == 0, capsys.readouterr().err
     assert main([*base, "model.n_layer=null", "model.n_head=null", "model.n_embd=null", "model.block_size=null"]) == 0
