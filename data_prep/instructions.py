@@ -42,6 +42,7 @@ from typing import Sequence, Union
 
 from data_prep.natural_instructions import report_tail
 from tune.errors import ConfigError, DataError
+from tune.files import file_head
 
 PathLike = Union[str, os.PathLike]
 FORMAT_VERSION = 2  # bumped when the same rows tokenize differently (2: chat replies tokenized on their own)
@@ -180,12 +181,8 @@ def _split_problem(path: Path, split: SplitChoice) -> str | None:
 
 def _is_blank(path: Path) -> bool:
     """True for a file holding nothing but whitespace (and a BOM), or an empty JSON list."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
-    return len(head) < 4096 and re.fullmatch(r"\s*(\[\s*\])?\s*", head) is not None  # larger: datasets judges it
+    head = file_head(path)
+    return head is not None and len(head) < 4096 and re.fullmatch(r"\s*(\[\s*\])?\s*", head) is not None  # larger: datasets judges it
 
 
 def _empty_file(path: Path) -> str:
@@ -408,12 +405,8 @@ def _bad_json_line(path: Path) -> str | None:
 
 
 def _is_ni_task(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
-        return False
-    return head.lstrip().startswith("{") and '"Definition"' in head and '"Instances"' in head
+    head = file_head(path)
+    return head is not None and head.lstrip().startswith("{") and '"Definition"' in head and '"Instances"' in head
 
 
 def _text(value, where: str, field_name: str, column: str, empty_ok: bool = False) -> str:

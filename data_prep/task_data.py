@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from tune.errors import ConfigError, DataError
-from tune.files import read_utf8
+from tune.files import file_head, read_utf8
 
 from .natural_instructions import NIInstance, NITask
 
@@ -206,10 +206,8 @@ def _missing(where: str, field: str, column: str, columns, hint: str = "data.col
 
 def _looks_like_ni_task(path: Path) -> bool:
     """Whether a .json file is a Natural-Instructions task (one JSON object with Definition and Instances)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096)
-    except (OSError, UnicodeDecodeError):
+    head = file_head(path)
+    if head is None:
         return False
     first = head.lstrip().split("\n", 1)[0]
     try:

@@ -26,6 +26,16 @@ def read_utf8(path, what: str) -> str:
                         "UTF-8") from None
 
 
+def file_head(path, size: int = 4096) -> str | None:
+    """The first `size` characters of a UTF-8 text file (a BOM dropped), for sniffing its format; None when it
+    cannot be read as UTF-8."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read(size)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 @contextmanager
 def directory_written_aside(final: Path, is_complete: Callable[[Path], bool] = lambda path: False) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final` to write into; when the block ends without an error,
